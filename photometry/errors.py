@@ -1,0 +1,28 @@
+"""Exception types whose class decides what happens next.
+
+The command line maps :class:`InputError` to exit code 2 with its one-line message; the
+worker maps the per-target exceptions to a STATUS (see ``photometry.status``).
+"""
+
+__all__ = ["InputError", "ConfigurationError", "SkipTarget", "UnprocessableTarget",
+           "AlgorithmFailure"]
+
+
+class InputError(Exception):
+    """Bad usage or bad input: one line naming the file or target and the problem (exit 2)."""
+
+
+class ConfigurationError(InputError):
+    """A settings or plugin problem that must stop the whole run."""
+
+
+class SkipTarget(Exception):
+    """Nothing to do for this target (status SKIPPED, never retried)."""
+
+
+class UnprocessableTarget(Exception):
+    """The target's data cannot be processed (status ABORT, flagged, never retried)."""
+
+
+class AlgorithmFailure(Exception):
+    """A repeatable failure of the algorithm on this target (status ERROR, not retried)."""

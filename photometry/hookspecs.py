@@ -1,0 +1,48 @@
+"""Every hook a plugin can implement, in one place.
+
+Registration hooks return a list of classes; each class has a unique ``name`` that is its key
+in settings, the task list and output file names. Plugins implement only the arguments they
+need, so a hook can gain arguments later without breaking them.
+"""
+import pluggy
+
+from . import PROJECT_NAME
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+
+
+@hookspec
+def register_algorithms():
+    """Per-target photometry algorithms: a list of BasePhotometry subclasses (all results kept)."""
+
+
+@hookspec
+def register_prepare_stages():
+    """Prepare-stage models run over a CCD's frames (background, scattered light, PRF):
+    a list of :class:`photometry.stages.PrepareStage` subclasses (all results kept)."""
+
+
+@hookspec
+def register_corrections():
+    """Corrections applied to a target's stamp before photometry (e.g. scattered light):
+    a list of :class:`photometry.stages.StampCorrection` subclasses (all results kept)."""
+
+
+@hookspec
+def register_calibration_stages():
+    """Raw-FFI calibration stages: a list of :class:`photometry.stages.CalibrationStage`
+    subclasses, each with an integer ``order`` (all results kept)."""
+
+
+@hookspec
+def register_output_writers():
+    """Light-curve writers: a list of classes with ``name`` and ``write(photometry, path)``
+    (all results kept)."""
+
+
+@hookspec(firstresult=True)
+def choose_method(target, settings):
+    """The algorithm name for a target when no method is forced (first non-None wins).
+
+    ``target`` is a mapping with at least starid, tmag, row, column, sector, camera, ccd.
+    """

@@ -1,0 +1,56 @@
+"""Base classes of the non-algorithm plugin kinds: prepare stages, stamp corrections,
+calibration stages. Each subclass has a unique ``name`` and a ``version`` string."""
+
+__all__ = ["PrepareStage", "StampCorrection", "CalibrationStage"]
+
+
+class PrepareStage:
+    """A CCD-wide model built at prepare time (background, scattered light, PRF shape).
+
+    ``run`` reads the ingested frames through the cache writer (``cache.iter_frame_blocks()``)
+    and stores its state in ``group`` (the cache's ``models/<name>`` group). It must be
+    restartable: prepare calls it again from scratch if it did not finish.
+    """
+
+    name = None
+    version = "0"
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def run(self, cache, group):
+        raise NotImplementedError
+
+
+class StampCorrection:
+    """A correction applied to a target's stamp cubes before the algorithm runs.
+
+    ``apply(phot)`` receives the BasePhotometry object and returns nothing; it may replace
+    ``phot`` cubes through its public setters and adds its uncertainty to the errors.
+    """
+
+    name = None
+    version = "0"
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def apply(self, phot):
+        raise NotImplementedError
+
+
+class CalibrationStage:
+    """One step of raw-FFI calibration; stages run in increasing ``order``.
+
+    ``apply(frame, models)`` takes and returns a :class:`photometry.calibration.RawFrame`.
+    """
+
+    name = None
+    version = "0"
+    order = 0
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def apply(self, frame, models):
+        raise NotImplementedError

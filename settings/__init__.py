@@ -1,0 +1,1 @@
+"""Default settings, installed as ``photometry._defaults`` (see photometry.settings)."""

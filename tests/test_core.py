@@ -1,0 +1,41 @@
+"""Settings, quality flags, the plugin registry and the command-line contract."""
+import subprocess
+import sys
+
+import pytest
+
+from photometry import quality, settings
+from photometry.errors import ConfigurationError
+from photometry.utilities import flux2mag, mag2flux
+
+
+def test_mag2flux_zero_point():
+    assert mag2flux(10) == pytest.approx(15000, rel=0.01)
+    assert flux2mag(mag2flux(12.3)) == pytest.approx(12.3)
+
+
+def test_quality_filter_uses_default_bitmask():
+    q = [0, 32, 2048, 1 | 2048]
+    assert quality.TESSQualityFlags.filter(q).tolist() == [True, False, True, False]
+    assert quality.TESSQualityFlags.decode(33) == ["AttitudeTweak", "Desat"]
+
+
+def test_settings_override_order(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text("[prepare]\ntime_chunk = 16\n")
+    s = settings.load_settings([path], ["prepare.spatial_chunk=4"])
+    assert s["prepare"]["time_chunk"] == 16
+    assert s["prepare"]["spatial_chunk"] == 4
+    assert settings.settings_hash(s) != settings.settings_hash(settings.default_settings())
+
+
+@pytest.mark.parametrize("assignment", ["prepare.no_such_key=1", "nosection.x=1"])
+def test_settings_unknown_key_is_an_error(assignment):
+    with pytest.raises(ConfigurationError, match="unknown setting"):
+        settings.load_settings(assignments=[assignment])
+
+
+def test_cli_version():
+    out = subprocess.run([sys.executable, "-m", "photometry.cli", "--version"],
+                         capture_output=True, text=True, check=True)
+    assert "tessphot" in out.stdout
