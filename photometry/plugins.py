@@ -110,18 +110,16 @@ def lookup(pm, hook_name, name):
 
 def plugin_table(pm):
     """One row per plugin: name, distribution, version, hooks it implements."""
-    dists = {}
-    for dist, plugin in ((d, p) for p, d in pm.list_plugin_distinfo()):
-        dists[id(plugin)] = dist
+    dists = {ep.name: ep.dist for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
     rows = []
     for name, plugin in pm.list_name_plugin():
         if plugin is None:
             continue
-        dist = dists.get(id(plugin))
+        dist = dists.get(name)
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
         rows.append({
             "name": name,
-            "distribution": dist.project_name if dist else "-",
+            "distribution": dist.metadata["Name"] if dist else "-",
             "version": dist.version if dist else "-",
             "hooks": hooks,
         })

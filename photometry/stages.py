@@ -1,7 +1,7 @@
 """Base classes of the non-algorithm plugin kinds: prepare stages, stamp corrections,
 calibration stages. Each subclass has a unique ``name`` and a ``version`` string."""
 
-__all__ = ["PrepareStage", "StampCorrection", "CalibrationStage"]
+__all__ = ["PrepareStage", "BackgroundModel", "StampCorrection", "CalibrationStage"]
 
 
 class PrepareStage:
@@ -53,4 +53,22 @@ class CalibrationStage:
         self.settings = settings
 
     def apply(self, frame, models):
+        raise NotImplementedError
+
+
+class BackgroundModel(PrepareStage):
+    """A prepare stage whose stored state gives the sky background at any stamp and cadence.
+
+    BasePhotometry calls ``evaluate(group, row_slice, col_slice, frames)`` (class method; the
+    slices are in cube pixel indices of the science region, ``frames`` an index array or slice)
+    and gets the (n_frames, rows, cols) background in e-/s, and ``evaluate_error`` (same
+    signature) for its 1-sigma uncertainty.
+    """
+
+    @classmethod
+    def evaluate(cls, group, row_slice, col_slice, frames=slice(None)):
+        raise NotImplementedError
+
+    @classmethod
+    def evaluate_error(cls, group, row_slice, col_slice, frames=slice(None)):
         raise NotImplementedError

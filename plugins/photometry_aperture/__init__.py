@@ -1,0 +1,1 @@
+"""Built-in aperture photometry plugin (masks from the sum image, catalog and PRF)."""

@@ -1,0 +1,1 @@
+"""Built-in scattered-light cube (prepare stage) and stamp corrector."""
