@@ -1,0 +1,158 @@
+"""Benchmarks of the HDF5 cache and prepare (prints its figures; not a test).
+
+Part ``throughput``: ``tessphot prepare`` on full-size 2136x2078 SPOC-format frames versus
+reading the same FITS files with astropy (image + uncertainty HDUs), as a ratio (goal <= 2).
+Part ``stamp``: 15x15 stamps over all cadences of a 512x512, 1000-cadence cache built with
+CacheWriter from synthetic arrays: time per stamp with a fresh file handle and the read
+amplification (chunks touched x chunk bytes / stamp bytes; goal <= 4, < 20 ms).
+
+Usage::
+
+    python benchmarks/bench_prepare.py [--part stamp|throughput|all] [--workdir DIR]
+        [--frames 20] [--keep]
+"""
+import argparse
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from photometry.cache import CacheWriter, FFICache
+from photometry.settings import load_settings
+
+
+def build_stamp_cache(path, n_frames=1000, size=512, settings=None):
+    """A 512x512 x 1000-frame cache from synthetic frames (noise + a few stars)."""
+    settings = settings or load_settings()
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:size, 0:size]
+    sky = (100 + 0.05 * xx + 0.03 * yy).astype(np.float32)
+    stars = np.zeros((size, size), np.float32)
+    for x, y, f in zip(rng.uniform(0, size, 300), rng.uniform(0, size, 300),
+                       10 ** rng.uniform(2, 4.5, 300)):
+        stars += (f * np.exp(-0.5 * ((xx - x) ** 2 + (yy - y) ** 2) / 0.8 ** 2)).astype(np.float32)
+    meta = dict(sector=1, camera=1, ccd=1, cadence=1800.0, data_rel=1, procver="bench",
+                row_offset=0, column_offset=44)
+    files = [f"bench{i:05d}_ffic.fits" for i in range(n_frames)]
+    w = CacheWriter(path, settings, ffi_files=files, shape=(size, size), meta=meta,
+                    overwrite=True)
+    base = sky + stars
+    noise = np.sqrt(base / 1000.0).astype(np.float32)
+    t0 = time.perf_counter()
+    for i in range(n_frames):
+        img = base + noise * rng.standard_normal((size, size), dtype=np.float32)
+        w.add_frame(img, noise, time=1000 + i / 48, time_start=1000 + (i - 0.5) / 48,
+                    time_stop=1000 + (i + 0.5) / 48, timecorr=0.0, cadenceno=i, quality=0)
+    w.finish_ingest(usable=np.ones(n_frames, bool))
+    w.close(complete=True)
+    return time.perf_counter() - t0
+
+
+def bench_stamps(workdir, n_stamps=200, stamp=15):
+    path = Path(workdir) / "sector0001_camera1_ccd1.hdf5"
+    if not path.exists():
+        dt = build_stamp_cache(path)
+        print(f"built 512x512x1000 cache in {dt:.1f} s ({path.stat().st_size / 1e9:.2f} GB)")
+    with h5py.File(path, "r") as f:
+        ds = f["images"]
+        chunks, shape = ds.chunks, ds.shape
+        comp = ds.compression
+    chunk_bytes = int(np.prod(chunks)) * 4
+    rng = np.random.default_rng(2)
+    times, amps = [], []
+    for _ in range(n_stamps):
+        r0 = int(rng.integers(0, shape[1] - stamp))
+        c0 = int(rng.integers(0, shape[2] - stamp))
+        # drop the page cache effect as far as we can without root: fresh handle every time
+        t0 = time.perf_counter()
+        with FFICache(path) as cache:
+            cube = cache.stamp("images", slice(r0, r0 + stamp), slice(c0, c0 + stamp))
+        times.append(time.perf_counter() - t0)
+        n_t = math.ceil(shape[0] / chunks[0])
+        n_r = (r0 + stamp - 1) // chunks[1] - r0 // chunks[1] + 1
+        n_c = (c0 + stamp - 1) // chunks[2] - c0 // chunks[2] + 1
+        touched = n_t * n_r * n_c
+        amps.append(touched * chunk_bytes / cube.nbytes)
+    times = np.array(times) * 1000
+    amps = np.array(amps)
+    print(f"stamp {stamp}x{stamp} x {shape[0]} cadences, chunks {chunks}, compression {comp}")
+    print(f"  time per stamp (fresh FFICache each): median {np.median(times):.1f} ms, "
+          f"p95 {np.percentile(times, 95):.1f} ms, max {times.max():.1f} ms")
+    print(f"  read amplification: mean {amps.mean():.2f}, max {amps.max():.2f} "
+          f"(aligned best case {(math.ceil(stamp / chunks[1]) ** 2 * chunks[1] ** 2) / stamp ** 2:.2f})")
+    return times, amps
+
+
+def _write_full_frames(outdir, n_frames):
+    """Full 2136x2078 SPOC-format FFIs: the simulator's if available, else fail loudly."""
+    cmd = [sys.executable, "-m", "photometry.cli", "simulate", str(outdir), "--cadences",
+           str(n_frames), "--full-frame", "--seed", "3"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    print(f"simulated {n_frames} full frames in {time.perf_counter() - t0:.1f} s")
+
+
+def bench_throughput(workdir, n_frames=20):
+    from astropy.io import fits
+
+    sim = Path(workdir) / "fullsim"
+    if not (sim / "ffi").exists():
+        _write_full_frames(sim, n_frames)
+    files = sorted((sim / "ffi").glob("*_ffic.fits*"))
+    # warm the page cache once so both timings read from memory
+    for p in files:
+        Path(p).read_bytes()
+    t0 = time.perf_counter()
+    for p in files:
+        with fits.open(p, memmap=False) as hdul:
+            a = hdul[1].data
+            b = hdul[2].data
+            float(a[0, 0]) + float(b[0, 0])
+    t_read = time.perf_counter() - t0
+    cache = Path(workdir) / "fullcache"
+    shutil.rmtree(cache, ignore_errors=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "photometry.cli", "prepare", str(sim / "ffi"),
+                    "--catalog", str(sim / "catalog.csv"), "--cache", str(cache),
+                    "--no-progress"], check=True)
+    t_prep = time.perf_counter() - t0
+    # the same in-process, to separate interpreter start-up and imports from the work
+    from photometry.prepare import prepare
+    shutil.rmtree(cache, ignore_errors=True)
+    t0 = time.perf_counter()
+    prepare(sim / "ffi", sim / "catalog.csv", cache, load_settings(), progress=False)
+    t_prep_inproc = time.perf_counter() - t0
+    print(f"{len(files)} full frames: astropy read {t_read:.2f} s "
+          f"({t_read / len(files) * 1000:.0f} ms/frame); prepare CLI {t_prep:.2f} s "
+          f"(ratio {t_prep / t_read:.2f}); prepare in-process {t_prep_inproc:.2f} s "
+          f"(ratio {t_prep_inproc / t_read:.2f})")
+    return t_read, t_prep, t_prep_inproc
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["stamp", "throughput", "all"], default="all")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--frames", type=int, default=20)
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_prepare_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.part in ("stamp", "all"):
+            bench_stamps(workdir)
+        if args.part in ("throughput", "all"):
+            bench_throughput(workdir, args.frames)
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,696 @@
+"""The HDF5 FFI cache: :class:`CacheWriter` (used by prepare) and :class:`FFICache` (read-only).
+
+Why one chunked cube per quantity instead of one dataset per frame (as TASOC did): a target
+reads its stamp over all cadences with a single slice that touches a few chunks of shape
+``(time_chunk, s, s)``, instead of opening N datasets; and frame order is the array order, so
+nothing breaks past 9 999 frames. The layout and attributes are the contract in
+``docs/architecture.md`` ("HDF5 cache").
+
+Crash safety: the file is written as ``<name>.hdf5.partial``; after every block of
+``time_chunk`` frames the data are flushed and only then ``frames_done`` is advanced, so a
+resumed prepare re-writes at most one block. The rename to ``<name>.hdf5`` is the last step, so
+a cache that did not finish is never opened as complete.
+"""
+import hashlib
+import json
+import logging
+import os
+import warnings
+from functools import cached_property
+from pathlib import Path
+
+import h5py
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+
+from . import __version__
+from .errors import InputError
+from .movement import MovementKernel, fit_centroids, fit_kernel
+from .quality import PixelQualityFlags, TESSQualityFlags
+from .settings import settings_hash
+
+__all__ = ["SCHEMA_VERSION", "CacheWriter", "FFICache", "cache_filename", "catalog_filename",
+           "pixel_flags_for", "choose_reference_frame"]
+
+logger = logging.getLogger(__name__)
+
+#: Bumped whenever the layout in docs/architecture.md changes incompatibly.
+SCHEMA_VERSION = 1
+
+#: Chunk cache of the reader: a 15x15 stamp over 10 000 frames touches at most
+#: 9 x ceil(10000/32) chunks of 8 KB (float32, 32x8x8) = 26 MB; 64 MB holds one stamp's
+#: chunks of one cube, so re-reading a stamp (resize, errors after images) is free.
+READER_CACHE_BYTES = 64 * 1024 ** 2
+READER_CACHE_SLOTS = 100_003
+
+_CUBES = (("images", np.float32), ("errors", np.float32), ("pixel_flags", np.uint8))
+_SERIES = (("time", np.float64), ("time_start", np.float64), ("time_stop", np.float64),
+           ("timecorr", np.float32), ("cadenceno", np.int32), ("quality", np.int32))
+
+
+def cache_filename(sector, camera, ccd):
+    """``sectorSSSS_cameraC_ccdD.hdf5`` (4-digit sector)."""
+    return f"sector{int(sector):04d}_camera{int(camera)}_ccd{int(ccd)}.hdf5"
+
+
+def catalog_filename(sector, camera, ccd):
+    """``catalog_sectorSSSS_cameraC_ccdD.sqlite``."""
+    return f"catalog_sector{int(sector):04d}_camera{int(camera)}_ccd{int(ccd)}.sqlite"
+
+
+def pixel_flags_for(image, saturation_level, bleed_pad):
+    """Per-pixel flags of one frame.
+
+    NonFinite where the image is NaN/inf. Saturated where the image exceeds
+    ``saturation_level`` (e-/s): the saturated core of a bright star *and* its bleed columns,
+    since charge spilled along a column fills those pixels to the full well too. The
+    ``bleed_pad`` pixels beyond each end of a saturated run along the column are flagged as
+    well, because the last, partly filled pixel of a bleed trail is below the level but is not
+    a faithful flux either.
+    """
+    flags = np.zeros(image.shape, dtype=np.uint8)
+    finite = np.isfinite(image)
+    flags[~finite] |= np.uint8(PixelQualityFlags.NonFinite)
+    with np.errstate(invalid="ignore"):
+        sat = image > saturation_level
+    if sat.any():
+        if bleed_pad > 0:
+            grown = sat.copy()
+            for k in range(1, int(bleed_pad) + 1):
+                grown[k:] |= sat[:-k]
+                grown[:-k] |= sat[k:]
+            sat = grown
+        flags[sat] |= np.uint8(PixelQualityFlags.Saturated)
+    return flags
+
+
+def choose_reference_frame(time, quality, usable=None):
+    """Index of the reference frame: the good frame nearest the middle of the time span.
+
+    Why the middle: the movement kernel is then smallest on average over the sector (the
+    velocity-aberration drift grows from it both ways), so the catalog positions computed with
+    the reference WCS are closest to every frame. "Good" = quality passes
+    ``TESSQualityFlags.DEFAULT_BITMASK``, finite time, and ``usable`` (e.g. has a WCS and
+    finite pixels). Falls back to any usable frame if none is good.
+    """
+    time = np.asarray(time, float)
+    ok = np.isfinite(time)
+    if usable is not None:
+        ok &= np.asarray(usable, bool)
+    good = ok & TESSQualityFlags.filter(quality)
+    pool = good if good.any() else ok
+    if not pool.any():
+        raise InputError("no frame with a valid time to use as the reference frame")
+    mid = 0.5 * (np.nanmin(time[pool]) + np.nanmax(time[pool]))
+    candidates = np.flatnonzero(pool)
+    return int(candidates[np.argmin(np.abs(time[candidates] - mid))])
+
+
+def _input_hash(ffi_files, prepare_hash):
+    names = [Path(p).name for p in ffi_files]
+    text = json.dumps({"files": names, "settings": prepare_hash}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _compression(settings):
+    name = str(settings["prepare"]["compression"]).lower()
+    if name == "none":
+        return {}
+    if name == "lzf":
+        return {"compression": "lzf"}
+    if name == "gzip":
+        return {"compression": "gzip", "compression_opts": 4}
+    raise InputError(f"prepare.compression: unknown filter '{name}' (lzf, gzip or none)")
+
+
+class CacheWriter:
+    """Builds (or resumes) one sector/camera/CCD cache, frame by frame.
+
+    Usage::
+
+        writer = CacheWriter(path, settings, ffi_files=paths, shape=(R, C), meta={...})
+        if writer.state != "complete":
+            writer.set_kernel_stars(...)          # only when writer.state == "new"
+            for frame in frames[writer.frames_done:]:
+                writer.add_frame(...)
+            writer.finish_ingest()
+            ... prepare stages (writer.iter_frame_blocks(), writer.stage_group(name)) ...
+            writer.close(complete=True)           # renames .partial -> final
+
+    Memory: three buffers of ``time_chunk`` frames (images, errors, flags: 9 bytes per pixel
+    per frame; 1.2 GB for 32 full 2048x2048 frames) and the sum-image accumulators; never
+    the whole cube.
+
+    Parameters
+    ----------
+    path : path
+        Final cache path (``.../sectorSSSS_cameraC_ccdD.hdf5``).
+    settings : dict
+        Effective settings; the ``[prepare]`` section is hashed into the cache identity.
+    ffi_files : list of path
+        Input files in time order (their base names are part of the cache identity).
+    shape : (int, int)
+        Science-region rows and columns.
+    meta : dict
+        Root attributes: sector, camera, ccd, cadence, data_rel, procver, row_offset,
+        column_offset (and anything else to record).
+    overwrite : bool
+        Replace a complete cache made with other inputs or settings instead of refusing.
+    plugin_versions : dict, optional
+        Name -> version of the plugins involved, recorded as JSON.
+    """
+
+    def __init__(self, path, settings, *, ffi_files, shape, meta, overwrite=False,
+                 plugin_versions=None):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.settings = settings
+        self.pset = settings["prepare"]
+        self.ffi_files = [str(p) for p in ffi_files]
+        self.n_frames = len(self.ffi_files)
+        if self.n_frames == 0:
+            raise InputError(f"{self.path}: no frames to write")
+        self.shape = tuple(int(v) for v in shape)
+        self.meta = dict(meta)
+        self.prepare_hash = settings_hash(settings, "prepare")
+        self.input_hash = _input_hash(self.ffi_files, self.prepare_hash)
+        self.plugin_versions = plugin_versions or {}
+        self.block = int(min(int(self.pset["time_chunk"]), self.n_frames))
+        s = int(self.pset["spatial_chunk"])
+        self.chunks = (self.block, min(s, self.shape[0]), min(s, self.shape[1]))
+        self.saturation_level = float(self.pset["saturation_level"])
+        self.bleed_pad = int(self.pset["saturation_bleed_pad"])
+        self.kernel_box = int(self.pset["kernel_box"])
+        self._file = None
+        self._buffer = None
+        self._n_buffered = 0
+        self.state = self._open(overwrite)
+
+    # ------------------------------------------------------------------ opening
+    def _open(self, overwrite):
+        if self.path.exists():
+            same, complete = self._identity(self.path)
+            if same and complete:
+                logger.info("%s: complete cache with the same inputs and settings exists",
+                            self.path)
+                return "complete"
+            if not overwrite:
+                raise InputError(
+                    f"{self.path}: a cache made from other input files or settings exists "
+                    "(use --overwrite to replace it)")
+            logger.warning("%s: replacing the existing cache (--overwrite)", self.path)
+        if self.partial.exists():
+            try:
+                same, _ = self._identity(self.partial)
+            except OSError as exc:
+                logger.warning("%s: cannot be opened (%s); starting over", self.partial, exc)
+                same = None
+            if same:
+                try:
+                    self._file = h5py.File(self.partial, "r+")
+                    self.frames_done = int(self._file.attrs["frames_done"])
+                    self._restore()
+                    logger.warning("%s: resuming after %d of %d frames", self.partial,
+                                   self.frames_done, self.n_frames)
+                    return "resume"
+                except Exception as exc:  # noqa: BLE001 - a damaged partial is rebuilt
+                    logger.warning("%s: cannot be resumed (%s); starting over", self.partial, exc)
+                    if self._file is not None:
+                        try:
+                            self._file.close()
+                        except Exception:  # noqa: BLE001
+                            pass
+                        self._file = None
+            elif same is False:
+                logger.warning("%s: made from other inputs or settings; starting over",
+                               self.partial)
+            self.partial.unlink()
+        self._create()
+        return "new"
+
+    def _identity(self, path):
+        """(same inputs and settings?, complete?) of an existing cache file."""
+        with h5py.File(path, "r") as f:
+            same = (f.attrs.get("input_hash") == self.input_hash
+                    and int(f.attrs.get("schema_version", -1)) == SCHEMA_VERSION)
+            return bool(same), bool(f.attrs.get("complete", False))
+
+    def _create(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = h5py.File(self.partial, "w", libver="latest")
+        n, (nrow, ncol) = self.n_frames, self.shape
+        comp = _compression(self.settings)
+        for name, dtype in _CUBES:
+            fill = np.nan if dtype == np.float32 else 0
+            # flags are mostly zero: lzf shrinks them ~10x at no measurable cost
+            f.create_dataset(name, shape=(n, nrow, ncol), dtype=dtype, chunks=self.chunks,
+                             fillvalue=fill, **(comp if dtype == np.float32 else
+                                                {"compression": "lzf"}))
+        for name, dtype in _SERIES:
+            fill = np.nan if np.issubdtype(dtype, np.floating) else 0
+            f.create_dataset(name, shape=(n,), dtype=dtype, fillvalue=fill)
+        str_dt = h5py.string_dtype()
+        f.create_dataset("wcs", shape=(n,), dtype=str_dt)
+        f.create_dataset("ffi_files", data=np.array([Path(p).name for p in self.ffi_files],
+                                                    dtype=object), dtype=str_dt)
+        attrs = f.attrs
+        attrs["schema_version"] = SCHEMA_VERSION
+        for key, value in self.meta.items():
+            attrs[key] = value
+        attrs["package_version"] = __version__
+        attrs["plugin_versions"] = json.dumps(self.plugin_versions, sort_keys=True)
+        attrs["settings_hash"] = self.prepare_hash
+        attrs["settings"] = json.dumps(self.settings, sort_keys=True)
+        attrs["input_hash"] = self.input_hash
+        attrs["n_frames"] = n
+        attrs["frames_done"] = 0
+        attrs["ingest_complete"] = False
+        attrs["ref_frame"] = -1
+        attrs["complete"] = False
+        attrs["time_chunk"] = self.chunks[0]
+        attrs["spatial_chunk"] = self.chunks[1]
+        f.flush()
+        self._file = f
+        self.frames_done = 0
+        self._sum = np.zeros(self.shape, np.float64)
+        self._count = np.zeros(self.shape, np.int32)
+        self._stars = None
+
+    def _restore(self):
+        """Rebuild the in-memory state of a resumed partial from what it stores.
+
+        The sum-image accumulators are recomputed from the stored cube (reading it also
+        proves the stored blocks are intact: a damaged one raises and prepare starts over).
+        """
+        f = self._file
+        if f.attrs["ingest_complete"]:
+            self.frames_done = self.n_frames
+        self._sum = np.zeros(self.shape, np.float64)
+        self._count = np.zeros(self.shape, np.int32)
+        if not f.attrs["ingest_complete"]:
+            quality = f["quality"][:self.frames_done]
+            for start in range(0, self.frames_done, self.block):
+                stop = min(start + self.block, self.frames_done)
+                self._accumulate(f["images"][start:stop], quality[start:stop])
+        self._stars = None
+        if "movement/centroids" in f:
+            g = f["movement"]
+            self._stars = {"starid": g["starid"][:], "column": g["column"][:],
+                           "row": g["row"][:]}
+            cen = g["centroids"][:self.frames_done]
+            last = self._last_positions(cen)
+            self._guess = last
+
+    @staticmethod
+    def _last_positions(centroids):
+        """Last finite position of each star (NaN if never measured)."""
+        n_stars = centroids.shape[1]
+        out = np.full((n_stars, 2), np.nan)
+        finite = np.all(np.isfinite(centroids), axis=2)
+        for k in range(n_stars):
+            idx = np.flatnonzero(finite[:, k])
+            if idx.size:
+                out[k] = centroids[idx[-1], k]
+        return out
+
+    # ------------------------------------------------------------------ ingest
+    @property
+    def kernel_stars(self):
+        """Kernel stars (dict of starid, column, row arrays) or None."""
+        return self._stars
+
+    def set_kernel_stars(self, starid, column, row):
+        """Declare the stars whose centroids measure the movement kernel (new caches only).
+
+        ``column, row`` are first-guess cube-pixel positions (e.g. catalog through the first
+        frame's WCS); each later frame starts from the star's previous measured position.
+        """
+        if self.frames_done:
+            raise RuntimeError("kernel stars must be set before the first frame")
+        f = self._file
+        if "movement" in f:
+            del f["movement"]
+        g = f.create_group("movement")
+        starid = np.asarray(starid, np.int64)
+        g.create_dataset("starid", data=starid)
+        g.create_dataset("column", data=np.asarray(column, float))
+        g.create_dataset("row", data=np.asarray(row, float))
+        n = starid.size
+        g.create_dataset("centroids", shape=(self.n_frames, n, 2), dtype=np.float64,
+                         fillvalue=np.nan, chunks=(self.block, max(n, 1), 2))
+        g.create_dataset("sigma", shape=(self.n_frames, n), dtype=np.float64,
+                         fillvalue=np.nan, chunks=(self.block, max(n, 1)))
+        self._stars = {"starid": starid, "column": np.asarray(column, float),
+                       "row": np.asarray(row, float)}
+        self._guess = np.column_stack([self._stars["column"], self._stars["row"]])
+
+    def _new_buffer(self):
+        nrow, ncol = self.shape
+        n_st = 0 if self._stars is None else self._stars["starid"].size
+        self._buffer = {
+            "images": np.empty((self.block, nrow, ncol), np.float32),
+            "errors": np.empty((self.block, nrow, ncol), np.float32),
+            "pixel_flags": np.empty((self.block, nrow, ncol), np.uint8),
+            "series": {name: np.empty(self.block, dtype) for name, dtype in _SERIES},
+            "wcs": [], "centroids": np.full((self.block, n_st, 2), np.nan),
+            "sigma": np.full((self.block, n_st), np.nan),
+        }
+        self._n_buffered = 0
+
+    def _reset_buffer(self):
+        """Re-use the block buffers (allocating them per block costs page faults)."""
+        self._buffer["wcs"] = []
+        self._buffer["centroids"][:] = np.nan
+        self._buffer["sigma"][:] = np.nan
+
+    def add_frame(self, image, errors, *, time, time_start, time_stop, timecorr, cadenceno,
+                  quality, wcs_header=""):
+        """Append the next frame (in time order). Written to disk every ``time_chunk`` frames.
+
+        Parameters
+        ----------
+        image, errors : ndarray (R, C)
+            Calibrated flux and its uncertainty (e-/s), science region.
+        wcs_header : str
+            FITS header text of the frame's WCS (science-region pixels), "" if none.
+        """
+        if self.frames_done + self._n_buffered >= self.n_frames:
+            raise RuntimeError("more frames than declared")
+        if image.shape != self.shape or errors.shape != self.shape:
+            raise InputError(f"{self.ffi_files[self.frames_done + self._n_buffered]}: image "
+                             f"shape {image.shape} differs from the first frame's {self.shape}")
+        if self._buffer is None:
+            self._new_buffer()
+        elif self._n_buffered == 0:
+            self._reset_buffer()
+        k = self._n_buffered
+        buf = self._buffer
+        buf["images"][k] = image
+        buf["errors"][k] = errors
+        buf["pixel_flags"][k] = pixel_flags_for(image, self.saturation_level, self.bleed_pad)
+        for name, value in (("time", time), ("time_start", time_start), ("time_stop", time_stop),
+                            ("timecorr", timecorr), ("cadenceno", cadenceno),
+                            ("quality", quality)):
+            buf["series"][name][k] = value
+        buf["wcs"].append(wcs_header or "")
+        if self._stars is not None and self._stars["starid"].size:
+            x, y, sig = fit_centroids(image, self._guess[:, 0], self._guess[:, 1],
+                                      box=self.kernel_box, errors=errors,
+                                      saturation=self.saturation_level)
+            buf["centroids"][k, :, 0] = x
+            buf["centroids"][k, :, 1] = y
+            buf["sigma"][k] = sig
+            ok = np.isfinite(x) & np.isfinite(y)
+            self._guess[ok, 0] = x[ok]
+            self._guess[ok, 1] = y[ok]
+        self._n_buffered += 1
+        if self._n_buffered == self.block or self.frames_done + self._n_buffered == self.n_frames:
+            self.flush()
+
+    def _accumulate(self, images, quality):
+        """Add the good frames of a block to the sum-image accumulators (frame by frame, in
+        order, so a resumed prepare reproduces the sums bit for bit)."""
+        good = TESSQualityFlags.filter(quality)
+        for k in np.flatnonzero(good):
+            img = images[k]
+            finite = np.isfinite(img)
+            self._sum += np.where(finite, img, 0.0)
+            self._count += finite
+
+    def flush(self):
+        """Write the buffered frames as one block of whole chunks, then advance frames_done."""
+        if not self._n_buffered:
+            return
+        f = self._file
+        start, k = self.frames_done, self._n_buffered
+        sl = slice(start, start + k)
+        buf = self._buffer
+        for name, _ in _CUBES:
+            f[name][sl] = buf[name][:k]
+        for name, _ in _SERIES:
+            f[name][sl] = buf["series"][name][:k]
+        f["wcs"][sl] = np.array(buf["wcs"], dtype=object)
+        if self._stars is not None and self._stars["starid"].size:
+            f["movement/centroids"][sl] = buf["centroids"][:k]
+            f["movement/sigma"][sl] = buf["sigma"][:k]
+        self._accumulate(buf["images"][:k], buf["series"]["quality"][:k])
+        f.flush()
+        self.frames_done = start + k
+        f.attrs["frames_done"] = self.frames_done
+        f.flush()
+        self._n_buffered = 0
+
+    # ------------------------------------------------------------------ after ingest
+    def finish_ingest(self, usable=None):
+        """Sum image, reference frame and movement kernel, once every frame is stored.
+
+        Parameters
+        ----------
+        usable : array of bool, optional
+            Frames allowed as reference (default: those with a WCS string).
+        """
+        f = self._file
+        if f.attrs["ingest_complete"]:
+            return
+        self.flush()
+        if self.frames_done != self.n_frames:
+            raise RuntimeError(f"ingest stopped at {self.frames_done} of {self.n_frames} frames")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sumimage = np.where(self._count > 0, self._sum / np.maximum(self._count, 1), np.nan)
+        if "sumimage" in f:
+            del f["sumimage"]
+        f.create_dataset("sumimage", data=sumimage, dtype=np.float64)
+        f["sumimage"].attrs["n_frames"] = self._count.max() if self._count.size else 0
+        if usable is None:
+            usable = np.array([bool(s) for s in f["wcs"].asstr()[:]])
+        ref = choose_reference_frame(f["time"][:], f["quality"][:], usable)
+        nrow, ncol = self.shape
+        x0, y0 = (ncol - 1) / 2.0, (nrow - 1) / 2.0
+        pset = self.pset
+        if self._stars is not None and self._stars["starid"].size:
+            kernel = fit_kernel(f["movement/centroids"][:], f["movement/sigma"][:], ref,
+                                x0=x0, y0=y0, min_stars=int(pset["kernel_min_affine_stars"]),
+                                clip=float(pset["kernel_clip"]))
+            n_used = int(np.sum(np.all(np.isfinite(f["movement/centroids"][ref]), axis=1)))
+        else:
+            logger.warning("%s: no kernel stars; the movement kernel is zero", self.partial)
+            kernel = np.zeros((self.n_frames, 6))
+            n_used = 0
+        if "movement_kernel" in f:
+            del f["movement_kernel"]
+        ds = f.create_dataset("movement_kernel", data=kernel)
+        ds.attrs["n_stars"] = n_used
+        f.attrs["kernel_x0"] = x0
+        f.attrs["kernel_y0"] = y0
+        f.attrs["ref_frame"] = ref
+        f.attrs["ingest_complete"] = True
+        f.flush()
+
+    def iter_frame_blocks(self):
+        """Yield ``(frame_slice, images, errors, pixel_flags)`` blocks of whole time chunks.
+
+        For prepare stages: reading whole chunks means every chunk is decompressed once.
+        """
+        f = self._file
+        for start in range(0, self.frames_done, self.block):
+            sl = slice(start, min(start + self.block, self.frames_done))
+            yield sl, f["images"][sl], f["errors"][sl], f["pixel_flags"][sl]
+
+    @property
+    def file(self):
+        """The open h5py file (read/write) — for prepare stages that need the 1-D arrays."""
+        return self._file
+
+    def stage_complete(self, name):
+        """Whether prepare stage ``name`` finished in this (possibly resumed) cache."""
+        g = self._file.get(f"models/{name}")
+        return g is not None and bool(g.attrs.get("complete", False))
+
+    def stage_group(self, name, version):
+        """A fresh ``models/<name>`` group (an unfinished one is discarded) for a stage."""
+        models = self._file.require_group("models")
+        if name in models:
+            del models[name]
+        g = models.create_group(name)
+        g.attrs["version"] = str(version)
+        g.attrs["complete"] = False
+        return g
+
+    def mark_stage_complete(self, name):
+        g = self._file[f"models/{name}"]
+        g.attrs["complete"] = True
+        self._file.flush()
+
+    def close(self, complete=False):
+        """Close; with ``complete=True`` mark the cache complete and rename it into place."""
+        if self._file is None:
+            return
+        if complete:
+            self._file.attrs["complete"] = True
+            self._file.close()
+            self._file = None
+            os.replace(self.partial, self.path)
+        else:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close(complete=False)
+
+
+class FFICache:
+    """Read-only access to a complete cache, as BasePhotometry and the benchmarks need it.
+
+    Cube pixel indices are science-region indices; add ``row_offset``/``column_offset`` for
+    0-based CCD coordinates. 1-D arrays are read once and kept.
+
+    Raises
+    ------
+    InputError
+        For a ``.partial`` file, an incomplete cache, or a file that is not a cache.
+    """
+
+    datasource = "ffi"
+
+    def __init__(self, path, rdcc_nbytes=READER_CACHE_BYTES):
+        self.path = Path(path)
+        if self.path.name.endswith(".partial"):
+            raise InputError(f"{self.path}: an unfinished prepare (.partial); run prepare again")
+        if not self.path.exists():
+            raise InputError(f"{self.path}: cache not found")
+        try:
+            self._file = h5py.File(self.path, "r", rdcc_nbytes=rdcc_nbytes,
+                                   rdcc_nslots=READER_CACHE_SLOTS)
+        except OSError as exc:
+            raise InputError(f"{self.path}: not a readable HDF5 cache ({exc})") from None
+        attrs = self._file.attrs
+        if "schema_version" not in attrs or "images" not in self._file:
+            self.close()
+            raise InputError(f"{self.path}: not a tessphot cache")
+        if not bool(attrs.get("complete", False)):
+            self.close()
+            raise InputError(f"{self.path}: cache is incomplete (prepare did not finish)")
+        self.schema_version = int(attrs["schema_version"])
+        self.sector = int(attrs["sector"])
+        self.camera = int(attrs["camera"])
+        self.ccd = int(attrs["ccd"])
+        self.cadence = int(attrs["cadence"])
+        self.row_offset = int(attrs["row_offset"])
+        self.column_offset = int(attrs["column_offset"])
+        self.n_frames = int(attrs["n_frames"])
+        self.ref_frame = int(attrs["ref_frame"])
+        self.settings_hash = str(attrs["settings_hash"])
+        self.shape = tuple(self._file["images"].shape[1:])
+
+    # 1-D arrays ---------------------------------------------------------------
+    def _series(self, name):
+        return self._file[name][:]
+
+    @cached_property
+    def time(self):
+        """(N,) BTJD mid-exposure times."""
+        return self._series("time")
+
+    @cached_property
+    def time_start(self):
+        """(N,) BTJD exposure starts."""
+        return self._series("time_start")
+
+    @cached_property
+    def time_stop(self):
+        """(N,) BTJD exposure ends."""
+        return self._series("time_stop")
+
+    @cached_property
+    def timecorr(self):
+        """(N,) barycentric correction applied by SPOC (d)."""
+        return self._series("timecorr")
+
+    @cached_property
+    def cadenceno(self):
+        """(N,) cadence numbers (FFIINDEX)."""
+        return self._series("cadenceno")
+
+    @cached_property
+    def quality(self):
+        """(N,) SPOC DQUALITY of each frame."""
+        return self._series("quality")
+
+    @cached_property
+    def ffi_files(self):
+        return list(self._file["ffi_files"].asstr()[:])
+
+    @property
+    def attrs(self):
+        """Root attributes (a read-only mapping)."""
+        return dict(self._file.attrs)
+
+    @cached_property
+    def settings(self):
+        return json.loads(self._file.attrs["settings"])
+
+    @cached_property
+    def sumimage(self):
+        """(R, C) mean of the good frames (float64)."""
+        return self._file["sumimage"][:]
+
+    def frame_wcs(self, index):
+        """Astropy WCS of frame ``index`` (science-region pixels, 0-based), None if absent."""
+        text = self._file["wcs"].asstr()[int(index)]
+        if not text:
+            return None
+        header = fits.Header.fromstring(text, sep="\n")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            return WCS(header, relax=True)
+
+    @cached_property
+    def reference_wcs(self):
+        """WCS of the reference frame (the one the catalog positions use)."""
+        return self.frame_wcs(self.ref_frame)
+
+    @cached_property
+    def movement_kernel(self):
+        """:class:`photometry.movement.MovementKernel` (cube pixel coordinates)."""
+        attrs = self._file.attrs
+        return MovementKernel(self._file["movement_kernel"][:], self.time,
+                              attrs["kernel_x0"], attrs["kernel_y0"], self.ref_frame)
+
+    def stamp(self, name, row_slice, col_slice, frames=slice(None)):
+        """(N, r, c) cut of cube ``name`` (images, errors, pixel_flags): one HDF5 selection.
+
+        Slices are clipped to the cube (as numpy does); rows/columns outside give a smaller
+        array, so callers clip their stamps to ``shape`` first.
+        """
+        if name not in ("images", "errors", "pixel_flags"):
+            raise KeyError(f"unknown cube '{name}'")
+        return self._file[name][frames, row_slice, col_slice]
+
+    def model_group(self, name):
+        """The h5py group ``models/<name>`` written by a prepare stage, or None if absent or
+        unfinished."""
+        g = self._file.get(f"models/{name}")
+        if g is None or not bool(g.attrs.get("complete", False)):
+            return None
+        return g
+
+    @property
+    def catalog_path(self):
+        """The catalog SQLite next to the cache, or None if it does not exist."""
+        p = self.path.with_name(catalog_filename(self.sector, self.camera, self.ccd))
+        return p if p.exists() else None
+
+    def close(self):
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

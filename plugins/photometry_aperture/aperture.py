@@ -1,0 +1,216 @@
+"""AperturePhotometry: simple aperture sums in a mask built from the sum image, catalog and PRF.
+
+The mask logic lives in :mod:`photometry_aperture.masks` (pure array functions); this class
+only gathers its inputs from :class:`photometry.base.BasePhotometry`, grows the stamp while
+the mask touches its edge, sums the light curve and reports contamination and the fainter
+stars its mask makes redundant. Settings: the ``[aperture]`` section of the settings.
+"""
+import logging
+import warnings
+
+import numpy as np
+
+from photometry.base import STATUS, BasePhotometry
+from photometry.errors import AlgorithmFailure
+from photometry.quality import PixelQualityFlags, TESSQualityFlags
+from photometry.utilities import mag2flux
+
+from . import masks
+
+__all__ = ["AperturePhotometry", "prf_stack"]
+
+logger = logging.getLogger(__name__)
+
+
+def _prf_model(phot):
+    """The CCD's PRF model (``phot.prf``), else the analytic default PRF, else None."""
+    try:
+        return phot.prf
+    except Exception as exc:  # noqa: BLE001 - no PRF model for this CCD: use a fallback
+        logger.debug("TIC %d: no PRF model for the CCD (%s)", phot.starid, exc)
+    try:
+        from photometry.prf import AnalyticPRF
+        return AnalyticPRF()
+    except ImportError:
+        return None
+
+
+def prf_stack(phot, rows, cols, sigma):
+    """(n, r, c) unit-flux PRF images of stars at stamp positions ``rows, cols``.
+
+    Uses the CCD's PRF model (``phot.prf``, :mod:`photometry.prf`), or the analytic default
+    PRF when the CCD has none; a pixel-integrated Gaussian of ``sigma`` pixels if neither
+    is available. Light of a star falling outside the stamp is dropped, so a star near the
+    edge contributes only what it puts inside.
+    """
+    shape = np.shape(phot.sumimage)
+    rows = np.asarray(rows, dtype=float)
+    cols = np.asarray(cols, dtype=float)
+    prf = _prf_model(phot)
+    if prf is not None and hasattr(prf, "design_matrix") and rows.size:
+        r0, c0 = phot.stamp[0], phot.stamp[2]
+        size = int(prf.default_size())
+        mat = prf.design_matrix(rows + r0, cols + c0, shape, origin=(r0, c0), size=size)
+        return np.asarray(mat.toarray().T.reshape((rows.size,) + tuple(shape)))
+    return masks.gaussian_prf_stack(shape, rows, cols, sigma=sigma)
+
+
+class AperturePhotometry(BasePhotometry):
+    """Aperture photometry with K2P2-style segmentation and S/N-optimal masks.
+
+    Per attempt: build the mask (:func:`photometry_aperture.masks.find_mask`); if it touches
+    a stamp side, grow that side by ``aperture.resize_step`` and try again (at most
+    ``aperture.max_resizes`` times). Then sum the background-subtracted pixels per cadence.
+    Result: ``lightcurve`` flux (contamination-corrected if ``aperture.contamination_correction``),
+    flux_err (background error correlated over the mask), flux_background, pos_centroid
+    (flux-weighted, 0-based CCD column, row), ``final_phot_mask`` and the ``AP_*`` headers.
+    """
+
+    name = "aperture"
+    version = "1.0"
+
+    def _mask_inputs(self, cfg):
+        good = TESSQualityFlags.filter(self.quality)
+        if not np.any(good):
+            good = np.ones(self.n_frames, dtype=bool)
+        sumimage = np.asarray(self.sumimage, dtype=float)
+        if not np.any(np.isfinite(sumimage)):
+            raise AlgorithmFailure(f"TIC {self.starid}: the sum image has no finite pixel")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            err = np.asarray(self.images_err_cube, dtype=float)[good]
+            berr = np.asarray(self.backgrounds_err_cube, dtype=float)[good]
+            variance = np.nanmedian(err ** 2, axis=0)
+            bkg_error = np.nanmedian(berr, axis=0)
+        bkg_error = np.where(np.isfinite(bkg_error), bkg_error, 0.0)
+        correlated = bool(cfg["correlated_background"])
+        if correlated:
+            # images_err already holds the background error in quadrature; find_mask adds it
+            # back as correlated, so take it out of the per-pixel part
+            variance = np.clip(variance - bkg_error ** 2, 0, None)
+        flags = self.pixelflags_cube[good]
+        saturated_pixels = np.any((flags & int(PixelQualityFlags.Saturated)) != 0, axis=0)
+        cat = self.catalog
+        index = np.flatnonzero(np.asarray(cat["starid"]) == self.starid)
+        if index.size == 0:
+            raise AlgorithmFailure(f"TIC {self.starid}: the target is not in its stamp catalog")
+        rows = np.asarray(cat["row_stamp"], dtype=float)
+        cols = np.asarray(cat["column_stamp"], dtype=float)
+        fluxes = mag2flux(np.asarray(cat["tmag"], dtype=float))
+        models = fluxes[:, None, None] * prf_stack(self, rows, cols, float(cfg["prf_sigma"]))
+        return dict(sumimage=sumimage, variance=variance, models=models, star_rows=rows,
+                    star_cols=cols, fluxes=fluxes, target_index=int(index[0]),
+                    bkg_error=bkg_error, saturated_pixels=saturated_pixels,
+                    saturated=self.target["tmag"] < float(cfg["saturation_tmag"]),
+                    threshold_sigma=float(cfg["threshold_sigma"]),
+                    dominance=float(cfg["seed_dominance"]), correlated_background=correlated)
+
+    def _aperture_loss(self, mask):
+        """(N,) PRF flux in ``mask`` at each frame's position / at the reference position.
+
+        Why: a pixel mask stays put while the spacecraft jitter and the momentum-dump steps
+        move the star by tenths of a pixel, which changes the enclosed flux by up to a few
+        per cent for a small optimal mask. The movement kernel gives the target's position
+        per frame and the PRF the enclosed fraction there; dividing by this ratio removes
+        the loss. None when there is no movement kernel or no PRF model.
+        """
+        if self.movement_kernel is None and getattr(self.source, "pos_corr", None) is None:
+            return None
+        prf = _prf_model(self)
+        if prf is None or not hasattr(prf, "design_matrix"):
+            return None
+        drow = np.zeros(self.n_frames)
+        dcol = np.zeros(self.n_frames)
+        pos_corr = np.asarray(self.lightcurve["pos_corr"], dtype=float)  # (column, row)
+        if np.all(np.isfinite(pos_corr)):
+            dcol, drow = pos_corr[:, 0], pos_corr[:, 1]
+        if not (np.any(drow) or np.any(dcol)):
+            return None
+        r0, c0 = self.stamp[0], self.stamp[2]
+        rows = np.concatenate([[self.target_pos_row], self.target_pos_row + drow])
+        cols = np.concatenate([[self.target_pos_column], self.target_pos_column + dcol])
+        mat = prf.design_matrix(rows, cols, mask.shape, origin=(r0, c0),
+                                size=int(prf.default_size()))
+        frac = np.asarray(mat[np.flatnonzero(mask.ravel())].sum(axis=0)).ravel()
+        if not frac[0] > 0:
+            return None
+        loss = frac[1:] / frac[0]
+        return np.where(loss > 0.2, loss, np.nan)
+
+    def find_mask(self):
+        """The mask of the current stamp (a :class:`masks.MaskResult`), no stamp change."""
+        cfg = self.settings["aperture"]
+        return masks.find_mask(**self._mask_inputs(cfg))
+
+    def do_photometry(self):
+        cfg = self.settings["aperture"]
+        status = STATUS.OK
+        max_resizes = int(cfg["max_resizes"])
+        if self.target["tmag"] < float(cfg["saturation_tmag"]):
+            max_resizes *= 2  # bleed columns of bright stars can be long
+        step = int(cfg["resize_step"])
+        for attempt in range(max_resizes + 1):
+            res = self.find_mask()
+            if not res.edges:
+                break
+            if attempt == max_resizes:
+                logger.warning("TIC %d: mask still touches the stamp edge (%s) after %d "
+                               "resizes", self.starid, ", ".join(res.edges), attempt)
+                status = STATUS.WARNING
+                break
+            if not self.resize_stamp(**{side: step for side in res.edges}):
+                logger.warning("TIC %d: mask touches the stamp edge (%s), which cannot grow",
+                               self.starid, ", ".join(res.edges))
+                status = STATUS.WARNING
+                break
+        if not res.segment.any():
+            logger.warning("TIC %d: no segment above the background on the target; "
+                           "using the target pixel alone", self.starid)
+            status = STATUS.WARNING
+
+        mask = res.mask
+        flux, flux_err, background, centroid = masks.aperture_sums(
+            self.images_cube, self.images_err_cube, self.backgrounds_err_cube, mask,
+            backgrounds=self.backgrounds_cube,
+            correlated_background=bool(cfg["correlated_background"]))
+        loss = None
+        if bool(cfg["motion_correction"]):
+            loss = self._aperture_loss(mask)
+            if loss is not None:
+                flux = flux / loss
+                flux_err = flux_err / loss
+        good = TESSQualityFlags.filter(self.quality) & np.isfinite(flux)
+        cont = res.contamination
+        corrected = bool(cfg["contamination_correction"]) and np.isfinite(cont) and cont > 0
+        if corrected and np.any(good):
+            # neighbours' flux is constant to first order: subtracting the catalog share of
+            # the mean mask flux restores the target's relative amplitudes
+            flux = flux - cont * np.median(flux[good])
+        if np.isfinite(cont) and cont > float(cfg["contamination_warning"]):
+            logger.warning("TIC %d: contamination %.2f in the aperture", self.starid, cont)
+            status = STATUS.WARNING
+
+        r1, _, c1, _ = self.stamp
+        lc = self.lightcurve
+        lc["flux"] = flux
+        lc["flux_err"] = flux_err
+        lc["flux_background"] = background
+        lc["pos_centroid"] = np.column_stack([centroid[:, 1] + c1, centroid[:, 0] + r1])
+        self.final_phot_mask = mask
+        self.mask_result = res
+        cat = self.catalog
+        skip = [int(cat["starid"][k]) for k in res.skip]
+        self.report_details(skip_targets=skip)
+        self.additional_headers.update({
+            "AP_CONT": (float(cont) if np.isfinite(cont) else float("nan"),
+                        "AP contamination from catalog stars in mask"),
+            "AP_CCORR": (bool(corrected), "AP flux corrected for contamination"),
+            "AP_NPIX": (int(mask.sum()), "AP pixels in mask"),
+            "AP_FFRAC": (float(res.flux_fraction), "AP expected target flux fraction in mask"),
+            "AP_THRSH": (float(res.threshold), "[e-/s] AP segmentation threshold"),
+            "AP_SNR": (float(res.snr), "AP predicted S/N per cadence of mask"),
+            "AP_SAT": (bool(res.saturated), "AP saturated-star mask with bleed columns"),
+            "AP_NSKIP": (len(skip), "AP fainter catalog stars inside mask"),
+            "AP_MCORR": (loss is not None, "AP flux corrected for motion aperture loss"),
+        })
+        return status

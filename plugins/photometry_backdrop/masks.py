@@ -1,0 +1,145 @@
+"""Which pixels the backdrop fit may use: star, saturation-bleed and bad-pixel masks.
+
+Built once per CCD from the sum image (everything that stands above a smooth background in
+the time-averaged image, so faint stars too) and the catalog (generous circles around bright
+stars, whose PRF wings reach far below the sum-image threshold).
+"""
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["build_mask", "star_pixels", "read_catalog", "catalog_path", "smooth_background"]
+
+
+def catalog_path(cache_file):
+    """The catalog SQLite that ``prepare`` writes next to the cache file."""
+    attrs = cache_file.attrs
+    name = (f"catalog_sector{int(attrs['sector']):04d}_camera{int(attrs['camera'])}"
+            f"_ccd{int(attrs['ccd'])}.sqlite")
+    return Path(cache_file.filename).parent / name
+
+
+def read_catalog(cache_file):
+    """(row, column, tmag) arrays in cube pixel indices, or None when there is no catalog."""
+    try:
+        path = catalog_path(cache_file)
+    except KeyError:
+        return None
+    if not path.exists():
+        return None
+    row_offset = float(cache_file.attrs.get("row_offset", 0))
+    col_offset = float(cache_file.attrs.get("column_offset", 0))
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+        data = np.array(con.execute(
+            'SELECT "row", "column", tmag FROM catalog WHERE tmag IS NOT NULL').fetchall(),
+            dtype=float).reshape(-1, 3)
+    return data[:, 0] - row_offset, data[:, 1] - col_offset, data[:, 2]
+
+
+def smooth_background(image, exclude, box):
+    """Smooth background of ``image`` from the median of usable pixels in ``box``-pixel cells,
+    interpolated bilinearly between cell centres (cells without usable pixels are filled from
+    their neighbours)."""
+    R, C = image.shape
+    nr, nc = -(-R // box), -(-C // box)
+    work = np.full((nr * box, nc * box), np.nan)
+    work[:R, :C] = np.where(exclude, np.nan, image)
+    cells = work.reshape(nr, box, nc, box).transpose(0, 2, 1, 3).reshape(nr, nc, box * box)
+    with np.errstate(all="ignore"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            coarse = np.nanmedian(cells, axis=-1)
+    empty = ~np.isfinite(coarse)
+    if empty.all():
+        return np.full(image.shape, np.nanmedian(image))
+    if empty.any():
+        idx = ndimage.distance_transform_edt(empty, return_distances=False, return_indices=True)
+        coarse = coarse[tuple(idx)]
+    rr = (np.arange(R) + 0.5) / box - 0.5
+    cc = (np.arange(C) + 0.5) / box - 0.5
+    out = ndimage.map_coordinates(coarse, np.meshgrid(rr, cc, indexing="ij"), order=1,
+                                  mode="nearest")
+    return out
+
+
+def _circles(shape, rows, cols, radii):
+    mask = np.zeros(shape, dtype=bool)
+    R, C = shape
+    for r0, c0, rad in zip(rows, cols, radii):
+        r1, r2 = int(max(0, np.floor(r0 - rad))), int(min(R, np.ceil(r0 + rad) + 1))
+        c1, c2 = int(max(0, np.floor(c0 - rad))), int(min(C, np.ceil(c0 + rad) + 1))
+        if r1 >= r2 or c1 >= c2:
+            continue
+        yy, xx = np.ogrid[r1:r2, c1:c2]
+        mask[r1:r2, c1:c2] |= (yy - r0) ** 2 + (xx - c0) ** 2 <= rad ** 2
+    return mask
+
+
+def build_mask(sumimage, settings, catalog=None):
+    """Pixels usable by the background fit, and the saturated/bleed pixels.
+
+    Parameters
+    ----------
+    sumimage : (R, C) array
+        Time-averaged image (e-/s).
+    settings : dict
+        The ``[backdrop]`` settings section.
+    catalog : tuple of arrays, optional
+        (row, column, tmag) in cube pixel indices.
+
+    Returns
+    -------
+    usable, saturated, exclude : (R, C) bool arrays
+        ``exclude`` is what is masked regardless of the sum-image residual (bad, saturated,
+        catalog circles); the stage refines the rest with the full model.
+    """
+    s = settings
+    img = np.asarray(sumimage, dtype=float)
+    bad = ~np.isfinite(img)
+    img = np.where(bad, np.nanmedian(img) if not bad.all() else 0.0, img)
+    sat = img > float(s["saturation"])
+    if sat.any():
+        m = int(s["bleed_margin"])
+        sat = ndimage.binary_dilation(sat, structure=np.ones((2 * m + 1, 5), dtype=bool))
+    exclude = bad | sat
+    if catalog is not None and len(catalog[0]):
+        rows, cols, tmag = catalog
+        bright = tmag <= float(s["catalog_tmag"])
+        radii = float(s["catalog_radius"]) * 10 ** (0.2 * (float(s["catalog_tmag"]) - tmag[bright]))
+        exclude |= _circles(img.shape, rows[bright], cols[bright], radii)
+    stars = np.zeros_like(exclude)
+    for _ in range(3):
+        skip = exclude | stars
+        res = img - smooth_background(img, skip, int(s["mask_box"]))
+        col = np.where(skip, np.nan, res)
+        good_cols = (~skip).any(axis=0)
+        offs = np.zeros(img.shape[1])
+        offs[good_cols] = np.nanmedian(col[:, good_cols], axis=0)
+        res -= offs
+        vals = res[~skip]
+        sigma = 1.4826 * np.median(np.abs(vals - np.median(vals))) if vals.size else 0.0
+        if sigma <= 0:
+            break
+        new = star_pixels(res, sigma, s)
+        if np.array_equal(new, stars):
+            break
+        stars = new
+    return ~(exclude | stars), sat, exclude
+
+
+def star_pixels(res, sigma, settings):
+    """Pixels of sources in a background-subtracted sum image, grown by ``mask_dilate``.
+
+    Stars are positive: the threshold is one-sided (a smooth-model misfit below the data
+    must not mask a whole region); strongly negative pixels (dead or badly calibrated) are
+    masked at three times the threshold.
+    """
+    k = float(settings["mask_nsigma"]) * sigma
+    new = (res > k) | (res < -3 * k)
+    if int(settings["mask_dilate"]) > 0:
+        new = ndimage.binary_dilation(new, structure=ndimage.generate_binary_structure(2, 1),
+                                      iterations=int(settings["mask_dilate"]))
+    return new

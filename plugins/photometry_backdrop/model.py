@@ -1,0 +1,314 @@
+"""The ``backdrop`` prepare stage: fit at prepare time, evaluate at any stamp and cadence.
+
+Stored state (``models/backdrop`` group of the cache), far smaller than the images:
+
+===================== =================== ====================================================
+``weights``           (N, n_terms) f4     polynomial + spline weights of each frame
+``strap``             (N, C) f4           per-column (strap) offsets of each frame, e-/s
+``noise``             (N,) f4             residual scale of one pixel in that frame, e-/s
+``n_clipped``         (N,) i4             bins rejected as outliers in that frame
+``pairs``             (n_terms, 2) i4     (row-basis, column-basis) index of each term
+``row_knots``         1-D f8              spline knots along rows (pixels)
+``col_knots``         1-D f8              spline knots along columns (pixels)
+``usable_mask``       (R, ceil(C/8)) u1   pixels used by the fit, ``np.packbits`` on axis 1
+``saturated_mask``    (R, ceil(C/8)) u1   saturated/bleed pixels, packed the same way
+``cov_chol``          (n, n) f4           Cholesky factor of the Schur-complemented normal
+                                          matrix (unit noise), for ``evaluate_error``
+``strap_coupling``    (C, n_terms) f4     strap/term coupling divided by strap precision
+``strap_precision``   (C,) f8             diagonal of the strap block of the normal matrix
+``gain``              (C,) f8             multiplicative column response (straps); the model
+                                          is ``gain * (poly + spline + strap)``
+``jitter/pixels``     (n_pix, 2) i4       sampled (row, column) pixels near stars
+``jitter/short`` etc. (N, k) f4           principal components of their residual series
+===================== =================== ====================================================
+
+Attributes: ``version``, ``complete``, ``n_rows``, ``n_cols``, ``poly_degree``,
+``bin_rows``, ``pixel_noise``, ``settings`` (JSON of the ``[backdrop]`` section).
+"""
+import itertools
+import json
+import logging
+
+import numpy as np
+from scipy import linalg
+from scipy.ndimage import uniform_filter1d
+from tqdm import tqdm
+
+from photometry.errors import ConfigurationError, InputError
+from photometry.quality import PixelQualityFlags
+from photometry.stages import BackgroundModel
+
+from .basis import Axis
+from .fit import BackdropFitter
+from .masks import build_mask, read_catalog, star_pixels
+
+__all__ = ["Backdrop", "jitter_components"]
+
+logger = logging.getLogger(__name__)
+
+#: Pixel flags that keep a pixel out of the fit in that frame.
+BAD_PIXEL_BITS = int(PixelQualityFlags.NotUsedForBackground | PixelQualityFlags.ManualExclude
+                     | PixelQualityFlags.Saturated | PixelQualityFlags.NonFinite)
+
+_POSITIVE = ("knot_spacing", "bin_rows", "poly_prior", "spline_prior", "strap_prior",
+             "clip_nsigma", "saturation", "mask_box", "mask_nsigma", "catalog_radius")
+
+
+def _options(settings):
+    """The ``[backdrop]`` section, checked where it is given rather than deep in a fit."""
+    try:
+        s = dict(settings["backdrop"])
+    except (KeyError, TypeError):
+        raise ConfigurationError("settings: missing section [backdrop]") from None
+    for key in _POSITIVE:
+        if not float(s[key]) > 0:
+            raise ConfigurationError(f"backdrop.{key}: must be > 0 (got {s[key]!r})")
+    if int(s["poly_degree"]) < 0:
+        raise ConfigurationError("backdrop.poly_degree: must be >= 0")
+    return s
+
+
+def jitter_components(resid, time, settings):
+    """Principal components of pixel residual series in three time-scale bands.
+
+    The residuals are split at gaps longer than ten median cadences; within each segment a
+    boxcar of ``jitter_short`` cadences separates short from medium time-scales and one of
+    ``jitter_long`` cadences medium from long. Returns a dict band -> (N, k) array of the
+    leading left singular vectors scaled by their singular values (e-/s units).
+    """
+    n, npix = resid.shape
+    k = int(settings["jitter_components"])
+    x = np.nan_to_num(resid - np.nanmedian(resid, axis=0), nan=0.0).astype(np.float64)
+    short = np.zeros_like(x)
+    medium = np.zeros_like(x)
+    long_ = np.zeros_like(x)
+    t = np.asarray(time, float) if time is not None else np.arange(n, dtype=float)
+    bounds = [0, n]
+    finite = np.isfinite(t)
+    if finite.sum() > 2:
+        dt = np.diff(t)
+        med = np.nanmedian(dt)
+        if med > 0:
+            bounds = [0] + list(np.flatnonzero(dt > 10 * med) + 1) + [n]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        seg = x[a:b]
+        ws = min(int(settings["jitter_short"]), len(seg))
+        wl = min(int(settings["jitter_long"]), len(seg))
+        s1 = uniform_filter1d(seg, max(ws, 1), axis=0, mode="nearest")
+        s2 = uniform_filter1d(s1, max(wl, 1), axis=0, mode="nearest")
+        short[a:b], medium[a:b], long_[a:b] = seg - s1, s1 - s2, s2
+    out = {}
+    for name, band in (("short", short), ("medium", medium), ("long", long_)):
+        u, sv, _ = np.linalg.svd(band, full_matrices=False)
+        kk = min(k, len(sv))
+        out[name] = (u[:, :kk] * sv[:kk]).astype(np.float32)
+    return out
+
+
+def _frame_index(frames, n):
+    """Sorted unique indices to read, and how to put the rows back in the order asked."""
+    if isinstance(frames, slice):
+        idx = np.arange(n)[frames]
+    else:
+        idx = np.asarray(frames, dtype=np.int64).ravel()
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise InputError(f"backdrop: frame index out of range 0..{n - 1}")
+        idx = np.where(idx < 0, idx + n, idx)
+    uniq, inverse = np.unique(idx, return_inverse=True)
+    return uniq, inverse
+
+
+def _read_rows(ds, uniq, inverse):
+    if uniq.size == 0:
+        return np.zeros((0,) + ds.shape[1:], dtype=ds.dtype)
+    if uniq.size == uniq[-1] - uniq[0] + 1:
+        data = ds[int(uniq[0]):int(uniq[-1]) + 1]
+    else:
+        data = ds[uniq]
+    return data[inverse]
+
+
+class Backdrop(BackgroundModel):
+    """CCD-wide background: polynomial + tensor B-spline + one offset per column, per frame.
+
+    The fit is done at prepare time on the cache's full frames (see :mod:`.fit` for why it is
+    fast); ``evaluate`` rebuilds the separable bases on any stamp.
+    """
+
+    name = "backdrop"
+    version = "1"
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.options = _options(settings)
+
+    # ------------------------------------------------------------------ prepare
+    def run(self, cache, group):
+        """Fit every frame of ``cache`` and store the model in ``group``."""
+        s = self.options
+        f = group.file
+        for key in list(group.keys()):
+            del group[key]
+        n_frames, R, C = f["images"].shape
+        if "sumimage" in f:
+            sumimage = f["sumimage"][()]
+        else:
+            sumimage = self._mean_image(cache, (R, C))
+        catalog = read_catalog(f)
+        usable, sat, exclude = build_mask(sumimage, s, catalog)
+        ref = int(f.attrs.get("ref_frame", 0))
+        if "pixel_flags" in f and n_frames:
+            ref_flags = f["pixel_flags"][ref]
+            sat |= (ref_flags & int(PixelQualityFlags.Saturated)) != 0
+            exclude |= sat | ((ref_flags & BAD_PIXEL_BITS) != 0)
+            usable &= ~exclude
+        blocks = iter(cache.iter_frame_blocks())
+        first = next(blocks, None)
+        if first is None:
+            raise InputError(f"{f.filename}: backdrop: the cache holds no frames")
+        noise = self._pixel_noise(first[2], usable)
+        fitter = self._fitter(usable, noise, f.filename)
+        fitter.fit_gain(sumimage)
+        for _ in range(int(s["mask_refine"])):
+            # the star mask again, now against the full model of the sum image (the same
+            # model every frame gets), so only real sources stay masked
+            res = sumimage - fitter.evaluate(fitter.sum_fit.weights, fitter.sum_fit.strap)[0]
+            vals = res[usable & np.isfinite(res)]
+            sigma = 1.4826 * np.median(np.abs(vals - np.median(vals)))
+            new = ~(exclude | star_pixels(np.nan_to_num(res), sigma, s)) & np.isfinite(sumimage)
+            if np.array_equal(new, usable):
+                break
+            usable = new
+            fitter = self._fitter(usable, noise, f.filename)
+            fitter.fit_gain(sumimage)
+        rng = np.random.default_rng(int(s["seed"]))
+        cand = np.flatnonzero((~usable & ~sat & np.isfinite(sumimage)).ravel())
+        npix = min(int(s["jitter_pixels"]), cand.size)
+        pick = np.sort(rng.choice(cand, size=npix, replace=False)) if npix else cand[:0]
+        jr, jc = np.unravel_index(pick, (R, C))
+        nt = len(fitter.pairs)
+        ds = {
+            "weights": group.create_dataset("weights", (n_frames, nt), "f4"),
+            "strap": group.create_dataset("strap", (n_frames, C), "f4"),
+            "noise": group.create_dataset("noise", (n_frames,), "f4"),
+            "n_clipped": group.create_dataset("n_clipped", (n_frames,), "i4"),
+        }
+        jitter = np.zeros((n_frames, npix), dtype=np.float32)
+        bar = tqdm(total=n_frames, desc="backdrop", unit="frame", leave=False,
+                   disable=not bool(s.get("progress", True)))
+        for sl, images, errors, flags in itertools.chain([first], blocks):
+            res = fitter.fit(images, flags, BAD_PIXEL_BITS, (jr, jc))
+            ds["weights"][sl] = res.weights
+            ds["strap"][sl] = res.strap
+            ds["noise"][sl] = res.noise
+            ds["n_clipped"][sl] = res.n_clipped
+            if res.jitter is not None:
+                jitter[sl] = res.jitter
+            bar.update(sl.stop - sl.start)
+        bar.close()
+        self._store(group, fitter, usable, sat, (jr, jc), jitter,
+                    f["time"][()] if "time" in f else None)
+        return group
+
+    def _fitter(self, usable, noise, filename):
+        if usable.sum() < 0.02 * usable.size:
+            raise InputError(f"{filename}: backdrop: fewer than 2% of pixels are free of "
+                             f"stars and flags ({usable.mean():.1%}); cannot fit a background")
+        return BackdropFitter(usable, self.options, noise)
+
+    @staticmethod
+    def _pixel_noise(errors, usable):
+        vals = np.asarray(errors)[:, usable]
+        vals = vals[np.isfinite(vals) & (vals > 0)]
+        return float(np.median(vals)) if vals.size else 1.0
+
+    @staticmethod
+    def _mean_image(cache, shape):
+        total = np.zeros(shape)
+        count = np.zeros(shape)
+        for _, images, _, _ in cache.iter_frame_blocks():
+            for img in images:
+                ok = np.isfinite(img)
+                total[ok] += img[ok]
+                count += ok
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+    def _store(self, group, fitter, usable, sat, jitter_pixels, jitter, time):
+        s = self.options
+        R, C = fitter.shape
+        group.create_dataset("pairs", data=fitter.pairs)
+        group.create_dataset("row_knots", data=fitter.rows.knots)
+        group.create_dataset("col_knots", data=fitter.cols.knots)
+        group.create_dataset("usable_mask", data=np.packbits(usable, axis=1))
+        group.create_dataset("saturated_mask", data=np.packbits(sat, axis=1))
+        group.create_dataset("cov_chol", data=fitter.chol.astype(np.float32))
+        group.create_dataset("strap_coupling", data=fitter.coupling_d.astype(np.float32))
+        group.create_dataset("strap_precision", data=fitter.strap_precision)
+        group.create_dataset("gain", data=fitter.gain)
+        jg = group.create_group("jitter")
+        jg.create_dataset("pixels", data=np.stack(jitter_pixels, axis=1).astype(np.int32))
+        if jitter.shape[1] and jitter.shape[0] > 2:
+            for band, comps in jitter_components(jitter, time, s).items():
+                jg.create_dataset(band, data=comps)
+        group.attrs.update({
+            "version": self.version, "n_rows": R, "n_cols": C,
+            "poly_degree": int(s["poly_degree"]), "bin_rows": int(s["bin_rows"]),
+            "pixel_noise": fitter.pixel_noise, "n_usable": int(usable.sum()),
+            "settings": json.dumps(s, sort_keys=True),
+        })
+        group.attrs["complete"] = True
+
+    # ------------------------------------------------------------------ evaluation
+    @staticmethod
+    def _axes(group):
+        a = group.attrs
+        rows = Axis.from_attrs(a["n_rows"], a["poly_degree"], group["row_knots"][()])
+        cols = Axis.from_attrs(a["n_cols"], a["poly_degree"], group["col_knots"][()])
+        return rows, cols
+
+    @staticmethod
+    def _pixels(group, row_slice, col_slice):
+        R, C = int(group.attrs["n_rows"]), int(group.attrs["n_cols"])
+        rows = np.arange(R)[row_slice] if isinstance(row_slice, slice) else np.asarray(row_slice)
+        cols = np.arange(C)[col_slice] if isinstance(col_slice, slice) else np.asarray(col_slice)
+        return rows, cols
+
+    @classmethod
+    def evaluate(cls, group, row_slice, col_slice, frames=slice(None)):
+        """Background (n_frames, rows, cols) in e-/s at a stamp (cube pixel indices)."""
+        rows_ax, cols_ax = cls._axes(group)
+        rows, cols = cls._pixels(group, row_slice, col_slice)
+        uniq, inverse = _frame_index(frames, group["weights"].shape[0])
+        w = _read_rows(group["weights"], uniq, inverse).astype(np.float64)
+        strap = _read_rows(group["strap"], uniq, inverse).astype(np.float64)
+        pairs = group["pairs"][()]
+        wm = np.zeros((len(w), rows_ax.size, cols_ax.size))
+        wm[:, pairs[:, 0], pairs[:, 1]] = w
+        rb = rows_ax.basis(rows)
+        cb = cols_ax.basis(cols)
+        gain = group["gain"][()][cols]
+        return (np.matmul(rb, np.matmul(wm, cb.T)) + strap[:, None, cols]) * gain
+
+    @classmethod
+    def evaluate_error(cls, group, row_slice, col_slice, frames=slice(None)):
+        """1-sigma statistical uncertainty (n_frames, rows, cols) of :meth:`evaluate`.
+
+        ``noise[t] * sqrt(phi^T A^-1 phi)`` with ``A`` the unit-noise normal matrix; the strap
+        block is folded in through its Schur complement, so no inverse is ever formed.
+        """
+        rows_ax, cols_ax = cls._axes(group)
+        rows, cols = cls._pixels(group, row_slice, col_slice)
+        uniq, inverse = _frame_index(frames, group["noise"].shape[0])
+        noise = _read_rows(group["noise"], uniq, inverse).astype(np.float64)
+        pairs = group["pairs"][()]
+        rb = rows_ax.basis(rows)[:, pairs[:, 0]]                       # (r, n)
+        cb = cols_ax.basis(cols)[:, pairs[:, 1]]                       # (c, n)
+        coup = group["strap_coupling"][()][cols].astype(np.float64)     # (c, n)
+        prec = group["strap_precision"][()][cols]
+        phi = rb[:, None, :] * cb[None, :, :] - coup[None, :, :]        # (r, c, n)
+        L = group["cov_chol"][()].astype(np.float64)
+        v = linalg.solve_triangular(L, phi.reshape(-1, phi.shape[-1]).T, lower=True,
+                                    check_finite=False)
+        var = (v ** 2).sum(axis=0).reshape(len(rows), len(cols)) + 1.0 / prec[None, :]
+        gain = group["gain"][()][cols]
+        return noise[:, None, None] * (np.sqrt(var) * gain)[None]

@@ -1,0 +1,260 @@
+"""FFI reader against the real SPOC sector-1 cutout (exact header values) and damaged copies."""
+import gzip
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from photometry.errors import InputError
+from photometry.ffi import (derive_cadenceno, find_ffi_files, is_raw_ffi, read_ffi,
+                            scan_ffi_headers)
+
+REAL = Path(__file__).parent / "data" / "tess2018206192942-s0001-1-4-0120-s_ffic.fits"
+
+
+def _variant(tmp_path, name, edit=None):
+    """A copy of the real cutout under ``name``, with ``edit(hdul)`` applied to it."""
+    out = tmp_path / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with fits.open(REAL) as hdul:
+        if edit is not None:
+            edit(hdul)
+        hdul.writeto(out, output_verify="silentfix")
+    return out
+
+
+def _shift_time(days, ccd=None, ffiindex=None):
+    def edit(hdul):
+        for hdu in hdul[1:]:
+            hdu.header["TSTART"] += days
+            hdu.header["TSTOP"] += days
+            if ccd is not None:
+                hdu.header["CCD"] = ccd
+            if ffiindex is not None:
+                hdu.header["FFIINDEX"] = ffiindex
+    return edit
+
+
+def test_real_cutout_science_region_and_metadata():
+    frame = read_ffi(REAL)
+    with fits.open(REAL) as hdul:
+        raw = hdul[1].data.astype(np.float32)
+        unc = hdul[2].data.astype(np.float32)
+        h1 = hdul[1].header
+    assert frame.image.shape == (128, 129) and frame.uncert.shape == (128, 129)
+    assert frame.image.dtype == np.float32 and frame.uncert.dtype == np.float32
+    assert (frame.row_offset, frame.column_offset) == (0, 44)
+    np.testing.assert_array_equal(frame.image, raw[:, 44:])
+    # The 128x128 uncertainty HDU starts at CCD column 0 (its own CRVAL1P = 1): it covers the
+    # first 84 science columns; the rest is NaN. Its values follow the image (corr > 0.99).
+    np.testing.assert_array_equal(frame.uncert[:, :84], unc[:, 44:])
+    assert np.all(np.isnan(frame.uncert[:, 84:]))
+    assert np.corrcoef(frame.image[:, :84].ravel(), frame.uncert[:, :84].ravel() ** 2)[0, 1] > 0.99
+    assert frame.time == pytest.approx((1325.318778691997 + 1325.339612017777) / 2, abs=1e-12)
+    assert (frame.tstart, frame.tstop) == (h1["TSTART"], h1["TSTOP"])
+    assert frame.timecorr == pytest.approx(5.6780875e-3)
+    assert frame.quality == 0
+    assert (frame.sector, frame.camera, frame.ccd) == (1, 1, 4)
+    assert frame.cadence_s == 1800.0
+    assert frame.cadenceno == 4697  # no FFIINDEX in sector 1: the documented anchor frame
+    assert frame.data_rel == 1 and frame.procver == "spoc-3.3.31-20180902"
+    assert frame.header["BUNIT"] == "electrons/s"
+    assert frame.header["TELESCOP"] == "TESS" and frame.header["CAMERA"] == 1
+
+
+def test_real_cutout_wcs_matches_header_shifted_by_crop():
+    frame = read_ffi(REAL)
+    with fits.open(REAL) as hdul, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FITSFixedWarning: MJD-OBS set from DATE-OBS
+        reference = WCS(hdul[1].header)
+    rng = np.random.default_rng(1)
+    row = rng.uniform(0, 127, 50)
+    col = rng.uniform(0, 128, 50)
+    ra, dec = frame.wcs.all_pix2world(col, row, 0)
+    ra0, dec0 = reference.all_pix2world(col + 44, row, 0)
+    np.testing.assert_allclose(ra, ra0, atol=1e-10)
+    np.testing.assert_allclose(dec, dec0, atol=1e-10)
+    assert frame.wcs.sip is not None
+    # and back: sky -> science-region pixel
+    x, y = frame.wcs.all_world2pix(ra0, dec0, 0)
+    np.testing.assert_allclose(x, col, atol=1e-4)
+    np.testing.assert_allclose(y, row, atol=1e-4)
+    # the merged header carries the same (shifted) WCS and the CCD position of image[0, 0]
+    assert frame.header["CRPIX1"] == 1045.0 - 44 and frame.header["CRVAL1P"] == 45
+
+
+def test_header_only_read():
+    frame = read_ffi(REAL, header_only=True)
+    full = read_ffi(REAL)
+    assert frame.image is None and frame.uncert is None and frame.shape == (128, 129)
+    for name in ("time", "tstart", "tstop", "timecorr", "cadenceno", "quality", "sector",
+                 "camera", "ccd", "cadence_s", "row_offset", "column_offset", "procver"):
+        assert getattr(frame, name) == getattr(full, name), name
+    assert frame.header.tostring() == full.header.tostring()
+
+
+def test_gzipped_copy_reads_identically(tmp_path):
+    gz = tmp_path / (REAL.name + ".gz")
+    with open(REAL, "rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    a, b = read_ffi(REAL), read_ffi(gz)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.uncert, b.uncert)
+    assert (a.time, a.cadenceno, a.row_offset, a.column_offset) == \
+        (b.time, b.cadenceno, b.row_offset, b.column_offset)
+    assert a.wcs.to_header_string(relax=True) == b.wcs.to_header_string(relax=True)
+
+
+def test_full_frame_crop(tmp_path):
+    """A full 2136x2078 frame: science region 2048x2048 at CCD (0, 44); uncert matches."""
+    def edit(hdul):
+        full = np.arange(2078 * 2136, dtype=np.float32).reshape(2078, 2136)
+        hdul[1].data = full
+        hdul[2].data = full * 0.5
+    path = _variant(tmp_path, "tess2018206192942-s0001-1-4-0120-s_ffic.fits", edit)
+    frame = read_ffi(path)
+    assert frame.image.shape == (2048, 2048) and frame.column_offset == 44
+    assert frame.image[0, 0] == 44 and frame.image[-1, -1] == 2047 * 2136 + 2091
+    np.testing.assert_array_equal(frame.uncert, frame.image * 0.5)
+
+
+def test_whole_array_with_collateral():
+    frame = read_ffi(REAL, science_only=False)
+    with fits.open(REAL) as hdul:
+        raw, unc = hdul[1].data, hdul[2].data
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference = WCS(hdul[1].header)
+    assert frame.image.shape == (128, 173) and (frame.row_offset, frame.column_offset) == (0, 0)
+    np.testing.assert_array_equal(frame.image, raw)
+    np.testing.assert_array_equal(frame.uncert[:, :128], unc)
+    np.testing.assert_allclose(frame.wcs.all_pix2world([[10.0, 20.0]], 0),
+                               reference.all_pix2world([[10.0, 20.0]], 0), atol=1e-10)
+
+
+def test_cutout_offset_from_physical_wcs(tmp_path):
+    """A cutout starting at CCD row 100, column 500 (1-based CRVAL 101, 501): no cropping."""
+    def edit(hdul):
+        for hdu in hdul[1:]:
+            hdu.header["CRVAL1P"], hdu.header["CRVAL2P"] = 501, 101
+    frame = read_ffi(_variant(tmp_path, "tess2018206192942-s0001-1-4-0120-s_ffic.fits", edit))
+    assert frame.image.shape == (128, 173)
+    assert (frame.row_offset, frame.column_offset) == (100, 500)
+    assert np.isfinite(frame.uncert[:, :128]).all() and np.isnan(frame.uncert[:, 128:]).all()
+
+
+def _truncate(tmp_path, nbytes):
+    out = tmp_path / f"cut{nbytes}-s0001-1-4_ffic.fits"
+    out.write_bytes(REAL.read_bytes()[:nbytes])
+    return out
+
+
+def _text_file(tmp_path):
+    out = tmp_path / "notes-s0001-1-4_ffic.fits"
+    out.write_text("hello\n" * 1000)
+    return out
+
+
+def _set(ext, **keys):
+    def edit(hdul):
+        for key, value in keys.items():
+            if value is None:
+                del hdul[ext].header[key]
+            else:
+                hdul[ext].header[key] = value
+    return edit
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: _text_file(t), "not a FITS file"),
+    (lambda t: _truncate(t, 100_000), "truncated"),
+    (lambda t: _truncate(t, 190_000), "truncated"),
+    (lambda t: _truncate(t, 2880 * 30 + 1000), "truncated"),
+    (lambda t: _variant(t, "a-s0001-1-4_ffic.fits", _set(1, TELESCOP="KEPLER")), "not a TESS FFI"),
+    (lambda t: _variant(t, "b-s0001-1-4_ffic.fits", _set(1, CCD=None)), "no CCD"),
+    (lambda t: _variant(t, "c-s0001-1-4_ffic.fits",
+                        _set(1, CD1_1=0.0, CD1_2=0.0, CD2_1=0.0, CD2_2=0.0)), "broken WCS"),
+    (lambda t: _variant(t, "d-s0001-1-4_ffic.fits",
+                        _set(1, CTYPE1="GARBAGE", CTYPE2="NONSENSE")), "broken WCS"),
+    (lambda t: _variant(t, "e-s0001-1-4_ffic.fits", _set(1, CRVAL2=200.0)), "broken WCS"),
+])
+def test_bad_inputs_name_the_file(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(InputError, match=message) as info:
+        read_ffi(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_truncated_gzip(tmp_path):
+    data = gzip.compress(REAL.read_bytes())
+    path = tmp_path / "x-s0001-1-4_ffic.fits.gz"
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError, match="truncated|not a FITS") as info:
+        read_ffi(path)
+    assert str(path) in str(info.value)
+
+
+def test_find_files_and_empty_folder(tmp_path):
+    with pytest.raises(InputError, match="no calibrated") as info:
+        find_ffi_files(tmp_path)
+    assert str(tmp_path) in str(info.value)
+    (tmp_path / "sub").mkdir()
+    a = _variant(tmp_path, "sub/tess2018206192942-s0001-1-4-0120-s_ffic.fits")
+    b = tmp_path / "tess2018206222942-s0001-1-4-0120-s_ffic.fits.gz"
+    b.write_bytes(gzip.compress(a.read_bytes()))
+    raw = tmp_path / "tess2018206192942-s0001-1-4-0120-s_ffir.fits"
+    raw.write_bytes(b"")
+    (tmp_path / "other.fits").write_bytes(b"")
+    assert find_ffi_files(tmp_path) == [a, b]
+    assert find_ffi_files(tmp_path, raw=True) == [raw] and is_raw_ffi(raw)
+    with pytest.raises(InputError, match=r"no calibrated .* \(1 raw FFI files are there\)"):
+        find_ffi_files(_only_raw(tmp_path))
+
+
+def _only_raw(tmp_path):
+    folder = tmp_path / "rawonly"
+    folder.mkdir()
+    (folder / "x-s0001-1-4_ffir.fits").write_bytes(b"")
+    return folder
+
+
+def test_scan_sorts_by_time_and_derives_cadences(tmp_path):
+    step = 1800 / 86400
+    paths = [_variant(tmp_path, f"f{i}-s0001-1-4_ffic.fits", _shift_time(k * step))
+             for i, k in enumerate([2, 0, 5])]
+    frames = scan_ffi_headers(paths, progress=False)
+    assert [f.path for f in frames] == [paths[1], paths[0], paths[2]]
+    assert [f.cadenceno for f in frames] == [4697, 4699, 4702]
+    assert all(f.image is None and f.wcs is None for f in frames)
+
+
+def test_scan_rejects_mixed_ccds(tmp_path):
+    step = 1800 / 86400
+    a = _variant(tmp_path, "a-s0001-1-4_ffic.fits")
+    b = _variant(tmp_path, "b-s0001-1-3_ffic.fits", _shift_time(step, ccd=3))
+    with pytest.raises(InputError, match="CCD is 3, but a-s0001-1-4_ffic.fits has 4") as info:
+        scan_ffi_headers([a, b], progress=False)
+    assert str(b) in str(info.value)
+
+
+def test_scan_rejects_duplicates_and_disorder(tmp_path):
+    a = _variant(tmp_path, "a-s0001-1-4_ffic.fits")
+    b = _variant(tmp_path, "b-s0001-1-4_ffic.fits")
+    with pytest.raises(InputError, match="frames out of order"):
+        scan_ffi_headers([a, b], progress=False)
+    # FFIINDEX decreasing while time increases
+    c = _variant(tmp_path, "c-s0001-1-4_ffic.fits", _shift_time(0.0, ffiindex=10))
+    d = _variant(tmp_path, "d-s0001-1-4_ffic.fits", _shift_time(1800 / 86400, ffiindex=9))
+    with pytest.raises(InputError, match="frames out of order") as info:
+        scan_ffi_headers([c, d], progress=False)
+    assert str(d) in str(info.value)
+
+
+def test_derived_cadence_numbers_ignore_barycentric_drift():
+    # spacecraft-clock times on the 1800 s grid give consecutive numbers
+    t = 1325.3235172 + np.arange(1300) * 1800 / 86400
+    assert [derive_cadenceno(x, 1800.0) for x in t[[0, 1, 1299]]] == [4697, 4698, 5996]
