@@ -126,6 +126,9 @@ def evaluate(truth_path, cache_path, tmag_range=(8.0, 13.0), isolated=True, radi
         row = {"starid": starid, "tmag": float(stars["tmag"][k]), "status": int(status),
                "ratio": scatter / ideal, "amp": amp, "npix": int(phot.final_phot_mask.sum()),
                "contamination": float(phot.additional_headers["AP_CONT"][0])}
+        if not radii:
+            results.append(row)
+            continue
         base = BasePhotometry(starid, source, settings=settings)
         for r, flux in _photutils_fluxes(base, radii).items():
             s, a = score(flux, true, good)

@@ -238,7 +238,9 @@ class CacheWriter:
 
     def _create(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = h5py.File(self.partial, "w", libver="latest")
+        # default (earliest) format on purpose: "latest" (superblock v3) marks a file open
+        # for writing in the file itself, and a killed prepare would leave it unopenable
+        f = h5py.File(self.partial, "w")
         n, (nrow, ncol) = self.n_frames, self.shape
         comp = _compression(self.settings)
         for name, dtype in _CUBES:
@@ -439,6 +441,8 @@ class CacheWriter:
         self.frames_done = start + k
         f.attrs["frames_done"] = self.frames_done
         f.flush()
+        logger.info("%s: %d of %d frames stored", self.partial.name, self.frames_done,
+                    self.n_frames)
         self._n_buffered = 0
 
     # ------------------------------------------------------------------ after ingest

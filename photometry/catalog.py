@@ -57,6 +57,35 @@ def _format_for(path):
     raise InputError(f"{path}: unknown catalog format (use .csv, .ecsv or .fits)")
 
 
+def _read_ecsv_fast(path):
+    """The data of an ECSV file through astropy's C reader, or None to use the ECSV reader.
+
+    Why: astropy's ECSV reader is pure Python (3.5 s for 200 000 rows, against 0.5 s for the
+    same table as CSV). The columns we use are plain numbers, so the YAML header is needed only
+    for the delimiter; anything unusual (multidimensional or typed columns) falls back.
+    """
+    if path.name.lower().endswith(".gz"):
+        return None
+    delimiter = " "
+    with open(path, encoding="utf-8", errors="replace") as stream:
+        first = stream.readline()
+        if not first.startswith("# %ECSV"):
+            return None
+        for line in stream:
+            if not line.startswith("#"):
+                break
+            text = line[1:].strip()
+            if text.startswith("delimiter:"):
+                delimiter = text.split(":", 1)[1].strip().strip("'\"") or " "
+            if "subtype" in text:
+                return None
+    try:
+        return Table.read(path, format="ascii.fast_basic", delimiter=delimiter, comment="#",
+                          guess=False)
+    except Exception:  # noqa: BLE001 - the full ECSV reader gives the real error message
+        return None
+
+
 def _numeric(table, name, path, what):
     column = table[name]
     mask = np.asarray(getattr(column, "mask", np.zeros(len(column), bool)), dtype=bool)
@@ -110,7 +139,9 @@ def read_catalog(path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            table = Table.read(path, format=fmt, **kwargs)
+            table = _read_ecsv_fast(path) if fmt == "ascii.ecsv" else None
+            if table is None:
+                table = Table.read(path, format=fmt, **kwargs)
     except Exception as exc:  # astropy raises many types for malformed tables
         message = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise InputError(f"{path}: cannot read the catalog as {fmt} ({message})") from None
@@ -251,6 +282,15 @@ def _footprint_cone(wcs, shape, margin):
     return centre, np.cos(radius)
 
 
+def _column(table, name, fill=None):
+    """A float column of ``table``, or ``fill`` everywhere when it is absent and optional."""
+    if name in table.colnames:
+        return np.asarray(np.ma.filled(table[name], np.nan), dtype=np.float64)
+    if fill is None:
+        raise InputError(f"catalog table has no column '{name}'")
+    return np.full(len(table), fill, dtype=np.float64)
+
+
 def write_catalog_sqlite(table, path, wcs, row_offset, column_offset, shape, sector, camera, ccd,
                          reference_time, margin):
     """Write the per-CCD catalog SQLite (schema in ``docs/architecture.md``), atomically.
@@ -284,16 +324,17 @@ def write_catalog_sqlite(table, path, wcs, row_offset, column_offset, shape, sec
     path = Path(path)
     nrows, ncols = int(shape[0]), int(shape[1])
     epoch = float(btjd_to_epoch(reference_time))
-    ra0 = np.asarray(table["ra"], dtype=np.float64)
-    dec0 = np.asarray(table["dec"], dtype=np.float64)
-    pmra = np.asarray(table["pmra"], dtype=np.float64)
-    pmdec = np.asarray(table["pmdec"], dtype=np.float64)
+    ra0 = _column(table, "ra")
+    dec0 = _column(table, "dec")
+    pmra = np.nan_to_num(_column(table, "pmra", 0.0))
+    pmdec = np.nan_to_num(_column(table, "pmdec", 0.0))
+    teff = _column(table, "teff", np.nan)
 
-    # Cheap cone on the sky first (J2000 positions; the cone is padded by a few pixels, far
-    # more than any star moves in a few decades except the very fastest, which are padded by
-    # their own motion), then the exact projection of the few survivors.
+    # Cheap cone on the sky first, on the J2000 positions with each star's cone widened by how
+    # far it moves by the epoch; then proper motion and the exact (SIP) projection of the
+    # survivors only.
     centre, cos_radius = _footprint_cone(wcs, (nrows, ncols), margin)
-    motion = np.hypot(np.nan_to_num(pmra), np.nan_to_num(pmdec)) * abs(epoch - 2000.0)
+    motion = np.hypot(pmra, pmdec) * abs(epoch - 2000.0)
     pad = np.radians(np.minimum(motion / 3.6e6, 5.0))
     cosines = _unit(ra0, dec0) @ centre
     near = np.flatnonzero(np.arccos(np.clip(cosines, -1.0, 1.0))
@@ -311,7 +352,7 @@ def write_catalog_sqlite(table, path, wcs, row_offset, column_offset, shape, sec
                     ra[keep].tolist(), dec[keep].tolist(), ra0[idx].tolist(), dec0[idx].tolist(),
                     pmra[idx].tolist(), pmdec[idx].tolist(),
                     np.asarray(table["tmag"], dtype=np.float64)[idx].tolist(),
-                    np.asarray(table["teff"], dtype=np.float64)[idx].tolist(),
+                    teff[idx].tolist(),
                     (y[keep] + row_offset).tolist(), (x[keep] + column_offset).tolist()))
     # NaN teff is stored as NULL by sqlite3 itself.
 

@@ -16,15 +16,16 @@ Decisions (also in ``docs/architecture.md``):
   header's TSTART/TSTOP are spacecraft TJD without the barycentric correction).
 * ``cadenceno`` is ``FFIINDEX`` when present. Otherwise (SPOC sectors 1-5) it is derived from the
   spacecraft clock time ``time - BARYCORR`` (regular, unlike BTJD, which drifts by minutes over a
-  sector) as ``4697 + round((t_sc - 1325.3235172) * 86400 / cadence_s)``: the anchor is the first
-  FFI of sector 1 (``tess2018206192942``) and cadence 4697 the number the TASOC pipeline gives it.
-  The numbers are therefore the same whichever subset of frames is read.
+  sector) as ``4697 + round((t_sc - 1325.3235172) * 86400 / cadence_s)``: the anchor time is the
+  first FFI of sector 1 (``tess2018206192942``), the anchor number TASOC's 4697 (not checked
+  against a SPOC FFIINDEX). The numbers are therefore the same whichever subset of frames is read.
 * The uncertainty HDU is mapped onto the image by its own physical WCS (``CRVAL1P/2P``) and shape:
   science pixels it does not cover are NaN (the real sector-1 cutout has a 128x128 uncertainty
   covering CCD columns 0-127, i.e. only the first 84 of its 129 science columns).
 * A file without an uncertainty HDU (e.g. a raw ``*_ffir`` frame) gets an all-NaN ``uncert``.
 """
 import gzip
+import io
 import math
 import os
 import re
@@ -39,8 +40,9 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from .errors import InputError
 
-__all__ = ["FFIFrame", "read_ffi", "wcs_header", "find_ffi_files", "scan_ffi_headers", "is_raw_ffi",
-           "cadence_for_sector", "derive_cadenceno", "SCIENCE_ROWS", "SCIENCE_COLUMNS"]
+__all__ = ["FFIFrame", "read_ffi", "wcs_header", "find_ffi_files", "scan_ffi_headers",
+           "is_raw_ffi", "cadence_for_sector", "derive_cadenceno", "SCIENCE_ROWS",
+           "SCIENCE_COLUMNS"]
 
 #: 0-based half-open science region of a full SPOC frame, used when the header lacks the keys.
 SCIENCE_ROWS = (0, 2048)
@@ -50,6 +52,7 @@ SCIENCE_COLUMNS = (44, 2092)
 CADENCE_ANCHOR = 4697
 CADENCE_ANCHOR_TJD = 1325.3235172
 
+_FLUX_UNITS = {"electrons/s", "electron/s", "e-/s", "e/s", "electrons/second"}
 _CALIBRATED = re.compile(r"_ffic\.fits(\.gz)?$")
 _RAW = re.compile(r"_ffir\.fits(\.gz)?$")
 _SECTOR_IN_NAME = re.compile(r"-s(\d{4})-")
@@ -140,7 +143,8 @@ def find_ffi_files(directory, raw=False):
                 n_other += 1
     if not found:
         kind = "raw *_ffir.fits[.gz]" if raw else "calibrated *_ffic.fits[.gz]"
-        hint = f" ({n_other} {'calibrated' if raw else 'raw'} FFI files are there)" if n_other else ""
+        other_kind = "calibrated" if raw else "raw"
+        hint = f" ({n_other} {other_kind} FFI files are there)" if n_other else ""
         raise InputError(f"{directory}: no {kind} FFI files found{hint}")
     return sorted(found, key=lambda p: (p.name, str(p)))
 
@@ -227,14 +231,14 @@ def _merge_headers(primary, image_header):
     """Primary keywords overridden by the image HDU's (built in one go: ``extend`` is O(n^2))."""
     own = set(image_header.keys())
     keep = {"COMMENT", "HISTORY", ""}
-    cards = [card for card in primary.cards
-             if card.keyword not in _STRUCTURAL and (card.keyword not in own or card.keyword in keep)]
+    cards = [card for card in primary.cards if card.keyword not in _STRUCTURAL
+             and (card.keyword not in own or card.keyword in keep)]
     cards += [card for card in image_header.cards if card.keyword not in _STRUCTURAL]
     return fits.Header(cards)
 
 
 _WCS_KEY = re.compile(r"^(WCSAXES|CTYPE[12]|CUNIT[12]|CRVAL[12]|CRPIX[12]|CDELT[12]|CD[12]_[12]|"
-                      r"PC[12]_[12]|CROTA2|[AB]P?_(ORDER|\d_\d|DMAX)|RADESYS|EQUINOX|LONPOLE|"
+                      r"PC[12]_[12]|CROTA2|[AB]P?_(ORDER|\d+_\d+|DMAX)|RADESYS|EQUINOX|LONPOLE|"
                       r"LATPOLE)$")
 
 
@@ -279,7 +283,8 @@ def _crop(header, path, science_only=True):
     c0, c1 = max(col0, origin_col), min(col1, origin_col + ncols)
     if r1 <= r0 or c1 <= c0:
         raise InputError(f"{path}: image holds no science pixels (CCD rows {origin_row}-"
-                         f"{origin_row + nrows - 1}, columns {origin_col}-{origin_col + ncols - 1})")
+                         f"{origin_row + nrows - 1}, columns {origin_col}-"
+                         f"{origin_col + ncols - 1})")
     return (slice(r0 - origin_row, r1 - origin_row), slice(c0 - origin_col, c1 - origin_col),
             r0, c0)
 
@@ -320,9 +325,26 @@ def _build_wcs(header, path):
     return wcs
 
 
-def _open(path):
+def _open(path, whole_gzip=False):
+    """Open lazily; a .gz file read in full is decompressed once into memory.
+
+    Why: astropy reads a compressed file as a stream, so reaching the image data after the
+    uncertainty header (or both images one after the other) restarts the decompression; one
+    pass into memory halves the time of a full read.
+    """
+    source = path
+    if whole_gzip:
+        try:
+            with gzip.open(path, "rb") as stream:
+                source = io.BytesIO(stream.read())
+        except FileNotFoundError:
+            raise InputError(f"{path}: file not found") from None
+        except (EOFError, zlib.error) as exc:
+            raise InputError(f"{path}: truncated or damaged gzip file ({exc})") from None
+        except (OSError, gzip.BadGzipFile) as exc:
+            raise InputError(f"{path}: not a gzip-compressed FITS file ({exc})") from None
     try:
-        return fits.open(path, memmap=True, lazy_load_hdus=True, checksum=False,
+        return fits.open(source, memmap=not whole_gzip, lazy_load_hdus=True, checksum=False,
                          do_not_scale_image_data=False)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
@@ -417,6 +439,11 @@ def _describe(path, primary, image_header, wcs, science_only=True):
     for key in ("TSTART", "TSTOP"):
         if key not in image_header:
             raise InputError(f"{path}: image header has no {key}")
+    kind = str(image_header.get("IMAGTYPE", "")).strip().lower()
+    unit = str(image_header.get("BUNIT", "electrons/s")).strip().lower().replace(" ", "")
+    if kind != "raw" and not is_raw_ffi(path) and unit not in _FLUX_UNITS:
+        raise InputError(f"{path}: image unit (BUNIT) is {image_header['BUNIT']!r}, "
+                         "expected electrons/s for a calibrated FFI")
     rows, cols, row_offset, column_offset = _crop(image_header, path, science_only)
 
     header = _merge_headers(primary, image_header)
@@ -467,7 +494,7 @@ def _read_ffi(path, header_only, wcs, science_only):
         if headers is not None:
             meta, _rows, _cols = _describe(path, *headers, wcs, science_only)
             return FFIFrame(image=None, uncert=None, **meta)
-    hdul = _open(path)
+    hdul = _open(path, whole_gzip=gzipped and not header_only)
     try:
         try:
             primary = hdul[0].header
@@ -481,13 +508,13 @@ def _read_ffi(path, header_only, wcs, science_only):
                 n_hdus = len(hdul)
             except (OSError, TypeError, ValueError, EOFError, zlib.error, IndexError) as exc:
                 raise InputError(f"{path}: truncated or damaged FITS file ({exc})") from None
-            if n_hdus < 2 or n_hdus < 1 + int(primary.get("NEXTEND", 0)):
-                if (not gzipped and os.path.getsize(path) % 2880) or n_hdus < 1 + int(
-                        primary.get("NEXTEND", 0)):
-                    raise InputError(f"{path}: truncated file (NEXTEND is "
-                                     f"{primary.get('NEXTEND')} but {n_hdus - 1} extensions "
-                                     "are complete)")
-                raise InputError(f"{path}: not a TESS FFI (no image extension)")
+            nextend = int(primary.get("NEXTEND", 0) or 0)
+            if n_hdus < 2:
+                hint = f"; NEXTEND is {nextend}: truncated?" if nextend else ""
+                raise InputError(f"{path}: not a TESS FFI (no image extension{hint})")
+            if n_hdus < 1 + nextend:
+                raise InputError(f"{path}: truncated file (NEXTEND is {nextend} but only "
+                                 f"{n_hdus - 1} extensions are complete)")
             img_index, unc_index = _find_hdus(hdul, path)
         img_hdu = hdul[img_index]
         image_header = img_hdu.header
@@ -513,9 +540,10 @@ def _read_ffi(path, header_only, wcs, science_only):
                 r0, r1 = max(row_offset, u_row), min(row_offset + nr, u_row + u_nr)
                 c0, c1 = max(column_offset, u_col), min(column_offset + nc, u_col + u_nc)
                 if r1 > r0 and c1 > c0:
-                    uncert[r0 - row_offset:r1 - row_offset, c0 - column_offset:c1 - column_offset] = \
-                        _read_array(unc_hdu, path, slice(r0 - u_row, r1 - u_row),
-                                    slice(c0 - u_col, c1 - u_col))
+                    target = (slice(r0 - row_offset, r1 - row_offset),
+                              slice(c0 - column_offset, c1 - column_offset))
+                    uncert[target] = _read_array(unc_hdu, path, slice(r0 - u_row, r1 - u_row),
+                                                 slice(c0 - u_col, c1 - u_col))
     except InputError:
         raise
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:

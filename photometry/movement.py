@@ -297,10 +297,14 @@ def fit_affine(x, y, dx, dy, sigma=None, *, x0=0.0, y0=0.0, min_stars=8, clip=5.
             params[2], params[3] = coef[1, 0], coef[2, 0]
             params[4], params[5] = coef[1, 1], coef[2, 1]
         pred_x, pred_y = _apply(params, x, y, x0, y0)
-        resid = np.hypot(dx - pred_x, dy - pred_y)
-        scale = 1.4826 * np.median(resid[used]) if n > 2 else np.inf
-        limit = max(clip * scale, clip * floor)
-        new_used = used & (resid <= limit)
+        # residuals in units of each star's uncertainty; the robust scale adapts the limit
+        # when the uncertainties are underestimated (never tighter than the stated errors)
+        resid = np.hypot(dx - pred_x, dy - pred_y) * np.sqrt(weights)
+        if n <= 3:
+            break
+        # median of a 2-D (Rayleigh) residual norm is sqrt(ln 4) sigma
+        scale = max(np.median(resid[used]) / np.sqrt(np.log(4.0)), 1.0)
+        new_used = used & (resid <= clip * scale)
         if np.array_equal(new_used, used):
             break
         used = new_used

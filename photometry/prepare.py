@@ -47,6 +47,8 @@ def run(args):
                           progress=not args.no_progress)
     if state == "complete":
         print(f"{path}: already complete with the same inputs and settings; nothing to do")
+    elif state == "resume":
+        print(f"{path}: written (resumed an interrupted prepare)")
     else:
         print(f"{path}: written")
     return 0

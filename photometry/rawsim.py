@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from .calibration import OUTPUTS, CCDGeometry, median_variance_factor, write_model
+from .calibration import (LEADING_COLUMNS, OUTPUTS, CCDGeometry, median_variance_factor,
+                          write_model)
 from .errors import InputError
 
 __all__ = ["write_raw", "make_models", "render_raw", "raw_headers", "readouts_for_cadence",
@@ -294,6 +295,11 @@ def write_raw(outdir, settings, seed, progress=True):
     rng = np.random.default_rng([int(seed), 0x7A3])
     first = read_ffi(paths[0], header_only=True, wcs=False)
     nr, nc = first.shape
+    if (first.row_offset, first.column_offset) != (0, LEADING_COLUMNS * len(OUTPUTS)):
+        raise InputError(
+            f"{paths[0]}: science region starts at CCD row {first.row_offset}, column "
+            f"{first.column_offset}; raw frames are whole (possibly reduced) CCDs with their "
+            "collateral pixels, so simulate with first_row = first_col = 0")
     geometry = CCDGeometry.standard(nr, nc)
     n = readouts_for_cadence(first.cadence_s)
     models = make_models(geometry, first.camera, first.ccd, n, settings, rng)

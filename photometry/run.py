@@ -434,7 +434,7 @@ class DaskBackend:
     def capacity(self):
         threads = max(1, sum(self.client.nthreads().values()))
         self.n = threads
-        return [None] * max(0, threads * self.per_thread - len(self.futures))
+        return [self] * max(0, threads * self.per_thread - len(self.futures))
 
     def submit(self, slot, tasks):
         for task in tasks:
@@ -608,17 +608,24 @@ def run_tasks(cache_dir, output, settings=None, workers=None, method=None, dask=
                 local.extend(got)
                 if not got:
                     exhausted = True
-            for slot in slots:
-                if not local:
-                    break
+            free = collections.Counter(slots)  # one message per worker, several tasks
+            for slot, n_free in free.items():
+                batch = []
                 cache = getattr(slot, "cache", None)
-                pick = next((i for i, t in enumerate(local) if t["cache"] == cache), 0)
-                task = local[pick]
-                del local[pick]
-                backend.submit(slot, [task])
+                while local and len(batch) < n_free:
+                    if local[0]["cache"] == cache or cache is None:
+                        batch.append(local.popleft())
+                        continue
+                    pick = next((i for i, t in enumerate(local) if t["cache"] == cache), 0)
+                    batch.append(local[pick])
+                    del local[pick]
+                    cache = batch[-1]["cache"]
+                if batch:
+                    backend.submit(slot, batch)
             if exhausted and not local and not backend.inflight():
                 break
             # ---------------------------------------------------------------- collect
+            fatal = None
             for event in backend.poll(0.2):
                 kind = event[0]
                 if kind == "result":
@@ -654,7 +661,9 @@ def run_tasks(cache_dir, output, settings=None, workers=None, method=None, dask=
                     task, message = event[1], event[2]
                     if task is not None:
                         local.appendleft(task)
-                    raise ConfigurationError(message)
+                    fatal = message
+            if fatal:
+                raise ConfigurationError(fatal)
             now = time.monotonic()
             if len(buffered) >= int(sched["commit_every"]) or (
                     buffered and now - t_commit > float(sched["commit_interval"])):

@@ -196,12 +196,15 @@ class TaskStore:
                 self.conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
     # ------------------------------------------------------------------ filling
-    def add_tasks(self, rows):
-        """Insert task rows (dicts with :data:`TODO_COLUMNS`) in one transaction."""
+    def add_tasks(self, rows, as_tuples=False):
+        """Insert task rows (dicts with :data:`TODO_COLUMNS`, or tuples in that order if
+        ``as_tuples``) in one transaction."""
         sql = (f"INSERT INTO todolist ({', '.join(map(_q, TODO_COLUMNS))}) "
                f"VALUES ({', '.join('?' * len(TODO_COLUMNS))})")
+        if not as_tuples:
+            rows = ([r[c] for c in TODO_COLUMNS] for r in rows)
         with self.transaction():
-            self.conn.executemany(sql, ([r[c] for c in TODO_COLUMNS] for r in rows))
+            self.conn.executemany(sql, rows)
 
     # ------------------------------------------------------------------ filters
     @staticmethod

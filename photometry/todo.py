@@ -21,7 +21,7 @@ from .cli import add_settings_arguments
 from .errors import InputError
 from .settings import load_settings
 from .stamps import STAMP_TABLE
-from .taskstore import TaskStore
+from .taskstore import TODO_COLUMNS, TaskStore
 
 __all__ = ["add_arguments", "run", "make_todo", "find_caches", "default_stamp_size",
            "TODO_NAME"]
@@ -117,10 +117,9 @@ def _read_catalog(path, faint_limit):
         raise InputError(f"{path}: not a catalog SQLite ({exc})") from None
     if not rows:
         return (np.zeros(0, np.int64),) + (np.zeros(0),) * 3
-    arr = np.array(rows, dtype=object)
-    starid = arr[:, 0].astype(np.int64)
-    tmag, row, col = (np.array(arr[:, i], dtype=float) for i in (1, 2, 3))
-    return starid, tmag, row, col
+    starid, tmag, row, col = zip(*rows)
+    return (np.array(starid, dtype=np.int64),
+            *(np.array(v, dtype=float) for v in (tmag, row, col)))
 
 
 def targets_for_cache(info, faint_limit, stamp_settings=None):
@@ -164,17 +163,15 @@ def make_todo(cache_dir, faint_limit=15.0, overwrite=False, settings=None):
         Path(str(tmp) + suffix).unlink(missing_ok=True)
     store = TaskStore(tmp, create=True)
     try:
-        def rows():
-            for rank, i in enumerate(order, start=1):
-                yield {"priority": rank, "starid": int(cols["starid"][i]),
-                       "sector": int(cols["sector"][i]), "camera": int(cols["camera"][i]),
-                       "ccd": int(cols["ccd"][i]), "cadence": int(cols["cadence"][i]),
-                       "datasource": "ffi", "tmag": float(cols["tmag"][i]), "method": method,
-                       "row": float(cols["row"][i]), "column": float(cols["column"][i]),
-                       "edge_distance": float(cols["edge_distance"][i]),
-                       "stamp_rows": int(cols["stamp_rows"][i]),
-                       "stamp_cols": int(cols["stamp_cols"][i]), "cache": cols["cache"][i]}
-        store.add_tasks(rows())
+        # a scratch file until renamed: no fsyncs, a big page cache for the index builds
+        store.conn.execute("PRAGMA synchronous = OFF")
+        store.conn.execute("PRAGMA cache_size = -262144")
+        lists = {k: v[order].tolist() for k, v in cols.items()}
+        n_rows = len(order)
+        lists["priority"] = list(range(1, n_rows + 1))
+        lists["datasource"] = ["ffi"] * n_rows
+        lists["method"] = [method] * n_rows
+        store.add_tasks(zip(*(lists[c] for c in TODO_COLUMNS)), as_tuples=True)
         store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         store.conn.execute("PRAGMA journal_mode = DELETE")  # one self-contained file to rename
     finally:

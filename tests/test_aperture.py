@@ -300,3 +300,32 @@ def test_pi_men_saturated_tesscut():
     assert flux.shape == (50,) and np.all(np.isfinite(flux))
     assert np.all(np.isfinite(phot.lightcurve["flux_err"]))
     assert np.std(flux) / np.median(flux) < 0.01
+
+
+# ---------------------------------------------------------------- simulated sector end to end
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    pytest.importorskip("photometry.simulate")
+    pytest.importorskip("photometry.prepare")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "bench_aperture", Path(__file__).parents[1] / "benchmarks" / "bench_aperture.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    truth, cache = bench.simulate_and_prepare(tmp_path_factory.mktemp("apsim"), size=128,
+                                              cadences=100, seed=5)
+    return bench, truth, cache
+
+
+def test_simulated_sector_isolated_stars(simulated):
+    """128x128 px, 100 cadences: isolated 8 <= Tmag <= 13 stars against truth.h5."""
+    bench, truth, cache = simulated
+    results = bench.evaluate(truth, cache, radii=())
+    assert len(results) >= 10
+    assert all(r["status"] in (STATUS.OK, STATUS.WARNING) for r in results)
+    ratios = [r["ratio"] for r in results]
+    amps = [r["amp"] for r in results if np.isfinite(r["amp"])]
+    print("ratios", sorted(np.round(ratios, 3)), "amps", np.round(amps, 3))
+    assert np.median(ratios) <= 1.15, sorted(ratios)
+    assert len(amps) >= 3
+    assert abs(np.median(amps) - 1) <= 0.02, amps

@@ -38,12 +38,13 @@ def scene(n, rng, n_stars=15):
     image = 100.0 + 0.2 * xx + 0.1 * yy
     for _ in range(n_stars):
         r, c, flux = rng.uniform(2, n - 2), rng.uniform(2, n - 2), 10 ** rng.uniform(2, 5.5)
-        image += flux * np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / 2.0) / (2 * np.pi)
+        box = (slice(max(int(r) - 8, 0), int(r) + 9), slice(max(int(c) - 8, 0), int(c) + 9))
+        image[box] += flux * np.exp(-((yy[box] - r) ** 2 + (xx[box] - c) ** 2) / 2.0) / (2 * np.pi)
     return image
 
 
 def make_raw_set(tmp_path, template, settings, n=64, n_frames=1, seed=1, cadence=1800.0,
-                 camera=1, ccd=4, models=None, name_tag=""):
+                 camera=1, ccd=4, models=None, name_tag="", smear_estimator="mean"):
     """Raw frames of a star scene plus the model file; returns what the tests compare with."""
     rng = np.random.default_rng(seed)
     geometry = CCDGeometry.standard(n, n)
@@ -61,7 +62,8 @@ def make_raw_set(tmp_path, template, settings, n=64, n_frames=1, seed=1, cadence
         for key in ("TSTART", "TSTOP"):
             header[key] = float(header[key]) + k * cadence / 86400.0
         time = template.time + k * cadence / 86400.0
-        raw, sigma, ped = rawsim.render_raw(truth, geometry, models, time, rng)
+        raw, sigma, ped = rawsim.render_raw(truth, geometry, models, time, rng,
+                                            smear_estimator=smear_estimator)
         primary, image = rawsim.raw_headers(header, geometry, models, camera, ccd, cadence)
         path = tmp_path / f"raw{name_tag}" / f"tess20182061{k:05d}-s0001-{camera}-{ccd}-0120-s_ffir.fits"
         rawsim._write_fits_atomic(path, [fits.PrimaryHDU(header=primary),
@@ -277,6 +279,16 @@ def test_calibrate_frames_streams_a_series(tmp_path, template, settings):
     assert 0.93 < np.sqrt(np.mean(z ** 2)) < 1.07
 
 
+def test_median_smear_estimator_noise_is_predicted(tmp_path, template):
+    settings = load_settings(assignments=["calibration.smear_estimator=median"])
+    made = make_raw_set(tmp_path, template, settings, n=256, n_frames=2,
+                        smear_estimator="median")
+    frames = list(calibrate_frames(made["paths"], made["models_dir"], settings))
+    z = np.array([(f.image - made["truth"]) / s for f, s in zip(frames, made["sigma"])])
+    assert 0.97 < np.sqrt(np.mean(z ** 2)) < 1.03
+    assert np.median(frames[0].uncert / made["sigma"][0]) == pytest.approx(1.0, abs=0.01)
+
+
 # ------------------------------------------------------------------ bad models and inputs
 
 
@@ -287,6 +299,13 @@ def test_missing_models(tmp_path, template, settings):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no calibration model files"):
         list(calibrate_frames(made["paths"], tmp_path / "empty", settings))
+    model_file = next(made["models_dir"].glob("*.fits"))
+    (made["models_dir"] / "copy.fits").write_bytes(model_file.read_bytes())
+    with pytest.raises(InputError, match="duplicate calibration model for camera 1 CCD 4"):
+        CalibrationModels(made["models_dir"])
+    (made["models_dir"] / "copy.fits").write_bytes(b"not fits")
+    with pytest.raises(InputError, match="copy.fits: not a readable calibration model"):
+        CalibrationModels(made["models_dir"])
 
 
 def test_model_of_other_ccd_or_exposure_class(tmp_path, template, settings):
@@ -347,3 +366,37 @@ def test_prepare_cli_exit_code_2_on_model_mismatch(tmp_path, template, settings,
     assert code == 2
     err = capsys.readouterr().err
     assert "another exposure class" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ simulate --raw, then prepare
+
+
+def test_simulate_raw_then_prepare_matches_calibrated_input(tmp_path):
+    """`tessphot simulate --raw` then `tessphot prepare RAW --calibration-models`: the cache
+    holds the calibrated truth within the noise, with the same times and WCS as the cache made
+    from the calibrated frames."""
+    pytest.importorskip("photometry.simulate")
+    pytest.importorskip("photometry.prepare")
+    import h5py
+
+    from photometry.cli import main
+    sim = tmp_path / "sim"
+    assert main(["simulate", str(sim), "--cadences", "4", "--size", "64", "64", "--raw",
+                 "--no-progress"]) == 0
+    assert len(list((sim / "raw").glob("*_ffir.fits"))) == 4
+    for src, cache, extra in (("raw", "c_raw", ["--calibration-models", str(sim / "calmodels")]),
+                              ("ffi", "c_cal", [])):
+        assert main(["prepare", str(sim / src), "--catalog", str(sim / "catalog.csv"), "--cache",
+                     str(tmp_path / cache), "--no-progress", *extra]) == 0
+    name = "sector0001_camera1_ccd4.hdf5"
+    with h5py.File(tmp_path / "c_raw" / name, "r") as a, \
+            h5py.File(tmp_path / "c_cal" / name, "r") as b, \
+            h5py.File(sim / "raw_truth.h5", "r") as truth:
+        for key in ("time", "cadenceno", "quality", "timecorr"):
+            np.testing.assert_array_equal(a[key][:], b[key][:])
+        assert list(a["wcs"].asstr()[:]) == list(b["wcs"].asstr()[:])
+        z = (a["images"][:] - truth["image"][:]) / truth["sigma"][:]
+        assert 0.95 < float(np.sqrt(np.mean(z ** 2))) < 1.05
+        assert np.median(a["errors"][:] / truth["sigma"][:]) == pytest.approx(1.0, abs=0.01)
+        np.testing.assert_allclose(a["movement_kernel"][:, :2], b["movement_kernel"][:, :2],
+                                   atol=0.01)

@@ -159,6 +159,13 @@ def _text_file(tmp_path):
     return out
 
 
+def _primary_only(tmp_path):
+    out = tmp_path / "p-s0001-1-4_ffic.fits"
+    with fits.open(REAL) as hdul:
+        fits.PrimaryHDU(header=hdul[0].header).writeto(out)
+    return out
+
+
 def _set(ext, **keys):
     def edit(hdul):
         for key, value in keys.items():
@@ -176,6 +183,8 @@ def _set(ext, **keys):
     (lambda t: _truncate(t, 2880 * 30 + 1000), "truncated"),
     (lambda t: _variant(t, "a-s0001-1-4_ffic.fits", _set(1, TELESCOP="KEPLER")), "not a TESS FFI"),
     (lambda t: _variant(t, "b-s0001-1-4_ffic.fits", _set(1, CCD=None)), "no CCD"),
+    (lambda t: _variant(t, "u-s0001-1-4_ffic.fits", _set(1, BUNIT="ADU")), "BUNIT"),
+    (lambda t: _primary_only(t), "no image extension"),
     (lambda t: _variant(t, "c-s0001-1-4_ffic.fits",
                         _set(1, CD1_1=0.0, CD1_2=0.0, CD2_1=0.0, CD2_2=0.0)), "broken WCS"),
     (lambda t: _variant(t, "d-s0001-1-4_ffic.fits",

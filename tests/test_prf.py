@@ -26,13 +26,17 @@ def test_analytic_prf_sums_to_one_and_is_centred():
 
 def test_evaluate_adds_stars_and_clips_at_edges():
     prf = AnalyticPRF()
-    image = prf.evaluate([10.0, 10.0, -30.0], [20.0, 25.2, 20.0], (40, 50), flux=[100.0, 50.0, 7.0])
-    assert image.sum() == pytest.approx(150.0, rel=1e-3)       # the third star is off the image
+    image = prf.evaluate([10.0, 10.0, -30.0], [20.0, 25.2, 20.0], (40, 50), flux=[100.0, 50.0, 7.0],
+                         size=19)
+    assert image.sum() == pytest.approx(150.0, rel=1e-6)       # the third star is off the image
+    # default stamps grow with flux: what a faint star loses beyond its stamp stays < 0.35 e-/s
+    for flux in (150.0, 900.0, 5e4, 1e6):
+        assert flux - prf.evaluate([20.0], [25.0], (40, 50), flux=flux).sum() < 0.35
     half = prf.evaluate([-0.5], [25.0], (40, 50))
     assert half.sum() == pytest.approx(0.5, abs=1e-3)           # a star on the image's edge
     a = prf.design_matrix([10.0, 12.5], [20.0, 22.5], (40, 50))
     assert a.shape == (2000, 2)
-    direct = prf.evaluate([10.0, 12.5], [20.0, 22.5], (40, 50), flux=[3.0, 4.0])
+    direct = prf.evaluate([10.0, 12.5], [20.0, 22.5], (40, 50), flux=[3.0, 4.0], size=19)
     assert np.allclose(a @ np.array([3.0, 4.0]), direct.ravel())
 
 

@@ -220,7 +220,7 @@ def test_whole_run_sigkilled_then_restarted(sector, tmp_path, monkeypatch):
 def test_ctrl_c_loses_nothing(sector, tmp_path, monkeypatch):
     monkeypatch.setenv("SCHEDTEST_SLEEP", "0.2")
     out = tmp_path / "lc"
-    proc = cli(sector, out, "--workers", "2", "--set", "scheduler.commit_interval=0.1",
+    proc = cli(sector, out, "--workers", "1", "--set", "scheduler.commit_interval=0.1",
                wait=False)
     wait_for_ok(sector, 3)
     proc.send_signal(signal.SIGINT)
@@ -229,7 +229,7 @@ def test_ctrl_c_loses_nothing(sector, tmp_path, monkeypatch):
     statuses = [r["status"] for r in rows.values()]
     assert 6 not in statuses and None in statuses            # in-flight tasks given back
     assert all(r["attempts"] == (1 if r["status"] else 0) for r in rows.values())
-    res = cli(sector, out, "--workers", "2")
+    res = cli(sector, out, "--workers", "1")
     assert res.returncode == 0, res.stderr
     assert all(r["status"] == 1 for r in check_outputs(sector, out).values())
 

@@ -74,7 +74,7 @@ def test_layout_and_headers_match_real_spoc_file(scene):
     real_cal = fits.getheader(REAL_FFI, 1)
     # our reference WCS has 2nd-order SIP (astrocut's full-frame example), the real one 4th
     skip = {"CHECKSUM"} | {k for k in real_cal if k.split("_")[0] in ("A", "B", "AP", "BP")
-                           and sum(map(int, k.split("_")[1:])) > 2}
+                           and k.split("_")[1].isdigit() and sum(map(int, k.split("_")[1:])) > 2}
     assert [k for k in real_primary if k not in primary and k not in skip] == []
     assert [k for k in real_cal if k not in cal and k not in skip] == []
     assert cal["BUNIT"] == "electrons/s" and cal["BACKAPP"] is False
@@ -158,9 +158,9 @@ def test_box_flux_of_isolated_stars_equals_truth(scene):
             bg = truth["background"][i][box[0] - row_off:box[1] - row_off,
                                         box[2] - col_off:box[3] - col_off]
             measured = (image[sl] - bg).sum()
-            # the star itself holds nearly all the light in the box
-            assert measured == pytest.approx(truth["flux"][k, i], rel=0.03)
-            z.append((measured - _model_sum(truth, i, box, prf)) / np.sqrt((uncert[sl] ** 2).sum()))
+            expected = _model_sum(truth, i, box, prf)
+            assert truth["flux"][k, i] > 0.9 * expected          # the star dominates its box
+            z.append((measured - expected) / np.sqrt((uncert[sl] ** 2).sum()))
         assert np.max(np.abs(z)) < 4.5
         assert abs(np.mean(z)) < 3.0 / np.sqrt(len(z)) + 0.5
 

@@ -169,9 +169,21 @@ class AperturePhotometry(BasePhotometry):
             status = STATUS.WARNING
 
         mask = res.mask
+        images, backgrounds = self.images_cube, self.backgrounds_cube
+        bkg_err = self.backgrounds_err_cube
+        errors = self.images_err_cube
+        order = int(cfg["residual_background"])
+        if order >= 0:
+            sky = (res.labels == 0) & np.isfinite(res.models_total) \
+                & (res.models_total < res.noise) & ~mask
+            resid, resid_err = masks.residual_background(images, sky, order)
+            if resid is not None:
+                images = images - resid
+                backgrounds = backgrounds + resid
+                bkg_err = np.sqrt(bkg_err ** 2 + resid_err ** 2)
+                errors = np.sqrt(errors ** 2 + resid_err ** 2)
         flux, flux_err, background, centroid = masks.aperture_sums(
-            self.images_cube, self.images_err_cube, self.backgrounds_err_cube, mask,
-            backgrounds=self.backgrounds_cube,
+            images, errors, bkg_err, mask, backgrounds=backgrounds,
             correlated_background=bool(cfg["correlated_background"]))
         loss = None
         if bool(cfg["motion_correction"]):

@@ -17,7 +17,8 @@ from scipy.special import erf
 
 __all__ = ["MaskResult", "gaussian_prf_stack", "background_threshold", "segment",
            "optimal_aperture", "bleed_columns", "extend_bleed_columns", "contamination",
-           "edge_sides", "stars_inside_mask", "find_mask", "aperture_sums"]
+           "edge_sides", "stars_inside_mask", "find_mask", "aperture_sums",
+           "residual_background"]
 
 #: 8-connectivity: diagonal pixels belong to the same segment (a star's core can be diagonal)
 _EIGHT = np.ones((3, 3), dtype=bool)
@@ -365,7 +366,7 @@ def find_mask(sumimage, variance, models, star_rows, star_cols, fluxes, target_i
         mask[seed] = True
     cont, frac = contamination(mask, models, target_index)
     return MaskResult(
-        mask=mask, segment=seg, labels=labels, threshold=float(threshold), mode=float(mode),
+        mask=mask, segment=seg, labels=labels, models_total=models.sum(axis=0), threshold=float(threshold), mode=float(mode),
         noise=float(noise), snr=float(snr), saturated=bool(saturated), bleed_columns=cols,
         contamination=cont, flux_fraction=frac, edges=edge_sides(mask),
         skip=stars_inside_mask(mask, star_rows, star_cols, fluxes, target_index))
@@ -420,3 +421,51 @@ def aperture_sums(images, errors, bkg_errors, mask, backgrounds=None,
     for arr in (flux, flux_err, background):
         arr[all_bad] = np.nan
     return flux, flux_err, background, centroid
+
+
+def residual_background(images, sky, order=1, min_pixels=12):
+    """Per-cadence polynomial surface fitted to the source-free pixels ``sky`` of the stamp.
+
+    Why: what is left of the sky after the cache's background model (a flat local level, or
+    a CCD-wide model) is a smooth offset and gradient across the stamp that changes with
+    time (scattered light); fitted on the stamp's own empty pixels it is removed where the
+    aperture is. ``order`` 0 is a constant, 1 a plane, 2 a quadratic surface. Each cadence is
+    fitted with a 3-sigma clip (faint uncatalogued stars, cosmic rays).
+
+    Returns
+    -------
+    surface, error : (N, R, C) arrays, or (None, None) if there are too few sky pixels
+    """
+    n, nrow, ncol = images.shape
+    rr, cc = np.mgrid[:nrow, :ncol]
+    rr = (rr - nrow / 2) / max(nrow, 1)
+    cc = (cc - ncol / 2) / max(ncol, 1)
+    terms = [np.ones_like(rr, dtype=float)]
+    if order >= 1:
+        terms += [rr, cc]
+    if order >= 2:
+        terms += [rr * rr, rr * cc, cc * cc]
+    basis = np.stack([t.ravel() for t in terms], axis=1)       # (npix, k)
+    use = sky.ravel() & np.all(np.isfinite(images.reshape(n, -1)), axis=0)
+    if use.sum() < max(min_pixels, 3 * basis.shape[1]):
+        return None, None
+    A = basis[use]
+    y = images.reshape(n, -1)[:, use].T                          # (nuse, N)
+    keep = np.ones(y.shape, dtype=bool)
+    for _ in range(3):
+        coef = np.empty((A.shape[1], n))
+        for i in range(n):
+            k = keep[:, i]
+            coef[:, i] = np.linalg.lstsq(A[k], y[k, i], rcond=None)[0]
+        res = y - A @ coef
+        sigma = 1.4826 * np.median(np.abs(res), axis=0)
+        new = np.abs(res) <= 3 * np.maximum(sigma, 1e-12)
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    surface = (basis @ coef).T.reshape(n, nrow, ncol)
+    # error of the fitted surface: residual scatter x sqrt(leverage) of each pixel
+    cov = np.linalg.pinv(A.T @ A)
+    lev = np.sqrt(np.einsum("ij,jk,ik->i", basis, cov, basis)).reshape(nrow, ncol)
+    error = sigma[:, None, None] * lev[None]
+    return surface, error

@@ -13,7 +13,6 @@ which converges to the fit without those bins while keeping the shared factorisa
 """
 import numpy as np
 from scipy import linalg
-from scipy.ndimage import median_filter
 
 from .basis import Axis, tensor_pairs
 
@@ -269,30 +268,37 @@ class BackdropFitter:
         """Per-column multiplicative response (straps) from the time-averaged image.
 
         A strap column reflects a fixed fraction of the light falling on it, so its excess
-        scales with the local sky; the column offset of the sum image divided by the column's
-        mean sky level is that fraction. Frames are divided by ``1 + fraction`` before the fit
-        and the model multiplied back, which keeps the fit linear and the factorisation shared.
-        The per-frame additive column terms still absorb whatever is not multiplicative.
+        scales with the local sky. Each column is compared with the columns three to each
+        side in the same rows (where all three are usable): over 6 px the smooth background is
+        linear, so their mean is the sky the column would have without the strap; the median
+        ratio minus one is the strap fraction. Only significant positive excesses count (a
+        column next to a strap sees a negative one). Frames are divided by ``1 + fraction``
+        before the fit and the model multiplied back: the fit stays linear and the
+        factorisation shared, and the per-frame additive column terms absorb the rest.
         """
-        self.gain = np.ones(self.shape[1])
-        res = self.fit(np.asarray(sumimage, dtype=np.float32)[None])
-        wm = self.weight_matrix(res.weights)[0]
-        level = self.rmean @ wm @ self._cbasis_t                          # (nb, C) smooth sky
-        ncount = self.counts.sum(axis=0)
-        mean_level = np.divide((self.counts * level).sum(axis=0), ncount,
-                               out=np.zeros(self.shape[1]), where=ncount > 0)
-        ok = (ncount >= 3 * self.bin_rows) & (mean_level > 0)
-        frac = np.zeros(self.shape[1])
-        frac[ok] = res.strap[0][ok] / mean_level[ok]
-        # straps are single columns: keep only sharp, significant column features; smooth
-        # column-to-column trends belong to the spline and would otherwise turn a misfit of
-        # the average image into a wrong gain for every frame
-        hp = frac - median_filter(frac, size=9, mode="nearest")
-        dev = np.abs(hp[ok] - np.median(hp[ok])) if ok.any() else np.zeros(1)
-        sig = 1.4826 * np.median(dev) if dev.size else 0.0
-        keep = ok & (np.abs(hp) > float(self.settings["strap_nsigma"]) * sig)
-        self.gain = 1.0 + np.where(keep, np.clip(hp, -0.5, 0.5), 0.0)
-        self.sum_fit = self.fit(np.asarray(sumimage, dtype=np.float32)[None])
+        img = np.asarray(sumimage, dtype=np.float64)
+        R, C = self.shape
+        ok = self.usable & np.isfinite(img)
+        frac = np.full(C, np.nan)
+        k = 3
+        for c in range(k, C - k):
+            rows = ok[:, c] & ok[:, c - k] & ok[:, c + k]
+            if rows.sum() < 4:
+                continue
+            ref = 0.5 * (img[rows, c - k] + img[rows, c + k])
+            good = ref > 0
+            if good.sum() >= 4:
+                frac[c] = np.median(img[rows, c][good] / ref[good]) - 1.0
+        fin = np.isfinite(frac)
+        gain = np.ones(C)
+        if fin.sum() > 10:
+            med = np.median(frac[fin])
+            sig = 1.4826 * np.median(np.abs(frac[fin] - med))
+            thr = max(float(self.settings["strap_nsigma"]) * sig, 1e-3)
+            keep = fin & (frac - med > thr)
+            gain[keep] = 1.0 + np.clip(frac[keep] - med, 0.0, 0.5)
+        self.gain = gain
+        self.sum_fit = self.fit(img.astype(np.float32)[None])
         return self.gain
 
     def evaluate(self, w, strap):

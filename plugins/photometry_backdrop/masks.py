@@ -133,11 +133,13 @@ def build_mask(sumimage, settings, catalog=None):
 def star_pixels(res, sigma, settings):
     """Pixels of sources in a background-subtracted sum image, grown by ``mask_dilate``.
 
-    Stars are positive: the threshold is one-sided (a smooth-model misfit below the data
+    The threshold is ``mask_nsigma`` robust sigma but never below ``mask_level`` e-/s: the sum
+    of a long sector is so deep that a pure sigma cut would mask nearly every pixel in the
+    wings of the many faint stars. Stars are positive: the threshold is one-sided (a smooth-model misfit below the data
     must not mask a whole region); strongly negative pixels (dead or badly calibrated) are
     masked at three times the threshold.
     """
-    k = float(settings["mask_nsigma"]) * sigma
+    k = max(float(settings["mask_nsigma"]) * sigma, float(settings["mask_level"]))
     new = (res > k) | (res < -3 * k)
     if int(settings["mask_dilate"]) > 0:
         new = ndimage.binary_dilation(new, structure=ndimage.generate_binary_structure(2, 1),

@@ -28,6 +28,7 @@ Attributes: ``version``, ``complete``, ``n_rows``, ``n_cols``, ``poly_degree``,
 import itertools
 import json
 import logging
+import warnings
 
 import numpy as np
 from scipy import linalg
@@ -173,6 +174,13 @@ class Backdrop(BackgroundModel):
             # the star mask again, now against the full model of the sum image (the same
             # model every frame gets), so only real sources stay masked
             res = sumimage - fitter.evaluate(fitter.sum_fit.weights, fitter.sum_fit.strap)[0]
+            # a column with no usable pixel has no strap estimate: take its level from the
+            # lower part of its residuals (stars only add light) so it can come back
+            res = np.where(exclude, np.nan, res)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                col_level = np.nanpercentile(res, 30, axis=0)
+            res -= np.nan_to_num(col_level)[None, :]
             vals = res[usable & np.isfinite(res)]
             sigma = 1.4826 * np.median(np.abs(vals - np.median(vals)))
             new = ~(exclude | star_pixels(np.nan_to_num(res), sigma, s)) & np.isfinite(sumimage)

@@ -1,76 +1,123 @@
-"""A small seeded synthetic scene with a known background, for tests and benchmarks.
+"""Simulated sectors as the backdrop stage sees them, for tests, benchmarks and plots.
 
-The project simulator (``tessphot simulate``) writes complete sectors; this generator makes
-only what the background fit needs (images, errors, sum image, star list, true background)
-in memory, so unit tests run in seconds.
+``tessphot simulate`` writes SPOC-format FFIs plus ``truth.h5``; :func:`load_simulation`
+reads them back (through the project's FFI reader) together with the true background, and
+:func:`write_stage_input` writes the subset of the cache layout the stage reads (cubes, sum
+image, time, attributes, catalog SQLite), so the stage can be exercised and timed on its own.
+:class:`BlockReader` yields frame blocks exactly like ``CacheWriter.iter_frame_blocks``.
 """
+import os
+import sqlite3
+from pathlib import Path
+
+import h5py
 import numpy as np
 
-__all__ = ["make_scene"]
+__all__ = ["load_simulation", "write_stage_input", "BlockReader", "background_metrics"]
 
 
-def _prf(dr, dc, sigma=0.9, wing=0.03, wing_scale=3.0):
-    """Normalised Gaussian core plus a broad Moffat-like wing, as fraction per pixel."""
-    r2 = dr ** 2 + dc ** 2
-    core = np.exp(-0.5 * r2 / sigma ** 2) / (2 * np.pi * sigma ** 2)
-    wings = (1 + r2 / wing_scale ** 2) ** -2.5 * (1.5 / (np.pi * wing_scale ** 2))
-    return (1 - wing) * core + wing * wings
+def load_simulation(outdir, saturation_level=90000.0, bleed_pad=1, with_background=True):
+    """Frames, errors, pixel flags, true background and star list of a simulated sector."""
+    from photometry.cache import pixel_flags_for
+    from photometry.ffi import find_ffi_files, read_ffi
 
-
-def make_scene(n_frames=20, shape=(128, 128), seed=1, sky=100.0, glow_peak=300.0,
-               n_stars=None, cadence=1800.0, read_noise=10.0, n_bright=3, straps=True):
-    """Frames with a smooth gradient, a moving time-varying glow, strap columns and stars.
-
-    Returns
-    -------
-    dict with ``images``, ``errors`` (n_frames, R, C) float32, ``background`` (true, float64),
-    ``sumimage``, ``stars`` (row, col, tmag arrays), ``time``.
-    """
-    rng = np.random.default_rng(seed)
-    R, C = shape
-    rr, cc = np.mgrid[0:R, 0:C].astype(float)
-    u, v = rr / R - 0.5, cc / C - 0.5
-    static = sky * (1 + 0.15 * u - 0.1 * v + 0.08 * u * v + 0.05 * u ** 2)
-    time = np.arange(n_frames) * cadence / 86400.0
-    phase = np.linspace(0, 1, n_frames)
-    bg = np.empty((n_frames, R, C))
-    strap_cols = np.arange(5, C, 37) if straps else np.array([], dtype=int)
-    strap_amp = np.zeros(C)
-    strap_amp[strap_cols] = rng.uniform(0.03, 0.08, len(strap_cols))
-    for i, p in enumerate(phase):
-        amp = glow_peak * np.exp(-0.5 * ((p - 0.6) / 0.25) ** 2)
-        r0, c0 = R * (1.1 - 0.3 * p), C * (0.9 + 0.2 * p)
-        glow = amp * np.exp(-np.hypot(rr - r0, cc - c0) / (0.45 * max(R, C)))
-        level = static * (1 + 0.02 * np.sin(2 * np.pi * 3 * p)) + glow
-        bg[i] = level * (1 + strap_amp[None, :])
-    if n_stars is None:
-        n_stars = int(0.02 * R * C)
-    srow = rng.uniform(-5, R + 5, n_stars)
-    scol = rng.uniform(-5, C + 5, n_stars)
-    tmag = 16 - rng.exponential(1.5, n_stars)
-    bright = rng.choice(n_stars, size=min(n_bright, n_stars), replace=False)
-    tmag[bright] = rng.uniform(7.5, 9.0, len(bright))
-    srow[bright] = rng.uniform(0.2 * R, 0.8 * R, len(bright))
-    scol[bright] = rng.uniform(0.2 * C, 0.8 * C, len(bright))
-    tmag = np.clip(tmag, 7.0, 16.5)
-    flux = 15000.0 * 10 ** (-0.4 * (tmag - 10.0))
-    stars = np.zeros((R, C))
-    for r0, c0, f in zip(srow, scol, flux):
-        rad = int(np.clip(4 + 6 * np.log10(max(f, 1) / 1000.0), 4, 40))
-        r1, r2 = max(0, int(r0) - rad), min(R, int(r0) + rad + 1)
-        c1, c2 = max(0, int(c0) - rad), min(C, int(c0) + rad + 1)
-        if r1 >= r2 or c1 >= c2:
-            continue
-        stars[r1:r2, c1:c2] += f * _prf(rr[r1:r2, c1:c2] - r0, cc[r1:r2, c1:c2] - c0)
-    signal = bg + stars[None]
-    var = (signal * cadence + read_noise ** 2 * cadence / 2.0) / cadence ** 2
-    err = np.sqrt(var)
-    images = signal + rng.standard_normal(signal.shape) * err
+    outdir = Path(outdir)
+    paths = sorted(find_ffi_files(outdir / "ffi"))
+    frames = [read_ffi(p, wcs=False) for p in paths]
+    images = np.stack([fr.image for fr in frames]).astype(np.float32)
+    errors = np.stack([fr.uncert for fr in frames]).astype(np.float32)
+    flags = np.stack([pixel_flags_for(im, saturation_level, bleed_pad) for im in images])
+    with h5py.File(outdir / "truth.h5", "r") as h5:
+        a = dict(h5.attrs)
+        bg = h5["background"][()] if with_background and "background" in h5 else None
+        st = h5["stars"]
+        stars = {k: st[k][()] for k in ("row", "column", "tmag", "starid")}
+        time = h5["time"][()]
     return {
-        "images": images.astype(np.float32),
-        "errors": err.astype(np.float32),
-        "background": bg,
-        "sumimage": images.mean(axis=0),
-        "stars": (srow, scol, tmag),
-        "time": time,
+        "images": images, "errors": errors, "pixel_flags": flags, "background": bg,
+        "time": time, "stars": stars, "quality": np.array([fr.quality for fr in frames]),
+        "row_offset": int(frames[0].row_offset), "column_offset": int(frames[0].column_offset),
+        "sector": int(a["sector"]), "camera": int(a["camera"]), "ccd": int(a["ccd"]),
+    }
+
+
+def write_stage_input(path, sim):
+    """Write the cache subset the backdrop stage reads, plus the catalog SQLite beside it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    images = sim["images"]
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("images", data=images, chunks=(min(32, len(images)),) + images.shape[1:])
+        f.create_dataset("errors", data=sim["errors"])
+        f.create_dataset("pixel_flags", data=sim["pixel_flags"])
+        with np.errstate(invalid="ignore"):
+            f.create_dataset("sumimage", data=np.nanmean(images, axis=0).astype(np.float64))
+        f.create_dataset("time", data=sim["time"])
+        for key in ("sector", "camera", "ccd", "row_offset", "column_offset"):
+            f.attrs[key] = sim[key]
+        f.attrs["ref_frame"] = len(images) // 2
+    os.replace(tmp, path)
+    cat = path.with_name(f"catalog_sector{sim['sector']:04d}_camera{sim['camera']}"
+                         f"_ccd{sim['ccd']}.sqlite")
+    if cat.exists():
+        cat.unlink()
+    st = sim["stars"]
+    with sqlite3.connect(cat) as con:
+        con.execute('CREATE TABLE catalog (starid INTEGER PRIMARY KEY, "row" REAL, '
+                    '"column" REAL, tmag REAL)')
+        con.executemany("INSERT INTO catalog VALUES (?, ?, ?, ?)",
+                        zip(st["starid"].tolist(), st["row"].tolist(), st["column"].tolist(),
+                            st["tmag"].tolist()))
+    return path
+
+
+class BlockReader:
+    """``iter_frame_blocks`` over an open file, like ``CacheWriter`` (time_chunk frames)."""
+
+    def __init__(self, h5file, block=32):
+        self.file = h5file
+        self.block = int(block)
+
+    def iter_frame_blocks(self):
+        f = self.file
+        n = f["images"].shape[0]
+        for start in range(0, n, self.block):
+            sl = slice(start, min(n, start + self.block))
+            yield sl, f["images"][sl], f["errors"][sl], f["pixel_flags"][sl]
+
+
+def background_metrics(model, truth, stars, row_offset, column_offset, bright_tmag=10.0,
+                       radius=3.0, star_free_tmag=16.5):
+    """Scores of a background model against the true background.
+
+    Returns a dict: ``rms_star_free`` (model - truth over pixels farther than ``radius`` px
+    from every star brighter than ``star_free_tmag``, all frames), ``bias_bright`` (mean of
+    model - truth within ``radius`` px of stars brighter than ``bright_tmag``), the number of
+    pixels in each set, and ``rms_all``.
+    """
+    n, R, C = truth.shape
+    rows = stars["row"] - row_offset
+    cols = stars["column"] - column_offset
+    tmag = stars["tmag"]
+    rr, cc = np.mgrid[0:R, 0:C]
+    near_bright = np.zeros((R, C), bool)
+    near_any = np.zeros((R, C), bool)
+    for r0, c0, m in zip(rows, cols, tmag):
+        if not (-radius <= r0 < R + radius and -radius <= c0 < C + radius):
+            continue
+        r1, r2 = max(0, int(r0 - radius)), min(R, int(r0 + radius) + 2)
+        c1, c2 = max(0, int(c0 - radius)), min(C, int(c0 + radius) + 2)
+        disk = np.hypot(rr[r1:r2, c1:c2] - r0, cc[r1:r2, c1:c2] - c0) <= radius
+        if m <= star_free_tmag:
+            near_any[r1:r2, c1:c2] |= disk
+        if m <= bright_tmag:
+            near_bright[r1:r2, c1:c2] |= disk
+    d = np.asarray(model, dtype=np.float64) - truth
+    free = ~near_any
+    return {
+        "rms_star_free": float(np.sqrt(np.mean(d[:, free] ** 2))),
+        "n_star_free": int(free.sum()),
+        "bias_bright": float(np.mean(d[:, near_bright])) if near_bright.any() else float("nan"),
+        "n_bright": int(near_bright.sum()),
+        "rms_all": float(np.sqrt(np.mean(d ** 2))),
     }

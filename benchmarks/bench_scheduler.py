@@ -1,0 +1,122 @@
+"""Scheduler benchmarks: todo for a 200 000-star CCD, scheduler overhead, aperture speed-up.
+
+    python benchmarks/bench_scheduler.py [--tasks 5000] [--skip-aperture]
+
+Prints one line per figure; the latest results are recorded in docs/benchmarks.md.
+
+- todo: ``make_todo`` on one CCD whose catalog has 200 000 stars (fake cache attributes).
+- overhead: tasks/s of ``run_tasks`` with 2 local workers and a task function that does
+  nothing, so what is measured is claiming, dispatch, result batching and commits. Reported
+  both over the whole run (with worker start-up) and in steady state (from the per-task
+  ``finished_at`` stamps).
+- aperture: a simulated sector run with ``--method aperture`` on 1 and on 2 workers.
+"""
+import argparse
+import os
+import platform
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+
+
+def noop_task(context, task):
+    """The scheduler benchmark's task: no photometry, an OK result with one metric."""
+    return {"priority": task["priority"], "starid": task["starid"], "status": 1,
+            "method_used": "noop", "elaptime": 0.0, "lightcurve": None,
+            "details": {"mean_flux": float(task["tmag"])}}
+
+
+def bench_todo(tmp):
+    from test_todo import make_fake_ccd
+    from photometry.todo import make_todo
+    n = 200_000
+    rng = np.random.default_rng(5)
+    stars = list(zip(range(1, n + 1), rng.uniform(5, 20, n).tolist(),
+                     rng.uniform(-10, 2058, n).tolist(), rng.uniform(34, 2102, n).tolist()))
+    make_fake_ccd(tmp, rows=2048, cols=2048, stars=stars)
+    t0 = time.perf_counter()
+    _, count = make_todo(tmp, faint_limit=20)
+    dt = time.perf_counter() - t0
+    print(f"todo: {n} catalog stars -> {count} tasks in {dt:.2f} s ({count / dt:,.0f} tasks/s)")
+    return tmp
+
+
+def _steady_rate(cache):
+    con = sqlite3.connect(cache / "todo.sqlite")
+    t = np.array([r[0] for r in con.execute(
+        "SELECT finished_at FROM todolist WHERE finished_at IS NOT NULL ORDER BY 1")])
+    con.close()
+    lo, hi = np.searchsorted(t, [t[0] + 0.0, t[-1]])  # whole span between first/last commit
+    return (hi - lo) / (t[-1] - t[0]) if t[-1] > t[0] else float("nan")
+
+
+def bench_overhead(cache, n_tasks, workers=2):
+    from photometry.run import run_tasks
+    from photometry.settings import load_settings
+    con = sqlite3.connect(cache / "todo.sqlite")
+    con.execute("UPDATE todolist SET status = NULL, attempts = 0, finished_at = NULL")
+    con.commit()
+    con.close()
+    settings = load_settings(assignments=["scheduler.prefetch=16", "scheduler.claim_batch=256",
+                                          "scheduler.commit_every=500"])
+    summary = run_tasks(cache, cache / "out", settings=settings, workers=workers,
+                        limit=n_tasks, task_function="bench_scheduler:noop_task",
+                        progress=False)
+    rate = _steady_rate(cache)
+    print(f"overhead: {summary['tasks_run']} no-op tasks on {workers} workers: "
+          f"{summary['tasks_per_second']:,.0f} tasks/s with start-up, "
+          f"{rate:,.0f} tasks/s steady state")
+    return rate
+
+
+def bench_aperture(tmp, cadences=60, size=128):
+    import subprocess
+    from photometry.run import run_tasks
+    from photometry.todo import make_todo
+    exe = [sys.executable, "-m", "photometry.cli"]
+    sim, cache = tmp / "sim", tmp / "cache"
+    subprocess.run(exe + ["simulate", str(sim), "--cadences", str(cadences), "--size",
+                          str(size), str(size), "--seed", "3"], check=True,
+                   capture_output=True)
+    subprocess.run(exe + ["prepare", str(sim / "ffi"), "--catalog", str(sim / "catalog.csv"),
+                          "--cache", str(cache)], check=True, capture_output=True)
+    make_todo(cache, faint_limit=15, overwrite=True)
+    times = {}
+    for workers in (1, 2):
+        summary = run_tasks(cache, tmp / f"lc{workers}", workers=workers, method="aperture",
+                            mode="all", progress=False)
+        con = sqlite3.connect(cache / "todo.sqlite")
+        t = [r[0] for r in con.execute("SELECT finished_at FROM todolist ORDER BY 1")]
+        con.close()
+        times[workers] = summary["elapsed"]
+        print(f"aperture: {summary['tasks_run']} targets ({summary['counts']}) on {workers} "
+              f"worker(s): {summary['elapsed']:.1f} s, {summary['tasks_per_second']:.2f} "
+              f"targets/s (commit span {t[-1] - t[0]:.1f} s)")
+    print(f"aperture speed-up 1 -> 2 workers: {times[1] / times[2]:.2f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--skip-aperture", action="store_true")
+    args = parser.parse_args()
+    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, python {platform.python_version()}, "
+          f"{time.strftime('%Y-%m-%d')}")
+    with tempfile.TemporaryDirectory() as d:
+        cache = bench_todo(Path(d) / "todo")
+        bench_overhead(cache, args.tasks)
+        if not args.skip_aperture:
+            bench_aperture(Path(d) / "aperture")
+
+
+if __name__ == "__main__":
+    main()

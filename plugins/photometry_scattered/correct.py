@@ -1,0 +1,323 @@
+"""Evaluate the scattered-light cube at any stamp and cadence, and correct a stamp with it.
+
+The interpolant is linear in the cube values: a not-a-knot cubic spline over the bin centres
+along rows, then along columns, then in time within each data segment (orbit). Being linear,
+it is written as three weight matrices, so the uncertainty propagates exactly
+(``err**2 = Wt**2 . Wr**2 . Wc**2 . errors**2`` for independent bins) and a stamp costs a few
+small matrix products. Pixels beyond the outermost bin centre (the half bin at a CCD edge) use
+the end polynomial of the spline (a short, smooth extrapolation); beyond half a bin spacing,
+the value at that distance is held. Times before/after a segment hold the end value.
+"""
+import logging
+
+import numpy as np
+from scipy.interpolate import CubicSpline
+
+from photometry.errors import ConfigurationError, InputError
+from photometry.quality import LightCurveQualityFlags
+from photometry.stages import StampCorrection
+
+from .cube import SLCube, _segments, read_fits
+
+__all__ = ["evaluate", "axis_weights", "time_weights", "ScatteredLightCorrection",
+           "unreliable_cadences", "load_window"]
+
+logger = logging.getLogger(__name__)
+
+
+def axis_weights(x, xi, method="cubic"):
+    """(len(xi), len(x)) interpolation weights from samples at ``x`` to points ``xi``.
+
+    Why weights: the spline is linear in its data, so its response to the unit vectors is a
+    matrix that interpolates values and propagates variances alike.
+    """
+    x = np.asarray(x, dtype=float)
+    xi = np.atleast_1d(np.asarray(xi, dtype=float))
+    n = x.size
+    if n == 1:
+        return np.ones((xi.size, 1))
+    pad = 0.5 * (np.median(np.diff(x)) if n > 1 else 0.0)
+    xi = np.clip(xi, x[0] - pad, x[-1] + pad)
+    eye = np.eye(n)
+    if method == "linear" or n < 3:
+        # linear with linear extrapolation over the half bin
+        idx = np.clip(np.searchsorted(x, xi) - 1, 0, n - 2)
+        frac = (xi - x[idx]) / (x[idx + 1] - x[idx])
+        w = np.zeros((xi.size, n))
+        w[np.arange(xi.size), idx] = 1.0 - frac
+        w[np.arange(xi.size), idx + 1] += frac
+        return w
+    return CubicSpline(x, eye, axis=0, bc_type="not-a-knot", extrapolate=True)(xi)
+
+
+def time_weights(times, t, method="cubic", gap_factor=3.0):
+    """(len(t), len(times)) weights interpolating the cube in time within data segments.
+
+    Each requested time uses only the segment (orbit) it falls in, or the nearest one; a
+    cube that is not binned in time, asked at its own times, gives the identity.
+    """
+    times = np.asarray(times, dtype=float)
+    t = np.atleast_1d(np.asarray(t, dtype=float))
+    w = np.zeros((t.size, times.size))
+    segs = _segments(times, gap_factor)
+    starts = np.array([times[a] for a, _ in segs])
+    stops = np.array([times[b - 1] for _, b in segs])
+    dist = np.maximum(starts[None, :] - t[:, None], 0) + np.maximum(t[:, None] - stops[None, :], 0)
+    which = np.argmin(dist, axis=1)
+    for k, (a, b) in enumerate(segs):
+        sel = which == k
+        if not sel.any():
+            continue
+        ts = times[a:b]
+        tt = np.clip(t[sel], ts[0], ts[-1])
+        if ts.size == 1:
+            w[sel, a] = 1.0
+            continue
+        w[np.ix_(sel, np.arange(a, b))] = axis_weights(ts, tt, method)
+    return w
+
+
+def _window(centres, lo, hi, pad):
+    """Index range of bins needed to interpolate between ``lo`` and ``hi``."""
+    i0 = max(int(np.searchsorted(centres, lo)) - pad, 0)
+    i1 = min(int(np.searchsorted(centres, hi)) + pad, centres.size)
+    if i1 - i0 < min(4, centres.size):
+        i0 = max(min(i0, centres.size - 4), 0)
+        i1 = min(i0 + 4, centres.size)
+    return i0, i1
+
+
+def evaluate(cube, bin_rows, bin_cols, times, rows, cols, t, errors=None, method="cubic",
+             time_method=None, gap_factor=3.0, pad=6):
+    """Scattered light at CCD pixels ``rows x cols`` and times ``t``.
+
+    Pure function: usable on any (nt, ny, nx) cube without BasePhotometry.
+
+    Parameters
+    ----------
+    cube : (nt, ny, nx) array
+        Bin values (e-/s).
+    bin_rows, bin_cols : (ny,), (nx,) arrays
+        Bin centres in the same coordinates as ``rows``/``cols`` (0-based CCD), increasing.
+    times : (nt,) array
+        Cube times (same scale as ``t``).
+    rows, cols : 1-D arrays
+        Pixel grid to evaluate (a stamp: ``arange(row_min, row_max)``).
+    t : 1-D array
+        Times to evaluate.
+    errors : (nt, ny, nx) array, optional
+        Bin uncertainties; if given, the propagated uncertainty is returned too.
+    method : "cubic" or "linear"
+        Spatial interpolant; ``time_method`` (default: the same) in time.
+    pad : int
+        Bins beyond the requested range used by the spline (the cubic spline's weights fall
+        by ~4x per bin, so 6 bins reproduce the global spline to < 1e-3).
+
+    Returns
+    -------
+    values : (len(t), len(rows), len(cols)); and errors of the same shape if ``errors``.
+    """
+    cube = np.asarray(cube, dtype=float)
+    bin_rows = np.asarray(bin_rows, dtype=float)
+    bin_cols = np.asarray(bin_cols, dtype=float)
+    rows = np.atleast_1d(np.asarray(rows, dtype=float))
+    cols = np.atleast_1d(np.asarray(cols, dtype=float))
+    nt, ny, nx = cube.shape
+    if bin_rows.size != ny or bin_cols.size != nx or np.size(times) != nt:
+        raise ValueError(f"cube shape {cube.shape} does not match bin_rows ({bin_rows.size}), "
+                         f"bin_cols ({bin_cols.size}) and times ({np.size(times)})")
+    r0, r1 = _window(bin_rows, rows.min(), rows.max(), pad)
+    c0, c1 = _window(bin_cols, cols.min(), cols.max(), pad)
+    wr = axis_weights(bin_rows[r0:r1], rows, method)
+    wc = axis_weights(bin_cols[c0:c1], cols, method)
+    times = np.asarray(times, dtype=float)
+    t = np.atleast_1d(np.asarray(t, dtype=float))
+    same = t.size == nt and np.allclose(t, times, rtol=0, atol=1e-7)
+    wt = None if same else time_weights(times, t, time_method or method, gap_factor)
+
+    def apply(data, square=False):
+        d = data[:, r0:r1, c0:c1]
+        a, b = (wr ** 2, wc ** 2) if square else (wr, wc)
+        if wt is not None:
+            d = np.tensordot(wt ** 2 if square else wt, d, axes=(1, 0))
+        return np.matmul(np.matmul(a, d), b.T)
+
+    values = apply(cube)
+    if errors is None:
+        return values
+    var = apply(np.asarray(errors, dtype=float) ** 2, square=True)
+    return values, np.sqrt(np.maximum(var, 0.0))
+
+
+def load_window(group, rows, cols, pad=6):
+    """Read only the bins a stamp needs from a cache group (a CCD cube is ~100 MB)."""
+    bin_rows = group["bin_rows"][()]
+    bin_cols = group["bin_cols"][()]
+    r0, r1 = _window(bin_rows, np.min(rows), np.max(rows), pad)
+    c0, c1 = _window(bin_cols, np.min(cols), np.max(cols), pad)
+    a = group.attrs
+
+    def get(name):
+        return group[name][:, r0:r1, c0:c1] if name in group else None
+
+    static = group["static"][r0:r1, c0:c1] if "static" in group else None
+    return SLCube(values=get("values"), errors=get("errors"),
+                  counts=group["counts"][r0:r1, c0:c1], time=group["time"][()],
+                  bin_rows=bin_rows[r0:r1], bin_cols=bin_cols[c0:c1],
+                  bin_size=int(a["bin_size"]), static=static,
+                  column_gain=group["column_gain"][()] if "column_gain" in group else None,
+                  gain_column_offset=int(a.get("gain_column_offset", 44)),
+                  cadenceno=group["cadenceno"][()] if "cadenceno" in group else None,
+                  quality=group["quality"][()] if "quality" in group else None,
+                  time_binned=bool(a.get("time_binned", 0)),
+                  time_bin_hours=float(a.get("time_bin_hours", 0.0)),
+                  reference=_text(a.get("reference", "none")), sector=int(a.get("sector", 0)),
+                  camera=int(a.get("camera", 0)), ccd=int(a.get("ccd", 0)))
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def unreliable_cadences(model, model_alt, time, static, settings):
+    """(N,) bool: cadences whose correction cannot be trusted, and the three criteria.
+
+    * ``level``: the time-varying scattered light (model minus dark level), stamp maximum,
+      above ``flag_level`` e-/s (near-saturated sky, non-linear response, huge photon noise);
+    * ``rate``: its change above ``flag_rate`` e-/s per hour (structure changes within one
+      exposure that no cadence-sampled cube follows);
+    * ``error``: the stamp maximum of |cubic - linear| interpolation, the interpolation error
+      estimate, above ``flag_error`` e-/s (structure finer than the bins or the time step).
+    """
+    var = model - static[None]
+    level = np.max(np.abs(var), axis=(1, 2))
+    mean = var.mean(axis=(1, 2))
+    if len(time) > 1:
+        rate = np.abs(np.gradient(mean, np.asarray(time) * 24.0))
+    else:
+        rate = np.zeros(len(time))
+    err = np.max(np.abs(model - model_alt), axis=(1, 2))
+    flags = (level > float(settings["flag_level"])) | (rate > float(settings["flag_rate"])) \
+        | (err > float(settings["flag_error"]))
+    return flags, {"level": level, "rate": rate, "interp_error": err}
+
+
+class ScatteredLightCorrection(StampCorrection):
+    """Subtract the scattered-light model from a stamp, propagating its uncertainty.
+
+    How it combines with the background BasePhotometry already subtracted depends on what
+    the cube was built against (its ``reference``, ``docs/scattered_light.md``):
+
+    * ``"none"`` (the cube is the total sky): the cube replaces the background;
+    * a BackgroundModel name (e.g. ``"backdrop"``; the cube holds what that model left): the
+      new background is that model plus the cube;
+    * ``"dark"`` (a tess-backml cube, flux above its darkest frames): the stamp keeps the time
+      median of its old background per pixel and takes the time variation from the cube.
+
+    So the glow is never subtracted twice. Sets ``phot.scattered_light_quality`` ((N,)
+    LightCurveQualityFlags, ``ScatteredLightUnreliable``) and ``phot.details['scattered_light']``.
+    Apply it after the stamp is final: a stamp resize re-reads the cubes and drops the
+    correction.
+    """
+
+    name = "scattered_light"
+    version = "1.0"
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        try:
+            self.options = dict(settings["scattered_light"])
+        except (KeyError, TypeError):
+            raise ConfigurationError("settings: missing section [scattered_light]") from None
+        if self.options.get("interpolation", "cubic") not in ("cubic", "linear"):
+            raise ConfigurationError("scattered_light.interpolation: 'cubic' or 'linear'")
+        self._file_cube = None
+
+    def cube_for(self, phot, rows, cols):
+        """The cube (window) for this target: the cache's group, else ``cube_file``."""
+        source = phot.source
+        group = source.model_group(self.name) if hasattr(source, "model_group") else None
+        if group is not None:
+            return load_window(group, rows, cols)
+        path = str(self.options.get("cube_file", "") or "")
+        if not path:
+            where = getattr(source, "path", "data source")
+            raise InputError(f"{where}: no scattered-light cube (run prepare with "
+                             "'scattered_light' in prepare.stages, or set "
+                             "scattered_light.cube_file)")
+        if self._file_cube is None:
+            self._file_cube = read_fits(path, sector=phot.sector, camera=phot.camera,
+                                        ccd=phot.ccd)
+        return self._file_cube
+
+    def model(self, phot):
+        """(values, errors, alternative-interpolation values, static) on the stamp (N, r, c)."""
+        r1, r2, c1, c2 = phot.stamp
+        rows, cols = np.arange(r1, r2), np.arange(c1, c2)
+        cube = self.cube_for(phot, rows, cols)
+        method = self.options.get("interpolation", "cubic")
+        gap = float(self.options["gap_factor"])
+        args = (cube.values, cube.bin_rows, cube.bin_cols, cube.time, rows, cols, phot.time)
+        val, err = evaluate(*args, errors=cube.errors, method=method, gap_factor=gap)
+        alt = evaluate(*args, method="linear" if method == "cubic" else "cubic",
+                       gap_factor=gap)
+        static = evaluate(cube.static[None], cube.bin_rows, cube.bin_cols, [0.0], rows, cols,
+                          [0.0])[0]
+        gain = cube.gain_at(cols)[None, None, :]
+        return cube, val * gain, err * gain, alt * gain, static * gain[0]
+
+    def apply(self, phot):
+        cube, sl, sl_err, alt, static = self.model(phot)
+        old_bkg = np.asarray(phot.backgrounds_cube, dtype=float)
+        ffi = phot.datasource != "tpf"
+        old_bkg_err = np.asarray(phot.backgrounds_err_cube, dtype=float) if ffi else 0.0
+        raw = np.asarray(phot.images_cube, dtype=float) + old_bkg
+        base_var = np.maximum(np.asarray(phot.images_err_cube, dtype=float) ** 2
+                              - np.asarray(old_bkg_err) ** 2, 0.0)
+        ref = cube.reference
+        if ref == "none":
+            new_bkg, new_err = sl, sl_err
+        elif ref == "dark":
+            with np.errstate(invalid="ignore"):
+                new_bkg = sl + np.nanmedian(old_bkg - sl, axis=0)[None]
+            new_err = sl_err
+        else:
+            ref_bkg, ref_err = self._reference_background(phot, ref, old_bkg, old_bkg_err)
+            new_bkg = ref_bkg + sl
+            new_err = np.sqrt(ref_err ** 2 + sl_err ** 2)
+        phot.images_cube = raw - new_bkg
+        phot.images_err_cube = np.sqrt(base_var + new_err ** 2)
+        phot.backgrounds_cube = new_bkg
+        phot.backgrounds_err_cube = np.broadcast_to(new_err, new_bkg.shape).copy()
+        phot.__dict__.pop("sumimage", None)
+        flags, crit = unreliable_cadences(sl, alt, phot.time, static, self.options)
+        q = np.zeros(len(phot.time), dtype=np.int32)
+        q[flags] = int(LightCurveQualityFlags.ScatteredLightUnreliable)
+        phot.scattered_light_quality = q
+        phot.details["scattered_light"] = {
+            "reference": ref, "n_unreliable": int(flags.sum()),
+            "peak": float(np.max(crit["level"])) if len(q) else 0.0,
+            "max_rate": float(np.max(crit["rate"])) if len(q) else 0.0,
+            "max_interp_error": float(np.max(crit["interp_error"])) if len(q) else 0.0,
+        }
+        return q
+
+    @staticmethod
+    def _reference_background(phot, name, old_bkg, old_err):
+        """The named BackgroundModel at the stamp (reused if BasePhotometry already used it)."""
+        if phot.details.get("background") == name:
+            return old_bkg, np.broadcast_to(old_err, old_bkg.shape)
+        group = phot.source.model_group(name) if hasattr(phot.source, "model_group") else None
+        if group is None:
+            raise InputError(f"{getattr(phot.source, 'path', 'source')}: the scattered-light "
+                             f"cube was built on top of '{name}', which the cache lacks")
+        from photometry.base import _background_class
+        cls = _background_class(name)
+        rs, cs = phot._slices()
+        frames = phot._frames
+        bkg = np.broadcast_to(cls.evaluate(group, rs, cs, frames), old_bkg.shape)
+        try:
+            err = np.broadcast_to(cls.evaluate_error(group, rs, cs, frames), old_bkg.shape)
+        except NotImplementedError:
+            err = np.zeros(old_bkg.shape)
+        return np.asarray(bkg, dtype=float), np.asarray(err, dtype=float)

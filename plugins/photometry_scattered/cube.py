@@ -1,0 +1,606 @@
+"""The scattered-light cube: a binned, star-free picture of the sky in every cadence.
+
+Why a cube: scattered light from the Earth and Moon is smooth over tens of pixels but changes
+from cadence to cadence. Storing a robust statistic of the star-free pixels in 16x16 (or 8x8)
+bins per cadence keeps the whole CCD-wide, time-resolved sky in a few MB, from which any
+stamp's sky is interpolated later (``correct.evaluate``).
+
+In memory a cube is an :class:`SLCube`; in the cache it is the ``models/scattered_light``
+group (:func:`write_group` / :func:`read_group`); on disk it can be exported to, and imported
+from, the FITS layout tess-backml writes (:func:`write_fits` / :func:`read_fits`).
+
+Terms (see ``docs/scattered_light.md``):
+
+* ``values`` (nt, ny, nx): per-bin median of ``image - reference`` in each cadence, e-/s,
+  where ``reference`` is the stored background model named by ``reference`` (``"none"``:
+  nothing, so ``values`` is the total sky, pedestal included).
+* ``static`` (ny, nx): per-bin median of ``values`` over the ``n_dark`` darkest cadences
+  (tess-backml's "static scene"); the FITS export writes ``values - static`` like tess-backml.
+* ``column_gain`` (C,): multiplicative sky response of each science column (1 except in strap
+  columns, which reflect extra light); the model at a pixel is ``gain[col] * spline(values)``.
+"""
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from photometry.errors import InputError
+from photometry.quality import PixelQualityFlags, TESSQualityFlags
+
+__all__ = ["SLCube", "CubeBuilder", "bin_statistics", "column_gain", "static_mask",
+           "bin_time", "write_group", "read_group", "write_fits", "read_fits", "BTJD0"]
+
+#: JD of BTJD 0 (tess-backml writes its TIME table in JD).
+BTJD0 = 2457000.0
+
+#: Pixel flags that keep a pixel out of its bin in that frame.
+BAD_PIXEL_BITS = int(PixelQualityFlags.ManualExclude | PixelQualityFlags.Saturated
+                     | PixelQualityFlags.NonFinite | PixelQualityFlags.NotUsedForBackground)
+
+
+@dataclass
+class SLCube:
+    """A scattered-light cube and everything needed to evaluate it.
+
+    ``bin_rows``/``bin_cols`` are the bin centres in 0-based CCD coordinates (our cubes: bin
+    ``i`` covers science rows ``i*b .. i*b+b-1`` so its centre is ``row_offset + i*b +
+    (b-1)/2``). ``time`` is BTJD (bin centres when ``time_binned``).
+    """
+
+    values: np.ndarray
+    errors: np.ndarray
+    counts: np.ndarray
+    time: np.ndarray
+    bin_rows: np.ndarray
+    bin_cols: np.ndarray
+    bin_size: int
+    static: np.ndarray = None
+    column_gain: np.ndarray = None
+    gain_column_offset: int = 44
+    cadenceno: np.ndarray = None
+    quality: np.ndarray = None
+    time_binned: bool = False
+    time_bin_hours: float = 0.0
+    reference: str = "none"
+    sector: int = 0
+    camera: int = 0
+    ccd: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.values = np.asarray(self.values, dtype=np.float64)
+        self.errors = np.asarray(self.errors, dtype=np.float64)
+        if self.values.ndim != 3 or self.errors.shape != self.values.shape:
+            raise ValueError(f"cube values {self.values.shape} and errors "
+                             f"{self.errors.shape} must be equal (nt, ny, nx) shapes")
+        self.time = np.asarray(self.time, dtype=np.float64)
+        self.bin_rows = np.asarray(self.bin_rows, dtype=np.float64)
+        self.bin_cols = np.asarray(self.bin_cols, dtype=np.float64)
+        nt, ny, nx = self.values.shape
+        if self.time.shape != (nt,) or self.bin_rows.shape != (ny,) \
+                or self.bin_cols.shape != (nx,):
+            raise ValueError("cube time/bin_rows/bin_cols do not match the values' shape")
+        if self.static is None:
+            self.static = np.zeros((ny, nx))
+        if self.cadenceno is None:
+            self.cadenceno = np.full(nt, -1, dtype=np.int64)
+        if self.quality is None:
+            self.quality = np.zeros(nt, dtype=np.int64)
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+    def gain_at(self, cols):
+        """Column response at 0-based CCD columns ``cols`` (1 outside the stored range)."""
+        cols = np.asarray(cols, dtype=int)
+        if self.column_gain is None:
+            return np.ones(cols.shape)
+        idx = cols - int(self.gain_column_offset)
+        ok = (idx >= 0) & (idx < self.column_gain.size)
+        out = np.ones(cols.shape)
+        out[ok] = self.column_gain[idx[ok]]
+        return out
+
+
+# ------------------------------------------------------------------------------ statistics
+def bin_statistics(images, mask, bin_size, min_pixels=10, errors=None):
+    """Per-bin median, its error and the number of pixels, for a block of frames.
+
+    Why a sort instead of ``nanmedian``: one sort of the (frames, bins, b*b) array gives the
+    median and the quantiles of every bin at once, 5-10x faster than ``nanmedian`` plus a
+    separate scatter estimate, and it is exact with a different pixel count in every bin.
+
+    Parameters
+    ----------
+    images : (n, R, C) array
+    mask : (n, R, C) or (R, C) bool
+        True where a pixel must not be used.
+    bin_size : int
+    min_pixels : int
+        Bins with fewer usable pixels are NaN.
+    errors : (n, R, C) array, optional
+        Pixel uncertainties. If given, sigma is their mean over the bin's usable pixels (the
+        noise of one pixel); otherwise the 16-84 % range of the values, which also holds the
+        static structure of the bin (faint stars, gradients) and so overstates the error.
+
+    Returns
+    -------
+    median, error, count : (n, ny, nx) arrays
+        ``error`` = 1.2533 * sigma / sqrt(count) (the standard error of a median of Gaussian
+        samples).
+    """
+    images = np.asarray(images, dtype=np.float32)
+    n, R, C = images.shape
+    b = int(bin_size)
+    ny, nx = -(-R // b), -(-C // b)
+    work = np.full((n, ny * b, nx * b), np.inf, dtype=np.float32)
+    bad = np.broadcast_to(mask, images.shape) | ~np.isfinite(images)
+    work[:, :R, :C] = np.where(bad, np.inf, images)
+    cells = work.reshape(n, ny, b, nx, b).transpose(0, 1, 3, 2, 4).reshape(n, ny, nx, b * b)
+    cells.sort(axis=-1)
+    count = np.isfinite(cells).sum(axis=-1)
+    k = np.maximum(count, 1)
+
+    def quantile(q):
+        pos = q * (k - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, k - 1)
+        frac = pos - lo
+        vlo = np.take_along_axis(cells, lo[..., None], axis=-1)[..., 0]
+        vhi = np.take_along_axis(cells, hi[..., None], axis=-1)[..., 0]
+        return vlo + frac * (vhi - vlo)
+
+    with np.errstate(invalid="ignore"):
+        median = quantile(0.5).astype(np.float64)
+        sigma = 0.5 * (quantile(0.8413) - quantile(0.1587)).astype(np.float64)
+    if errors is not None:
+        e = np.full((n, ny * b, nx * b), np.nan, dtype=np.float32)
+        e[:, :R, :C] = np.where(bad, np.nan, np.asarray(errors, dtype=np.float32))
+        e = e.reshape(n, ny, b, nx, b)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            esig = np.nanmean(e, axis=(2, 4)).astype(np.float64)
+        sigma = np.where(np.isfinite(esig), esig, sigma)
+    error = 1.2533 * sigma / np.sqrt(k)
+    few = count < max(int(min_pixels), 1)
+    median[few] = np.nan
+    error[few] = np.nan
+    return median, error, count
+
+
+def _fill_empty(values, errors):
+    """Fill NaN bins of each frame from their valid neighbours (growing rings).
+
+    Why: a bin can be fully masked (a saturated star, a strap cluster); the spline needs a
+    value there. Neighbour means are smooth and local; the filled bins get twice the largest
+    neighbouring error so the uncertainty says they were not measured.
+    """
+    values = values.copy()
+    errors = errors.copy()
+    kernel = np.ones((1, 3, 3))
+    for _ in range(max(values.shape[1:])):
+        bad = ~np.isfinite(values)
+        if not bad.any():
+            break
+        good = ~bad
+        if not good.reshape(len(values), -1).any(axis=1).all():
+            raise InputError("scattered-light cube: a frame has no usable bin at all")
+        v = np.where(good, values, 0.0)
+        e = np.where(good, errors, 0.0)
+        s = ndimage.convolve(v, kernel, mode="constant")
+        w = ndimage.convolve(good.astype(float), kernel, mode="constant")
+        emax = ndimage.maximum_filter(e, size=(1, 3, 3), mode="constant")
+        fill = bad & (w > 0)
+        values[fill] = s[fill] / w[fill]
+        errors[fill] = 2.0 * emax[fill]
+    return values, errors
+
+
+# ------------------------------------------------------------------------------ masks
+def _smooth(image, exclude, box):
+    """Smooth version of ``image``: median of usable pixels in box cells, bilinear."""
+    med, _, _ = bin_statistics(image[None], exclude[None], box, min_pixels=3)
+    med, _ = _fill_empty(med, np.zeros_like(med))
+    R, C = image.shape
+    rr = (np.arange(R) + 0.5) / box - 0.5
+    cc = (np.arange(C) + 0.5) / box - 0.5
+    return ndimage.map_coordinates(med[0], np.meshgrid(rr, cc, indexing="ij"), order=1,
+                                   mode="nearest")
+
+
+def static_mask(sumimage, settings, catalog=None, flags=None):
+    """Pixels never used for the cube: stars, saturation bleed, bad pixels.
+
+    Why both: the sum-image threshold finds every source bright enough to bias a bin median,
+    the catalog discs cover the PRF wings of bright stars that fall below that threshold.
+
+    Parameters
+    ----------
+    sumimage : (R, C) array
+    settings : dict
+        The ``[scattered_light]`` section.
+    catalog : (rows, cols, tmag) arrays in cube pixel indices, optional
+    flags : (R, C) uint8 pixel flags of the reference frame, optional
+
+    Returns
+    -------
+    (R, C) bool, True = masked.
+    """
+    s = settings
+    img = np.asarray(sumimage, dtype=float)
+    mask = ~np.isfinite(img)
+    box = max(int(s["bin_size"]), 4)
+    smooth = _smooth(np.where(mask, 0, img), mask, box)
+    resid = img - smooth
+    vals = resid[~mask]
+    sigma = 1.4826 * np.median(np.abs(vals - np.median(vals))) if vals.size else 1.0
+    stars = resid > float(s["star_nsigma"]) * sigma
+    dil = int(s["star_dilate"])
+    if dil > 0:
+        stars = ndimage.binary_dilation(stars, iterations=dil)
+    mask |= stars
+    # saturated pixels and their bleed columns (+- rows along the column, +-1 column)
+    sat = img > float(s["saturation"])
+    if flags is not None:
+        sat |= (np.asarray(flags) & int(PixelQualityFlags.Saturated)) != 0
+    if sat.any():
+        m = int(s["bleed_margin"])
+        sat = ndimage.binary_dilation(sat, structure=np.ones((2 * m + 1, 5), dtype=bool))
+        mask |= sat
+    if catalog is not None:
+        rows, cols, tmag = (np.asarray(a, dtype=float) for a in catalog)
+        bright = np.isfinite(tmag) & (tmag <= float(s["catalog_tmag"]))
+        radius = float(s["catalog_radius"]) * np.sqrt(
+            10 ** (-0.4 * (tmag[bright] - float(s["catalog_tmag"]))))
+        mask |= _discs(img.shape, rows[bright], cols[bright], np.minimum(radius, 60.0))
+    return mask
+
+
+def _discs(shape, rows, cols, radii):
+    mask = np.zeros(shape, dtype=bool)
+    R, C = shape
+    for r0, c0, rad in zip(rows, cols, radii):
+        r1, r2 = int(max(0, np.floor(r0 - rad))), int(min(R, np.ceil(r0 + rad) + 1))
+        c1, c2 = int(max(0, np.floor(c0 - rad))), int(min(C, np.ceil(c0 + rad) + 1))
+        if r1 >= r2 or c1 >= c2:
+            continue
+        yy, xx = np.ogrid[r1:r2, c1:c2]
+        mask[r1:r2, c1:c2] |= (yy - r0) ** 2 + (xx - c0) ** 2 <= rad ** 2
+    return mask
+
+
+def column_gain(sumimage, mask, settings):
+    """Multiplicative sky response of each column (straps), from the star-free sum image.
+
+    Why multiplicative: straps on the back of the CCD reflect part of the light that
+    passes through, so a strap column sees a fixed fraction more of whatever sky falls on
+    it; the same gain then holds when the glow rises. Columns whose median ratio to the
+    smooth sky differs from 1 by less than ``strap_nsigma`` of its error keep gain 1.
+
+    Returns
+    -------
+    gain : (C,) array, strap : (C,) bool (columns with a significant gain)
+    """
+    img = np.asarray(sumimage, dtype=float)
+    R, C = img.shape
+    # smooth along rows only over big cells so one column does not pull its own baseline
+    box = max(int(settings["bin_size"]), 8)
+    smooth = _smooth(np.where(mask, 0, img), mask, box)
+    ratio = np.where(mask | (smooth <= 0), np.nan, img / np.where(smooth > 0, smooth, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(ratio, axis=0)
+        spread = 1.4826 * np.nanmedian(np.abs(ratio - med[None]), axis=0)
+    n = np.sum(np.isfinite(ratio), axis=0)
+    err = 1.2533 * spread / np.sqrt(np.maximum(n, 1))
+    # columns next to a strap pull the smooth baseline; compare with a running median
+    base = ndimage.median_filter(np.nan_to_num(med, nan=1.0), size=31, mode="nearest")
+    excess = med / base - 1.0
+    strap = (n >= 10) & np.isfinite(excess) & \
+        (np.abs(excess) > float(settings["strap_nsigma"]) * np.maximum(err, 1e-6))
+    gain = np.ones(C)
+    gain[strap] = 1.0 + excess[strap]
+    return gain, strap
+
+
+# ------------------------------------------------------------------------------ building
+class CubeBuilder:
+    """Accumulates the cube block by block (prepare streams the frames once).
+
+    Parameters
+    ----------
+    shape : (R, C) science-region shape
+    row_offset, column_offset : int, 0-based CCD position of pixel [0, 0]
+    mask : (R, C) bool, the static mask (:func:`static_mask`)
+    gain : (C,) column gain (:func:`column_gain`); images are divided by it before binning
+    settings : the ``[scattered_light]`` section
+    """
+
+    def __init__(self, shape, row_offset, column_offset, mask, gain, settings):
+        self.shape = tuple(shape)
+        self.row_offset = int(row_offset)
+        self.column_offset = int(column_offset)
+        self.mask = np.asarray(mask, dtype=bool)
+        self.gain = np.asarray(gain, dtype=np.float32)
+        self.settings = settings
+        self.bin_size = int(settings["bin_size"])
+        self.min_pixels = int(settings["min_pixels"])
+        self._values, self._errors = [], []
+        b = self.bin_size
+        R, C = self.shape
+        ny, nx = -(-R // b), -(-C // b)
+        # centre of the usable part of each bin (a partial last bin is narrower)
+        self.bin_rows = self.row_offset + np.array(
+            [(i * b + min((i + 1) * b, R) - 1) / 2.0 for i in range(ny)])
+        self.bin_cols = self.column_offset + np.array(
+            [(j * b + min((j + 1) * b, C) - 1) / 2.0 for j in range(nx)])
+        _, _, count = bin_statistics(np.zeros((1,) + self.shape, np.float32), self.mask, b, 0)
+        self.counts = count[0].astype(np.int64)
+
+    def add(self, images, flags=None, reference=None, errors=None):
+        """Bin one block of frames ``(n, R, C)``; ``reference`` is subtracted first."""
+        images = np.asarray(images, dtype=np.float32)
+        if reference is not None:
+            images = images - np.asarray(reference, dtype=np.float32)
+        images = images / self.gain[None, None, :]
+        mask = self.mask[None]
+        if flags is not None:
+            mask = mask | ((np.asarray(flags) & BAD_PIXEL_BITS) != 0)
+        if errors is not None:
+            errors = np.asarray(errors, dtype=np.float32) / self.gain[None, None, :]
+        med, err, _ = bin_statistics(images, mask, self.bin_size, self.min_pixels, errors)
+        self._values.append(med)
+        self._errors.append(err)
+
+    def finish(self, time, cadenceno=None, quality=None, **meta):
+        """The :class:`SLCube` (empty bins filled, static level from the darkest frames)."""
+        values = np.concatenate(self._values)
+        errors = np.concatenate(self._errors)
+        values, errors = _fill_empty(values, errors)
+        cube = SLCube(values=values, errors=errors, counts=self.counts, time=time,
+                      bin_rows=self.bin_rows, bin_cols=self.bin_cols, bin_size=self.bin_size,
+                      column_gain=self.gain.astype(np.float64),
+                      gain_column_offset=self.column_offset, cadenceno=cadenceno,
+                      quality=quality, **meta)
+        cube.static = dark_level(cube, int(self.settings["n_dark"]))
+        return cube
+
+
+def dark_level(cube, n_dark):
+    """Per-bin median of the ``n_dark`` darkest good cadences (tess-backml's static scene)."""
+    good = TESSQualityFlags.filter(cube.quality) & np.all(np.isfinite(cube.values), (1, 2))
+    idx = np.flatnonzero(good) if good.any() else np.arange(len(cube.time))
+    level = np.median(cube.values[idx], axis=(1, 2))
+    dark = idx[np.argsort(level)[:max(int(n_dark), 1)]]
+    return np.median(cube.values[dark], axis=0)
+
+
+def bin_time(cube, hours, gap_factor=3.0):
+    """Average the cube in ``hours``-long windows within each orbit (bad cadences skipped).
+
+    Why: a binned cube is smaller and less noisy, at the price of interpolating in time;
+    windows never straddle a data gap (longer than ``gap_factor`` median cadences), and the
+    last window of a segment keeps the remainder. The error of a bin is the quadrature mean.
+    """
+    if not hours or hours <= 0:
+        return cube
+    t = cube.time
+    width = float(hours) / 24.0
+    good = TESSQualityFlags.filter(cube.quality)
+    if not good.any():
+        good = np.ones(t.size, dtype=bool)
+    seg = _segments(t, gap_factor)
+    vals, errs, times, cads = [], [], [], []
+    for s0, s1 in seg:
+        ts = t[s0:s1]
+        edges = np.arange(ts[0], ts[-1] + width, width)
+        index = np.clip(np.searchsorted(edges, ts, side="right") - 1, 0, None)
+        for k in np.unique(index):
+            sel = np.flatnonzero(index == k) + s0
+            use = sel[good[sel]]
+            if use.size == 0:
+                continue
+            vals.append(cube.values[use].mean(axis=0))
+            errs.append(np.sqrt((cube.errors[use] ** 2).sum(axis=0)) / use.size)
+            times.append(t[use].mean())
+            cads.append(int(cube.cadenceno[use[0]]))
+    out = SLCube(values=np.array(vals), errors=np.array(errs), counts=cube.counts,
+                 time=np.array(times), bin_rows=cube.bin_rows, bin_cols=cube.bin_cols,
+                 bin_size=cube.bin_size, static=cube.static, column_gain=cube.column_gain,
+                 gain_column_offset=cube.gain_column_offset, cadenceno=np.array(cads),
+                 quality=np.zeros(len(times), dtype=np.int64), time_binned=True,
+                 time_bin_hours=float(hours), reference=cube.reference, sector=cube.sector,
+                 camera=cube.camera, ccd=cube.ccd, meta=dict(cube.meta))
+    return out
+
+
+def _segments(t, gap_factor):
+    """(start, stop) index ranges of ``t`` split at gaps > gap_factor x median step."""
+    if t.size < 2:
+        return [(0, t.size)]
+    dt = np.diff(t)
+    step = np.median(dt)
+    cuts = np.flatnonzero(dt > float(gap_factor) * step) + 1
+    bounds = np.concatenate([[0], cuts, [t.size]])
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+# ------------------------------------------------------------------------------ HDF5
+_ARRAYS = ("values", "errors", "counts", "time", "bin_rows", "bin_cols", "static",
+           "column_gain", "cadenceno", "quality")
+_SCALARS = ("bin_size", "gain_column_offset", "time_binned", "time_bin_hours", "reference",
+            "sector", "camera", "ccd")
+
+
+def write_group(cube, group):
+    """Store ``cube`` in an h5py group (datasets + attributes; see ``docs/scattered_light.md``)."""
+    for key in list(group.keys()):
+        del group[key]
+    for name in _ARRAYS:
+        value = getattr(cube, name)
+        if value is None:
+            continue
+        dtype = np.float32 if name in ("values", "errors", "static") else None
+        group.create_dataset(name, data=np.asarray(value, dtype=dtype))
+    for name in _SCALARS:
+        value = getattr(cube, name)
+        group.attrs[name] = value if not isinstance(value, (bool, np.bool_)) else int(value)
+    group.attrs["meta"] = json.dumps(cube.meta, sort_keys=True, default=str)
+    return group
+
+
+def read_group(group):
+    """The :class:`SLCube` stored by :func:`write_group`."""
+    kwargs = {name: group[name][()] for name in _ARRAYS if name in group}
+    a = group.attrs
+    for name in _SCALARS:
+        if name in a:
+            value = a[name]
+            value = value.decode() if isinstance(value, bytes) else value
+            kwargs[name] = value
+    kwargs["time_binned"] = bool(kwargs.get("time_binned", False))
+    kwargs["bin_size"] = int(kwargs["bin_size"])
+    kwargs["reference"] = str(kwargs.get("reference", "none"))
+    kwargs["meta"] = json.loads(a["meta"]) if "meta" in a else {}
+    return SLCube(**kwargs)
+
+
+# ------------------------------------------------------------------------------ FITS
+def write_fits(cube, path, overwrite=True):
+    """Export in tess-backml's layout (a tess-backml ``ScatterLightCorrector`` can read it).
+
+    Primary header: ``SECTOR``, ``CAMERA``, ``CCD``, ``TSTART``/``TSTOP`` (TJD), ``PIXBIN``,
+    ``PIXBINM``, ``IMGSIZEX``/``IMGSIZEY``, ``TIMBINS`` (h), ``TIMBINM``, ``TIMSIZE``;
+    ext 1 ``SCATTER LIGHT CUBE`` = the transposed stack ``[values - static, errors]``, shown as
+    (2, nt, ny, nx) in FITS axis order; ext 2 ``PIXEL COUNTS`` (ny, nx) int64; ext 3 ``TIME``
+    (column ``time`` in JD, header ``BINNED``). Our additions, ignored by tess-backml:
+    ``ROW0``/``COL0`` (0-based CCD position of the first bin's first pixel), ``REFMODEL``, and
+    ext 4 ``STATIC`` (the dark level), ext 5 ``COLUMN GAIN``, ext 6 ``BIN CENTERS``.
+    """
+    from astropy.io import fits
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: exists (use overwrite)")
+    nt, ny, nx = cube.shape
+    ph = fits.PrimaryHDU()
+    h = ph.header
+    h["CREATOR"] = ("tessphot", "Software of origin")
+    h["ORIGIN"] = ("photometry_scattered", "package that wrote this cube")
+    h["TELESCOP"] = "TESS"
+    h["SECTOR"] = (int(cube.sector), "Observing sector")
+    h["CAMERA"] = (int(cube.camera), "Camera number")
+    h["CCD"] = (int(cube.ccd), "CCD chip number")
+    h["BJDREFI"] = (2457000, "integer part of BTJD reference date")
+    h["TIMEUNIT"] = "d"
+    half = (np.median(np.diff(cube.time)) / 2.0) if nt > 1 else 0.0
+    h["TSTART"] = (float(cube.time[0] - half), "observation start time in TJD")
+    h["TSTOP"] = (float(cube.time[-1] + half), "observation stop time in TJD")
+    h["OBJECT"] = ("Scatter Light cube", "Type of data")
+    h["PIXBIN"] = (int(cube.bin_size), "Bin size in pixel space")
+    h["PIXBINM"] = ("median", "Method of binning in pixel space")
+    # tess-backml writes IMGSIZEX/Y swapped with respect to the array; we keep that meaning
+    # (X = rows, Y = columns) so square cubes read the same by both tools
+    h["IMGSIZEX"] = (int(ny), "Image size in axis X")
+    h["IMGSIZEY"] = (int(nx), "Image size in axis Y")
+    h["TIMBINS"] = (float(cube.time_bin_hours), "[h] bin size in time axis")
+    h["TIMBINM"] = ("mean" if cube.time_binned else "none", "Method of binning in time")
+    h["TIMSIZE"] = (int(nt), "Cube size in time axis")
+    b = int(cube.bin_size)
+    h["ROW0"] = (float(cube.bin_rows[0] - (b - 1) / 2.0), "0-based CCD row of first bin edge")
+    h["COL0"] = (float(cube.bin_cols[0] - (b - 1) / 2.0), "0-based CCD col of first bin edge")
+    h["REFMODEL"] = (str(cube.reference), "background model subtracted before binning")
+    data = np.array([cube.values - cube.static[None], cube.errors], dtype=np.float32).T
+    hdus = [ph,
+            fits.ImageHDU(data, name="SCATTER LIGHT CUBE"),
+            fits.ImageHDU(np.asarray(cube.counts, dtype=np.int64), name="PIXEL COUNTS")]
+    tcol = fits.Column(name="time", format="D", unit="jd", array=cube.time + BTJD0)
+    th = fits.BinTableHDU.from_columns([tcol], name="TIME")
+    th.header["BINNED"] = (bool(cube.time_binned), "Is cube binned in time")
+    hdus.append(th)
+    hdus.append(fits.ImageHDU(np.asarray(cube.static, dtype=np.float32), name="STATIC"))
+    if cube.column_gain is not None:
+        gh = fits.ImageHDU(np.asarray(cube.column_gain, dtype=np.float32), name="COLUMN GAIN")
+        gh.header["COLOFF"] = (int(cube.gain_column_offset), "0-based CCD col of element 0")
+        hdus.append(gh)
+    centres = fits.BinTableHDU.from_columns(
+        [fits.Column(name="bin_cols", format="D", array=cube.bin_cols)], name="BIN CENTERS")
+    centres.header["NROWBIN"] = ny
+    for i, r in enumerate(cube.bin_rows):
+        centres.header[f"ROWC{i}"] = float(r)
+    hdus.append(centres)
+    tmp = path.with_name(path.name + ".partial")
+    fits.HDUList(hdus).writeto(tmp, overwrite=True)
+    os.replace(tmp, path)
+    return path
+
+
+def read_fits(path, sector=None, camera=None, ccd=None):
+    """Import a cube written by :func:`write_fits` or by tess-backml.
+
+    For tess-backml files the bin centres follow that tool's own grid: its science window
+    starts at 0-based CCD column 45 (it slices ``[45:2093]``, one column right of the first
+    science column 44), rows at 0. Their values are flux minus the dark-frame level, so
+    ``static`` is 0 and ``reference`` is ``"dark"``.
+
+    Raises
+    ------
+    InputError
+        Not a scattered-light cube, or sector/camera/CCD differ from the requested ones.
+    """
+    from astropy.io import fits
+
+    path = Path(path)
+    try:
+        hdul = fits.open(path, memmap=False)
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: not a FITS file ({exc})") from None
+    with hdul:
+        names = [hdu.name for hdu in hdul]
+        for need in ("SCATTER LIGHT CUBE", "PIXEL COUNTS", "TIME"):
+            if need not in names:
+                raise InputError(f"{path}: not a scattered-light cube (no {need} extension)")
+        h = hdul[0].header
+        for key, want in (("SECTOR", sector), ("CAMERA", camera), ("CCD", ccd)):
+            if want is not None and int(h.get(key, -1)) != int(want):
+                raise InputError(f"{path}: cube is for {key} {h.get(key)}, not {want}")
+        data = np.asarray(hdul["SCATTER LIGHT CUBE"].data, dtype=np.float64).T
+        if data.ndim != 4 or data.shape[0] != 2:
+            raise InputError(f"{path}: SCATTER LIGHT CUBE has shape {data.shape[::-1]}, "
+                             "expected (2, nt, ny, nx) in FITS order")
+        values, errors = data[0], data[1]
+        nt, ny, nx = values.shape
+        counts = np.asarray(hdul["PIXEL COUNTS"].data, dtype=np.int64)
+        time = np.asarray(hdul["TIME"].data["time"], dtype=np.float64) - BTJD0
+        binned = bool(hdul["TIME"].header.get("BINNED", False))
+        b = int(h["PIXBIN"])
+        ours = "ROW0" in h
+        row0 = float(h["ROW0"]) if ours else 0.0
+        col0 = float(h["COL0"]) if ours else 45.0
+        bin_rows = row0 + np.arange(ny) * b + (b - 1) / 2.0
+        bin_cols = col0 + np.arange(nx) * b + (b - 1) / 2.0
+        if "BIN CENTERS" in names:
+            bc = hdul["BIN CENTERS"]
+            bin_cols = np.asarray(bc.data["bin_cols"], dtype=float)
+            bin_rows = np.array([bc.header[f"ROWC{i}"] for i in range(ny)], dtype=float)
+        static = np.asarray(hdul["STATIC"].data, dtype=np.float64) if "STATIC" in names \
+            else np.zeros((ny, nx))
+        gain, goff = None, 44
+        if "COLUMN GAIN" in names:
+            gain = np.asarray(hdul["COLUMN GAIN"].data, dtype=np.float64)
+            goff = int(hdul["COLUMN GAIN"].header.get("COLOFF", 44))
+        reference = str(h.get("REFMODEL", "dark"))
+        return SLCube(values=values + static[None], errors=errors, counts=counts, time=time,
+                      bin_rows=bin_rows, bin_cols=bin_cols, bin_size=b, static=static,
+                      column_gain=gain, gain_column_offset=goff, time_binned=binned,
+                      time_bin_hours=float(h.get("TIMBINS", 0.0)) if binned else 0.0,
+                      reference=reference, sector=int(h.get("SECTOR", 0)),
+                      camera=int(h.get("CAMERA", 0)), ccd=int(h.get("CCD", 0)),
+                      meta={"file": str(path), "creator": str(h.get("CREATOR", ""))})

@@ -1,0 +1,170 @@
+"""The ``scattered_light`` prepare stage: build the cube from the cached frames in one pass."""
+import logging
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from photometry.errors import ConfigurationError, InputError
+from photometry.stages import BackgroundModel, PrepareStage
+
+from .cube import CubeBuilder, bin_time, column_gain, static_mask, write_group
+
+__all__ = ["ScatteredLightCube", "build_cube", "options"]
+
+logger = logging.getLogger(__name__)
+
+_POSITIVE = ("bin_size", "min_pixels", "star_nsigma", "saturation", "catalog_radius",
+             "n_dark", "gap_factor", "strap_nsigma", "flag_level", "flag_rate", "flag_error")
+
+
+def options(settings):
+    """The ``[scattered_light]`` section, checked where it is given."""
+    try:
+        s = dict(settings["scattered_light"])
+    except (KeyError, TypeError):
+        raise ConfigurationError("settings: missing section [scattered_light]") from None
+    for key in _POSITIVE:
+        if not float(s[key]) > 0:
+            raise ConfigurationError(f"scattered_light.{key}: must be > 0 (got {s[key]!r})")
+    if float(s["time_bin"]) < 0:
+        raise ConfigurationError("scattered_light.time_bin: must be >= 0 (0 = no binning)")
+    if s.get("interpolation", "cubic") not in ("cubic", "linear"):
+        raise ConfigurationError("scattered_light.interpolation: must be 'cubic' or 'linear'")
+    return s
+
+
+def _catalog(f):
+    """(row, column, tmag) of the cache's catalog in cube pixel indices, or None."""
+    a = f.attrs
+    try:
+        name = (f"catalog_sector{int(a['sector']):04d}_camera{int(a['camera'])}"
+                f"_ccd{int(a['ccd'])}.sqlite")
+    except KeyError:
+        return None
+    path = Path(f.filename).parent / name
+    if not path.exists():
+        return None
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+        data = np.array(con.execute('SELECT "row", "column", tmag FROM catalog '
+                                    'WHERE tmag IS NOT NULL').fetchall(), dtype=float)
+    data = data.reshape(-1, 3)
+    return (data[:, 0] - float(a.get("row_offset", 0)),
+            data[:, 1] - float(a.get("column_offset", 0)), data[:, 2])
+
+
+def resolve_reference(settings, s, f):
+    """Name of the background model the cube is built on top of ("none" = total sky)."""
+    ref = str(s["reference"])
+    if ref == "none":
+        return "none"
+    if ref == "auto":
+        ref = str(settings.get("photometry", {}).get("background", "") or "")
+        if not ref:
+            return "none"
+        g = f.get(f"models/{ref}")
+        if g is None or not bool(g.attrs.get("complete", False)):
+            return "none"
+    g = f.get(f"models/{ref}")
+    if g is None or not bool(g.attrs.get("complete", False)):
+        raise ConfigurationError(f"scattered_light.reference = '{ref}': that prepare stage "
+                                 "has not run before scattered_light (order prepare.stages)")
+    return ref
+
+
+def build_cube(blocks, shape, time, settings, *, sumimage=None, catalog=None, ref_flags=None,
+               row_offset=0, column_offset=44, cadenceno=None, quality=None, reference=None,
+               ids=None, meta=None, progress=False):
+    """Build an :class:`SLCube` from ``(frame_slice, images, errors, flags)`` blocks.
+
+    The array entry point (tests, TPF/TESScut cubes, benchmarks); the prepare stage calls it
+    with the cache's blocks. ``sumimage`` (default: the mean of the blocks, a second pass)
+    gives the star mask and the column gains; ``reference(frame_slice)`` returns the model
+    image block subtracted before binning; ``ids`` sets the cube's ``reference``, ``sector``,
+    ``camera``, ``ccd``.
+    """
+    s = options(settings) if "scattered_light" in settings else settings
+    n_frames = len(time)
+    blocks = list(blocks) if sumimage is None else blocks
+    if sumimage is None:
+        total = np.zeros(shape)
+        count = np.zeros(shape)
+        for _, images, _, _ in blocks:
+            ok = np.isfinite(images)
+            total += np.where(ok, images, 0).sum(axis=0)
+            count += ok.sum(axis=0)
+        sumimage = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    mask = static_mask(sumimage, s, catalog, ref_flags)
+    gain, strap = column_gain(sumimage, mask, s)
+    if bool(s["mask_straps"]) and strap.any():
+        mask |= np.convolve(strap.astype(int), np.ones(3), mode="same")[None, :] > 0
+    if mask.mean() > 0.95:
+        raise InputError(f"scattered-light cube: {mask.mean():.0%} of the pixels are masked "
+                         "(stars, saturation, straps); nothing left to measure the sky")
+    builder = CubeBuilder(shape, row_offset, column_offset, mask, gain, s)
+    bar = tqdm(total=n_frames, desc="scattered light", unit="frame", leave=False,
+               disable=not progress or None)
+    sub = 8
+    for sl, images, errors, flags in blocks:
+        for k in range(0, sl.stop - sl.start, sub):
+            part = slice(sl.start + k, min(sl.start + k + sub, sl.stop))
+            local = slice(k, k + part.stop - part.start)
+            refimg = reference(part) if reference is not None else None
+            builder.add(images[local], None if flags is None else flags[local], refimg,
+                        None if errors is None else errors[local])
+            bar.update(part.stop - part.start)
+    bar.close()
+    meta = dict(meta or {})
+    meta.update(mask_fraction=float(mask.mean()), n_strap_columns=int(strap.sum()))
+    cube = builder.finish(np.asarray(time, dtype=float), cadenceno=cadenceno, quality=quality,
+                          meta=meta, **(ids or {}))
+    return bin_time(cube, float(s["time_bin"]), float(s["gap_factor"]))
+
+
+class ScatteredLightCube(PrepareStage):
+    """Prepare stage ``scattered_light``: the binned sky of every cadence (cache group
+    ``models/scattered_light``, see :mod:`photometry_scattered.cube`)."""
+
+    name = "scattered_light"
+    version = "1.0"
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.options = options(settings)
+
+    def run(self, cache, group):
+        f = cache.file
+        s = self.options
+        n, R, C = f["images"].shape
+        if n == 0:
+            raise InputError(f"{f.filename}: scattered_light: the cache holds no frames")
+        sumimage = f["sumimage"][()] if "sumimage" in f else None
+        ref_frame = int(f.attrs.get("ref_frame", 0))
+        ref_flags = f["pixel_flags"][ref_frame] if "pixel_flags" in f else None
+        ref_name = resolve_reference(self.settings, s, f)
+        reference = None
+        if ref_name != "none":
+            from photometry.base import _background_class
+            cls = _background_class(ref_name)
+            if not issubclass(cls, BackgroundModel):
+                raise ConfigurationError(f"scattered_light.reference: '{ref_name}' is not a "
+                                         "BackgroundModel")
+            rgroup = f[f"models/{ref_name}"]
+
+            def reference(part):
+                return cls.evaluate(rgroup, slice(None), slice(None),
+                                    np.arange(part.start, part.stop))
+        logger.info("scattered light: cube on top of '%s'", ref_name)
+        a = f.attrs
+        ids = {"reference": ref_name, "sector": int(a.get("sector", 0)),
+               "camera": int(a.get("camera", 0)), "ccd": int(a.get("ccd", 0))}
+        cube = build_cube(
+            cache.iter_frame_blocks(), (R, C), f["time"][()], self.settings, sumimage=sumimage,
+            catalog=_catalog(f), ref_flags=ref_flags,
+            row_offset=int(a.get("row_offset", 0)), column_offset=int(a.get("column_offset", 0)),
+            cadenceno=f["cadenceno"][()] if "cadenceno" in f else None,
+            quality=f["quality"][()] if "quality" in f else None, reference=reference,
+            ids=ids, meta={"cache": str(f.filename)}, progress=bool(s.get("progress", True)))
+        write_group(cube, group)
+        return group

@@ -1,0 +1,223 @@
+"""CacheWriter/FFICache on synthetic arrays, and the movement-kernel numerics."""
+import h5py
+import numpy as np
+import pytest
+from scipy.special import erf
+
+from photometry.cache import (CacheWriter, FFICache, choose_reference_frame, pixel_flags_for)
+from photometry.errors import InputError
+from photometry.movement import (MovementKernel, _apply, fit_affine, fit_centroids,
+                                 select_kernel_stars)
+from photometry.quality import PixelQualityFlags
+from photometry.settings import load_settings
+
+META = dict(sector=3, camera=2, ccd=1, cadence=600.0, data_rel=9, procver="t", row_offset=0,
+            column_offset=44)
+N, R, C = 23, 20, 26
+
+
+def _frames(seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(100, 5, (N, R, C)).astype(np.float32)
+    images[3, 4, 5] = np.nan
+    images[6, 2:5, 7] = 2e5
+    quality = np.zeros(N, int)
+    quality[[1, 9]] = 32
+    return images, (images * 0.01).astype(np.float32), quality
+
+
+def _write(path, images, errors, quality, settings, stop=None):
+    w = CacheWriter(path, settings, ffi_files=[f"f{i:03d}_ffic.fits" for i in range(N)],
+                    shape=(R, C), meta=META)
+    start = w.frames_done
+    for i in range(start, N if stop is None else stop):
+        w.add_frame(images[i], errors[i], time=2000 + i / 144, time_start=2000 + (i - .5) / 144,
+                    time_stop=2000 + (i + .5) / 144, timecorr=0.002, cadenceno=100 + i,
+                    quality=quality[i], wcs_header="")
+    if stop is not None:
+        w.close(complete=False)
+        return w
+    w.finish_ingest(usable=np.ones(N, bool))
+    w.close(complete=True)
+    return w
+
+
+@pytest.fixture
+def settings():
+    return load_settings(assignments=["prepare.time_chunk=5", "prepare.spatial_chunk=8"])
+
+
+def test_writer_layout_and_reader(tmp_path, settings):
+    images, errors, quality = _frames()
+    path = tmp_path / "sector0003_camera2_ccd1.hdf5"
+    _write(path, images, errors, quality, settings)
+    with h5py.File(path) as f:
+        assert f["images"].chunks == (5, 8, 8) and f["pixel_flags"].dtype == np.uint8
+        assert f["errors"].shape == (N, R, C)
+    with FFICache(path) as cache:
+        assert (cache.sector, cache.camera, cache.ccd, cache.cadence) == (3, 2, 1, 600)
+        assert np.array_equal(cache.stamp("images", slice(None), slice(None)), images,
+                              equal_nan=True)
+        assert np.array_equal(cache.stamp("errors", slice(2, 9), slice(3, 18)),
+                              errors[:, 2:9, 3:18], equal_nan=True)
+        assert np.array_equal(cache.cadenceno, 100 + np.arange(N))
+        good = quality == 0
+        expected = np.nanmean(images[good].astype(float), axis=0)
+        assert np.allclose(cache.sumimage, expected, rtol=1e-13, atol=0)
+        flags = cache.stamp("pixel_flags", slice(None), slice(None))
+        assert flags[3, 4, 5] == PixelQualityFlags.NonFinite
+        # saturated run rows 2-4 in column 7, plus one pixel of bleed padding at each end
+        assert np.array_equal(np.flatnonzero(flags[6, :, 7] & PixelQualityFlags.Saturated),
+                              [1, 2, 3, 4, 5])
+        assert cache.frame_wcs(0) is None
+        assert np.all(cache.movement_kernel.kernel == 0)
+        with pytest.raises(KeyError):
+            cache.stamp("sumimage", slice(0, 2), slice(0, 2))
+
+
+def test_reader_refuses_partial_and_incomplete(tmp_path, settings):
+    images, errors, quality = _frames()
+    path = tmp_path / "sector0003_camera2_ccd1.hdf5"
+    _write(path, images, errors, quality, settings, stop=12)
+    partial = tmp_path / (path.name + ".partial")
+    assert partial.exists() and not path.exists()
+    with pytest.raises(InputError, match="partial"):
+        FFICache(partial)
+    # the same content under the final name is still refused: complete is False
+    partial.rename(path)
+    with pytest.raises(InputError, match="incomplete"):
+        FFICache(path)
+    with pytest.raises(InputError, match="not found"):
+        FFICache(tmp_path / "nope.hdf5")
+
+
+def test_resume_equals_uninterrupted_and_damaged_partial_restarts(tmp_path, settings, caplog):
+    images, errors, quality = _frames()
+    a = tmp_path / "a" / "sector0003_camera2_ccd1.hdf5"
+    b = tmp_path / "b" / "sector0003_camera2_ccd1.hdf5"
+    _write(a, images, errors, quality, settings)
+    w = _write(b, images, errors, quality, settings, stop=13)   # flushed at 10
+    assert w.frames_done == 10
+    w = _write(b, images, errors, quality, settings)
+    assert w.state == "resume"
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        for name in ("images", "errors", "pixel_flags", "time", "quality", "sumimage",
+                     "movement_kernel"):
+            assert np.array_equal(fa[name][()], fb[name][()], equal_nan=True), name
+    # a partial that cannot be opened (killed mid-write) is rebuilt from scratch
+    c = tmp_path / "c" / "sector0003_camera2_ccd1.hdf5"
+    c.parent.mkdir()
+    (c.parent / (c.name + ".partial")).write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
+    w = _write(c, images, errors, quality, settings)
+    assert w.state == "new"
+    assert "starting over" in caplog.text
+    with FFICache(c) as cache:
+        assert np.array_equal(cache.stamp("images", slice(None), slice(None)), images,
+                              equal_nan=True)
+
+
+def test_complete_cache_is_kept_or_overwritten(tmp_path, settings):
+    images, errors, quality = _frames()
+    path = tmp_path / "sector0003_camera2_ccd1.hdf5"
+    _write(path, images, errors, quality, settings)
+    w = CacheWriter(path, settings, ffi_files=[f"f{i:03d}_ffic.fits" for i in range(N)],
+                    shape=(R, C), meta=META)
+    assert w.state == "complete"
+    other = load_settings(assignments=["prepare.time_chunk=4"])
+    with pytest.raises(InputError, match="--overwrite"):
+        CacheWriter(path, other, ffi_files=[f"f{i:03d}_ffic.fits" for i in range(N)],
+                    shape=(R, C), meta=META)
+    w = CacheWriter(path, other, ffi_files=[f"f{i:03d}_ffic.fits" for i in range(N)],
+                    shape=(R, C), meta=META, overwrite=True)
+    assert w.state == "new"
+    w.close()
+
+
+def test_reference_frame_choice():
+    t = np.arange(11.0)
+    q = np.zeros(11, int)
+    assert choose_reference_frame(t, q) == 5
+    q[5] = 32
+    assert choose_reference_frame(t, q) in (4, 6)
+    usable = np.ones(11, bool)
+    usable[[4, 6]] = False
+    assert choose_reference_frame(t, q, usable) in (3, 7)
+
+
+def test_pixel_flags_for():
+    img = np.full((10, 4), 10.0, np.float32)
+    img[4:6, 1] = 1e6
+    img[0, 0] = np.inf
+    flags = pixel_flags_for(img, 9e4, 2)
+    assert np.array_equal(np.flatnonzero(flags[:, 1]), [2, 3, 4, 5, 6, 7])
+    assert flags[0, 0] & PixelQualityFlags.NonFinite
+
+
+# ---------------------------------------------------------------------------- movement
+def _render(shape, xs, ys, flux, sigma=0.85, wing=2.2, wing_frac=0.15, sky=50.0):
+    img = np.full(shape, sky)
+    er = np.arange(shape[0] + 1) - 0.5
+    ec = np.arange(shape[1] + 1) - 0.5
+    for x, y, f in zip(xs, ys, flux):
+        for s, w in ((sigma, 1 - wing_frac), (wing, wing_frac)):
+            gx = np.diff(0.5 * erf((ec - x) / (np.sqrt(2) * s)))
+            gy = np.diff(0.5 * erf((er - y) / (np.sqrt(2) * s)))
+            img += f * w * np.outer(gy, gx)
+    return img
+
+
+def test_centroids_and_affine_recover_a_known_motion():
+    rng = np.random.default_rng(4)
+    shape = (80, 80)
+    n = 30
+    xs, ys = rng.uniform(6, 73, n), rng.uniform(6, 73, n)
+    flux = rng.uniform(2e4, 1e5, n)
+    x0 = y0 = 39.5
+    truth = np.array([0.23, -0.31, 1.5e-3, -4e-4, 6e-4, -1.2e-3])
+    dx, dy = _apply(truth, xs, ys, x0, y0)
+    ref = _render(shape, xs, ys, flux)
+    img = _render(shape, xs + dx, ys + dy, flux)
+    err = np.sqrt(img / 500.0)
+    img = img + rng.standard_normal(shape) * err
+    keep = select_kernel_stars(xs, ys, np.full(n, 9.0), shape, isolation=5.0, contrast=4.0)
+    assert 10 <= keep.size < n  # crowded pairs rejected
+    ax, ay, asig = fit_centroids(ref, xs[keep], ys[keep])
+    bx, by, bsig = fit_centroids(img, ax, ay, errors=err)
+    # one star replaced by garbage (a cosmic ray, a variable blend): rejected by the clipping
+    bx[0] += 0.8
+    params, used = fit_affine(ax, ay, bx - ax, by - ay, bsig, x0=x0, y0=y0)
+    assert not used[0] and used[1:].all()
+    gx, gy = np.meshgrid(np.arange(0, 80, 5.0), np.arange(0, 80, 5.0))
+    px, py = _apply(params, gx, gy, x0, y0)
+    tx, ty = _apply(truth, gx, gy, x0, y0)
+    assert max(np.abs(px - tx).max(), np.abs(py - ty).max()) < 0.01
+    # too few stars: translation only
+    params, _ = fit_affine(ax[:4], ay[:4], (bx - ax)[:4], (by - ay)[:4], x0=x0, y0=y0,
+                           min_stars=8)
+    assert np.all(params[2:] == 0) and np.isfinite(params[:2]).all()
+
+
+def test_saturated_or_nan_star_is_not_measured():
+    img = _render((30, 30), [10.0, 20.0], [10.0, 20.0], [2e6, 5e4])
+    img[19, 21] = np.nan
+    x, y, s = fit_centroids(img, [10.0, 20.0], [10.0, 20.0], saturation=9e4)
+    assert np.isnan(x).all()
+
+
+def test_movement_kernel_interpolation():
+    kernel = np.zeros((5, 6))
+    kernel[:, 0] = [0.0, 0.1, 0.2, np.nan, 0.4]
+    kernel[:, 5] = [0.0, 1e-3, 2e-3, 3e-3, 4e-3]
+    t = np.arange(5.0)
+    mk = MovementKernel(kernel, t, x0=10.0, y0=20.0, ref_frame=0)
+    dx, dy = mk.shift(np.array([10.0, 10.0]), np.array([20.0, 30.0]), 2)
+    assert np.allclose(dx, 0.2) and np.allclose(dy, [0.0, 0.02])
+    xn, yn = mk.apply(np.array([10.0]), np.array([30.0]), 4)
+    assert np.allclose([xn[0], yn[0]], [10.4, 30.04])
+    # NaN frame skipped by the time interpolation; slightly outside allowed, far outside not
+    p = mk.params_at_time([2.5, 3.0, -0.5, 4.9])
+    assert np.allclose(p[:, 0], [0.25, 0.3, 0.0, 0.4])
+    with pytest.raises(ValueError):
+        mk.params_at_time([6.5])
+    xs, ys = mk.positions_at_time([1.5], [10.0], [30.0])
+    assert np.allclose([xs[0, 0], ys[0, 0]], [10.15, 30.015])
