@@ -278,6 +278,7 @@ def fit_affine(x, y, dx, dy, sigma=None, *, x0=0.0, y0=0.0, min_stars=8, clip=5.
         sigma = np.zeros_like(x)
     sigma = np.asarray(sigma, float)
     used = np.isfinite(dx) & np.isfinite(dy) & np.isfinite(sigma) & np.isfinite(x) & np.isfinite(y)
+    valid = used.copy()
     weights = 1.0 / (sigma ** 2 + floor ** 2)
     params = np.full(6, np.nan)
     for _ in range(iterations):
@@ -304,7 +305,9 @@ def fit_affine(x, y, dx, dy, sigma=None, *, x0=0.0, y0=0.0, min_stars=8, clip=5.
             break
         # median of a 2-D (Rayleigh) residual norm is sqrt(ln 4) sigma
         scale = max(np.median(resid[used]) / np.sqrt(np.log(4.0)), 1.0)
-        new_used = used & (resid <= clip * scale)
+        # judged afresh each time from all valid stars: a star rejected only because the
+        # first fit was pulled by an outlier comes back
+        new_used = valid & (resid <= clip * scale)
         if np.array_equal(new_used, used):
             break
         used = new_used

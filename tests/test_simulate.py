@@ -40,6 +40,7 @@ def scene(tmp_path_factory):
         truth["kernel_before"] = h5["dumps/kernel_before"][()]
         truth["kernel_after"] = h5["dumps/kernel_after"][()]
         truth["variable_index"] = h5["variability/index"][()]
+        truth["variability"] = {key: h5["variability"][key][()] for key in h5["variability"]}
     return {"dir": out, "files": files, "truth": truth, "settings": settings}
 
 
@@ -221,6 +222,31 @@ def test_ideal_noise_matches_optimal_estimator_scatter(scene):
             ratios.append(np.std(errors) / stars["ideal_noise"][k])
     assert len(ratios) >= 5
     assert np.mean(ratios) == pytest.approx(1.0, abs=0.12)
+
+
+def test_variability_truth(scene):
+    """Injected signals are in the true fluxes: transit depths, sinusoid amplitudes, flares."""
+    truth = scene["truth"]
+    var = truth["variability"]
+    stars = truth["stars"]
+    n_on = np.sum((stars["row"] > -0.5) & (stars["row"] < 95.5)
+                  & (stars["column"] > 43.5) & (stars["column"] < 139.5))
+    assert var["index"].size == pytest.approx(0.2 * n_on, abs=2)
+    rel = truth["flux"][var["index"]] / stars["flux_mean"][var["index"], None]
+    constant = np.setdiff1d(np.arange(stars["tmag"].size), var["index"])
+    assert np.all(truth["flux"][constant] == stars["flux_mean"][constant, None])
+    types = var["type"].astype(str)
+    for j in np.flatnonzero(types == "transit"):
+        # the first transit is inside the span; depth reached on fully covered cadences
+        assert rel[j].min() >= 1 - var["amplitude"][j] - 1e-9
+        assert rel[j].max() == pytest.approx(1.0)
+    deep = [j for j in np.flatnonzero(types == "transit")
+            if var["duration"][j] > 2.5 / 24]
+    assert any(rel[j].min() == pytest.approx(1 - var["amplitude"][j], abs=1e-9) for j in deep)
+    for j in np.flatnonzero(types == "sinusoid"):
+        assert np.abs(rel[j] - 1).max() <= var["amplitude"][j]
+    for j in np.flatnonzero(types == "flare"):
+        assert rel[j].min() >= 1.0 and rel[j].max() > 1.0
 
 
 def test_same_seed_gives_identical_files(tmp_path):

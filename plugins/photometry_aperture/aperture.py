@@ -1,9 +1,35 @@
 """AperturePhotometry: simple aperture sums in a mask built from the sum image, catalog and PRF.
 
 The mask logic lives in :mod:`photometry_aperture.masks` (pure array functions); this class
-only gathers its inputs from :class:`photometry.base.BasePhotometry`, grows the stamp while
-the mask touches its edge, sums the light curve and reports contamination and the fainter
-stars its mask makes redundant. Settings: the ``[aperture]`` section of the settings.
+gathers its inputs from :class:`photometry.base.BasePhotometry`, grows the stamp while the
+mask touches its edge, sums the light curve and reports contamination and the fainter stars
+its mask makes redundant. Settings: the ``[aperture]`` section (settings/defaults.toml).
+
+Method, per target:
+
+1. Segmentation (K2P2-like): pixels of the background-subtracted sum image above
+   ``mode + threshold_sigma x robust noise``; a watershed seeded at the catalog stars that
+   make their own peak (expected flux x PRF) splits blended neighbours; the target keeps its
+   segment.
+2. Mask: the pixels of that segment that maximise the predicted per-cadence S/N (ranked by
+   target signal / variance, including the background error as correlated over the mask).
+   Saturated stars (``tmag < saturation_tmag`` or flagged pixels) also keep every saturated
+   pixel and their bleed columns, extended along the columns down to the threshold.
+3. Stamp growth: a mask touching a stamp side grows that side by ``resize_step`` and starts
+   again, at most ``max_resizes`` times (WARNING if it still touches or cannot grow).
+4. Light curve: residual sky surface fitted per cadence on the stamp's empty pixels
+   (``residual_background``), sum over the mask, errors with the background error correlated,
+   flux-weighted centroid (0-based CCD column, row), division by the PRF-predicted fraction
+   of flux kept at each frame's position (``motion_correction``).
+5. Contamination ``AP_CONT`` = catalog-expected flux of other stars in the mask / all
+   expected flux in it. With ``contamination_correction`` (default) the flux is
+   ``flux - AP_CONT x median(flux)``, i.e. the neighbours' mean share is removed so that
+   relative amplitudes are the target's own (header ``AP_CCORR``); set it false for the raw
+   aperture sum. Fainter catalog stars whose centre pixel is in the mask become
+   ``skip_targets``.
+
+Headers: AP_CONT, AP_CCORR, AP_NPIX, AP_FFRAC (expected fraction of the target's flux in
+the mask), AP_THRSH, AP_SNR, AP_SAT, AP_NSKIP, AP_MCORR.
 """
 import logging
 import warnings
@@ -176,7 +202,12 @@ class AperturePhotometry(BasePhotometry):
         if order >= 0:
             sky = (res.labels == 0) & np.isfinite(res.models_total) \
                 & (res.models_total < res.noise) & ~mask
-            resid, resid_err = masks.residual_background(images, sky, order)
+            good = TESSQualityFlags.filter(self.quality)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                reference = np.nanmean(images[good if np.any(good) else slice(None)], axis=0)
+            resid, resid_err = masks.residual_background(images, sky, order,
+                                                         reference=reference)
             if resid is not None:
                 images = images - resid
                 backgrounds = backgrounds + resid

@@ -423,14 +423,17 @@ def aperture_sums(images, errors, bkg_errors, mask, backgrounds=None,
     return flux, flux_err, background, centroid
 
 
-def residual_background(images, sky, order=1, min_pixels=12):
+def residual_background(images, sky, order=1, min_pixels=12, reference=None):
     """Per-cadence polynomial surface fitted to the source-free pixels ``sky`` of the stamp.
 
     Why: what is left of the sky after the cache's background model (a flat local level, or
     a CCD-wide model) is a smooth offset and gradient across the stamp that changes with
     time (scattered light); fitted on the stamp's own empty pixels it is removed where the
     aperture is. ``order`` 0 is a constant, 1 a plane, 2 a quadratic surface. Each cadence is
-    fitted with a 3-sigma clip (faint uncatalogued stars, cosmic rays).
+    fitted with a 3-sigma clip (faint uncatalogued stars, cosmic rays). With ``reference``
+    (the mean image) the static part is fitted once on it and each cadence's fit is of
+    ``image - reference``, so faint static structure (wings, unresolved stars) does not
+    inflate the error estimate, which is then the scatter of the time-variable part only.
 
     Returns
     -------
@@ -449,8 +452,20 @@ def residual_background(images, sky, order=1, min_pixels=12):
     use = sky.ravel() & np.all(np.isfinite(images.reshape(n, -1)), axis=0)
     if use.sum() < max(min_pixels, 3 * basis.shape[1]):
         return None, None
+    if reference is not None:
+        use &= np.isfinite(reference).ravel()
     A = basis[use]
     y = images.reshape(n, -1)[:, use].T                          # (nuse, N)
+    static = np.zeros(basis.shape[0])
+    if reference is not None:
+        ref = reference.ravel()[use]
+        ok = np.ones(ref.size, dtype=bool)
+        for _ in range(3):
+            c = np.linalg.lstsq(A[ok], ref[ok], rcond=None)[0]
+            r = ref - A @ c
+            ok = np.abs(r) <= 3 * max(1.4826 * np.median(np.abs(r[ok])), 1e-12)
+        static = basis @ c
+        y = y - ref[:, None]
     keep = np.ones(y.shape, dtype=bool)
     for _ in range(3):
         coef = np.empty((A.shape[1], n))
@@ -463,7 +478,7 @@ def residual_background(images, sky, order=1, min_pixels=12):
         if np.array_equal(new, keep):
             break
         keep = new
-    surface = (basis @ coef).T.reshape(n, nrow, ncol)
+    surface = (basis @ coef + static[:, None]).T.reshape(n, nrow, ncol)
     # error of the fitted surface: residual scatter x sqrt(leverage) of each pixel
     cov = np.linalg.pinv(A.T @ A)
     lev = np.sqrt(np.einsum("ij,jk,ik->i", basis, cov, basis)).reshape(nrow, ncol)

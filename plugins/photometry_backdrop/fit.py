@@ -126,6 +126,8 @@ class BackdropFitter:
         #: per cell moves the model by ~sigma / cell_bins, negligible
         self._cell_bins = max(1.0, float(s["knot_spacing"]) ** 2 / b)
         self._flip_tolerance = max(1, int(1e-4 * act.size))
+        #: positive outliers (faint unmasked stars, cosmic rays) are clipped at a lower level
+        self._clip_high = float(s.get("clip_high_nsigma", s["clip_nsigma"]))
 
     # -- linear algebra on blocks of frames ---------------------------------------------------
     def _solve(self, ybar):
@@ -233,7 +235,7 @@ class BackdropFitter:
             for j, i in enumerate(todo):
                 sig = self._noise(z[j])
                 sigma[i] = sig
-                new_clip = np.abs(z[j]) > clip_k * sig
+                new_clip = (z[j] > self._clip_high * sig) | (z[j] < -clip_k * sig)
                 new_clip &= active
                 new_clip |= missing[i]
                 # re-solve when the clipped set changed or the model-filled bins moved by

@@ -141,7 +141,13 @@ def star_pixels(res, sigma, settings):
     """
     k = max(float(settings["mask_nsigma"]) * sigma, float(settings["mask_level"]))
     new = (res > k) | (res < -3 * k)
-    if int(settings["mask_dilate"]) > 0:
-        new = ndimage.binary_dilation(new, structure=ndimage.generate_binary_structure(2, 1),
-                                      iterations=int(settings["mask_dilate"]))
+    cross = ndimage.generate_binary_structure(2, 1)
+    grow = int(settings["mask_dilate"])
+    if grow > 0:
+        # bright sources spread faint wings farther: pixels 100x above the threshold grow a
+        # three times wider margin (a catalog-free stand-in for the catalog circles)
+        bright = res > 100 * k
+        new = ndimage.binary_dilation(new, structure=cross, iterations=grow)
+        if bright.any():
+            new |= ndimage.binary_dilation(bright, structure=cross, iterations=3 * grow)
     return new

@@ -1,80 +1,28 @@
 """Evaluate the scattered-light cube at any stamp and cadence, and correct a stamp with it.
 
-The interpolant is linear in the cube values: a not-a-knot cubic spline over the bin centres
+The interpolant is linear in the cube values: a natural cubic spline over the bin centres
 along rows, then along columns, then in time within each data segment (orbit). Being linear,
 it is written as three weight matrices, so the uncertainty propagates exactly
 (``err**2 = Wt**2 . Wr**2 . Wc**2 . errors**2`` for independent bins) and a stamp costs a few
 small matrix products. Pixels beyond the outermost bin centre (the half bin at a CCD edge) use
-the end polynomial of the spline (a short, smooth extrapolation); beyond half a bin spacing,
-the value at that distance is held. Times before/after a segment hold the end value.
+the spline's end value and slope (natural end conditions, linear continuation: no noise
+amplification by an extrapolated cubic); beyond half a bin spacing the value there is held. Times before/after a segment hold the end value.
 """
 import logging
 
 import numpy as np
-from scipy.interpolate import CubicSpline
 
 from photometry.errors import ConfigurationError, InputError
 from photometry.quality import LightCurveQualityFlags
 from photometry.stages import StampCorrection
 
-from .cube import SLCube, _segments, read_fits
+from .cube import SLCube, read_fits
+from .interp import axis_weights, time_weights
 
 __all__ = ["evaluate", "axis_weights", "time_weights", "ScatteredLightCorrection",
            "unreliable_cadences", "load_window"]
 
 logger = logging.getLogger(__name__)
-
-
-def axis_weights(x, xi, method="cubic"):
-    """(len(xi), len(x)) interpolation weights from samples at ``x`` to points ``xi``.
-
-    Why weights: the spline is linear in its data, so its response to the unit vectors is a
-    matrix that interpolates values and propagates variances alike.
-    """
-    x = np.asarray(x, dtype=float)
-    xi = np.atleast_1d(np.asarray(xi, dtype=float))
-    n = x.size
-    if n == 1:
-        return np.ones((xi.size, 1))
-    pad = 0.5 * (np.median(np.diff(x)) if n > 1 else 0.0)
-    xi = np.clip(xi, x[0] - pad, x[-1] + pad)
-    eye = np.eye(n)
-    if method == "linear" or n < 3:
-        # linear with linear extrapolation over the half bin
-        idx = np.clip(np.searchsorted(x, xi) - 1, 0, n - 2)
-        frac = (xi - x[idx]) / (x[idx + 1] - x[idx])
-        w = np.zeros((xi.size, n))
-        w[np.arange(xi.size), idx] = 1.0 - frac
-        w[np.arange(xi.size), idx + 1] += frac
-        return w
-    return CubicSpline(x, eye, axis=0, bc_type="not-a-knot", extrapolate=True)(xi)
-
-
-def time_weights(times, t, method="cubic", gap_factor=3.0):
-    """(len(t), len(times)) weights interpolating the cube in time within data segments.
-
-    Each requested time uses only the segment (orbit) it falls in, or the nearest one; a
-    cube that is not binned in time, asked at its own times, gives the identity.
-    """
-    times = np.asarray(times, dtype=float)
-    t = np.atleast_1d(np.asarray(t, dtype=float))
-    w = np.zeros((t.size, times.size))
-    segs = _segments(times, gap_factor)
-    starts = np.array([times[a] for a, _ in segs])
-    stops = np.array([times[b - 1] for _, b in segs])
-    dist = np.maximum(starts[None, :] - t[:, None], 0) + np.maximum(t[:, None] - stops[None, :], 0)
-    which = np.argmin(dist, axis=1)
-    for k, (a, b) in enumerate(segs):
-        sel = which == k
-        if not sel.any():
-            continue
-        ts = times[a:b]
-        tt = np.clip(t[sel], ts[0], ts[-1])
-        if ts.size == 1:
-            w[sel, a] = 1.0
-            continue
-        w[np.ix_(sel, np.arange(a, b))] = axis_weights(ts, tt, method)
-    return w
 
 
 def _window(centres, lo, hi, pad):

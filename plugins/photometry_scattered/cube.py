@@ -31,6 +31,8 @@ from scipy import ndimage
 from photometry.errors import InputError
 from photometry.quality import PixelQualityFlags, TESSQualityFlags
 
+from .interp import axis_weights, segments
+
 __all__ = ["SLCube", "CubeBuilder", "bin_statistics", "column_gain", "static_mask",
            "bin_time", "write_group", "read_group", "write_fits", "read_fits", "BTJD0"]
 
@@ -301,7 +303,7 @@ def column_gain(sumimage, mask, settings):
     # columns next to a strap pull the smooth baseline; compare with a running median
     base = ndimage.median_filter(np.nan_to_num(med, nan=1.0), size=31, mode="nearest")
     excess = med / base - 1.0
-    strap = (n >= 10) & np.isfinite(excess) & \
+    strap = (n >= 10) & np.isfinite(excess) & (np.abs(excess) > 0.002) & \
         (np.abs(excess) > float(settings["strap_nsigma"]) * np.maximum(err, 1e-6))
     gain = np.ones(C)
     gain[strap] = 1.0 + excess[strap]
@@ -340,6 +342,9 @@ class CubeBuilder:
         self.bin_cols = self.column_offset + np.array(
             [(j * b + min((j + 1) * b, C) - 1) / 2.0 for j in range(nx)])
         _, _, count = bin_statistics(np.zeros((1,) + self.shape, np.float32), self.mask, b, 0)
+        self._wr = axis_weights(self.bin_rows, self.row_offset + np.arange(R)).astype(np.float32)
+        self._wc = axis_weights(self.bin_cols, self.column_offset + np.arange(C)).astype(
+            np.float32)
         self.counts = count[0].astype(np.int64)
 
     def add(self, images, flags=None, reference=None, errors=None):
@@ -354,6 +359,15 @@ class CubeBuilder:
         if errors is not None:
             errors = np.asarray(errors, dtype=np.float32) / self.gain[None, None, :]
         med, err, _ = bin_statistics(images, mask, self.bin_size, self.min_pixels, errors)
+        if bool(self.settings.get("refine", True)) and med.shape[1] * med.shape[2] > 1:
+            # Second pass: the median of the residuals from the smooth first-pass model.
+            # Why: with most of a bin masked (stars), its usable pixels are not centred in
+            # it, and across a steep glow gradient their median is the sky somewhere else;
+            # residuals from a model that follows the gradient have no such offset.
+            filled, _ = _fill_empty(med, err)
+            model = np.matmul(np.matmul(self._wr, filled.astype(np.float32)), self._wc.T)
+            dmed, _, _ = bin_statistics(images - model, mask, self.bin_size, self.min_pixels)
+            med = filled + dmed
         self._values.append(med)
         self._errors.append(err)
 
@@ -394,7 +408,7 @@ def bin_time(cube, hours, gap_factor=3.0):
     good = TESSQualityFlags.filter(cube.quality)
     if not good.any():
         good = np.ones(t.size, dtype=bool)
-    seg = _segments(t, gap_factor)
+    seg = segments(t, gap_factor)
     vals, errs, times, cads = [], [], [], []
     for s0, s1 in seg:
         ts = t[s0:s1]
@@ -417,17 +431,6 @@ def bin_time(cube, hours, gap_factor=3.0):
                  time_bin_hours=float(hours), reference=cube.reference, sector=cube.sector,
                  camera=cube.camera, ccd=cube.ccd, meta=dict(cube.meta))
     return out
-
-
-def _segments(t, gap_factor):
-    """(start, stop) index ranges of ``t`` split at gaps > gap_factor x median step."""
-    if t.size < 2:
-        return [(0, t.size)]
-    dt = np.diff(t)
-    step = np.median(dt)
-    cuts = np.flatnonzero(dt > float(gap_factor) * step) + 1
-    bounds = np.concatenate([[0], cuts, [t.size]])
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 # ------------------------------------------------------------------------------ HDF5

@@ -1,0 +1,191 @@
+"""Backdrop background model vs tess-backdrop 0.1.6 on the same simulated full-size frames.
+
+Usage::
+
+    python benchmarks/bench_backdrop.py WORKDIR [--cadences 20] [--seed 21] [--no-peer]
+
+Simulates (once, kept in WORKDIR/sim) a full CCD with ``tessphot simulate --full-frame``,
+then fits, each in its own subprocess so that peak memory is measured separately:
+
+* ours: the ``backdrop`` prepare stage on the cache subset it reads (written once, uncompressed);
+* peer: ``tess_backdrop.BackDrop`` on the FFI files (``pip install tess-backdrop==0.1.6
+  --no-deps --ignore-requires-python fitsio fbpca``; its intermediate ``save()`` calls, which
+  write into site-packages, are disabled, which only helps it).
+
+Reports fit time per frame (wall, the frame loop only; setup reported apart), peak RSS of the
+process and the residual model - true background over star-free pixels and the bias within
+3 px of bright stars, on the pixels both models cover (tess-backdrop reads CCD columns
+45..2092, i.e. our cube columns 1..2047). tess-backdrop models the background relative to its
+average image, so residuals are also given with a per-frame constant removed, for both.
+Heavy: ~5 GB and a few minutes on 2 cores for 20 frames.
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+#: tess-backdrop models CCD columns 45..2092 (0-based); our cube starts at column 44
+PEER_COLUMN_SHIFT = 1
+
+
+def _peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def _truth(sim_dir):
+    import h5py
+    h5 = h5py.File(Path(sim_dir) / "truth.h5", "r")
+    stars = {k: h5["stars"][k][()] for k in ("row", "column", "tmag")}
+    return h5, stars, int(h5.attrs["row_offset"]), int(h5.attrs["column_offset"])
+
+
+def _metrics(model, sim_dir, region):
+    from photometry_backdrop.scene import background_metrics
+    h5, stars, r0, c0 = _truth(sim_dir)
+    truth = h5["background"]
+    out = {
+        "raw": background_metrics(model, truth, stars, r0, c0, region=region),
+        "minus_frame_constant": background_metrics(model, truth, stars, r0, c0, region=region,
+                                                   remove_constant=True),
+    }
+    h5.close()
+    return out
+
+
+def worker_ours(stage_file, sim_dir):
+    import h5py
+
+    from photometry.settings import load_settings
+    from photometry_backdrop import Backdrop
+    from photometry_backdrop.scene import BlockReader
+
+    settings = load_settings(assignments=["backdrop.progress=false"])
+    with h5py.File(stage_file, "r+") as f:
+        if "models/backdrop" in f:
+            del f["models/backdrop"]
+        group = f.require_group("models").create_group("backdrop")
+        t0 = time.perf_counter()
+        Backdrop(settings).run(BlockReader(f, block=32), group)
+        total = time.perf_counter() - t0
+        rss = _peak_rss_gb()
+        n = group["weights"].shape[0]
+        state_bytes = sum(group[k].nbytes for k in group if isinstance(group[k], h5py.Dataset))
+        result = {
+            "n_frames": n, "setup_s": float(group.attrs["time_setup"]),
+            "fit_s": float(group.attrs["time_fit"]), "total_s": total,
+            "per_frame_s": float(group.attrs["time_fit"]) / n, "peak_rss_gb": rss,
+            "state_mb": state_bytes / 1e6, "image_mb": f["images"].nbytes / 1e6,
+        }
+
+        class Lazy:
+            def __len__(self):
+                return n
+
+            def __getitem__(self, i):
+                return Backdrop.evaluate(group, slice(None), slice(None), [i])[0]
+
+        result["metrics"] = _metrics(Lazy(), sim_dir, (slice(None), slice(PEER_COLUMN_SHIFT, None)))
+    return result
+
+
+def worker_peer(sim_dir):
+    import tess_backdrop as tbd
+
+    fnames = sorted(str(p) for p in (Path(sim_dir) / "ffi").glob("*_ffic.fits"))
+    t0 = time.perf_counter()
+    b = tbd.BackDrop(fnames, cutout_size=2048)
+    b.save = lambda *a, **k: None        # 0.1.6 writes into site-packages; skip (helps it)
+    b._build_mask()
+    b._build_matrices()
+    setup = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    b.fit_model()
+    fit = time.perf_counter() - t1
+    rss = _peak_rss_gb()
+    n = len(fnames)
+    model = b.build_correction(np.arange(2048), np.arange(2048))   # (n, rows, cols)
+    result = {"n_frames": n, "setup_s": setup, "fit_s": fit, "total_s": setup + fit,
+              "per_frame_s": fit / n, "peak_rss_gb": rss}
+    # peer column j is our cube column j + 1: compare our columns 1..2047 with its 0..2046
+    peer = model[:, :, :2048 - PEER_COLUMN_SHIFT]
+
+    class Shifted:
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            out = np.full((2048, 2048), np.nan)
+            out[:, PEER_COLUMN_SHIFT:] = peer[i]
+            return out
+
+    result["metrics"] = _metrics(Shifted(), sim_dir, (slice(None), slice(PEER_COLUMN_SHIFT, None)))
+    return result
+
+
+def _run_worker(kind, *args):
+    cmd = [sys.executable, __file__, "--worker", kind, *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("workdir", nargs="?")
+    p.add_argument("--cadences", type=int, default=20)
+    p.add_argument("--seed", type=int, default=21)
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        kind, *rest = args.worker
+        res = worker_ours(*rest) if kind == "ours" else worker_peer(*rest)
+        print(json.dumps(res))
+        return 0
+
+    from photometry_backdrop.scene import load_simulation, write_stage_input
+
+    work = Path(args.workdir)
+    sim_dir = work / "sim"
+    if not (sim_dir / "truth.h5").exists():
+        # --full-frame: tess-backdrop reads the SPOC frame layout (collateral columns too)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "photometry.cli", "simulate", str(sim_dir),
+                        "--cadences", str(args.cadences), "--seed", str(args.seed),
+                        "--full-frame", "--no-progress"], check=True)
+        print(f"simulated {args.cadences} full frames in {time.perf_counter() - t0:.0f} s")
+    stage_file = work / "sector0001_camera1_ccd4.hdf5"
+    if not stage_file.exists():
+        write_stage_input(stage_file, load_simulation(sim_dir, with_background=False))
+    results = {"ours": _run_worker("ours", stage_file, sim_dir)}
+    if not args.no_peer:
+        results["peer"] = _run_worker("peer", sim_dir)
+    print(json.dumps(results, indent=1))
+    o = results["ours"]
+    print(f"\nbackdrop: {o['n_frames']} frames, setup {o['setup_s']:.1f} s, "
+          f"{o['per_frame_s'] * 1e3:.0f} ms/frame, peak RSS {o['peak_rss_gb']:.2f} GB, "
+          f"state {o['state_mb']:.1f} MB ({o['image_mb']:.0f} MB of images)")
+    for name, r in results.items():
+        m, mc = r["metrics"]["raw"], r["metrics"]["minus_frame_constant"]
+        print(f"{name:9s} rms star-free {m['rms_star_free']:.3f} (minus frame constant "
+              f"{mc['rms_star_free']:.3f}) e-/s; bias near bright stars {m['bias_bright']:+.3f} "
+              f"({mc['bias_bright']:+.3f}) e-/s")
+    if "peer" in results:
+        q = results["peer"]
+        print(f"tess-backdrop: setup {q['setup_s']:.1f} s, {q['per_frame_s'] * 1e3:.0f} ms/frame, "
+              f"peak RSS {q['peak_rss_gb']:.2f} GB")
+        print(f"ratios: per-frame speed-up {q['per_frame_s'] / o['per_frame_s']:.1f}x, "
+              f"total-time speed-up {q['total_s'] / o['total_s']:.1f}x, "
+              f"peak memory {o['peak_rss_gb'] / q['peak_rss_gb']:.2f} of the peer's")
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""The linear PRF shape model: polar B-splines in pixel units, fitted in linear space.
+
+Why this form (``/work/shared/reference/algorithms.md`` §1 and §5):
+
+* **Pixel units.** Offsets ``(drow, dcol)`` from the star to the pixel centre, in pixels, so
+  no Kepler-tuned arcsecond constants and no cos(dec) problem.
+* **Effective PRF.** The model value at an offset is the fraction of the star's flux landing
+  in a pixel whose centre is at that offset (pixel-integrated, like the SPOC PRF samples), so
+  a stamp is just the model evaluated at the stamp's pixel centres.
+* **Linear space.** ``P(dr, dc) = sum_k w_k B_k(r, phi)``. Fitting ``pixel / flux`` in linear
+  space makes the normalisation a plain rescaling of the weights (sum over the pixel lattice
+  = 1); psfmachine fits ``log10`` and "normalises" by multiplying the log-weights, which
+  changes the shape and left its fluxes off by factors of 0.4-2 (§1.6). Negative model
+  values in the far wings are clipped at evaluation.
+* **Basis.** Cubic B-splines in r with knots uniform in sqrt(r) (resolution in the core),
+  times periodic cubic B-splines in phi; radial functions living entirely inside ``core_radius``
+  carry no phi dependence (too few pixels there to constrain angles, and phi is singular at
+  r = 0). The two outermost radial functions are dropped so the model and its slope reach 0
+  at ``rmax``.
+* **Position dependence.** An optional ``grid x grid`` set of models over the CCD; a star
+  gets the bilinear interpolation of the surrounding cell models (interpolating linear
+  weights interpolates the PRFs themselves).
+"""
+import numpy as np
+from scipy.interpolate import BSpline
+
+from photometry.prf import PRFModel
+
+__all__ = ["PolarBasis", "SplinePRF", "fit_weights", "lattice_sum"]
+
+
+def _periodic_cubic(phi, n):
+    """(M, n) periodic cardinal cubic B-splines on ``n`` uniform knots over [0, 2 pi)."""
+    u = (np.mod(phi, 2 * np.pi) / (2 * np.pi)) * n
+    d = np.abs(((u[:, None] - np.arange(n)[None, :]) + n / 2) % n - n / 2)
+    out = np.where(d < 1, 2.0 / 3.0 - d ** 2 + 0.5 * d ** 3, 0.0)
+    return np.where((d >= 1) & (d < 2), (2.0 - d) ** 3 / 6.0, out)
+
+
+class PolarBasis:
+    """The design-matrix columns of the polar spline model.
+
+    Parameters
+    ----------
+    rmax : float
+        Pixels; the model is zero beyond it.
+    n_r_knots : int
+        Radial knots (uniform in sqrt(r) over [0, rmax]), ends included.
+    n_phi : int
+        Periodic angular basis functions (0 = circular model).
+    core_radius : float
+        Radial functions whose support ends inside this radius have no angular dependence.
+    """
+
+    def __init__(self, rmax=6.0, n_r_knots=12, n_phi=8, core_radius=1.0):
+        self.rmax = float(rmax)
+        self.n_r_knots = int(n_r_knots)
+        self.n_phi = int(n_phi)
+        self.core_radius = float(core_radius)
+        if self.n_r_knots < 4 or self.rmax <= 0:
+            raise ValueError("linpsf: need n_r_knots >= 4 and rmax > 0")
+        inner = np.linspace(0.0, np.sqrt(self.rmax), self.n_r_knots) ** 2
+        self.knots = np.concatenate([[0.0] * 3, inner, [self.rmax] * 3])
+        n_radial = len(self.knots) - 4
+        self.n_radial = n_radial - 2                      # outermost two dropped
+        support_end = self.knots[4:4 + self.n_radial]
+        self.radial_only = (support_end <= self.core_radius) | (self.n_phi == 0)
+        self.n_core = int(np.count_nonzero(self.radial_only))
+        self.n_outer = self.n_radial - self.n_core
+        self.n_coeffs = self.n_core + self.n_outer * max(self.n_phi, 0)
+
+    def to_attrs(self):
+        return {"rmax": self.rmax, "n_r_knots": self.n_r_knots, "n_phi": self.n_phi,
+                "core_radius": self.core_radius}
+
+    def _radial(self, r):
+        r = np.clip(r, 0.0, np.nextafter(self.rmax, 0.0))
+        mat = BSpline.design_matrix(r, self.knots, 3, extrapolate=False).toarray()
+        return mat[:, :self.n_radial]
+
+    def design(self, drow, dcol):
+        """(M, n_coeffs) basis values at offsets; zero rows beyond ``rmax``."""
+        drow = np.asarray(drow, dtype=float).ravel()
+        dcol = np.asarray(dcol, dtype=float).ravel()
+        r = np.hypot(drow, dcol)
+        inside = r < self.rmax
+        rad = self._radial(r) * inside[:, None]
+        core = rad[:, self.radial_only]
+        if self.n_outer == 0:
+            return core
+        ang = _periodic_cubic(np.arctan2(drow, dcol), self.n_phi)
+        outer = rad[:, ~self.radial_only]
+        tensor = (outer[:, :, None] * ang[:, None, :]).reshape(len(r), -1)
+        return np.hstack([core, tensor])
+
+    def evaluate(self, weights, drow, dcol, chunk=200_000):
+        """Model values at offsets (same shape as ``drow``), negative values clipped to 0."""
+        drow = np.asarray(drow, dtype=float)
+        dcol = np.asarray(dcol, dtype=float)
+        flat_r, flat_c = drow.ravel(), dcol.ravel()
+        out = np.empty(flat_r.size)
+        w = np.asarray(weights, dtype=float)
+        for start in range(0, flat_r.size, chunk):
+            sl = slice(start, start + chunk)
+            out[sl] = self.design(flat_r[sl], flat_c[sl]) @ w
+        return np.clip(out, 0.0, None).reshape(drow.shape)
+
+
+def lattice_sum(basis, weights, n_sub=5):
+    """(mean, relative spread) of the model summed over the pixel lattice, over sub-pixel phases.
+
+    For a correct effective PRF every sub-pixel position of the star sums to the same total;
+    the spread measures how far the fitted model is from that.
+    """
+    half = int(np.ceil(basis.rmax)) + 1
+    steps = np.arange(-half, half + 1)
+    phases = (np.arange(n_sub) + 0.5) / n_sub - 0.5
+    sums = []
+    for pr in phases:
+        for pc in phases:
+            dr = steps[:, None] - pr + 0 * steps[None, :]
+            dc = steps[None, :] - pc + 0 * steps[:, None]
+            sums.append(basis.evaluate(weights, dr, dc).sum())
+    sums = np.asarray(sums)
+    return float(sums.mean()), float(sums.std() / sums.mean())
+
+
+def fit_weights(basis, drow, dcol, values, inv_var, prior_mu=0.0, prior_sigma=1.0):
+    """Gaussian-prior linear least squares for the weights of normalised pixel values.
+
+    ``values`` are ``(pixel - background) / star flux`` and ``inv_var`` their inverse
+    variances; the prior is ``N(prior_mu, prior_sigma**2)`` per weight (prior_mu may be an
+    array, e.g. a global model when fitting one cell of the position grid).
+    """
+    A = basis.design(drow, dcol)
+    Aw = A * inv_var[:, None]
+    normal = A.T @ Aw
+    prior_ivar = 1.0 / float(prior_sigma) ** 2
+    normal[np.diag_indices_from(normal)] += prior_ivar
+    rhs = Aw.T @ values + prior_ivar * np.broadcast_to(prior_mu, (basis.n_coeffs,))
+    return np.linalg.solve(normal, rhs)
+
+
+class SplinePRF(PRFModel):
+    """A :class:`photometry.prf.PRFModel` backed by fitted polar-spline weights.
+
+    Parameters
+    ----------
+    basis : PolarBasis
+    weights : ndarray, shape (G, G, n_coeffs)
+        Model weights of a G x G grid of CCD cells (G = 1: one model for the CCD).
+    cell_rows, cell_cols : ndarray, shape (G,)
+        0-based CCD row / column of the cell centres.
+    """
+
+    name = "linpsf"
+
+    def __init__(self, basis, weights, cell_rows, cell_cols):
+        self.basis = basis
+        self.weights = np.asarray(weights, dtype=float)
+        if self.weights.ndim == 1:
+            self.weights = self.weights[None, None, :]
+        self.cell_rows = np.atleast_1d(np.asarray(cell_rows, dtype=float))
+        self.cell_cols = np.atleast_1d(np.asarray(cell_cols, dtype=float))
+
+    @classmethod
+    def from_group(cls, group):
+        """The model stored by :class:`photometry_linpsf.stage.LinPSFShapeModel`."""
+        a = group.attrs
+        basis = PolarBasis(float(a["rmax"]), int(a["n_r_knots"]), int(a["n_phi"]),
+                           float(a["core_radius"]))
+        return cls(basis, group["weights"][()], group["cell_rows"][()], group["cell_cols"][()])
+
+    def default_size(self, flux=None):
+        return 2 * int(np.ceil(self.basis.rmax)) + 1
+
+    def _interp(self, pos, centres):
+        """Indices (lo, hi) and weight of hi for bilinear interpolation between cells."""
+        if centres.size == 1:
+            z = np.zeros(pos.shape, dtype=int)
+            return z, z, np.zeros(pos.shape)
+        x = np.clip(np.interp(pos, centres, np.arange(centres.size)), 0, centres.size - 1)
+        lo = np.minimum(np.floor(x).astype(int), centres.size - 2)
+        return lo, lo + 1, x - lo
+
+    def stamps(self, row, col, size):
+        row = np.atleast_1d(np.asarray(row, dtype=float))
+        col = np.atleast_1d(np.asarray(col, dtype=float))
+        r0 = np.floor(row + 0.5).astype(np.int64) - size // 2
+        c0 = np.floor(col + 0.5).astype(np.int64) - size // 2
+        steps = np.arange(size)
+        dr = (r0[:, None] + steps[None, :])[:, :, None] - row[:, None, None]
+        dc = (c0[:, None] + steps[None, :])[:, None, :] - col[:, None, None]
+        dr, dc = np.broadcast_arrays(dr, dc)
+        ri0, ri1, fr = self._interp(row, self.cell_rows)
+        ci0, ci1, fc = self._interp(col, self.cell_cols)
+        values = np.zeros(dr.shape)
+        if self.weights.shape[0] == 1 and self.weights.shape[1] == 1:
+            return self.basis.evaluate(self.weights[0, 0], dr, dc), r0, c0
+        # bilinear blend of the four surrounding cell models, one pass per distinct model
+        for ri, wr in ((ri0, 1 - fr), (ri1, fr)):
+            for ci, wc in ((ci0, 1 - fc), (ci1, fc)):
+                wgt = wr * wc
+                for key in set(zip(ri.tolist(), ci.tolist())):
+                    sel = (ri == key[0]) & (ci == key[1]) & (wgt > 0)
+                    if np.any(sel):
+                        values[sel] += wgt[sel, None, None] * self.basis.evaluate(
+                            self.weights[key], dr[sel], dc[sel])
+        return values, r0, c0
+
+    def __repr__(self):
+        g = self.weights.shape[0]
+        return f"SplinePRF(rmax={self.basis.rmax}, coeffs={self.basis.n_coeffs}, grid={g}x{g})"

@@ -1,0 +1,330 @@
+"""Prepare stage ``linpsf_shape``: the CCD's PRF shape fitted to bright isolated stars.
+
+The stage reads the sum image (mean of the good frames, sky included) and, in one pass over
+the ingested blocks, the per-pixel variance of that mean and the union of saturated pixels.
+Stars come from the catalog SQLite next to the cache when it exists (``tmag_min..tmag_max``,
+no brighter-than-``contrast`` neighbour within ``rmax + 1`` px), otherwise from the movement
+kernel stars (already chosen bright, isolated and unsaturated by prepare). Per star a local sky
+level, its flux and (without a catalog) its position are fitted together with the shape:
+
+1. flux from a box sum minus a border median; the shape fitted to ``(pixel - sky) / flux``;
+2. the model normalised to a unit sum over the pixel lattice;
+3. per star ``flux, sky`` (and position) refitted with the model; stars whose reduced chi^2
+   is an outlier (unknown neighbour, variability, cosmic) are dropped; back to 1.
+
+Stored in ``models/linpsf_shape``: ``weights`` (G, G, n_coeffs), ``cell_rows``,
+``cell_cols`` (CCD coordinates of the cell centres), the star table used, and attrs with the
+basis parameters and the quality figures (``flux_captured``, ``residual_rms``,
+``chi2_reduced``, ``lattice_spread``, ``n_stars``, ``usable``).
+"""
+import logging
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from photometry.quality import PixelQualityFlags, TESSQualityFlags
+from photometry.stages import PrepareStage
+
+from .model import PolarBasis, SplinePRF, fit_weights, lattice_sum
+
+__all__ = ["LinPSFShapeModel", "fit_shape_model", "select_stars"]
+
+logger = logging.getLogger(__name__)
+
+
+def _basis(cfg):
+    return PolarBasis(float(cfg["rmax"]), int(cfg["n_r_knots"]), int(cfg["n_phi"]),
+                      float(cfg["core_radius"]))
+
+
+def select_stars(rows, cols, tmag, shape, cfg):
+    """Indices of catalog stars bright, unsaturated and isolated enough to shape the PRF."""
+    rows, cols, tmag = (np.asarray(a, dtype=float) for a in (rows, cols, tmag))
+    margin = float(cfg["rmax"]) + 1
+    ok = (tmag >= float(cfg["tmag_min"])) & (tmag <= float(cfg["tmag_max"])) \
+        & (rows >= margin) & (rows <= shape[0] - 1 - margin) \
+        & (cols >= margin) & (cols <= shape[1] - 1 - margin)
+    tree = cKDTree(np.column_stack([rows, cols]))
+    contrast = float(cfg["isolation_contrast"])
+    keep = []
+    for k in np.flatnonzero(ok):
+        near = tree.query_ball_point((rows[k], cols[k]), margin)
+        if all(j == k or tmag[j] > tmag[k] + contrast for j in near):
+            keep.append(k)
+    keep = np.asarray(keep, dtype=int)
+    keep = keep[np.argsort(tmag[keep], kind="stable")]
+    return keep[:int(cfg["max_stars"])]
+
+
+class _Star:
+    """Pixels of one star's box and its current flux, sky and position."""
+
+    def __init__(self, image, variance, row, col, half):
+        r0, c0 = int(round(row)) - half, int(round(col)) - half
+        sl = (slice(r0, r0 + 2 * half + 1), slice(c0, c0 + 2 * half + 1))
+        self.data = image[sl]
+        self.ivar = np.where(np.isfinite(self.data) & (variance[sl] > 0),
+                             1.0 / np.where(variance[sl] > 0, variance[sl], 1.0), 0.0)
+        self.data = np.where(self.ivar > 0, self.data, 0.0)
+        self.pr, self.pc = np.mgrid[r0:r0 + 2 * half + 1, c0:c0 + 2 * half + 1].astype(float)
+        self.row, self.col = float(row), float(col)
+        border = np.ones(self.data.shape, dtype=bool)
+        border[1:-1, 1:-1] = False
+        good = border & (self.ivar > 0)
+        self.sky = float(np.median(self.data[good])) if good.any() else 0.0
+        self.flux = float(np.sum((self.data - self.sky)[self.ivar > 0]))
+        self.chi2 = np.nan
+
+    def offsets(self, drow=0.0, dcol=0.0):
+        return self.pr - self.row - drow, self.pc - self.col - dcol
+
+    def refit(self, basis, weights, positions):
+        """Weighted LSQ of flux and sky (Gauss-Newton on the position if ``positions``)."""
+        for _ in range(3 if positions else 1):
+            dr, dc = self.offsets()
+            p = basis.evaluate(weights, dr, dc)
+            cols = [p, np.ones_like(p)]
+            if positions:
+                h = 0.01
+                gr = (basis.evaluate(weights, dr - h, dc) - basis.evaluate(weights, dr + h, dc)) / (2 * h)
+                gc = (basis.evaluate(weights, dr, dc - h) - basis.evaluate(weights, dr, dc + h)) / (2 * h)
+                cols += [self.flux * gr, self.flux * gc]
+            A = np.stack([c.ravel() for c in cols], axis=1)
+            w = self.ivar.ravel()
+            resid = self.data.ravel() - (self.flux * p.ravel() + self.sky if positions else 0)
+            target = resid if positions else self.data.ravel()
+            sol = np.linalg.lstsq(A * np.sqrt(w)[:, None], target * np.sqrt(w), rcond=None)[0]
+            if positions:
+                self.flux += sol[0]
+                self.sky += sol[1]
+                self.row += float(np.clip(sol[2], -0.5, 0.5))
+                self.col += float(np.clip(sol[3], -0.5, 0.5))
+            else:
+                self.flux, self.sky = float(sol[0]), float(sol[1])
+        dr, dc = self.offsets()
+        model = self.flux * basis.evaluate(weights, dr, dc) + self.sky
+        n = np.count_nonzero(self.ivar)
+        self.chi2 = float(np.sum((self.data - model) ** 2 * self.ivar) / max(n - 2, 1))
+        return model
+
+
+def _fit_pixels(stars, basis):
+    dr = np.concatenate([s.offsets()[0].ravel() for s in stars])
+    dc = np.concatenate([s.offsets()[1].ravel() for s in stars])
+    val = np.concatenate([((s.data - s.sky) / s.flux).ravel() for s in stars])
+    ivar = np.concatenate([(s.ivar * s.flux ** 2).ravel() for s in stars])
+    inside = (np.hypot(dr, dc) < basis.rmax + 0.75) & (ivar > 0)
+    return dr[inside], dc[inside], val[inside], ivar[inside]
+
+
+def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad=None):
+    """Fit the shape model to stars at ``rows, cols`` (cube pixel indices) of ``image``.
+
+    Parameters
+    ----------
+    image, variance : ndarray (R, C)
+        The sum image (sky included) and the variance of each of its pixels.
+    rows, cols : array_like
+        Star positions; stars whose box holds a ``bad`` pixel are not used.
+    cfg : dict
+        The ``[linpsf]`` settings.
+    refit_positions : bool
+        Fit each star's position too (when the positions are guesses, not catalog values).
+
+    Returns
+    -------
+    dict
+        ``weights`` (G, G, n_coeffs), ``cell_rows``, ``cell_cols`` (cube pixels), ``basis``,
+        ``stars`` (structured rows: row, col, flux, sky, chi2, used) and the quality figures.
+    """
+    basis = _basis(cfg)
+    half = int(np.ceil(basis.rmax)) + 1
+    image = np.asarray(image, dtype=float)
+    variance = np.asarray(variance, dtype=float)
+    bad = np.zeros(image.shape, bool) if bad is None else np.asarray(bad, bool)
+    bad = bad | ~np.isfinite(image)
+    stars = []
+    for r, c in zip(np.atleast_1d(rows), np.atleast_1d(cols)):
+        ir, ic = int(round(r)), int(round(c))
+        if ir - half < 0 or ic - half < 0 or ir + half >= image.shape[0] \
+                or ic + half >= image.shape[1]:
+            continue
+        if bad[ir - half:ir + half + 1, ic - half:ic + half + 1].any():
+            continue
+        star = _Star(image, variance, r, c, half)
+        if star.flux > 0:
+            stars.append(star)
+    result = {"basis": basis, "n_candidates": len(stars), "usable": False}
+    if len(stars) < int(cfg["min_stars"]):
+        logger.warning("linpsf_shape: only %d usable stars (need %d); no shape model",
+                       len(stars), int(cfg["min_stars"]))
+        return result
+    prior = float(cfg["prior_sigma"])
+    used = np.ones(len(stars), dtype=bool)
+    weights = None
+    for iteration in range(int(cfg["iterations"])):
+        sel = [s for s, u in zip(stars, used) if u]
+        weights = fit_weights(basis, *_fit_pixels(sel, basis), prior_sigma=prior)
+        total, _ = lattice_sum(basis, weights)
+        weights = weights / total
+        for s in stars:
+            s.refit(basis, weights, refit_positions and iteration > 0)
+        chi2 = np.array([s.chi2 for s in stars])
+        med = np.median(chi2[used])
+        mad = 1.4826 * np.median(np.abs(chi2[used] - med))
+        used = (chi2 < med + float(cfg["clip_sigma"]) * max(mad, 0.05 * med)) & \
+            np.array([s.flux > 0 for s in stars])
+        if np.count_nonzero(used) < int(cfg["min_stars"]):
+            used[:] = True
+    sel = [s for s, u in zip(stars, used) if u]
+    weights = fit_weights(basis, *_fit_pixels(sel, basis), prior_sigma=prior)
+    weights = weights / lattice_sum(basis, weights)[0]
+
+    # optional grid of position-dependent models, each pulled towards the global one
+    G = max(int(cfg["grid"]), 1)
+    edges_r = np.linspace(0, image.shape[0], G + 1)
+    edges_c = np.linspace(0, image.shape[1], G + 1)
+    grid = np.empty((G, G, basis.n_coeffs))
+    srow = np.array([s.row for s in sel])
+    scol = np.array([s.col for s in sel])
+    for i in range(G):
+        for j in range(G):
+            if G == 1:
+                grid[i, j] = weights
+                continue
+            inc = [s for s, r, c in zip(sel, srow, scol)
+                   if edges_r[i] <= r < edges_r[i + 1] and edges_c[j] <= c < edges_c[j + 1]]
+            if len(inc) < int(cfg["min_stars"]):
+                grid[i, j] = weights
+                continue
+            w = fit_weights(basis, *_fit_pixels(inc, basis), prior_mu=weights,
+                            prior_sigma=float(cfg["grid_prior_sigma"]))
+            grid[i, j] = w / lattice_sum(basis, w)[0]
+    cell_rows = 0.5 * (edges_r[:-1] + edges_r[1:]) - 0.5
+    cell_cols = 0.5 * (edges_c[:-1] + edges_c[1:]) - 0.5
+
+    # quality: how much of each star's light in its box the model captures, residual RMS
+    model = SplinePRF(basis, grid, cell_rows, cell_cols)
+    captured, rms = [], []
+    for s in sel:
+        dr, dc = s.offsets()
+        vals, _, _ = model.stamps(np.array([s.row]), np.array([s.col]), dr.shape[0])
+        pred = s.flux * vals[0]
+        good = s.ivar > 0
+        data = s.data - s.sky
+        captured.append(np.sum(pred[good]) / np.sum(data[good]))
+        rms.append(np.sqrt(np.mean((data - pred)[good] ** 2)) / s.flux)
+    total, spread = lattice_sum(basis, weights)
+    table = np.array([(s.row, s.col, s.flux, s.sky, s.chi2, u) for s, u in zip(stars, used)],
+                     dtype=[("row", "f8"), ("col", "f8"), ("flux", "f8"), ("sky", "f8"),
+                            ("chi2", "f8"), ("used", "?")])
+    result.update(weights=grid, cell_rows=cell_rows, cell_cols=cell_cols, stars=table,
+                  usable=True, n_stars=len(sel), flux_captured=float(np.median(captured)),
+                  residual_rms=float(np.median(rms)),
+                  chi2_reduced=float(np.median([s.chi2 for s in sel])),
+                  lattice_spread=spread)
+    return result
+
+
+def _catalog_stars(f, shape, cfg):
+    """(rows, cols, refit_positions) of the shape stars in cube pixels, or None."""
+    attrs = f.attrs
+    row_off = float(attrs.get("row_offset", 0))
+    col_off = float(attrs.get("column_offset", 0))
+    try:
+        name = (f"catalog_sector{int(attrs['sector']):04d}_camera{int(attrs['camera'])}"
+                f"_ccd{int(attrs['ccd'])}.sqlite")
+        path = Path(f.filename).parent / name
+    except KeyError:
+        path = None
+    if path is not None and path.exists():
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+            data = np.array(con.execute(
+                'SELECT "row", "column", tmag FROM catalog WHERE tmag IS NOT NULL').fetchall(),
+                dtype=float).reshape(-1, 3)
+        rows, cols = data[:, 0] - row_off, data[:, 1] - col_off
+        keep = select_stars(rows, cols, data[:, 2], shape, cfg)
+        return rows[keep], cols[keep], False, "catalog"
+    if "movement" in f and "row" in f["movement"]:
+        # kernel stars: bright, isolated, unsaturated catalog stars; their positions are
+        # first-frame guesses, so move them to the reference frame and refit them
+        rows = np.asarray(f["movement/row"][()], dtype=float)
+        cols = np.asarray(f["movement/column"][()], dtype=float)
+        if "movement_kernel" in f and "kernel_x0" in attrs:
+            from photometry.movement import MovementKernel
+            kern = MovementKernel(f["movement_kernel"][()], f["time"][()], attrs["kernel_x0"],
+                                  attrs["kernel_y0"], int(attrs.get("ref_frame", 0)))
+            dx, dy = kern.shift(cols, rows, 0)
+            cols = cols - np.where(np.isfinite(dx), dx, 0.0)
+            rows = rows - np.where(np.isfinite(dy), dy, 0.0)
+        return rows, cols, True, "kernel stars"
+    return None
+
+
+class LinPSFShapeModel(PrepareStage):
+    """Prepare stage ``linpsf_shape``: see the module docstring."""
+
+    name = "linpsf_shape"
+    version = "1.0"
+
+    def run(self, cache, group):
+        from tqdm import tqdm
+
+        cfg = self.settings["linpsf"]
+        f = cache.file
+        image = np.asarray(f["sumimage"][()], dtype=float)
+        quality = np.asarray(f["quality"][()])
+        good = TESSQualityFlags.filter(quality)
+        if not good.any():
+            good[:] = True
+        var_sum = np.zeros(image.shape)
+        count = np.zeros(image.shape)
+        saturated = np.zeros(image.shape, dtype=bool)
+        sat_bits = int(PixelQualityFlags.Saturated)
+        for sl, _images, errors, flags in tqdm(cache.iter_frame_blocks(), desc="linpsf_shape",
+                                              unit="block", disable=None):
+            g = good[sl]
+            err = np.asarray(errors[g], dtype=float)
+            ok = np.isfinite(err)
+            var_sum += np.where(ok, err ** 2, 0.0).sum(axis=0)
+            count += ok.sum(axis=0)
+            saturated |= np.any((np.asarray(flags) & sat_bits) != 0, axis=0)
+        with np.errstate(all="ignore"):
+            variance = np.where(count > 0, var_sum / count ** 2, np.inf)
+        found = _catalog_stars(f, image.shape, cfg)
+        group.attrs.update(_basis(cfg).to_attrs())
+        if found is None:
+            logger.warning("linpsf_shape: no catalog and no kernel stars; no shape model")
+            group.attrs["usable"] = False
+            return
+        rows, cols, refit, origin = found
+        res = fit_shape_model(image, variance, rows, cols, cfg, refit_positions=refit,
+                              bad=saturated)
+        group.attrs["usable"] = bool(res["usable"])
+        group.attrs["star_source"] = origin
+        if not res["usable"]:
+            return
+        row_off = float(f.attrs.get("row_offset", 0))
+        col_off = float(f.attrs.get("column_offset", 0))
+        group.create_dataset("weights", data=res["weights"])
+        group.create_dataset("cell_rows", data=res["cell_rows"] + row_off)
+        group.create_dataset("cell_cols", data=res["cell_cols"] + col_off)
+        stars = res["stars"].copy()
+        stars["row"] += row_off
+        stars["col"] += col_off
+        group.create_dataset("stars", data=stars)
+        for key in ("n_stars", "flux_captured", "residual_rms", "chi2_reduced",
+                    "lattice_spread"):
+            group.attrs[key] = res[key]
+        logger.info("linpsf_shape: %d stars (%s), flux captured %.4f, residual rms %.2e, "
+                    "chi2 %.2f", res["n_stars"], origin, res["flux_captured"],
+                    res["residual_rms"], res["chi2_reduced"])
+
+
+def load_shape_model(group):
+    """The :class:`SplinePRF` stored in a ``models/linpsf_shape`` group, or None if unusable."""
+    if group is None or not bool(group.attrs.get("usable", False)) or "weights" not in group:
+        return None
+    return SplinePRF.from_group(group)
