@@ -661,7 +661,7 @@ def _build_motion(rng, cfg, tstart, tstop, t_sector0):
                 return o + v * (t - (start if np.isfinite(start) else t_sector0))
         return segments[0][1]
 
-    s_end = float(cfg["drift_px"]) / np.hypot(*CCD_CENTRE)
+    s_end = float(cfg["drift_px"]) / (np.sqrt(2.0) * SCIENCE_SIZE / 2)   # px at a science corner
     scale = lambda t: s_end * (t - t_sector0) / SECTOR_LENGTH  # noqa: E731
 
     jitter = rng.normal(0, float(cfg["jitter_rms"]), (n, 2))
@@ -1060,13 +1060,16 @@ def _ideal_noise(scene, renderer, mean_image):
     if idx.size == 0:
         return out
     size = renderer.prf.default_size()
-    values, r0, c0 = renderer.prf.stamps(scene.row[idx], scene.col[idx], size)
-    rr = (r0 - g.row_offset)[:, None, None] + np.arange(size)[None, :, None]
-    cc = (c0 - g.column_offset)[:, None, None] + np.arange(size)[None, None, :]
-    ok = (rr >= 0) & (rr < g.rows) & (cc >= 0) & (cc < g.cols)
-    v = var[np.clip(rr, 0, g.rows - 1), np.clip(cc, 0, g.cols - 1)]
-    info = np.where(ok, values**2 / v, 0.0).sum(axis=(1, 2))
-    out[idx] = 1.0 / np.sqrt(info)
+    steps = np.arange(size)
+    for start in range(0, idx.size, 4096):          # bounded memory on full frames
+        sel = idx[start:start + 4096]
+        values, r0, c0 = renderer.prf.stamps(scene.row[sel], scene.col[sel], size)
+        rr = (r0 - g.row_offset)[:, None, None] + steps[None, :, None]
+        cc = (c0 - g.column_offset)[:, None, None] + steps[None, None, :]
+        ok = (rr >= 0) & (rr < g.rows) & (cc >= 0) & (cc < g.cols)
+        v = var[np.clip(rr, 0, g.rows - 1), np.clip(cc, 0, g.cols - 1)]
+        info = np.where(ok, values**2 / v, 0.0).sum(axis=(1, 2))
+        out[sel] = 1.0 / np.sqrt(info)
     return out
 
 
@@ -1133,7 +1136,6 @@ def simulate(outdir, settings, raw=False, overwrite=False, progress=True):
             h5["glow_grid/columns"] = nodes_c
             glow_grid_ds.attrs["doc"] = ("glow (e-/s) at CCD nodes (rows x columns, 0-based); "
                                          "the glow at any pixel is the bilinear interpolation")
-        rel_all = exposure_mean_flux(sc.variables, sc.tstart, sc.tstop)
         mean_image = np.zeros((g.rows, g.cols))
         mean_unbled = np.zeros((g.rows, g.cols))
         block = []
@@ -1142,7 +1144,10 @@ def simulate(outdir, settings, raw=False, overwrite=False, progress=True):
         collateral_sigma = np.sqrt(renderer.read_var) / renderer.exposure
         paths = []
         for i in tqdm(range(n), desc="simulate", unit="frame", disable=not progress):
-            flux = renderer.star_fluxes(i, rel_all[:, i])
+            if i % 64 == 0:       # variability for the next block of frames (bounded memory)
+                rel_block = exposure_mean_flux(sc.variables, sc.tstart[i:i + 64],
+                                               sc.tstop[i:i + 64])
+            flux = renderer.star_fluxes(i, rel_block[:, i % 64])
             expected, unbled, bg, glow = renderer.expected(i, flux)
             rng = np.random.default_rng([seed, 7, i])
             T = renderer.exposure
@@ -1275,9 +1280,9 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, help="random seed (same seed, same files)")
     parser.add_argument("--cadence", type=int, choices=(1800, 600, 200),
                         help="seconds per frame (default: from the sector)")
-    parser.add_argument("--sector", type=int)
-    parser.add_argument("--camera", type=int)
-    parser.add_argument("--ccd", type=int)
+    parser.add_argument("--sector", type=int, help="sector number (start time, default cadence)")
+    parser.add_argument("--camera", type=int, help="camera 1..4")
+    parser.add_argument("--ccd", type=int, help="CCD 1..4")
     parser.add_argument("--prf", help="'analytic' or a folder of SPOC PRF files")
     parser.add_argument("--full-frame", action="store_true",
                         help="write the whole 2136x2078 frame with its collateral pixels")

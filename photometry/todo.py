@@ -117,13 +117,14 @@ def _read_catalog(path, faint_limit):
         raise InputError(f"{path}: not a catalog SQLite ({exc})") from None
     if not rows:
         return (np.zeros(0, np.int64),) + (np.zeros(0),) * 3
-    starid, tmag, row, col = zip(*rows)
-    return (np.array(starid, dtype=np.int64),
-            *(np.array(v, dtype=float) for v in (tmag, row, col)))
+    table = np.array(rows, dtype=float)  # NULL -> NaN; TIC ids are exact in float64
+    return (table[:, 0].astype(np.int64), table[:, 1].copy(), table[:, 2].copy(),
+            table[:, 3].copy())
 
 
 def targets_for_cache(info, faint_limit, stamp_settings=None):
-    """Vectorised selection of one CCD's targets: dict of column arrays (no priority yet)."""
+    """Vectorised selection of one CCD's targets: dict of column arrays (no priority yet;
+    the columns that are the same for the whole CCD come from ``info``)."""
     starid, tmag, row, col = _read_catalog(_catalog_path(info), faint_limit)
     r0, c0 = info["row_offset"], info["column_offset"]
     # distance from the pixel centre position to the science-area border (pixel edges at -0.5)
@@ -132,12 +133,8 @@ def targets_for_cache(info, faint_limit, stamp_settings=None):
     edge = np.minimum(np.minimum(d_top, d_bottom), np.minimum(d_left, d_right))
     keep = np.isfinite(edge) & (edge > 0) & np.isfinite(tmag)
     stamp_rows, stamp_cols = default_stamp_size(tmag[keep], stamp_settings)
-    n = int(keep.sum())
     return {"starid": starid[keep], "tmag": tmag[keep], "row": row[keep], "column": col[keep],
-            "edge_distance": edge[keep], "stamp_rows": stamp_rows, "stamp_cols": stamp_cols,
-            "sector": np.full(n, info["sector"]), "camera": np.full(n, info["camera"]),
-            "ccd": np.full(n, info["ccd"]), "cadence": np.full(n, info["cadence"]),
-            "cache": np.full(n, info["name"], dtype=object)}
+            "edge_distance": edge[keep], "stamp_rows": stamp_rows, "stamp_cols": stamp_cols}
 
 
 def make_todo(cache_dir, faint_limit=15.0, overwrite=False, settings=None):
@@ -155,8 +152,11 @@ def make_todo(cache_dir, faint_limit=15.0, overwrite=False, settings=None):
     parts = [targets_for_cache(info, faint_limit, settings.get("photometry"))
              for info in caches]
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    which = np.concatenate([np.full(len(p["starid"]), i) for i, p in enumerate(parts)])
     n = len(cols["starid"])
     order = np.lexsort((cols["starid"], cols["tmag"]))  # brightest first, ties by TIC
+    cols["priority"] = np.empty(n, dtype=np.int64)
+    cols["priority"][order] = np.arange(1, n + 1)
     method = settings["scheduler"].get("todo_method") or None
     tmp = path.with_name(path.name + ".partial")
     for suffix in ("", "-wal", "-shm"):
@@ -166,12 +166,15 @@ def make_todo(cache_dir, faint_limit=15.0, overwrite=False, settings=None):
         # a scratch file until renamed: no fsyncs, a big page cache for the index builds
         store.conn.execute("PRAGMA synchronous = OFF")
         store.conn.execute("PRAGMA cache_size = -262144")
-        lists = {k: v[order].tolist() for k, v in cols.items()}
-        n_rows = len(order)
-        lists["priority"] = list(range(1, n_rows + 1))
-        lists["datasource"] = ["ffi"] * n_rows
-        lists["method"] = [method] * n_rows
-        store.add_tasks(zip(*(lists[c] for c in TODO_COLUMNS)), as_tuples=True)
+        groups = []
+        for i, info in enumerate(caches):
+            constants = {"sector": info["sector"], "camera": info["camera"],
+                         "ccd": info["ccd"], "cadence": info["cadence"], "datasource": "ffi",
+                         "method": method, "cache": info["name"]}
+            rows = order[which[order] == i]  # this CCD's tasks in priority order
+            varying = [c for c in TODO_COLUMNS if c not in constants]
+            groups.append((constants, zip(*(cols[c][rows].tolist() for c in varying))))
+        store.add_task_groups(groups, bulk=True)
         store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         store.conn.execute("PRAGMA journal_mode = DELETE")  # one self-contained file to rename
     finally:

@@ -242,6 +242,7 @@ def test_variability_truth(scene):
         assert rel[j].max() == pytest.approx(1.0)
     deep = [j for j in np.flatnonzero(types == "transit")
             if var["duration"][j] > 2.5 / 24]
+    assert deep, "seed 7 has long transits"
     assert any(rel[j].min() == pytest.approx(1 - var["amplitude"][j], abs=1e-9) for j in deep)
     for j in np.flatnonzero(types == "sinusoid"):
         assert np.abs(rel[j] - 1).max() <= var["amplitude"][j]
@@ -270,6 +271,31 @@ def test_same_seed_gives_identical_files(tmp_path):
     simulate(tmp_path / "c", other, progress=False)
     assert not filecmp.cmp(tmp_path / "a" / "catalog.csv", tmp_path / "c" / "catalog.csv",
                            shallow=False)
+
+
+def test_spoc_prf_scene_conserves_light(tmp_path):
+    """With the real PRF models the frame holds exactly the truth's starlight plus background."""
+    from photometry.prf import SpocPRF
+
+    prf_dir = Path(__file__).parent / "data" / "prf"
+    settings = _settings(rows=40, cols=48, cadences=2, seed=11, first_row=700, first_col=600,
+                         prf=str(prf_dir))
+    simulate(tmp_path, settings, progress=False)
+    prf = SpocPRF(prf_dir / "cam1_ccd4")
+    with h5py.File(tmp_path / "truth.h5") as h5:
+        assert "SpocPRF" in h5["prf"].attrs["model"]
+        truth = {"shifts": h5["shifts"][()], "flux": h5["flux"][()],
+                 "shift_attrs": dict(h5["shifts"].attrs),
+                 "stars": {k: h5["stars"][k][()] for k in ("row", "column")}}
+        background = h5["background"][()]
+    for i, path in enumerate(sorted((tmp_path / "ffi").glob("*_ffic.fits"))):
+        _, cal, image, uncert = _read(path)
+        assert (cal["CRVAL1P"], cal["CRVAL2P"]) == (645, 701)
+        x, y = _true_positions(truth, i)
+        model = prf.evaluate(y, x, (40, 48), origin=(700, 644), flux=truth["flux"][:, i])
+        resid = (image - background[i] - model) / uncert
+        assert np.std(resid) == pytest.approx(1.0, abs=0.1)
+        assert abs(np.mean(resid)) < 0.1
 
 
 def test_geometry_and_cadence_rules():

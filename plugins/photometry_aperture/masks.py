@@ -366,7 +366,8 @@ def find_mask(sumimage, variance, models, star_rows, star_cols, fluxes, target_i
         mask[seed] = True
     cont, frac = contamination(mask, models, target_index)
     return MaskResult(
-        mask=mask, segment=seg, labels=labels, models_total=models.sum(axis=0), threshold=float(threshold), mode=float(mode),
+        mask=mask, segment=seg, labels=labels, models_total=models.sum(axis=0),
+        target_model=models[target_index], threshold=float(threshold), mode=float(mode),
         noise=float(noise), snr=float(snr), saturated=bool(saturated), bleed_columns=cols,
         contamination=cont, flux_fraction=frac, edges=edge_sides(mask),
         skip=stars_inside_mask(mask, star_rows, star_cols, fluxes, target_index))

@@ -12,11 +12,29 @@ and only frames whose clipped set or fill changed are solved again (EM on the mi
 which converges to the fit without those bins while keeping the shared factorisation).
 """
 import numpy as np
-from scipy import linalg
+from scipy import linalg, sparse
 
 from .basis import Axis, tensor_pairs
 
-__all__ = ["BackdropFitter", "FrameFit"]
+__all__ = ["BackdropFitter", "FrameFit", "nanquantile_columns"]
+
+
+def nanquantile_columns(a, q):
+    """Quantile ``q`` of the finite values of each column of a 2-D array (NaN if none).
+
+    Sorting once (NaNs sort last) and indexing is ~20x faster than ``np.nanquantile`` along
+    an axis, which loops in Python over the columns.
+    """
+    s = np.sort(a, axis=0)
+    n = np.isfinite(a).sum(axis=0)
+    pos = np.clip(q * (n - 1), 0, None)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
+    frac = pos - lo
+    cols = np.arange(a.shape[1])
+    out = s[lo, cols] * (1 - frac) + s[hi, cols] * frac
+    out[n == 0] = np.nan
+    return out
 
 
 class FrameFit:
@@ -78,15 +96,16 @@ class BackdropFitter:
         w0 = counts
         w1 = counts * self.delta
         w2 = counts * self.delta ** 2
-        qmm = (rm[:, :, None] * rm[:, None, :]).reshape(nb, mr * mr)
+        # B-splines overlap only their neighbours, so these pair matrices are ~97% zeros:
+        # sparse products make the once-per-CCD normal matrix a fraction of a second
+        qmm = sparse.csr_matrix((rm[:, :, None] * rm[:, None, :]).reshape(nb, mr * mr))
         qms = (rm[:, :, None] * rs[:, None, :])
-        qms = (qms + qms.transpose(0, 2, 1)).reshape(nb, mr * mr)
-        qss = (rs[:, :, None] * rs[:, None, :]).reshape(nb, mr * mr)
-        left = qmm.T @ w0 + qms.T @ w1 + qss.T @ w2                     # (mr^2, C)
+        qms = sparse.csr_matrix((qms + qms.transpose(0, 2, 1)).reshape(nb, mr * mr))
+        qss = sparse.csr_matrix((rs[:, :, None] * rs[:, None, :]).reshape(nb, mr * mr))
+        left = np.asarray(qmm.T @ w0 + qms.T @ w1 + qss.T @ w2)           # (mr^2, C)
         cb = self.cbasis
-        a4 = np.empty((mr * mr, mc * mc))
-        for j in range(mc):  # column pairs (j, :) at a time keeps temporaries small
-            a4[:, j * mc:(j + 1) * mc] = left @ (cb[:, j:j + 1] * cb)
+        pcc = sparse.csr_matrix((cb[:, :, None] * cb[:, None, :]).reshape(C, mc * mc))
+        a4 = np.asarray((pcc.T @ left.T).T)                                # (mr^2, mc^2)
         a4 = a4.reshape(mr, mr, mc, mc)
         A = a4[pa[:, None], pa[None, :], pb[:, None], pb[None, :]]
         n_poly = int(np.sum(pa <= self.rows.poly_degree))
@@ -109,8 +128,14 @@ class BackdropFitter:
         self._rslope_t = np.ascontiguousarray(self.rslope.T, dtype=np.float32)
         self._cbasis_t = np.ascontiguousarray(self.cbasis.T, dtype=np.float32)
         self._rmean32 = self.rmean.astype(np.float32)
-        self._rslope32 = self.rslope.astype(np.float32)
         self._cbasis32 = self.cbasis.astype(np.float32)
+        # per-frame products with the (sparse) binned row basis and column basis
+        self._rm_sp = sparse.csr_matrix(self.rmean.astype(np.float32))
+        self._rs_sp = sparse.csr_matrix(self.rslope.astype(np.float32))
+        self._rm_sp_t = self._rm_sp.T.tocsr()
+        self._rs_sp_t = self._rs_sp.T.tocsr()
+        self._cb_sp = sparse.csr_matrix(self._cbasis32)                 # (C, mc)
+        self._cb_sp_t = self._cb_sp.T.tocsr()                           # (mc, C)
         self._delta32 = self.delta.astype(np.float32)
         self._counts32 = self.counts.astype(np.float32)
         # robust noise scale from a fixed subsample of bins: medians of ~10^4 values
@@ -141,9 +166,9 @@ class BackdropFitter:
         z = self._counts32 * ybar.astype(np.float32)
         zt = np.ascontiguousarray(z.transpose(1, 0, 2)).reshape(nb, nf * C)
         zdt = np.ascontiguousarray((z * self._delta32).transpose(1, 0, 2)).reshape(nb, nf * C)
-        g = self._rmean_t @ zt + self._rslope_t @ zdt                     # (mr, nf*C)
+        g = self._rm_sp_t @ zt + self._rs_sp_t @ zdt                      # (mr, nf*C)
         g = np.ascontiguousarray(g.reshape(mr, nf, C).transpose(1, 0, 2)).reshape(nf * mr, C)
-        g = (g @ self._cbasis32).reshape(nf, mr, -1).astype(np.float64)    # (nf, mr, mc)
+        g = (self._cb_sp_t @ g.T).T.reshape(nf, mr, -1).astype(np.float64)  # (nf, mr, mc)
         b = g[:, self.pairs[:, 0], self.pairs[:, 1]]
         s = z.sum(axis=1, dtype=np.float64)
         rhs = b - s @ self.coupling_d
@@ -161,10 +186,10 @@ class BackdropFitter:
         nf = w.shape[0]
         mr, C, nb = self.rows.size, self.shape[1], self.n_bins
         wm = self.weight_matrix(w).reshape(nf * mr, -1).astype(np.float32)
-        t = (wm @ self._cbasis_t).reshape(nf, mr, C)                       # (nf, mr, C)
+        t = np.asarray((self._cb_sp @ wm.T).T).reshape(nf, mr, C)          # (nf, mr, C)
         t = np.ascontiguousarray(t.transpose(1, 0, 2)).reshape(mr, nf * C)
-        m = (self._rmean32 @ t).reshape(nb, nf, C).transpose(1, 0, 2)
-        m = m + self._delta32 * (self._rslope32 @ t).reshape(nb, nf, C).transpose(1, 0, 2)
+        m = np.asarray(self._rm_sp @ t).reshape(nb, nf, C).transpose(1, 0, 2)
+        m = m + self._delta32 * np.asarray(self._rs_sp @ t).reshape(nb, nf, C).transpose(1, 0, 2)
         return m + strap[:, None, :].astype(np.float32)
 
     def bin_frames(self, images, flags=None, bad_bits=0):
@@ -281,16 +306,18 @@ class BackdropFitter:
         img = np.asarray(sumimage, dtype=np.float64)
         R, C = self.shape
         ok = self.usable & np.isfinite(img)
-        frac = np.full(C, np.nan)
         k = 3
-        for c in range(k, C - k):
-            rows = ok[:, c] & ok[:, c - k] & ok[:, c + k]
-            if rows.sum() < 4:
-                continue
-            ref = 0.5 * (img[rows, c - k] + img[rows, c + k])
-            good = ref > 0
-            if good.sum() >= 4:
-                frac[c] = np.median(img[rows, c][good] / ref[good]) - 1.0
+        frac = np.full(C, np.nan)
+        if C > 2 * k:
+            mid = img[:, k:C - k]
+            ref = 0.5 * (img[:, :C - 2 * k] + img[:, 2 * k:])
+            valid = ok[:, k:C - k] & ok[:, :C - 2 * k] & ok[:, 2 * k:]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                valid &= ref > 0
+                ratio = np.where(valid, mid / np.where(valid, ref, 1.0), np.nan)
+            med = nanquantile_columns(ratio, 0.5)
+            med[valid.sum(axis=0) < 4] = np.nan
+            frac[k:C - k] = med - 1.0
         fin = np.isfinite(frac)
         gain = np.ones(C)
         if fin.sum() > 10:

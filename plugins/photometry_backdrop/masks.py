@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from .fit import nanquantile_columns
+
 __all__ = ["build_mask", "star_pixels", "read_catalog", "catalog_path", "smooth_background"]
 
 
@@ -46,12 +48,8 @@ def smooth_background(image, exclude, box):
     nr, nc = -(-R // box), -(-C // box)
     work = np.full((nr * box, nc * box), np.nan)
     work[:R, :C] = np.where(exclude, np.nan, image)
-    cells = work.reshape(nr, box, nc, box).transpose(0, 2, 1, 3).reshape(nr, nc, box * box)
-    with np.errstate(all="ignore"):
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            coarse = np.nanmedian(cells, axis=-1)
+    cells = work.reshape(nr, box, nc, box).transpose(1, 3, 0, 2).reshape(box * box, nr * nc)
+    coarse = nanquantile_columns(cells, 0.5).reshape(nr, nc)
     empty = ~np.isfinite(coarse)
     if empty.all():
         return np.full(image.shape, np.nanmedian(image))
@@ -114,11 +112,8 @@ def build_mask(sumimage, settings, catalog=None):
     for _ in range(3):
         skip = exclude | stars
         res = img - smooth_background(img, skip, int(s["mask_box"]))
-        col = np.where(skip, np.nan, res)
-        good_cols = (~skip).any(axis=0)
-        offs = np.zeros(img.shape[1])
-        offs[good_cols] = np.nanmedian(col[:, good_cols], axis=0)
-        res -= offs
+        offs = nanquantile_columns(np.where(skip, np.nan, res), 0.5)
+        res -= np.nan_to_num(offs)
         vals = res[~skip]
         sigma = 1.4826 * np.median(np.abs(vals - np.median(vals))) if vals.size else 0.0
         if sigma <= 0:

@@ -41,7 +41,7 @@ from photometry.quality import PixelQualityFlags
 from photometry.stages import BackgroundModel
 
 from .basis import Axis
-from .fit import BackdropFitter
+from .fit import BackdropFitter, nanquantile_columns
 from .masks import build_mask, read_catalog, star_pixels
 
 __all__ = ["Backdrop", "jitter_components"]
@@ -179,9 +179,7 @@ class Backdrop(BackgroundModel):
             # a column with no usable pixel has no strap estimate: take its level from the
             # lower part of its residuals (stars only add light) so it can come back
             res = np.where(exclude, np.nan, res)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                col_level = np.nanpercentile(res, 30, axis=0)
+            col_level = nanquantile_columns(res, 0.3)
             res -= np.nan_to_num(col_level)[None, :]
             vals = res[usable & np.isfinite(res)]
             sigma = 1.4826 * np.median(np.abs(vals - np.median(vals)))

@@ -12,10 +12,10 @@ Why this form (``/work/shared/reference/algorithms.md`` §1 and §5):
   = 1); psfmachine fits ``log10`` and "normalises" by multiplying the log-weights, which
   changes the shape and left its fluxes off by factors of 0.4-2 (§1.6). Negative model
   values in the far wings are clipped at evaluation.
-* **Basis.** Cubic B-splines in r with knots uniform in sqrt(r) (resolution in the core),
-  times periodic cubic B-splines in phi; radial functions living entirely inside ``core_radius``
-  carry no phi dependence (too few pixels there to constrain angles, and phi is singular at
-  r = 0). The two outermost radial functions are dropped so the model and its slope reach 0
+* **Basis.** Even cubic B-splines in r (uniform knots mirrored about 0, so no cusp at the
+  centre; psfmachine's sqrt(r) spacing put knots at 0.05 px that TESS pixels cannot
+  constrain), times periodic cubic B-splines in phi; radial functions reaching inside
+  ``core_radius`` carry no phi dependence (phi is singular at r = 0). The two outermost radial functions are dropped so the model and its slope reach 0
   at ``rmax``.
 * **Position dependence.** An optional ``grid x grid`` set of models over the CCD; a star
   gets the bilinear interpolation of the surrounding cell models (interpolating linear
@@ -45,7 +45,8 @@ class PolarBasis:
     rmax : float
         Pixels; the model is zero beyond it.
     n_r_knots : int
-        Radial knots (uniform in sqrt(r) over [0, rmax]), ends included.
+        Radial knots, uniform over [0, rmax], ends included (mirrored to negative r so the
+        radial functions are even: no cusp at the centre).
     n_phi : int
         Periodic angular basis functions (0 = circular model).
     core_radius : float
@@ -59,12 +60,18 @@ class PolarBasis:
         self.core_radius = float(core_radius)
         if self.n_r_knots < 4 or self.rmax <= 0:
             raise ValueError("linpsf: need n_r_knots >= 4 and rmax > 0")
-        inner = np.linspace(0.0, np.sqrt(self.rmax), self.n_r_knots) ** 2
-        self.knots = np.concatenate([[0.0] * 3, inner, [self.rmax] * 3])
-        n_radial = len(self.knots) - 4
-        self.n_radial = n_radial - 2                      # outermost two dropped
-        support_end = self.knots[4:4 + self.n_radial]
-        self.radial_only = (support_end <= self.core_radius) | (self.n_phi == 0)
+        # uniform knots over [-rmax, rmax]; basis functions are folded into even functions of
+        # r (B_j(r) + B_j(-r)), so the model is smooth at r = 0 with zero slope there
+        x = np.linspace(-self.rmax, self.rmax, 2 * self.n_r_knots - 1)
+        self.knots = np.concatenate([[x[0]] * 3, x, [x[-1]] * 3])
+        nb = len(self.knots) - 4
+        self._nb = nb
+        self._mid = (nb - 1) // 2
+        # keep j = mid .. nb-3: the two outermost are dropped (value and slope 0 at rmax)
+        self._cols = np.arange(self._mid, nb - 2)
+        self.n_radial = self._cols.size
+        # a function touching the core (its support starts inside core_radius) is circular
+        self.radial_only = (self.knots[self._cols] < self.core_radius) | (self.n_phi == 0)
         self.n_core = int(np.count_nonzero(self.radial_only))
         self.n_outer = self.n_radial - self.n_core
         self.n_coeffs = self.n_core + self.n_outer * max(self.n_phi, 0)
@@ -75,8 +82,11 @@ class PolarBasis:
 
     def _radial(self, r):
         r = np.clip(r, 0.0, np.nextafter(self.rmax, 0.0))
-        mat = BSpline.design_matrix(r, self.knots, 3, extrapolate=False).toarray()
-        return mat[:, :self.n_radial]
+        pos = BSpline.design_matrix(r, self.knots, 3, extrapolate=False).toarray()
+        neg = BSpline.design_matrix(-r, self.knots, 3, extrapolate=False).toarray()
+        out = pos[:, self._cols] + neg[:, self._cols]
+        out[:, 0] = pos[:, self._mid]          # the central function is already even
+        return out
 
     def design(self, drow, dcol):
         """(M, n_coeffs) basis values at offsets; zero rows beyond ``rmax``."""

@@ -3,8 +3,10 @@
 The stage reads the sum image (mean of the good frames, sky included) and, in one pass over
 the ingested blocks, the per-pixel variance of that mean and the union of saturated pixels.
 Stars come from the catalog SQLite next to the cache when it exists (``tmag_min..tmag_max``,
-no brighter-than-``contrast`` neighbour within ``rmax + 1`` px), otherwise from the movement
-kernel stars (already chosen bright, isolated and unsaturated by prepare). Per star a local sky
+no neighbour within ``isolation_radius`` px brighter than Tmag + ``isolation_contrast``; the
+light of all other catalog stars is subtracted at catalog flux with the current shape, from the
+second iteration on), otherwise from the movement kernel stars (already chosen bright,
+isolated and unsaturated by prepare). Per star a local sky
 level, its flux and (without a catalog) its position are fitted together with the shape:
 
 1. flux from a box sum minus a border median; the shape fitted to ``(pixel - sky) / flux``;
@@ -26,6 +28,7 @@ from scipy.spatial import cKDTree
 
 from photometry.quality import PixelQualityFlags, TESSQualityFlags
 from photometry.stages import PrepareStage
+from photometry.utilities import mag2flux
 
 from .model import PolarBasis, SplinePRF, fit_weights, lattice_sum
 
@@ -43,6 +46,7 @@ def select_stars(rows, cols, tmag, shape, cfg):
     """Indices of catalog stars bright, unsaturated and isolated enough to shape the PRF."""
     rows, cols, tmag = (np.asarray(a, dtype=float) for a in (rows, cols, tmag))
     margin = float(cfg["rmax"]) + 1
+    radius = float(cfg["isolation_radius"])
     ok = (tmag >= float(cfg["tmag_min"])) & (tmag <= float(cfg["tmag_max"])) \
         & (rows >= margin) & (rows <= shape[0] - 1 - margin) \
         & (cols >= margin) & (cols <= shape[1] - 1 - margin)
@@ -50,7 +54,7 @@ def select_stars(rows, cols, tmag, shape, cfg):
     contrast = float(cfg["isolation_contrast"])
     keep = []
     for k in np.flatnonzero(ok):
-        near = tree.query_ball_point((rows[k], cols[k]), margin)
+        near = tree.query_ball_point((rows[k], cols[k]), radius)
         if all(j == k or tmag[j] > tmag[k] + contrast for j in near):
             keep.append(k)
     keep = np.asarray(keep, dtype=int)
@@ -61,19 +65,22 @@ def select_stars(rows, cols, tmag, shape, cfg):
 class _Star:
     """Pixels of one star's box and its current flux, sky and position."""
 
-    def __init__(self, image, variance, row, col, half):
+    def __init__(self, image, variance, row, col, half, fit_sky=True):
         r0, c0 = int(round(row)) - half, int(round(col)) - half
         sl = (slice(r0, r0 + 2 * half + 1), slice(c0, c0 + 2 * half + 1))
         self.data = image[sl]
         self.ivar = np.where(np.isfinite(self.data) & (variance[sl] > 0),
                              1.0 / np.where(variance[sl] > 0, variance[sl], 1.0), 0.0)
         self.data = np.where(self.ivar > 0, self.data, 0.0)
+        self.raw = self.data
+        self.box = sl
         self.pr, self.pc = np.mgrid[r0:r0 + 2 * half + 1, c0:c0 + 2 * half + 1].astype(float)
         self.row, self.col = float(row), float(col)
         border = np.ones(self.data.shape, dtype=bool)
         border[1:-1, 1:-1] = False
         good = border & (self.ivar > 0)
-        self.sky = float(np.median(self.data[good])) if good.any() else 0.0
+        self.fit_sky = fit_sky
+        self.sky = float(np.median(self.data[good])) if good.any() and fit_sky else 0.0
         self.flux = float(np.sum((self.data - self.sky)[self.ivar > 0]))
         self.chi2 = np.nan
 
@@ -85,7 +92,7 @@ class _Star:
         for _ in range(3 if positions else 1):
             dr, dc = self.offsets()
             p = basis.evaluate(weights, dr, dc)
-            cols = [p, np.ones_like(p)]
+            cols = [p, np.ones_like(p) if self.fit_sky else np.zeros_like(p)]
             if positions:
                 h = 0.01
                 gr = (basis.evaluate(weights, dr - h, dc) - basis.evaluate(weights, dr + h, dc)) / (2 * h)
@@ -110,6 +117,23 @@ class _Star:
         return model
 
 
+def _subtract_neighbours(stars, basis, weights, scene, shape, half):
+    """Replace each star's box data by its raw data minus every other star's model."""
+    rows = [s.row for s in stars]
+    cols = [s.col for s in stars]
+    flux = [max(s.flux, 0.0) for s in stars]
+    if scene is not None:
+        rows = np.concatenate([rows, scene[0]])
+        cols = np.concatenate([cols, scene[1]])
+        flux = np.concatenate([flux, scene[2]])
+    model = SplinePRF(basis, weights, [0.0], [0.0])
+    full = model.evaluate(np.asarray(rows), np.asarray(cols), shape, origin=(0, 0),
+                          flux=np.asarray(flux), size=2 * half + 1)
+    for s in stars:
+        own = max(s.flux, 0.0) * basis.evaluate(weights, *s.offsets())
+        s.data = np.where(s.ivar > 0, s.raw - (full[s.box] - own), 0.0)
+
+
 def _fit_pixels(stars, basis):
     dr = np.concatenate([s.offsets()[0].ravel() for s in stars])
     dc = np.concatenate([s.offsets()[1].ravel() for s in stars])
@@ -119,7 +143,8 @@ def _fit_pixels(stars, basis):
     return dr[inside], dc[inside], val[inside], ivar[inside]
 
 
-def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad=None):
+def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad=None,
+                    fit_sky=True, scene=None):
     """Fit the shape model to stars at ``rows, cols`` (cube pixel indices) of ``image``.
 
     Parameters
@@ -132,6 +157,13 @@ def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad
         The ``[linpsf]`` settings.
     refit_positions : bool
         Fit each star's position too (when the positions are guesses, not catalog values).
+    fit_sky : bool
+        Fit a local sky level per star (False for an already background-subtracted image).
+    scene : tuple of arrays, optional
+        ``(rows, cols, fluxes)`` of the other catalog stars: from the second iteration on,
+        their light (at catalog flux, current shape) and that of the other shape stars is
+        subtracted from each shape star's box, so stars need only be isolated from
+        comparably bright neighbours (``isolation_radius`` / ``isolation_contrast``).
 
     Returns
     -------
@@ -153,7 +185,7 @@ def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad
             continue
         if bad[ir - half:ir + half + 1, ic - half:ic + half + 1].any():
             continue
-        star = _Star(image, variance, r, c, half)
+        star = _Star(image, variance, r, c, half, fit_sky)
         if star.flux > 0:
             stars.append(star)
     result = {"basis": basis, "n_candidates": len(stars), "usable": False}
@@ -165,6 +197,8 @@ def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad
     used = np.ones(len(stars), dtype=bool)
     weights = None
     for iteration in range(int(cfg["iterations"])):
+        if iteration > 0:
+            _subtract_neighbours(stars, basis, weights, scene, image.shape, half)
         sel = [s for s, u in zip(stars, used) if u]
         weights = fit_weights(basis, *_fit_pixels(sel, basis), prior_sigma=prior)
         total, _ = lattice_sum(basis, weights)
@@ -246,7 +280,10 @@ def _catalog_stars(f, shape, cfg):
                 dtype=float).reshape(-1, 3)
         rows, cols = data[:, 0] - row_off, data[:, 1] - col_off
         keep = select_stars(rows, cols, data[:, 2], shape, cfg)
-        return rows[keep], cols[keep], False, "catalog"
+        others = np.setdiff1d(np.arange(len(rows)), keep)
+        others = others[data[others, 2] <= float(cfg["scene_tmag_max"])]
+        scene = (rows[others], cols[others], mag2flux(data[others, 2]))
+        return rows[keep], cols[keep], False, "catalog", scene
     if "movement" in f and "row" in f["movement"]:
         # kernel stars: bright, isolated, unsaturated catalog stars; their positions are
         # first-frame guesses, so move them to the reference frame and refit them
@@ -259,7 +296,7 @@ def _catalog_stars(f, shape, cfg):
             dx, dy = kern.shift(cols, rows, 0)
             cols = cols - np.where(np.isfinite(dx), dx, 0.0)
             rows = rows - np.where(np.isfinite(dy), dy, 0.0)
-        return rows, cols, True, "kernel stars"
+        return rows, cols, True, "kernel stars", None
     return None
 
 
@@ -299,9 +336,9 @@ class LinPSFShapeModel(PrepareStage):
             logger.warning("linpsf_shape: no catalog and no kernel stars; no shape model")
             group.attrs["usable"] = False
             return
-        rows, cols, refit, origin = found
+        rows, cols, refit, origin, scene = found
         res = fit_shape_model(image, variance, rows, cols, cfg, refit_positions=refit,
-                              bad=saturated)
+                              bad=saturated, scene=scene)
         group.attrs["usable"] = bool(res["usable"])
         group.attrs["star_source"] = origin
         if not res["usable"]:

@@ -1,0 +1,331 @@
+"""Linear PRF plugin: shape model against a known PRF, crowded-scene photometry against truth,
+the prepare stage on a cache-like file, and the real TPF / TESScut files."""
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from photometry.base import STATUS
+from photometry.prf import AnalyticPRF
+from photometry.settings import load_settings
+from photometry.tpf import TPFSource, TranslationKernel
+from photometry.utilities import mag2flux
+from photometry_aperture.aperture import AperturePhotometry
+from photometry_linpsf.linpsf import LinPSFPhotometry, solve_fluxes
+from photometry_linpsf.model import SplinePRF
+from photometry_linpsf.stage import (LinPSFShapeModel, fit_shape_model, load_shape_model,
+                                     select_stars)
+
+DATA = Path(__file__).parent / "data"
+TPF = DATA / "tess25155310-s01-first-cadences.fits.gz"
+PIMEN = DATA / "tess-s0001-4-2_84.291190_-80.469170_6x6_astrocut.fits"
+SPOC_PRF = Path("/work/shared/data/real/prf/Sectors1_2_3")
+
+#: the "true" PRF of the scenes: wider than the analytic default, so the fallback is wrong
+TRUE_PRF = dict(sigma=0.85, wing_sigma=2.4, wing_fraction=0.2)
+EXPOSURE, READ_VAR, SKY = 1440.0, 900 * 10.0 ** 2, 80.0
+
+
+def _settings():
+    s = load_settings()
+    s["photometry"]["background"] = ""
+    return s
+
+
+class _Group(dict):
+    """Stands in for an h5py group (``attrs``, ``[name][()]``, ``in``)."""
+
+    def __init__(self, data, attrs):
+        super().__init__(data)
+        self.attrs = attrs
+
+
+class CrowdedSource:
+    """In-memory data source (the cache API BasePhotometry reads) with a drifting scene."""
+
+    datasource = "ffi"
+    catalog_path = None
+    reference_wcs = None
+    sector, camera, ccd, cadence = 1, 1, 1, 1800
+
+    def __init__(self, cubes, catalog, time, quality, kernel, group=None):
+        self._cubes, self._catalog, self._group = cubes, catalog, group
+        self.time = time
+        self.timecorr = np.zeros_like(time)
+        self.cadenceno = np.arange(len(time))
+        self.quality = quality
+        self.n_frames = len(time)
+        self.row_offset, self.column_offset = 0, 44
+        self.movement_kernel = kernel
+        self.sumimage = np.mean(cubes["images"][quality == 0], axis=0)
+
+    def catalog_table(self):
+        return self._catalog.copy()
+
+    def stamp(self, name, rs, cs):
+        if name not in self._cubes:
+            raise KeyError(name)
+        return self._cubes[name][:, rs, cs]
+
+    def model_group(self, name):
+        return self._group if name == "linpsf_shape" else None
+
+
+def make_crowded(seed=3, shape=(64, 64), n=120, nstar=170):
+    """A crowded field (0.04 stars/px) with blended pairs, variability and a 0.15 px drift."""
+    rng = np.random.default_rng(seed)
+    rows = rng.uniform(-3, shape[0] + 3, nstar)
+    cols = 44 + rng.uniform(-3, shape[1] + 3, nstar)
+    tmag = rng.uniform(8.0, 16.5, nstar)
+    # blended pairs: a second star 1.2-2.5 px from some bright ones
+    for k in range(12):
+        j = nstar - 1 - k
+        ang, sep = rng.uniform(0, 2 * np.pi), rng.uniform(1.2, 2.5)
+        rows[j], cols[j] = rows[k] + sep * np.sin(ang), cols[k] + sep * np.cos(ang)
+        tmag[k], tmag[j] = rng.uniform(9, 12), rng.uniform(9.5, 12.5)
+    time = 1325.0 + np.arange(n) * 1800 / 86400
+    amp = np.where(rng.uniform(size=nstar) < 0.5, rng.uniform(0.005, 0.03, nstar), 0.0)
+    period = rng.uniform(0.5, 2.0, nstar)
+    true_flux = mag2flux(tmag)[:, None] * (
+        1 + amp[:, None] * np.sin(2 * np.pi * time[None, :] / period[:, None]))
+    drift = np.linspace(-0.075, 0.075, n)
+    dcol, drow = drift, -0.6 * drift
+    prf = AnalyticPRF(**TRUE_PRF)
+    scene = np.empty((n,) + shape)
+    for i in range(n):
+        scene[i] = prf.evaluate(rows + drow[i], cols + dcol[i], shape, origin=(0, 44),
+                                flux=true_flux[:, i], size=25)
+    var = ((scene + SKY) * EXPOSURE + READ_VAR) / EXPOSURE ** 2
+    images = scene + SKY + rng.normal(size=scene.shape) * np.sqrt(var)
+    quality = np.zeros(n, dtype=np.int64)
+    quality[::37] = 32
+    cat = Table({"starid": np.arange(1, nstar + 1), "ra": np.zeros(nstar),
+                 "dec": np.zeros(nstar), "tmag": tmag, "row": rows, "column": cols})
+    mat = prf.design_matrix(rows, cols, shape, origin=(0, 44), size=25).toarray()
+    ideal = np.sqrt(1.0 / np.sum(mat ** 2 / ((scene.mean(0).ravel() + SKY) * EXPOSURE
+                                              + READ_VAR)[:, None] * EXPOSURE ** 2, axis=0))
+    source = CrowdedSource({"images": images, "errors": np.sqrt(var),
+                            "pixel_flags": np.zeros(scene.shape, np.uint8)},
+                           cat, time, quality, TranslationKernel(dcol, drow))
+    truth = {"rows": rows, "cols": cols, "tmag": tmag, "flux": true_flux, "amp": amp,
+             "ideal_noise": ideal, "images": images, "var": var}
+    return source, truth
+
+
+def measure(phot, truth, k):
+    """(scatter / ideal noise, recovered / injected amplitude) of star k on good cadences."""
+    lc = phot.lightcurve
+    good = np.asarray(lc["quality"]) == 0
+    f = np.asarray(lc["flux"])[good]
+    t = truth["flux"][k][good]
+    resid = f / np.median(f) - t / np.median(t)
+    ratio = np.std(resid) / (truth["ideal_noise"][k] / np.median(t))
+    amp = np.nan
+    if truth["amp"][k] > 0:
+        x = t / np.median(t) - 1
+        amp = np.sum(x * (f / np.median(f) - 1)) / np.sum(x * x)
+    return ratio, amp
+
+
+def shape_group(source, truth, cfg):
+    """The stage's fit on the scene's sum image, as the group the photometry reads."""
+    shape = source.sumimage.shape
+    rows, cols = truth["rows"], truth["cols"] - 44
+    keep = select_stars(rows, cols, truth["tmag"], shape, cfg)
+    var = np.mean(truth["var"], axis=0) / truth["var"].shape[0]
+    others = np.setdiff1d(np.arange(len(rows)), keep)
+    scene = (rows[others], cols[others], mag2flux(truth["tmag"][others]))
+    res = fit_shape_model(source.sumimage, var, rows[keep], cols[keep], cfg, scene=scene)
+    assert res["usable"]
+    print({k: v for k, v in res.items() if np.isscalar(v)})
+    attrs = dict(res["basis"].to_attrs(), usable=True)
+    return _Group({"weights": res["weights"], "cell_rows": res["cell_rows"],
+                   "cell_cols": res["cell_cols"] + 44}, attrs), res
+
+
+@pytest.fixture(scope="module")
+def crowded():
+    source, truth = make_crowded()
+    group, res = shape_group(source, truth, _settings()["linpsf"])
+    source._group = group
+    return source, truth, res
+
+
+def test_shape_model_recovers_true_prf(crowded):
+    source, truth, res = crowded
+    assert res["n_stars"] >= 5
+    assert res["lattice_spread"] < 0.005          # unit sum at every sub-pixel phase
+    assert abs(res["flux_captured"] - 1) < 0.01
+    model = SplinePRF.from_group(source.model_group("linpsf_shape"))
+    prf = AnalyticPRF(**TRUE_PRF)
+    rng = np.random.default_rng(0)
+    for r, c in rng.uniform(30, 31, (6, 2)):
+        ours, r0, c0 = model.stamps([r], [c], 13)
+        true, r1, c1 = prf.stamps([r], [c], 13)
+        assert (r0, c0) == (r1, c1)
+        # within 0.6 % of the flux in any pixel (true peak pixel holds ~20 %)
+        assert np.abs(ours - true).max() < 0.006
+        assert ours.sum() == pytest.approx(true.sum(), abs=0.01)
+
+
+def _crowded_targets(truth, shape=(64, 64)):
+    out = []
+    for k in range(len(truth["tmag"])):
+        r, c = truth["rows"][k], truth["cols"][k] - 44
+        if not (8 <= truth["tmag"][k] <= 13 and 7 <= r <= shape[0] - 8
+                and 7 <= c <= shape[1] - 8):
+            continue
+        d = np.hypot(truth["rows"] - truth["rows"][k], truth["cols"] - truth["cols"][k])
+        dm = truth["tmag"] - truth["tmag"][k]
+        if np.any((d > 0) & (d < 3) & (dm < 2.5)):
+            out.append(k)
+    return out
+
+
+def test_crowded_stars_reach_noise_and_amplitudes_better_than_aperture(crowded):
+    source, truth, _ = crowded
+    targets = _crowded_targets(truth)
+    assert len(targets) >= 8
+    lin, ap, amps = [], [], []
+    for k in targets:
+        phot = LinPSFPhotometry(k + 1, source, settings=_settings())
+        assert phot.photometry() in (STATUS.OK, STATUS.WARNING)
+        assert phot.details["linpsf"]["model"] == "linpsf_shape"
+        assert phot.details["linpsf"]["moving"]
+        ratio, amp = measure(phot, truth, k)
+        lin.append(ratio)
+        if np.isfinite(amp):
+            amps.append(amp)
+        # flux scale: the PRF flux is the total flux
+        good = np.asarray(phot.lightcurve["quality"]) == 0
+        assert np.median(np.asarray(phot.lightcurve["flux"])[good]) == pytest.approx(
+            np.median(truth["flux"][k][good]), rel=0.02)
+        aper = AperturePhotometry(k + 1, source, settings=_settings())
+        aper.photometry()
+        ap.append(measure(aper, truth, k)[0])
+    print("linpsf", np.round(lin, 3), "aperture", np.round(ap, 3), "amps", np.round(amps, 4))
+    assert np.median(lin) <= 1.05
+    assert np.median(lin) < np.median(ap)
+    assert len(amps) >= 3
+    assert np.all(np.abs(np.asarray(amps) - 1) <= 0.03)
+
+
+def test_headers_errors_and_fallback(crowded, caplog):
+    source, truth, _ = crowded
+    k = _crowded_targets(truth)[0]
+    phot = LinPSFPhotometry(k + 1, source, settings=_settings())
+    phot.photometry()
+    h = phot.additional_headers
+    assert 0 < h["FLFRCSAP"][0] <= 1 and 0 < h["CROWDSAP"][0] <= 1
+    assert h["PSF_CONT"][0] == pytest.approx(1 - h["CROWDSAP"][0])
+    assert h["PSF_NSRC"][0] >= 2
+    assert phot.final_phot_mask.any()
+    err = np.asarray(phot.lightcurve["flux_err"])
+    assert np.all(np.isfinite(err)) and np.all(err > 0)
+    # without a cache model: phot.prf, and the log says so
+    bare = CrowdedSource(source._cubes, source._catalog, source.time, source.quality,
+                         source.movement_kernel)
+    with caplog.at_level(logging.INFO, logger="photometry_linpsf"):
+        phot = LinPSFPhotometry(k + 1, bare, settings=_settings())
+        phot.photometry()
+    assert phot.details["linpsf"]["model"] == "prf:analytic"
+    assert "no linpsf_shape model" in caplog.text
+
+
+def test_solver_fixed_and_batched_agree():
+    rng = np.random.default_rng(1)
+    A = rng.uniform(size=(50, 4))
+    x = rng.uniform(1, 2, size=(7, 4))
+    y = x @ A.T + rng.normal(scale=0.01, size=(7, 50))
+    w = np.full(50, 1e4)
+    mu, ivar = np.zeros(4), np.array([0, 1e-6, 1e-6, 0])
+    x1, e1 = solve_fluxes(A, y, w, mu, ivar)
+    x2, e2 = solve_fluxes(np.broadcast_to(A, (7, 50, 4)).copy(), y, w, mu, ivar)
+    assert np.allclose(x1, x2) and np.allclose(e1, e2)
+    assert np.allclose(x1, x, atol=0.05)
+    y[0, 3] = np.nan       # a missing pixel drops out of that cadence only
+    x3, _ = solve_fluxes(A, y, w, mu, ivar)
+    assert np.all(np.isfinite(x3)) and np.allclose(x3[1:], x1[1:])
+
+
+class _Writer:
+    """The part of CacheWriter a prepare stage uses."""
+
+    def __init__(self, f, images, errors, flags):
+        self.file, self._blocks = f, (images, errors, flags)
+
+    def iter_frame_blocks(self):
+        images, errors, flags = self._blocks
+        for start in range(0, len(images), 16):
+            sl = slice(start, start + 16)
+            yield sl, images[sl], errors[sl], flags[sl]
+
+
+def test_prepare_stage_from_kernel_stars(tmp_path):
+    """No catalog SQLite yet (prepare writes it after the stages): kernel stars, positions
+    refitted from first-frame guesses."""
+    source, truth = make_crowded(seed=8, shape=(80, 80), n=32, nstar=120)
+    cfg = _settings()
+    rows, cols = truth["rows"], truth["cols"] - 44
+    keep = select_stars(rows, cols, truth["tmag"], (80, 80), cfg["linpsf"])
+    with h5py.File(tmp_path / "cache.hdf5", "w") as f:
+        f.attrs.update(row_offset=0, column_offset=44, sector=1, camera=1, ccd=1)
+        f["sumimage"] = source.sumimage
+        f["quality"] = source.quality
+        rng = np.random.default_rng(2)
+        f["movement/row"] = rows[keep] + rng.normal(scale=0.1, size=keep.size)
+        f["movement/column"] = cols[keep] + rng.normal(scale=0.1, size=keep.size)
+        group = f.create_group("models/linpsf_shape")
+        writer = _Writer(f, truth["images"], np.sqrt(truth["var"]),
+                         source._cubes["pixel_flags"])
+        LinPSFShapeModel(cfg).run(writer, group)
+        group.attrs["complete"] = True
+        assert group.attrs["usable"] and group.attrs["star_source"] == "kernel stars"
+        assert abs(group.attrs["flux_captured"] - 1) < 0.01
+        stars = group["stars"][()]
+        used = stars["used"]
+        # refitted positions land on the truth (guesses were 0.1 px off)
+        assert np.median(np.hypot(stars["row"][used] - rows[keep][used],
+                                  stars["col"][used] - 44 - cols[keep][used])) < 0.03
+        model = load_shape_model(group)
+        ours, _, _ = model.stamps([40.3], [84.6], 13)
+        true, _, _ = AnalyticPRF(**TRUE_PRF).stamps([40.3], [84.6], 13)
+        assert np.abs(ours - true).max() < 0.006
+
+
+# ---------------------------------------------------------------- real data
+@pytest.mark.skipif(not SPOC_PRF.is_dir(), reason="SPOC PRF models not available")
+def test_tic25155310_tpf_ratio_to_aperture_stable():
+    s = load_settings()
+    s["photometry"]["prf"] = str(SPOC_PRF)
+    phot = LinPSFPhotometry(25155310, TPFSource(TPF), settings=s)
+    assert phot.photometry() in (STATUS.OK, STATUS.WARNING)
+    aper = AperturePhotometry(25155310, TPFSource(TPF), settings=s)
+    aper.photometry()
+    f = np.asarray(phot.lightcurve["flux"])
+    e = np.asarray(phot.lightcurve["flux_err"])
+    fa = np.asarray(aper.lightcurve["flux"])
+    assert np.all(np.isfinite(f)) and np.all(np.isfinite(e))
+    good = np.asarray(phot.lightcurve["quality"]) == 0
+    ratio = f[good] / fa[good]
+    assert 0.85 < np.median(ratio) < 1.1
+    # the ratio varies less than the PSF flux errors
+    assert np.std(ratio) / np.median(ratio) < np.median(e[good] / f[good])
+
+
+def test_pi_men_tesscut_finite_and_stable():
+    phot = LinPSFPhotometry(261136679, TPFSource(PIMEN, starid=261136679, tmag=5.1))
+    assert phot.photometry() in (STATUS.OK, STATUS.WARNING)
+    aper = AperturePhotometry(261136679, TPFSource(PIMEN, starid=261136679, tmag=5.1))
+    aper.photometry()
+    f = np.asarray(phot.lightcurve["flux"])
+    assert f.shape == (50,) and np.all(np.isfinite(f))
+    assert np.all(np.isfinite(phot.lightcurve["flux_err"]))
+    good = np.asarray(phot.lightcurve["quality"]) == 0
+    ratio = f[good] / np.asarray(aper.lightcurve["flux"])[good]
+    # saturated: the fit uses only the unsaturated wings, so the level is not the total
+    # flux, but it tracks the aperture flux to 0.2 %
+    assert np.std(ratio) / np.median(ratio) < 0.002
