@@ -139,6 +139,8 @@ class BasePhotometry:
         self.final_phot_mask = None
         self._status = STATUS.UNKNOWN
         self._stamp = None
+        self._corrections = _load_corrections(self.settings)
+        self._corrections_active = False
 
         # Time axis. Cadences with NaN time are dropped by the source (TPFSource) or never
         # exist (cache); keep only finite ones here too so every cube row has a time.
@@ -313,7 +315,23 @@ class BasePhotometry:
                         "backgrounds_err_cube", "pixelflags_cube", "sumimage", "wcs",
                         "_background_local", "prf", "_raw_images", "_bkg_region"):
                 self.__dict__.pop(key, None)
+            if self._corrections_active:
+                self._apply_corrections()
         return changed
+
+    def _apply_corrections(self):
+        """Run the configured stamp corrections on the current stamp's cubes.
+
+        Why here: a correction changes the cubes of one stamp, so it runs again whenever the
+        stamp changes (``_set_stamp``) once the photometry has started.
+        """
+        self.correction_quality = np.zeros(self.n_frames, dtype=np.int32)
+        for correction in self._corrections:
+            if correction.available(self):
+                correction.apply(self)
+                self.details.setdefault("corrections", [])
+                if correction.name not in self.details["corrections"]:
+                    self.details["corrections"].append(correction.name)
 
     def resize_stamp(self, down=None, up=None, left=None, right=None, width=None, height=None):
         """Grow (positive) or shrink (negative) the stamp; ``width``/``height`` re-centre.
@@ -619,6 +637,8 @@ class BasePhotometry:
         for log in loggers:
             log.addHandler(handler)
         try:
+            self._corrections_active = True
+            self._apply_corrections()
             status = self.do_photometry()
             if not isinstance(status, STATUS) or status == STATUS.UNKNOWN:
                 raise AlgorithmFailure(
@@ -666,7 +686,8 @@ class BasePhotometry:
             self.details["skip_targets"] = [int(s) for s in skip_targets]
 
     def output_quality(self):
-        """(N,) LightCurveQualityFlags: BackgroundShenanigans where any mask pixel has it."""
+        """(N,) LightCurveQualityFlags: BackgroundShenanigans where any mask pixel has it,
+        FlaggedBadData from the cadence quality, and the bits the stamp corrections set."""
         q = np.zeros(self.n_frames, dtype=np.int32)
         flags = self.pixelflags_cube
         mask = self.final_phot_mask
@@ -675,6 +696,7 @@ class BasePhotometry:
                      axis=tuple(range(1, sel.ndim)))
         q[bad] |= int(LightCurveQualityFlags.BackgroundShenanigans)
         q[~TESSQualityFlags.filter(self.quality)] |= int(LightCurveQualityFlags.FlaggedBadData)
+        q |= getattr(self, "correction_quality", 0)
         return q
 
     def aperture_bitmask(self):
@@ -760,6 +782,14 @@ def aperture_bitmask(phot):
         lo, hi = 44 + 512 * k, 44 + 512 * (k + 1)
         bits[(cols >= lo) & (cols < hi)] |= bit
     return bits
+
+
+def _load_corrections(settings):
+    """Instances of the stamp corrections named in ``photometry.corrections``."""
+    from .plugins import default_plugin_manager, lookup
+    names = settings["photometry"].get("corrections", [])
+    pm = default_plugin_manager()
+    return [lookup(pm, "register_corrections", name)(settings) for name in names]
 
 
 def _background_class(name):

@@ -25,8 +25,9 @@ class PrepareStage:
 class StampCorrection:
     """A correction applied to a target's stamp cubes before the algorithm runs.
 
-    ``apply(phot)`` receives the BasePhotometry object and returns nothing; it may replace
-    ``phot`` cubes through its public setters and adds its uncertainty to the errors.
+    ``apply(phot)`` receives the BasePhotometry object and returns nothing; it replaces
+    ``phot`` cubes (images, errors, backgrounds), adds its uncertainty to the errors and ORs
+    its LightCurveQualityFlags bits into ``phot.correction_quality``.
     """
 
     name = None
@@ -34,6 +35,13 @@ class StampCorrection:
 
     def __init__(self, settings):
         self.settings = settings
+
+    def available(self, phot):
+        """Whether this correction has what it needs for ``phot`` (e.g. its model in the cache).
+
+        A correction configured by default but without its state is skipped, not an error.
+        """
+        return True
 
     def apply(self, phot):
         raise NotImplementedError

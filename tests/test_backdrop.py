@@ -58,8 +58,8 @@ def test_schur_solution_equals_dense_least_squares(masked):
     s = _backdrop_settings(knot_spacing=12.0, bin_rows=4, poly_degree=2)
     noise = 0.7
     fitter = BackdropFitter(usable, s, noise)
-    ybar = rng.normal(100, 5, (1, fitter.n_bins, C))
-    w, strap = fitter._solve(ybar)
+    ybar = rng.normal(100, 5, (fitter.n_bins, 1, C))
+    w, strap = fitter._solve(ybar.astype(np.float32))
     # explicit dense design over the binned observations
     pa, pb = fitter.pairs[:, 0], fitter.pairs[:, 1]
     rows, rhs, wts = [], [], []
@@ -73,7 +73,7 @@ def test_schur_solution_equals_dense_least_squares(masked):
             phi[:len(pa)] = rb[pa] * fitter.cbasis[c, pb]
             phi[len(pa) + c] = 1.0
             rows.append(phi)
-            rhs.append(ybar[0, i, c])
+            rhs.append(ybar[i, 0, c])
             wts.append(n)
     X, y, W = np.array(rows), np.array(rhs), np.array(wts)
     prior = np.r_[np.where(np.arange(len(pa)) < fitter.n_poly,

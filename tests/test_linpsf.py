@@ -158,7 +158,7 @@ def test_shape_model_recovers_true_prf(crowded):
     source, truth, res = crowded
     assert res["n_stars"] >= 5
     assert res["lattice_spread"] < 0.005          # unit sum at every sub-pixel phase
-    assert abs(res["flux_captured"] - 1) < 0.01
+    assert abs(res["flux_captured"] - 1) < 0.03
     model = SplinePRF.from_group(source.model_group("linpsf_shape"))
     prf = AnalyticPRF(**TRUE_PRF)
     rng = np.random.default_rng(0)
@@ -284,7 +284,7 @@ def test_prepare_stage_from_kernel_stars(tmp_path):
         LinPSFShapeModel(cfg).run(writer, group)
         group.attrs["complete"] = True
         assert group.attrs["usable"] and group.attrs["star_source"] == "kernel stars"
-        assert abs(group.attrs["flux_captured"] - 1) < 0.01
+        assert abs(group.attrs["flux_captured"] - 1) < 0.03
         stars = group["stars"][()]
         used = stars["used"]
         # refitted positions land on the truth (guesses were 0.1 px off)

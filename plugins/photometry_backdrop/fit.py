@@ -124,10 +124,7 @@ class BackdropFitter:
         self.pixel_noise = float(pixel_noise)
         # single precision for the per-frame products (values ~1e2, sums over ~1e6 terms:
         # relative error ~1e-6, far below the noise) doubles their speed
-        self._rmean_t = np.ascontiguousarray(self.rmean.T, dtype=np.float32)
-        self._rslope_t = np.ascontiguousarray(self.rslope.T, dtype=np.float32)
         self._cbasis_t = np.ascontiguousarray(self.cbasis.T, dtype=np.float32)
-        self._rmean32 = self.rmean.astype(np.float32)
         self._cbasis32 = self.cbasis.astype(np.float32)
         # per-frame products with the (sparse) binned row basis and column basis
         self._rm_sp = sparse.csr_matrix(self.rmean.astype(np.float32))
@@ -143,6 +140,8 @@ class BackdropFitter:
         act = np.flatnonzero(self.active.ravel())
         step = max(1, act.size // 20000)
         self._sample = act[::step]
+        self._sample_rc = np.unravel_index(self._sample, self.active.shape)
+        self._sqrt_counts32 = self.sqrt_counts.astype(np.float32)
         self.gain = np.ones(C)
         self.pixel_scale = 1.0
         self._usable_u8 = usable.astype(np.uint8)
@@ -155,22 +154,20 @@ class BackdropFitter:
         self._clip_high = float(s.get("clip_high_nsigma", s["clip_nsigma"]))
 
     # -- linear algebra on blocks of frames ---------------------------------------------------
+    # Binned frames are kept as (n_bins, n_frames, C) float32 arrays: every product below is
+    # then one sparse-times-dense call on a contiguous (n_bins, n_frames * C) matrix, with no
+    # transposes of the large arrays.
     def _solve(self, ybar):
-        """Weights and straps for binned frames ``ybar`` (nf, n_bins, C), all at once.
-
-        Written as plain 2-D matrix products (frames stacked along the columns) so that every
-        product is one BLAS call.
-        """
-        nf, nb, C = ybar.shape
+        """Weights (nf, n_terms) and straps (nf, C) for binned frames (n_bins, nf, C)."""
+        nb, nf, C = ybar.shape
         mr = self.rows.size
-        z = self._counts32 * ybar.astype(np.float32)
-        zt = np.ascontiguousarray(z.transpose(1, 0, 2)).reshape(nb, nf * C)
-        zdt = np.ascontiguousarray((z * self._delta32).transpose(1, 0, 2)).reshape(nb, nf * C)
-        g = self._rm_sp_t @ zt + self._rs_sp_t @ zdt                      # (mr, nf*C)
-        g = np.ascontiguousarray(g.reshape(mr, nf, C).transpose(1, 0, 2)).reshape(nf * mr, C)
-        g = (self._cb_sp_t @ g.T).T.reshape(nf, mr, -1).astype(np.float64)  # (nf, mr, mc)
+        z = self._counts32[:, None, :] * ybar
+        zd = z * self._delta32[:, None, :]
+        g = self._rm_sp_t @ z.reshape(nb, nf * C) + self._rs_sp_t @ zd.reshape(nb, nf * C)
+        g = (self._cb_sp_t @ g.reshape(mr * nf, C).T).T                    # (mr*nf, mc)
+        g = g.reshape(mr, nf, -1).transpose(1, 0, 2).astype(np.float64)     # (nf, mr, mc)
         b = g[:, self.pairs[:, 0], self.pairs[:, 1]]
-        s = z.sum(axis=1, dtype=np.float64)
+        s = z.sum(axis=0, dtype=np.float64)                                 # (nf, C)
         rhs = b - s @ self.coupling_d
         w = linalg.cho_solve((self.chol, True), rhs.T, check_finite=False).T
         strap = (s - w @ self.coupling.T) / self.strap_precision
@@ -183,33 +180,35 @@ class BackdropFitter:
         return out
 
     def _binned_model(self, w, strap):
+        """Model of the binned frames, (n_bins, nf, C) float32."""
         nf = w.shape[0]
         mr, C, nb = self.rows.size, self.shape[1], self.n_bins
-        wm = self.weight_matrix(w).reshape(nf * mr, -1).astype(np.float32)
-        t = np.asarray((self._cb_sp @ wm.T).T).reshape(nf, mr, C)          # (nf, mr, C)
-        t = np.ascontiguousarray(t.transpose(1, 0, 2)).reshape(mr, nf * C)
-        m = np.asarray(self._rm_sp @ t).reshape(nb, nf, C).transpose(1, 0, 2)
-        m = m + self._delta32 * np.asarray(self._rs_sp @ t).reshape(nb, nf, C).transpose(1, 0, 2)
-        return m + strap[:, None, :].astype(np.float32)
+        wm = self.weight_matrix(w).transpose(1, 0, 2).reshape(mr * nf, -1).astype(np.float32)
+        t = np.ascontiguousarray((self._cb_sp @ wm.T).T).reshape(mr, nf * C)
+        m = (self._rm_sp @ t).reshape(nb, nf, C)
+        m += self._delta32[:, None, :] * (self._rs_sp @ t).reshape(nb, nf, C)
+        m += strap.astype(np.float32)[None, :, :]
+        return m
 
     def bin_frames(self, images, flags=None, bad_bits=0):
-        """Bin means of the usable pixels of each frame (divided by the column gain), and the
-        bins left without pixels.
+        """Bin means (n_bins, nf, C) of the usable pixels of each frame (divided by the column
+        gain), and the bins left without pixels.
 
         Pixels flagged with ``bad_bits`` or not finite in a frame drop out of that frame only.
         """
         nf = images.shape[0]
         R, C = self.shape
         b, nb = self.bin_rows, self.n_bins
-        ybar = np.zeros((nf, nb, C))
-        missing = np.zeros((nf, nb, C), dtype=bool)
+        ybar = np.zeros((nb, nf, C), dtype=np.float32)
+        missing = np.zeros((nb, nf, C), dtype=bool)
         buf = np.zeros((nb * b, C), dtype=np.float32)
         cnt = np.zeros((nb * b, C), dtype=np.float32)
         usable_u8 = self._usable_u8
+        inv_gain = (1.0 / self.gain).astype(np.float32)
         for i in range(nf):
             img = np.asarray(images[i], dtype=np.float32)
-            # fast path: copy only usable pixels (the rest of buf stays zero) and fall back to
-            # the per-pixel path only when a usable pixel is non-finite or flagged this frame
+            # fast path: zero the unusable pixels by a multiply and fall back to the
+            # per-pixel path only when a usable pixel is non-finite or flagged this frame
             np.multiply(img, self._usable_f4, out=buf[:R])   # NaN pixels give NaN bins
             sums = buf.reshape(nb, b, C).sum(axis=1)
             slow = not np.isfinite(sums).all()
@@ -219,67 +218,67 @@ class BackdropFitter:
                 good = self.usable & np.isfinite(img)
                 if flags is not None and bad_bits:
                     good &= (np.asarray(flags[i]) & bad_bits) == 0
-                work = np.where(good, img, np.float32(0.0))
-                tmp = np.zeros_like(buf)
-                tmp[:R] = work
-                sums = tmp.reshape(nb, b, C).sum(axis=1)
+                buf[:R] = np.where(good, img, np.float32(0.0))
+                sums = buf.reshape(nb, b, C).sum(axis=1)
                 cnt[:R] = good
-                n = cnt.reshape(nb, b, C).sum(axis=1).astype(np.float64)
+                n = cnt.reshape(nb, b, C).sum(axis=1)
             else:
-                n = self.counts
-            np.divide(sums, n, out=ybar[i], where=n > 0)
-            missing[i] = self.active & (n == 0)
-        ybar /= self.gain
+                n = self._counts32
+            np.divide(sums, n, out=ybar[:, i, :], where=n > 0)
+            ybar[:, i, :] *= inv_gain
+            missing[:, i, :] = self.active & (n == 0)
         return ybar, missing
 
-    def _noise(self, z):
-        """Robust scale (1.4826 MAD) of normalised residuals on the fixed bin subsample."""
-        zi = z.reshape(-1)[self._sample]
-        return 1.4826 * np.median(np.abs(zi - np.median(zi))) if zi.size else 1.0
+    def _noise(self, zj):
+        """Robust scale (1.4826 MAD) of normalised residuals (n_bins, C) on the fixed sample."""
+        zi = zj[self._sample_rc]
+        return 1.4826 * float(np.median(np.abs(zi - np.median(zi)))) if zi.size else 1.0
 
     def fit(self, images, flags=None, bad_bits=0, jitter_pixels=None):
         """Fit a block of frames (nf, R, C); returns a :class:`FrameFit`."""
         s = self.settings
         ybar, missing = self.bin_frames(images, flags, bad_bits)
-        nf = ybar.shape[0]
+        nf = ybar.shape[1]
         active = self.active
         clip_k = float(s["clip_nsigma"])
+        sqc = self._sqrt_counts32
         data = ybar.copy()
         for i in range(nf):  # start missing bins from a sensible level
-            if missing[i].any():
-                ok = active & ~missing[i]
-                data[i][missing[i]] = np.median(ybar[i][ok]) if ok.any() else 0.0
+            mi = missing[:, i, :]
+            if mi.any():
+                ok = active & ~mi
+                data[:, i, :][mi] = np.median(ybar[:, i, :][ok]) if ok.any() else 0.0
         clipped = missing.copy()
         w, strap = self._solve(data)
         sigma = np.zeros(nf)
         todo = np.arange(nf)
         for _ in range(int(s["clip_iterations"])):
-            model = self._binned_model(w[todo], strap[todo])
-            z = (ybar[todo] - model) * self.sqrt_counts
+            model = self._binned_model(w[todo], strap[todo])                # (nb, nt, C)
+            z = (ybar[:, todo, :] - model) * sqc[:, None, :]
             changed = np.zeros(len(todo), dtype=bool)
             for j, i in enumerate(todo):
-                sig = self._noise(z[j])
+                zj = z[:, j, :]
+                sig = self._noise(zj)
                 sigma[i] = sig
-                new_clip = (z[j] > self._clip_high * sig) | (z[j] < -clip_k * sig)
+                new_clip = (zj > self._clip_high * sig) | (zj < -clip_k * sig)
                 new_clip &= active
-                new_clip |= missing[i]
-                # re-solve when the clipped set changed or the model-filled bins moved by
-                # more than a small fraction of the noise of one bin (EM not yet converged)
-                # (a few bins toggling at the threshold move the solution by far less than
-                # the noise; a bin's weight is ~1/(bins per spline cell))
-                n_flip = np.count_nonzero(new_clip != clipped[i])
+                new_clip |= missing[:, i, :]
+                # re-solve when the clipped set changed by more than a few bins at the
+                # threshold (each moves the solution by far less than the noise), or when the
+                # model-filled bins are still moving (EM not yet converged)
+                n_flip = np.count_nonzero(new_clip != clipped[:, i, :])
                 if n_flip > self._flip_tolerance:
                     changed[j] = True
                 elif new_clip.any():
-                    step = (model[j] - data[i])[new_clip] * self.sqrt_counts[new_clip]
+                    step = (model[:, j, :] - data[:, i, :])[new_clip] * sqc[new_clip]
                     changed[j] = np.sum(np.abs(step)) > 0.5 * sig * self._cell_bins
-                clipped[i] = new_clip
+                clipped[:, i, :] = new_clip
                 if changed[j]:
-                    data[i] = np.where(new_clip, model[j], ybar[i])
+                    data[:, i, :] = np.where(new_clip, model[:, j, :], ybar[:, i, :])
             todo = todo[changed]
             if todo.size == 0:
                 break
-            w[todo], strap[todo] = self._solve(data[todo])
+            w[todo], strap[todo] = self._solve(data[:, todo, :])
         jitter = None
         if jitter_pixels is not None and len(jitter_pixels[0]):
             jr, jc = jitter_pixels
@@ -288,7 +287,7 @@ class BackdropFitter:
             model = (np.einsum("pa,fap->fp", rb, t) + strap[:, jc]) * self.gain[jc]
             vals = np.stack([np.asarray(images[i])[jr, jc] for i in range(nf)])
             jitter = (vals - model).astype(np.float32)
-        n_clipped = (clipped & ~missing).sum(axis=(1, 2))
+        n_clipped = (clipped & ~missing).sum(axis=(0, 2))
         return FrameFit(w, strap, sigma * self.pixel_scale, n_clipped, jitter)
 
     def fit_gain(self, sumimage):

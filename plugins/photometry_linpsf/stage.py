@@ -239,14 +239,17 @@ def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad
     cell_rows = 0.5 * (edges_r[:-1] + edges_r[1:]) - 0.5
     cell_cols = 0.5 * (edges_c[:-1] + edges_c[1:]) - 0.5
 
-    # quality: how much of each star's light in its box the model captures, residual RMS
+    # quality, with the final shape: how much of each star's light within rmax the model
+    # captures (flux refitted with a free sky), and the residual RMS per unit flux
+    _subtract_neighbours(stars, basis, weights, scene, image.shape, half)
     model = SplinePRF(basis, grid, cell_rows, cell_cols)
     captured, rms = [], []
     for s in sel:
+        s.refit(basis, weights, False)
         dr, dc = s.offsets()
         vals, _, _ = model.stamps(np.array([s.row]), np.array([s.col]), dr.shape[0])
         pred = s.flux * vals[0]
-        good = s.ivar > 0
+        good = (s.ivar > 0) & (np.hypot(dr, dc) < basis.rmax)
         data = s.data - s.sky
         captured.append(np.sum(pred[good]) / np.sum(data[good]))
         rms.append(np.sqrt(np.mean((data - pred)[good] ** 2)) / s.flux)

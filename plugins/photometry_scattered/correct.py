@@ -181,6 +181,13 @@ class ScatteredLightCorrection(StampCorrection):
             raise ConfigurationError("scattered_light.interpolation: 'cubic' or 'linear'")
         self._file_cube = None
 
+    def available(self, phot):
+        """A cube is in the cache (prepare stage ``scattered_light``) or ``cube_file`` is set."""
+        source = phot.source
+        if hasattr(source, "model_group") and source.model_group(self.name) is not None:
+            return True
+        return bool(str(self.options.get("cube_file", "") or ""))
+
     def cube_for(self, phot, rows, cols):
         """The cube (window) for this target: the cache's group, else ``cube_file``."""
         source = phot.source
@@ -242,6 +249,8 @@ class ScatteredLightCorrection(StampCorrection):
         q = np.zeros(len(phot.time), dtype=np.int32)
         q[flags] = int(LightCurveQualityFlags.ScatteredLightUnreliable)
         phot.scattered_light_quality = q
+        if hasattr(phot, "correction_quality"):
+            phot.correction_quality |= q
         phot.details["scattered_light"] = {
             "reference": ref, "n_unreliable": int(flags.sum()),
             "peak": float(np.max(crit["level"])) if len(q) else 0.0,
