@@ -16,7 +16,7 @@ magnitude bin and the medians.
 Usage::
 
     python benchmarks/bench_aperture.py [--size 256] [--cadences 200] [--seed 5]
-        [--workdir DIR] [--stages backdrop] [--all-stars] [--keep]
+        [--workdir DIR] [--stages backdrop] [--all-stars] [--variable-only] [--keep]
 
 The test suite imports :func:`evaluate` to check the acceptance figures on a small scene.
 """
@@ -92,13 +92,13 @@ def _photutils_fluxes(phot, radii):
 
 
 def evaluate(truth_path, cache_path, tmag_range=(8.0, 13.0), isolated=True, radii=RADII,
-             settings=None, progress=False):
+             settings=None, progress=False, variable_only=False):
     """Aperture plugin and photutils on the selected stars; list of per-star dicts."""
     from photometry_aperture.aperture import AperturePhotometry
     settings = settings or load_settings()
     with h5py.File(truth_path, "r") as h5:
         stars = {k: h5["stars"][k][:] for k in ("starid", "tmag", "isolated", "ideal_noise",
-                                                 "row", "column")}
+                                                 "row", "column", "variable")}
         true_flux = h5["flux"][:]
         rows, cols = h5.attrs["rows"], h5.attrs["cols"]
         r0, c0 = h5.attrs["row_offset"], h5.attrs["column_offset"]
@@ -109,6 +109,8 @@ def evaluate(truth_path, cache_path, tmag_range=(8.0, 13.0), isolated=True, radi
         & (stars["column"] > c0 + 8) & (stars["column"] < c0 + cols - 9)
     if isolated:
         sel &= stars["isolated"].astype(bool)
+    if variable_only:
+        sel &= stars["variable"].astype(bool)
     source = open_source(cache_path)
     results = []
     indices = np.flatnonzero(sel)
@@ -190,6 +192,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--stages", nargs="*", default=[], help="prepare stages, e.g. backdrop")
     parser.add_argument("--all-stars", action="store_true", help="not only isolated stars")
+    parser.add_argument("--variable-only", action="store_true",
+                        help="only stars with injected variability (amplitude figures)")
     parser.add_argument("--workdir", help="reuse/keep this folder")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
@@ -202,7 +206,8 @@ def main(argv=None):
         else:
             truth, cache = simulate_and_prepare(workdir, args.size, args.cadences, args.seed,
                                                 args.stages)
-        results = evaluate(truth, cache, isolated=not args.all_stars, progress=True)
+        results = evaluate(truth, cache, isolated=not args.all_stars, progress=True,
+                           variable_only=args.variable_only)
         _print(summarize(results), time.perf_counter() - t0, args)
     finally:
         if not (args.keep or args.workdir):

@@ -127,6 +127,39 @@ def worker_peer(sim_dir):
     return result
 
 
+def photometry_comparison(cache_dir, sim_dir, out_dir, tmag_range=(8.0, 13.0)):
+    """Aperture photometry of the simulator's isolated stars with the backdrop background and
+    with the local (default fallback) background; scatter of FLUX / true flux per star."""
+    import h5py
+    from astropy.io import fits
+
+    with h5py.File(Path(sim_dir) / "truth.h5", "r") as h5:
+        st = h5["stars"]
+        sid, tmag = st["starid"][()], st["tmag"][()]
+        sel = np.flatnonzero(st["isolated"][()].astype(bool) & (tmag > tmag_range[0])
+                             & (tmag < tmag_range[1]))
+        flux = h5["flux"][()]
+    rows = []
+    for i in sel:
+        res = {}
+        for label, bkg in (("backdrop", "backdrop"), ("local", '""')):
+            out = Path(out_dir) / label
+            subprocess.run([sys.executable, "-m", "photometry.cli", "star", str(sid[i]),
+                            "--cache", str(cache_dir), "--output", str(out), "--method",
+                            "aperture", "--set", f"photometry.background={bkg}"],
+                           check=True, capture_output=True)
+            path = next(out.rglob(f"tess{int(sid[i]):011d}-*_lc.fits"))
+            with fits.open(path) as hdul:
+                d = hdul["LIGHTCURVE"].data
+                f = np.asarray(d["FLUX"], float)
+                ok = np.isfinite(f) & (np.asarray(d["QUALITY"]) == 0)
+            ratio = f[ok] / flux[i][ok]
+            res[label] = {"rel_rms": float(np.std(ratio / np.median(ratio))),
+                          "scale": float(np.median(ratio))}
+        rows.append({"starid": int(sid[i]), "tmag": float(tmag[i]), **res})
+    return rows
+
+
 def _run_worker(kind, *args):
     cmd = [sys.executable, __file__, "--worker", kind, *map(str, args)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -142,7 +175,22 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=21)
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument("--photometry", nargs=2, metavar=("CACHE_DIR", "SIM_DIR"),
+                   help="only compare aperture photometry with backdrop vs local background "
+                        "on a prepared cache (prepare.stages = [\"backdrop\"]) of SIM_DIR")
     args = p.parse_args(argv)
+    if args.photometry:
+        rows = photometry_comparison(*args.photometry, Path(args.workdir) / "lc")
+        for r in rows:
+            print(f"{r['starid']} Tmag {r['tmag']:5.2f}: rel rms backdrop "
+                  f"{r['backdrop']['rel_rms']:.5f} local {r['local']['rel_rms']:.5f}; "
+                  f"scale {r['backdrop']['scale']:.4f} / {r['local']['scale']:.4f}")
+        b = np.array([r["backdrop"]["rel_rms"] for r in rows])
+        loc = np.array([r["local"]["rel_rms"] for r in rows])
+        print(f"median rms ratio backdrop/local {np.median(b / loc):.3f}; backdrop better or "
+              f"equal for {np.sum(b <= loc * 1.0001)} of {len(rows)} stars")
+        (Path(args.workdir) / "photometry.json").write_text(json.dumps(rows, indent=1))
+        return 0
     if args.worker:
         kind, *rest = args.worker
         res = worker_ours(*rest) if kind == "ours" else worker_peer(*rest)

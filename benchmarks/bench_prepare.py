@@ -85,7 +85,8 @@ def bench_stamps(workdir, n_stamps=200, stamp=15):
     print(f"  time per stamp (fresh FFICache each): median {np.median(times):.1f} ms, "
           f"p95 {np.percentile(times, 95):.1f} ms, max {times.max():.1f} ms")
     print(f"  read amplification: mean {amps.mean():.2f}, max {amps.max():.2f} "
-          f"(aligned best case {(math.ceil(stamp / chunks[1]) ** 2 * chunks[1] ** 2) / stamp ** 2:.2f})")
+          f"(best case {math.ceil(stamp / chunks[1]) * math.ceil(stamp / chunks[2]) * chunks[1] * chunks[2] / stamp ** 2:.2f}, "
+          f"worst case {(math.ceil(stamp / chunks[1]) + 1) * (math.ceil(stamp / chunks[2]) + 1) * chunks[1] * chunks[2] / stamp ** 2:.2f})")
     return times, amps
 
 

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 
 #: Chunk cache of the reader: a 15x15 stamp over 10 000 frames touches at most
-#: 9 x ceil(10000/32) chunks of 8 KB (float32, 32x8x8) = 26 MB; 64 MB holds one stamp's
+#: 6 x ceil(10000/32) chunks of 16 KB (float32, 32x8x16) = 31 MB; 64 MB holds one stamp's
 #: chunks of one cube, so re-reading a stamp (resize, errors after images) is free.
 READER_CACHE_BYTES = 64 * 1024 ** 2
 READER_CACHE_SLOTS = 100_003
@@ -177,8 +177,9 @@ class CacheWriter:
         self.input_hash = _input_hash(self.ffi_files, self.prepare_hash)
         self.plugin_versions = plugin_versions or {}
         self.block = int(min(int(self.pset["time_chunk"]), self.n_frames))
-        s = int(self.pset["spatial_chunk"])
-        self.chunks = (self.block, min(s, self.shape[0]), min(s, self.shape[1]))
+        s = self.pset["spatial_chunk"]
+        s_row, s_col = (int(s), int(s)) if np.ndim(s) == 0 else (int(s[0]), int(s[1]))
+        self.chunks = (self.block, min(s_row, self.shape[0]), min(s_col, self.shape[1]))
         self.saturation_level = float(self.pset["saturation_level"])
         self.bleed_pad = int(self.pset["saturation_bleed_pad"])
         self.kernel_box = int(self.pset["kernel_box"])
@@ -271,7 +272,7 @@ class CacheWriter:
         attrs["ref_frame"] = -1
         attrs["complete"] = False
         attrs["time_chunk"] = self.chunks[0]
-        attrs["spatial_chunk"] = self.chunks[1]
+        attrs["spatial_chunk"] = self.chunks[1:]
         f.flush()
         self._file = f
         self.frames_done = 0
@@ -417,7 +418,7 @@ class CacheWriter:
         for k in np.flatnonzero(good):
             img = images[k]
             finite = np.isfinite(img)
-            self._sum += np.where(finite, img, 0.0)
+            np.add(self._sum, img, out=self._sum, where=finite)
             self._count += finite
 
     def flush(self):

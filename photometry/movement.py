@@ -72,16 +72,13 @@ def select_kernel_stars(column, row, tmag, shape, *, n_max=200, tmag_min=7.5, tm
         return candidates
     # isolation against every catalog star (on the frame or not)
     from scipy.spatial import cKDTree
-    tree = cKDTree(np.column_stack([column, row])[np.isfinite(column) & np.isfinite(row)])
     finite_index = np.flatnonzero(np.isfinite(column) & np.isfinite(row))
-    keep = []
-    for i in candidates:
-        near = finite_index[tree.query_ball_point([column[i], row[i]], isolation)]
-        near = near[near != i]
-        if np.any(tmag[near] < tmag[i] + contrast):
-            continue
-        keep.append(i)
-    keep = np.asarray(keep, dtype=int)
+    tree = cKDTree(np.column_stack([column[finite_index], row[finite_index]]))
+    cand_tree = cKDTree(np.column_stack([column[candidates], row[candidates]]))
+    pairs = cand_tree.sparse_distance_matrix(tree, isolation, output_type="coo_matrix")
+    ci, nj = candidates[pairs.row], finite_index[pairs.col]
+    spoiled = (ci != nj) & (tmag[nj] < tmag[ci] + contrast)
+    keep = np.setdiff1d(candidates, ci[spoiled])
     if image is not None and keep.size:
         patches = _patches(image, column[keep], row[keep], box)[0]
         bad = ~np.all(np.isfinite(patches), axis=(1, 2))

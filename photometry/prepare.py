@@ -215,6 +215,17 @@ def prepare(ffi_dir, catalog_path, cache_dir, settings=None, *, overwrite=False,
         bar.close()
         writer.finish_ingest()
 
+        # the catalog SQLite first: prepare stages (e.g. backdrop's star mask) read it
+        f = writer.file
+        ref = int(f.attrs["ref_frame"])
+        from astropy.io import fits
+        from astropy.wcs import WCS
+        text = f["wcs"].asstr()[ref]
+        ref_wcs = WCS(fits.Header.fromstring(text, sep="\n"), relax=True) if text else None
+        if ref_wcs is None:
+            raise InputError(f"{paths[ref]}: the reference frame has no WCS")
+        _write_catalog(catalog, cache_dir, meta, ref_wcs, float(f["time"][ref]), shape, pset)
+
         for name, cls in stages.items():
             if writer.stage_complete(name) and \
                     writer.file[f"models/{name}"].attrs.get("version") == str(cls.version):
@@ -225,15 +236,6 @@ def prepare(ffi_dir, catalog_path, cache_dir, settings=None, *, overwrite=False,
             cls(settings).run(writer, group)
             writer.mark_stage_complete(name)
 
-        f = writer.file
-        ref = int(f.attrs["ref_frame"])
-        from astropy.io import fits
-        from astropy.wcs import WCS
-        text = f["wcs"].asstr()[ref]
-        ref_wcs = WCS(fits.Header.fromstring(text, sep="\n"), relax=True) if text else None
-        if ref_wcs is None:
-            raise InputError(f"{paths[ref]}: the reference frame has no WCS")
-        _write_catalog(catalog, cache_dir, meta, ref_wcs, float(f["time"][ref]), shape, pset)
         writer.close(complete=True)
     finally:
         writer.close(complete=False)

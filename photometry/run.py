@@ -35,8 +35,7 @@ from pathlib import Path
 from .cli import add_settings_arguments
 from .errors import ConfigurationError, InputError
 from .settings import load_settings
-from .taskstore import ERROR, FAILED, STATUS_NAMES, TaskStore, owner_id
-from .todo import TODO_NAME
+from .taskstore import ERROR, FAILED, STATUS_NAMES, TODO_NAME, TaskStore, owner_id
 
 __all__ = ["add_arguments", "run", "run_tasks", "WorkerContext", "execute_task",
            "plugin_manager", "EXTRA_PLUGINS_ENV"]

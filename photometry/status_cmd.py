@@ -7,8 +7,7 @@ import datetime
 import json
 from pathlib import Path
 
-from .taskstore import FAILED, STATUS_NAMES, TaskStore
-from .todo import TODO_NAME
+from .taskstore import FAILED, STATUS_NAMES, TODO_NAME, TaskStore
 
 __all__ = ["add_arguments", "run", "status_report"]
 

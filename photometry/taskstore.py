@@ -31,11 +31,13 @@ import sqlite3
 import time
 from pathlib import Path
 
-import sqlite_utils
-
 from .errors import InputError
 
-__all__ = ["TaskStore", "STATUS_NAMES", "FINAL", "FAILED", "owner_id", "DIAGNOSTIC_COLUMNS"]
+__all__ = ["TaskStore", "STATUS_NAMES", "FINAL", "FAILED", "owner_id", "DIAGNOSTIC_COLUMNS",
+           "TODO_NAME"]
+
+#: file name of the task database in the cache folder
+TODO_NAME = "todo.sqlite"
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +156,18 @@ class TaskStore:
             conn.close()
             raise InputError(f"{self.path}: not a task database ({exc})") from None
         self.conn = conn
-        self.db = sqlite_utils.Database(conn)
+        self._db = None
         self.migrate()
+
+    @property
+    def db(self):
+        """A ``sqlite_utils.Database`` on the same connection, made on first use: importing
+        sqlite_utils pulls in pandas (about a second per process), which every worker and
+        ``status`` would pay for nothing."""
+        if self._db is None:
+            import sqlite_utils
+            self._db = sqlite_utils.Database(self.conn)
+        return self._db
 
     # ------------------------------------------------------------------ basics
     def close(self):
@@ -382,38 +394,54 @@ class TaskStore:
         ``details`` (dict with optional ``errors``, ``skip_targets``, ``metrics``,
         ``stamp``...). A result for a task that is no longer STARTED by ``owner`` (it was
         re-queued after a lease expiry and finished by someone else) is dropped.
+
+        Why batched statements: the coordinator is the one serial part of a run, and three
+        statements per result were most of its time; now a batch costs one ``SELECT`` per
+        500 tasks and two ``executemany`` (the skip rules, rare, still go row by row).
         """
+        results = list(results)
         orphans = []
+        if not results:
+            return orphans
         now = time.time()
+        names = ("status", "owner", "starid", "sector", "camera", "ccd", "cadence",
+                 "datasource", "tmag")
+        diagnostics, updates, seen = [], [], set()
         with self.transaction():
+            tasks = {}
+            for chunk in _chunks(sorted({int(r["priority"]) for r in results}), 500):
+                for row in self.conn.execute(
+                        f"SELECT priority, {', '.join(names)} FROM todolist WHERE priority "
+                        f"IN ({', '.join('?' * len(chunk))})", chunk):
+                    tasks[row[0]] = dict(zip(names, row[1:]))
             for res in results:
-                row = self.conn.execute(
-                    "SELECT status, owner, starid, sector, camera, ccd, cadence, datasource, "
-                    "tmag FROM todolist WHERE priority = ?", (res["priority"],)).fetchone()
-                if row is None or row[0] != STARTED or (owner is not None and row[1] != owner):
-                    logger.warning("task %s: result dropped (task no longer ours)",
-                                   res["priority"])
-                    if res.get("lightcurve") and row is not None and row[0] == SKIPPED:
+                priority = int(res["priority"])
+                task = tasks.get(priority)
+                if (task is None or task["status"] != STARTED or priority in seen
+                        or (owner is not None and task["owner"] != owner)):
+                    logger.warning("task %s: result dropped (task no longer ours)", priority)
+                    if res.get("lightcurve") and task is not None and task["status"] == SKIPPED:
                         orphans.append(res["lightcurve"])
                     continue
-                task = dict(zip(("status", "owner", "starid", "sector", "camera", "ccd",
-                                 "cadence", "datasource", "tmag"), row))
+                seen.add(priority)
                 status = int(res["status"])
                 details = dict(res.get("details") or {})
                 errors = list(details.get("errors") or [])
                 if details.get("skip_targets"):
-                    status, skip_errors = self._apply_skips(res["priority"], task, status,
+                    status, skip_errors = self._apply_skips(priority, task, status,
                                                             details["skip_targets"])
                     errors.extend(skip_errors)
                 lightcurve = res.get("lightcurve")
                 if status == SKIPPED and lightcurve:
                     orphans.append(lightcurve)
                     lightcurve = None
-                self._write_diagnostics(res, details, errors, lightcurve)
+                diagnostics.append(_diagnostics_row(priority, res, details, errors, lightcurve))
                 message = errors[-1] if (errors and status in FAILED) else None
-                self.conn.execute(
-                    "UPDATE todolist SET status = ?, finished_at = ?, lease_expires = NULL, "
-                    "error = ? WHERE priority = ?", (status, now, message, res["priority"]))
+                updates.append((status, now, message, priority))
+            self.conn.executemany(_DIAGNOSTICS_SQL, diagnostics)
+            self.conn.executemany(
+                "UPDATE todolist SET status = ?, finished_at = ?, lease_expires = NULL, "
+                "error = ? WHERE priority = ?", updates)
         return orphans
 
     def _apply_skips(self, priority, task, status, skip_targets):
@@ -444,36 +472,6 @@ class TaskStore:
         self.conn.execute("INSERT OR IGNORE INTO photometry_skipped VALUES (?, ?)",
                           (priority, brightest))
         return SKIPPED, []
-
-    def _write_diagnostics(self, res, details, errors, lightcurve):
-        metrics = {k: v for k, v in details.items() if k in DIAGNOSTIC_COLUMNS}
-        metrics.update(details.get("metrics") or {})
-        stamp = details.get("stamp")
-        if stamp and len(stamp) == 4:
-            metrics.setdefault("stamp_height", int(stamp[1]) - int(stamp[0]))
-            metrics.setdefault("stamp_width", int(stamp[3]) - int(stamp[2]))
-        if "stamp_resizes" in details:
-            metrics.setdefault("stamp_resizes", details["stamp_resizes"])
-        row = {"priority": res["priority"], "lightcurve": lightcurve,
-               "method_used": res.get("method_used") or "unknown",
-               "elaptime": float(res.get("elaptime") or 0.0),
-               "worker_wait_time": res.get("worker_wait_time"),
-               "errors": "\n".join(str(e) for e in errors) or None}
-        extra = {}
-        for key, value in metrics.items():
-            if key in DIAGNOSTIC_COLUMNS:
-                row[key] = _number(value, DIAGNOSTIC_COLUMNS[key])
-            else:
-                extra[key] = value
-        for key, value in details.items():
-            if key not in DIAGNOSTIC_COLUMNS and key not in (
-                    "errors", "metrics", "skip_targets", "stamp", "filepath_lightcurve"):
-                extra[key] = value
-        row["details"] = json.dumps(extra, default=_json_default) if extra else None
-        cols = list(row)
-        self.conn.execute(
-            f"INSERT OR REPLACE INTO diagnostics ({', '.join(map(_q, cols))}) "
-            f"VALUES ({', '.join('?' * len(cols))})", [row[c] for c in cols])
 
     # ------------------------------------------------------------------ runs
     def start_run(self, owner, backend, workers, command):
@@ -518,6 +516,42 @@ class TaskStore:
 
 def _q(name):
     return f'"{name}"'
+
+
+_DIAGNOSTICS_COLUMNS = ["priority", "lightcurve", "method_used", "elaptime", "worker_wait_time",
+                        *DIAGNOSTIC_COLUMNS, "errors", "details"]
+_DIAGNOSTICS_SQL = (f"INSERT OR REPLACE INTO diagnostics "
+                    f"({', '.join(map(_q, _DIAGNOSTICS_COLUMNS))}) "
+                    f"VALUES ({', '.join('?' * len(_DIAGNOSTICS_COLUMNS))})")
+_DETAILS_NOT_EXTRA = frozenset(("errors", "metrics", "skip_targets", "stamp",
+                                "filepath_lightcurve"))
+
+
+def _diagnostics_row(priority, res, details, errors, lightcurve):
+    """One ``diagnostics`` row (tuple in :data:`_DIAGNOSTICS_COLUMNS` order): the TASOC
+    metric columns from ``details`` and ``details['metrics']``, anything else as JSON."""
+    metrics = {k: v for k, v in details.items() if k in DIAGNOSTIC_COLUMNS}
+    metrics.update(details.get("metrics") or {})
+    stamp = details.get("stamp")
+    if stamp and len(stamp) == 4:
+        metrics.setdefault("stamp_height", int(stamp[1]) - int(stamp[0]))
+        metrics.setdefault("stamp_width", int(stamp[3]) - int(stamp[2]))
+    if "stamp_resizes" in details:
+        metrics.setdefault("stamp_resizes", details["stamp_resizes"])
+    extra = {}
+    values = dict.fromkeys(DIAGNOSTIC_COLUMNS)
+    for key, value in metrics.items():
+        if key in DIAGNOSTIC_COLUMNS:
+            values[key] = _number(value, DIAGNOSTIC_COLUMNS[key])
+        else:
+            extra[key] = value
+    for key, value in details.items():
+        if key not in DIAGNOSTIC_COLUMNS and key not in _DETAILS_NOT_EXTRA:
+            extra[key] = value
+    return (priority, lightcurve, res.get("method_used") or "unknown",
+            float(res.get("elaptime") or 0.0), res.get("worker_wait_time"),
+            *values.values(), "\n".join(str(e) for e in errors) or None,
+            json.dumps(extra, default=_json_default) if extra else None)
 
 
 def _literal(value):

@@ -21,13 +21,12 @@ from .cli import add_settings_arguments
 from .errors import InputError
 from .settings import load_settings
 from .stamps import STAMP_TABLE
-from .taskstore import TODO_COLUMNS, TaskStore
+from .taskstore import TODO_COLUMNS, TODO_NAME, TaskStore
 
 __all__ = ["add_arguments", "run", "make_todo", "find_caches", "default_stamp_size",
            "TODO_NAME"]
 
 logger = logging.getLogger(__name__)
-TODO_NAME = "todo.sqlite"
 CACHE_PATTERN = re.compile(r"^sector(\d{4})_camera(\d)_ccd(\d)\.hdf5$")
 
 def default_stamp_size(tmag, settings=None):

@@ -325,7 +325,6 @@ def test_simulated_sector_isolated_stars(simulated):
     assert all(r["status"] in (STATUS.OK, STATUS.WARNING) for r in results)
     ratios = [r["ratio"] for r in results]
     amps = [r["amp"] for r in results if np.isfinite(r["amp"])]
-    print("ratios", sorted(np.round(ratios, 3)), "amps", np.round(amps, 3))
     assert np.median(ratios) <= 1.15, sorted(ratios)
     assert len(amps) >= 3
     assert abs(np.median(amps) - 1) <= 0.02, amps

@@ -17,9 +17,9 @@ __all__ = ["build_mask", "star_pixels", "read_catalog", "catalog_path", "smooth_
 
 def catalog_path(cache_file):
     """The catalog SQLite that ``prepare`` writes next to the cache file."""
+    from photometry.cache import catalog_filename
     attrs = cache_file.attrs
-    name = (f"catalog_sector{int(attrs['sector']):04d}_camera{int(attrs['camera'])}"
-            f"_ccd{int(attrs['ccd'])}.sqlite")
+    name = catalog_filename(attrs["sector"], attrs["camera"], attrs["ccd"])
     return Path(cache_file.filename).parent / name
 
 

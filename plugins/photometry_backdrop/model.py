@@ -29,7 +29,6 @@ import itertools
 import json
 import logging
 import time
-import warnings
 
 import numpy as np
 from scipy import linalg

@@ -202,15 +202,30 @@ class LinPSFPhotometry(BasePhotometry):
 
         if not moving:
             A, fixed = design_at(mean_dr, mean_dc)
-            x, err = solve_fluxes(A, data - fixed[None], weights, mu, ivar)
-            model = x @ A.T + fixed[None]
+            fixed = np.broadcast_to(fixed, (N, R * C))
         else:
             A = np.empty((N, R * C, n))
             fixed = np.empty((N, R * C))
             for i in range(N):
                 A[i], fixed[i] = design_at(drow[i], dcol[i])
-            x, err = solve_fluxes(A, data - fixed, weights, mu, ivar)
-            model = np.einsum("tpi,ti->tp", A, x) + fixed
+
+        def predict(x):
+            return (x @ A.T if A.ndim == 2 else np.einsum("tpi,ti->tp", A, x)) + fixed
+
+        # Static residual correction: the median residual image over good cadences is the
+        # part of the scene the PRF model gets wrong (shape errors, uncatalogued stars); it is
+        # constant in time, so it is subtracted and the fluxes solved again. Why: a shape
+        # error of 0.1 % of the flux per pixel is hundreds of sigma for a bright star and
+        # would otherwise leak into every flux as the stars move over the pixels.
+        static = np.zeros(R * C)
+        for _ in range(int(cfg["residual_iterations"]) + 1):
+            x, err = solve_fluxes(A, data - fixed - static[None], weights, mu, ivar)
+            model = predict(x)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                static = np.nan_to_num(np.nanmedian((data - model)[good], axis=0)) + static
+        model = model + static[None]
+        self.static_residual = static.reshape(R, C)
         t = int(np.flatnonzero(is_target)[0])
         flux, flux_err = x[:, t], err[:, t]
         bkg_fit = x[:, nfit] if nbkg else np.zeros(N)
