@@ -108,19 +108,26 @@ def worker_peer(sim_dir):
     fit = time.perf_counter() - t1
     rss = _peak_rss_gb()
     n = len(fnames)
-    model = b.build_correction(np.arange(2048), np.arange(2048))   # (n, rows, cols)
     result = {"n_frames": n, "setup_s": setup, "fit_s": fit, "total_s": setup + fit,
               "per_frame_s": fit / n, "peak_rss_gb": rss}
-    # peer column j is our cube column j + 1: compare our columns 1..2047 with its 0..2046
-    peer = model[:, :, :2048 - PEER_COLUMN_SHIFT]
+    # Evaluate with the matrices the fit itself used: 0.1.6's build_correction centres the
+    # radial term on bore_pixel[1] for rows too, wrong for CCDs 2 and 4 (our CCD 4), so it
+    # would charge the peer with an evaluation bug rather than its model.
+    size = b.cutout_size
+
+    def peer_frame(i):
+        m = np.asarray(b._poly_X.dot(b.poly_w[i].ravel())).reshape(size, size)
+        m = m + np.asarray(b._spline_X.dot(b.spline_w[i].ravel())).reshape(size, size)
+        return m + b.strap_w[i][None, :size]
 
     class Shifted:
+        # peer column j is our cube column j + 1: compare our columns 1..2047 with its 0..2046
         def __len__(self):
             return n
 
         def __getitem__(self, i):
             out = np.full((2048, 2048), np.nan)
-            out[:, PEER_COLUMN_SHIFT:] = peer[i]
+            out[:, PEER_COLUMN_SHIFT:] = peer_frame(i)[:, :2048 - PEER_COLUMN_SHIFT]
             return out
 
     result["metrics"] = _metrics(Shifted(), sim_dir, (slice(None), slice(PEER_COLUMN_SHIFT, None)))

@@ -89,17 +89,25 @@ def bench_aperture(tmp, cadences=60, size=128):
     subprocess.run(exe + ["prepare", str(sim / "ffi"), "--catalog", str(sim / "catalog.csv"),
                           "--cache", str(cache)], check=True, capture_output=True)
     make_todo(cache, faint_limit=15, overwrite=True)
+    import resource
     times = {}
     for workers in (1, 2):
+        load0 = os.getloadavg()[0]
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         summary = run_tasks(cache, tmp / f"lc{workers}", workers=workers, method="aperture",
                             mode="all", progress=False)
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         con = sqlite3.connect(cache / "todo.sqlite")
         t = [r[0] for r in con.execute("SELECT finished_at FROM todolist ORDER BY 1")]
+        elapsed = sum(r[0] for r in con.execute("SELECT elaptime FROM diagnostics"))
         con.close()
         times[workers] = summary["elapsed"]
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         print(f"aperture: {summary['tasks_run']} targets ({summary['counts']}) on {workers} "
               f"worker(s): {summary['elapsed']:.1f} s, {summary['tasks_per_second']:.2f} "
-              f"targets/s (commit span {t[-1] - t[0]:.1f} s)")
+              f"targets/s (commit span {t[-1] - t[0]:.1f} s; workers' CPU {cpu:.1f} s, "
+              f"sum of per-target times {elapsed:.1f} s; load average {load0:.1f} -> "
+              f"{os.getloadavg()[0]:.1f})")
     print(f"aperture speed-up 1 -> 2 workers: {times[1] / times[2]:.2f}x")
 
 
@@ -107,13 +115,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--skip-aperture", action="store_true")
+    parser.add_argument("--only-aperture", action="store_true")
     args = parser.parse_args()
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, python {platform.python_version()}, "
           f"{time.strftime('%Y-%m-%d')}")
     with tempfile.TemporaryDirectory() as d:
-        cache = bench_todo(Path(d) / "todo")
-        bench_overhead(cache, args.tasks)
+        if not args.only_aperture:
+            cache = bench_todo(Path(d) / "todo")
+            bench_overhead(cache, args.tasks)
         if not args.skip_aperture:
             bench_aperture(Path(d) / "aperture")
 

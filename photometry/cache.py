@@ -183,6 +183,7 @@ class CacheWriter:
         self.saturation_level = float(self.pset["saturation_level"])
         self.bleed_pad = int(self.pset["saturation_bleed_pad"])
         self.kernel_box = int(self.pset["kernel_box"])
+        self._compression = _compression(settings)  # validated before any file is touched
         self._file = None
         self._buffer = None
         self._n_buffered = 0
@@ -191,7 +192,13 @@ class CacheWriter:
     # ------------------------------------------------------------------ opening
     def _open(self, overwrite):
         if self.path.exists():
-            same, complete = self._identity(self.path)
+            try:
+                same, complete = self._identity(self.path)
+            except OSError as exc:
+                if not overwrite:
+                    raise InputError(f"{self.path}: exists but is not a readable cache ({exc}); "
+                                     "use --overwrite to replace it") from None
+                same, complete = False, False
             if same and complete:
                 logger.info("%s: complete cache with the same inputs and settings exists",
                             self.path)
@@ -243,7 +250,7 @@ class CacheWriter:
         # for writing in the file itself, and a killed prepare would leave it unopenable
         f = h5py.File(self.partial, "w")
         n, (nrow, ncol) = self.n_frames, self.shape
-        comp = _compression(self.settings)
+        comp = self._compression
         for name, dtype in _CUBES:
             fill = np.nan if dtype == np.float32 else 0
             # flags are mostly zero: lzf shrinks them ~10x at no measurable cost
@@ -291,7 +298,15 @@ class CacheWriter:
             self.frames_done = self.n_frames
         self._sum = np.zeros(self.shape, np.float64)
         self._count = np.zeros(self.shape, np.int32)
-        if not f.attrs["ingest_complete"]:
+        acc = f.get("_accumulators")
+        if f.attrs["ingest_complete"]:
+            pass
+        elif acc is not None and int(acc.attrs["frames"]) == self.frames_done:
+            # the accumulators stored with the last complete block: no need to read the cube
+            self._sum[...] = acc["sum"][()]
+            self._count[...] = acc["count"][()]
+        else:
+            # killed between storing the accumulators and advancing frames_done: recompute
             quality = f["quality"][:self.frames_done]
             for start in range(0, self.frames_done, self.block):
                 stop = min(start + self.block, self.frames_done)
@@ -438,6 +453,15 @@ class CacheWriter:
             f["movement/centroids"][sl] = buf["centroids"][:k]
             f["movement/sigma"][sl] = buf["sigma"][:k]
         self._accumulate(buf["images"][:k], buf["series"]["quality"][:k])
+        # sum-image accumulators with the number of frames they include, so a resumed
+        # prepare does not have to read the whole stored cube again
+        acc = f.require_group("_accumulators")
+        if "sum" not in acc:
+            acc.create_dataset("sum", shape=self.shape, dtype=np.float64)
+            acc.create_dataset("count", shape=self.shape, dtype=np.int32)
+        acc["sum"][...] = self._sum
+        acc["count"][...] = self._count
+        acc.attrs["frames"] = start + k
         f.flush()
         self.frames_done = start + k
         f.attrs["frames_done"] = self.frames_done
@@ -463,6 +487,8 @@ class CacheWriter:
             raise RuntimeError(f"ingest stopped at {self.frames_done} of {self.n_frames} frames")
         with np.errstate(invalid="ignore", divide="ignore"):
             sumimage = np.where(self._count > 0, self._sum / np.maximum(self._count, 1), np.nan)
+        if "_accumulators" in f:
+            del f["_accumulators"]
         if "sumimage" in f:
             del f["sumimage"]
         f.create_dataset("sumimage", data=sumimage, dtype=np.float64)

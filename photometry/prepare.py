@@ -201,8 +201,12 @@ def prepare(ffi_dir, catalog_path, cache_dir, settings=None, *, overwrite=False,
             if frame.time != expected.time or frame.shape != shape:
                 raise InputError(f"{frame.path}: changed while prepare was reading the folder")
             if writer.kernel_stars is None:
-                starid, col, row = kernel_star_candidates(catalog, frame.wcs, frame.time, shape,
-                                                          pset, image=frame.image)
+                if frame.wcs is None:
+                    logger.warning("%s: no WCS; the movement kernel is not measured", frame.path)
+                    starid, col, row = np.empty(0, np.int64), np.empty(0), np.empty(0)
+                else:
+                    starid, col, row = kernel_star_candidates(catalog, frame.wcs, frame.time,
+                                                              shape, pset, image=frame.image)
                 logger.info("movement kernel: %d stars", starid.size)
                 writer.set_kernel_stars(starid, col, row)
             writer.add_frame(frame.image, frame.uncert, time=frame.time,

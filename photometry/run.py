@@ -17,7 +17,9 @@ Ctrl-C (or SIGTERM, as sent by SLURM at the time limit) stops cleanly: finished 
 committed, tasks in flight go back to pending with their attempt given back.
 
 ``TESSPHOT_EXTRA_PLUGINS=module.a,module.b`` registers extra plugin modules in the coordinator
-and every worker, without an entry point: a debugging and testing aid (the fault tests use it).
+and every worker, without an entry point; ``TESSPHOT_BLOCK_PLUGINS=name,name`` (``*`` = all)
+leaves out installed entry-point plugins. Debugging and testing aids: the fault tests run their
+own algorithm alone, so a worker does not import the whole science stack to start.
 """
 import collections
 import importlib
@@ -38,29 +40,36 @@ from .settings import load_settings
 from .taskstore import ERROR, FAILED, STATUS_NAMES, TODO_NAME, TaskStore, owner_id
 
 __all__ = ["add_arguments", "run", "run_tasks", "WorkerContext", "execute_task",
-           "plugin_manager", "EXTRA_PLUGINS_ENV"]
+           "plugin_manager", "EXTRA_PLUGINS_ENV", "BLOCK_PLUGINS_ENV"]
 
 logger = logging.getLogger(__name__)
 EXTRA_PLUGINS_ENV = "TESSPHOT_EXTRA_PLUGINS"
+BLOCK_PLUGINS_ENV = "TESSPHOT_BLOCK_PLUGINS"
 DEFAULT_TASK_FUNCTION = "photometry.run:execute_task"
 
 
 # =========================================================================== worker side
-def _extra_plugin_names(value=None):
-    value = os.environ.get(EXTRA_PLUGINS_ENV, "") if value is None else value
+def _extra_plugin_names(value=None, env=EXTRA_PLUGINS_ENV):
+    value = os.environ.get(env, "") if value is None else value
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
-def plugin_manager(extra_plugins=None):
-    """The plugin manager with the modules named in ``TESSPHOT_EXTRA_PLUGINS`` added."""
-    from .plugins import get_plugin_manager
+def plugin_manager(extra_plugins=None, blocked_plugins=None):
+    """The plugin manager with the modules named in ``TESSPHOT_EXTRA_PLUGINS`` added and the
+    entry-point plugins named in ``TESSPHOT_BLOCK_PLUGINS`` left out (arguments override the
+    environment: workers get the coordinator's values, Dask workers have their own env)."""
+    from .plugins import ENTRY_POINT_GROUP, get_plugin_manager
     modules = []
     for name in _extra_plugin_names(extra_plugins):
         try:
             modules.append(importlib.import_module(name))
         except ImportError as exc:
             raise ConfigurationError(f"{EXTRA_PLUGINS_ENV}: cannot import '{name}' ({exc})")
-    return get_plugin_manager(extra_plugins=modules)
+    blocked = _extra_plugin_names(blocked_plugins, BLOCK_PLUGINS_ENV)
+    if "*" in blocked:
+        from importlib import metadata
+        blocked = [ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)]
+    return get_plugin_manager(blocked=blocked, extra_plugins=modules)
 
 
 def _resolve(path):
@@ -115,7 +124,8 @@ class WorkerContext:
     @property
     def pm(self):
         if self._pm is None:
-            self._pm = plugin_manager(self.config.get("extra_plugins", ""))
+            self._pm = plugin_manager(self.config.get("extra_plugins", ""),
+                                      self.config.get("blocked_plugins", ""))
         return self._pm
 
     def method_class(self, name):
@@ -188,7 +198,10 @@ def _worker_main(conn, config):
         context = WorkerContext(config)
         function = _resolve(config.get("task_function") or DEFAULT_TASK_FUNCTION)
         if config.get("task_function") in (None, DEFAULT_TASK_FUNCTION):
-            context.pm  # load plugins now, so a plugin error is reported before any task
+            # load plugins and the photometry core now: a plugin error is reported before any
+            # task, and the task timeout (counted from "ready") does not include the imports
+            context.pm
+            from . import base  # noqa: F401
     except ConfigurationError as exc:
         conn.send(("fatal", None, str(exc)))
         return
@@ -520,9 +533,10 @@ def run_tasks(cache_dir, output, settings=None, workers=None, method=None, dask=
     filters = {k: v for k, v in (filters or {}).items() if v is not None}
     owner = owner_id()
     extra = ",".join(_extra_plugin_names())
+    blocked = ",".join(_extra_plugin_names(env=BLOCK_PLUGINS_ENV))
     if task_function in (None, DEFAULT_TASK_FUNCTION) and method:
         from .plugins import lookup
-        lookup(plugin_manager(extra), "register_algorithms", method)  # fail fast on a typo
+        lookup(plugin_manager(extra, blocked), "register_algorithms", method)  # fail fast
     n_workers = workers or sched["workers"] or os.cpu_count() or 1
     max_attempts = int(sched["max_attempts"])
     timeout = float(sched["task_timeout"])
@@ -537,6 +551,7 @@ def run_tasks(cache_dir, output, settings=None, workers=None, method=None, dask=
         total = min(total, int(limit))
     config = {"cache_dir": str(cache_dir.resolve()), "output": str(output.resolve()),
               "settings": settings, "plot": plot, "extra_plugins": extra,
+              "blocked_plugins": blocked,
               "task_function": task_function, "run_key": f"{owner}-{time.time():.0f}",
               "log_level": logging.getLogger().getEffectiveLevel()}
 
@@ -588,11 +603,13 @@ def run_tasks(cache_dir, output, settings=None, workers=None, method=None, dask=
         from tqdm import tqdm
         bar = tqdm(total=total, unit="task", disable=not progress, dynamic_ncols=True,
                    mininterval=0.5, smoothing=0.05, desc="tessphot run")
-        if dask:
+        if total == 0:
+            logger.info("%s: no pending task matches; no workers started", todo_path)
+        elif dask:
             backend = DaskBackend(dask, config, int(sched["dask_inflight"]), timeout)
         else:
             backend = LocalBackend(config, n_workers, int(sched["prefetch"]), timeout)
-        while True:
+        while backend is not None:
             # ---------------------------------------------------------------- dispatch
             slots = backend.capacity()
             if slots and not exhausted and len(local) < len(slots):

@@ -100,10 +100,19 @@ def test_resume_equals_uninterrupted_and_damaged_partial_restarts(tmp_path, sett
     assert w.frames_done == 10
     w = _write(b, images, errors, quality, settings)
     assert w.state == "resume"
-    with h5py.File(a) as fa, h5py.File(b) as fb:
+    # killed after storing the accumulators but before advancing frames_done: recomputed
+    d = tmp_path / "d" / "sector0003_camera2_ccd1.hdf5"
+    _write(d, images, errors, quality, settings, stop=13)
+    with h5py.File(d.parent / (d.name + ".partial"), "r+") as f:
+        f["_accumulators"].attrs["frames"] = 15
+        f["_accumulators/sum"][...] = 0.0
+    assert _write(d, images, errors, quality, settings).state == "resume"
+    with h5py.File(a) as fa, h5py.File(b) as fb, h5py.File(d) as fd:
+        assert "_accumulators" not in fa and "_accumulators" not in fb
         for name in ("images", "errors", "pixel_flags", "time", "quality", "sumimage",
                      "movement_kernel"):
             assert np.array_equal(fa[name][()], fb[name][()], equal_nan=True), name
+            assert np.array_equal(fa[name][()], fd[name][()], equal_nan=True), name
     # a partial that cannot be opened (killed mid-write) is rebuilt from scratch
     c = tmp_path / "c" / "sector0003_camera2_ccd1.hdf5"
     c.parent.mkdir()

@@ -11,8 +11,6 @@ import warnings
 import h5py
 import numpy as np
 import pytest
-from astropy.io import fits
-from astropy.wcs import WCS
 
 from photometry import hookimpl
 from photometry.cache import FFICache

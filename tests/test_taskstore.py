@@ -1,7 +1,9 @@
 """The task database: atomic claims under concurrency, leases, attempts, skips, results."""
-import multiprocessing
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -25,43 +27,62 @@ def store(tmp_path):
     s.close()
 
 
-def _claimer(path, owner, out_queue, start):
-    store = TaskStore(path, busy_timeout=60)
-    got, errors = [], []
-    start.wait()
-    while True:
-        try:
-            tasks = store.claim(owner, n=3)
-        except Exception as exc:  # noqa: BLE001 - reported to the test
-            errors.append(repr(exc))
-            break
+#: one claiming process: opens the database, says it is ready, waits for the go file, then
+#: claims 3 tasks at a time and saves their results until none is left; prints what it got.
+#: A plain ``python -c`` (not multiprocessing from pytest) so that starting 8 of them costs
+#: only the import of photometry.taskstore.
+CLAIMER = """
+import json, os, sys, time
+from photometry.taskstore import OK, TaskStore
+path, owner, ready, go = sys.argv[1:5]
+store = TaskStore(path, busy_timeout=60)
+open(ready, "w").close()
+t0 = time.monotonic()
+while not os.path.exists(go) and time.monotonic() - t0 < 120:
+    time.sleep(0.005)
+got, errors = [], []
+while True:
+    try:
+        tasks = store.claim(owner, n=3)
         if not tasks:
             break
         got.extend(t["priority"] for t in tasks)
-        store.save_results([{"priority": p, "status": OK, "method_used": "x",
-                             "elaptime": 0.0} for p in got[-len(tasks):]], owner=owner)
-    out_queue.put((owner, got, errors))
-    store.close()
+        store.save_results([{"priority": t["priority"], "status": OK, "method_used": "x",
+                             "elaptime": 0.0} for t in tasks], owner=owner)
+    except Exception as exc:
+        errors.append(repr(exc))
+        break
+store.close()
+print(json.dumps({"owner": owner, "got": got, "errors": errors}))
+"""
 
 
 def test_eight_processes_never_double_claim(tmp_path):
     path = tmp_path / "todo.sqlite"
     with TaskStore(path, create=True) as s:
         s.add_tasks(_rows(600))
-    mp = multiprocessing.get_context("spawn")
-    queue, start = mp.Queue(), mp.Event()
-    procs = [mp.Process(target=_claimer, args=(path, f"owner{i}", queue, start))
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(path), f"owner{i}",
+                               str(tmp_path / f"ready{i}"), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(8)]
-    for p in procs:
-        p.start()
-    time.sleep(1.0)  # let every process open the database, then start together
-    start.set()
-    results = [queue.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(30)
-    claimed = [p for _, got, _ in results for p in got]
-    assert [e for _, _, e in results if e] == []          # never "database is locked"
+    try:
+        t0 = time.monotonic()
+        while not all((tmp_path / f"ready{i}").exists() for i in range(8)):
+            assert time.monotonic() - t0 < 120, "claimer processes did not start"
+            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
+            time.sleep(0.01)
+        go.touch()                       # every process has the database open: go together
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0] * 8, [err for _, err in outputs]
+    results = [json.loads(out) for out, _ in outputs]
+    claimed = [p for r in results for p in r["got"]]
+    assert [r["errors"] for r in results if r["errors"]] == []  # never "database is locked"
     assert sorted(claimed) == list(range(1, 601))          # each task exactly once
+    assert sum(1 for r in results if r["got"]) >= 2        # they really competed
     with TaskStore(path) as s:
         assert s.status_counts() == {"OK": 600}
         owners = {o: n for o, n in s.conn.execute(

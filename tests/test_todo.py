@@ -1,7 +1,5 @@
 """``tessphot todo``: target selection, priorities and geometry from a cache + its catalog."""
 import sqlite3
-import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -100,15 +98,18 @@ def test_no_cache_is_input_error(tmp_path):
         make_todo(tmp_path)
 
 
-def test_cli_todo(tmp_path):
+def test_cli_todo(tmp_path, capsys):
+    """The command line in this process (a new interpreter costs seconds on the test machine;
+    test_run.py starts ``tessphot run`` as a process where the scenario needs one)."""
+    from photometry.cli import main
     make_fake_ccd(tmp_path, n_stars=30)
-    out = subprocess.run([sys.executable, "-m", "photometry.cli", "todo", str(tmp_path),
-                          "--faint-limit", "14"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert "tasks" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "photometry.cli", "todo", str(tmp_path)],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "exists" in out.stderr
+    assert main(["todo", str(tmp_path), "--faint-limit", "14"]) == 0
+    out = capsys.readouterr().out
+    with TaskStore(tmp_path / "todo.sqlite") as store:
+        n = store.count()
+    assert f"{n} tasks" in out and n > 0
+    assert main(["todo", str(tmp_path)]) == 2
+    assert "exists" in capsys.readouterr().err
 
 
 def test_large_ccd_is_fast(tmp_path):
