@@ -15,10 +15,19 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)
-	$(BIN)/tessphot simulate $(DEMO_DIR)/sim --cadences 60 --size 128 128 --seed 1
+	rm -rf $(DEMO_DIR)
+	$(BIN)/tessphot simulate $(DEMO_DIR)/sim --cadences 100 --size 128 128 --seed 1
 	$(BIN)/tessphot prepare $(DEMO_DIR)/sim/ffi --catalog $(DEMO_DIR)/sim/catalog.csv --cache $(DEMO_DIR)/cache
-	@echo "Simulated FFIs:  $(DEMO_DIR)/sim/ffi"
-	@echo "Cache:           $(DEMO_DIR)/cache"
+	$(BIN)/tessphot todo $(DEMO_DIR)/cache
+	$(BIN)/tessphot run $(DEMO_DIR)/cache --output $(DEMO_DIR)/lightcurves
+	$(BIN)/tessphot status $(DEMO_DIR)/cache
+	$(BIN)/tessphot star $$($(BIN)/python -c "import sqlite3; print(sqlite3.connect('$(DEMO_DIR)/cache/todo.sqlite').execute('SELECT starid FROM todolist WHERE tmag > 9 ORDER BY priority LIMIT 1').fetchone()[0])") \
+		--cache $(DEMO_DIR)/cache --output $(DEMO_DIR)/debug_star --plot > $(DEMO_DIR)/debug_star.json
+	@echo
+	@echo "Simulated FFIs and truth:  $(DEMO_DIR)/sim"
+	@echo "FFI cache and todo list:   $(DEMO_DIR)/cache"
+	@echo "Light curves (FITS):       $(DEMO_DIR)/lightcurves  ($$(find $(DEMO_DIR)/lightcurves -name '*_lc.fits' | wc -l) files)"
+	@echo "Plots of one star:         $$(dirname $$(find $(DEMO_DIR)/debug_star -name stamp.png))"
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -n 2 -q tests

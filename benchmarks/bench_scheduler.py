@@ -42,10 +42,11 @@ def bench_todo(tmp):
     stars = list(zip(range(1, n + 1), rng.uniform(5, 20, n).tolist(),
                      rng.uniform(-10, 2058, n).tolist(), rng.uniform(34, 2102, n).tolist()))
     make_fake_ccd(tmp, rows=2048, cols=2048, stars=stars)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _, count = make_todo(tmp, faint_limit=20)
-    dt = time.perf_counter() - t0
-    print(f"todo: {n} catalog stars -> {count} tasks in {dt:.2f} s ({count / dt:,.0f} tasks/s)")
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(f"todo: {n} catalog stars -> {count} tasks in {dt:.2f} s ({count / dt:,.0f} tasks/s; "
+          f"CPU {cpu:.2f} s; load average {os.getloadavg()[0]:.1f})")
     return tmp
 
 
@@ -67,13 +68,20 @@ def bench_overhead(cache, n_tasks, workers=2):
     con.close()
     settings = load_settings(assignments=["scheduler.prefetch=16", "scheduler.claim_batch=256",
                                           "scheduler.commit_every=500"])
+    import resource
+    c0, w0 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     summary = run_tasks(cache, cache / "out", settings=settings, workers=workers,
                         limit=n_tasks, task_function="bench_scheduler:noop_task",
                         progress=False)
+    cpu, w1 = time.process_time() - c0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    wcpu = (w1.ru_utime - w0.ru_utime) + (w1.ru_stime - w0.ru_stime)
     rate = _steady_rate(cache)
-    print(f"overhead: {summary['tasks_run']} no-op tasks on {workers} workers: "
+    n = summary["tasks_run"]
+    print(f"overhead: {n} no-op tasks on {workers} workers: "
           f"{summary['tasks_per_second']:,.0f} tasks/s with start-up, "
-          f"{rate:,.0f} tasks/s steady state")
+          f"{rate:,.0f} tasks/s steady state; CPU: coordinator {cpu:.2f} s "
+          f"({1e6 * cpu / n:.0f} us/task), workers {wcpu:.2f} s with their start-up; "
+          f"load average {os.getloadavg()[0]:.1f}")
     return rate
 
 

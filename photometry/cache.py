@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import warnings
 from functools import cached_property
 from pathlib import Path
@@ -105,6 +106,70 @@ def choose_reference_frame(time, quality, usable=None):
     mid = 0.5 * (np.nanmin(time[pool]) + np.nanmax(time[pool]))
     candidates = np.flatnonzero(pool)
     return int(candidates[np.argmin(np.abs(time[candidates] - mid))])
+
+
+def _lookup3(data):
+    """Bob Jenkins' lookup3 ``hashlittle`` (init 0): the checksum HDF5 puts on its superblock."""
+    mask = 0xFFFFFFFF
+
+    def rot(v, k):
+        return ((v << k) | (v >> (32 - k))) & mask
+
+    n = len(data)
+    a = b = c = (0xDEADBEEF + n) & mask
+    i = 0
+    while n - i > 12:
+        x, y, z = struct.unpack_from("<3I", data, i)
+        a, b, c = (a + x) & mask, (b + y) & mask, (c + z) & mask
+        a = (a - c) & mask; a ^= rot(c, 4); c = (c + b) & mask  # noqa: E702
+        b = (b - a) & mask; b ^= rot(a, 6); a = (a + c) & mask  # noqa: E702
+        c = (c - b) & mask; c ^= rot(b, 8); b = (b + a) & mask  # noqa: E702
+        a = (a - c) & mask; a ^= rot(c, 16); c = (c + b) & mask  # noqa: E702
+        b = (b - a) & mask; b ^= rot(a, 19); a = (a + c) & mask  # noqa: E702
+        c = (c - b) & mask; c ^= rot(b, 4); b = (b + a) & mask  # noqa: E702
+        i += 12
+    if n == i:
+        return c
+    x, y, z = struct.unpack("<3I", bytes(data[i:]) + bytes(12 - (n - i)))
+    a, b, c = (a + x) & mask, (b + y) & mask, (c + z) & mask
+    c ^= b; c = (c - rot(b, 14)) & mask  # noqa: E702
+    a ^= c; a = (a - rot(c, 11)) & mask  # noqa: E702
+    b ^= a; b = (b - rot(a, 25)) & mask  # noqa: E702
+    c ^= b; c = (c - rot(b, 16)) & mask  # noqa: E702
+    a ^= c; a = (a - rot(c, 4)) & mask  # noqa: E702
+    b ^= a; b = (b - rot(a, 14)) & mask  # noqa: E702
+    c ^= b; c = (c - rot(b, 24)) & mask  # noqa: E702
+    return c
+
+
+def clear_write_flag(path):
+    """Make a cache file whose writer was killed openable again (what ``h5clear -s`` does).
+
+    Why: the cache is written in the HDF5 1.10+ format (needed for the fixed-array chunk
+    index), whose superblock (version 3) carries a "file open for writing" flag that a
+    killed prepare leaves set; HDF5 then refuses to open the file at all. The flag byte is
+    reset and the superblock checksum recomputed; the file is extended (sparse zeros) to the
+    end-of-file address the superblock records if it is shorter. Returns whether anything
+    was changed. Files in other formats are left alone.
+    """
+    with open(path, "r+b") as fh:
+        sb = bytearray(fh.read(48))
+        if len(sb) < 48 or sb[:8] != b"\x89HDF\r\n\x1a\n" or sb[8] not in (2, 3) or sb[9] != 8:
+            return False
+        if struct.unpack_from("<I", sb, 44)[0] != _lookup3(bytes(sb[:44])):
+            return False
+        changed = False
+        eof = struct.unpack_from("<Q", sb, 28)[0]
+        if os.fstat(fh.fileno()).st_size < eof:
+            os.ftruncate(fh.fileno(), eof)
+            changed = True
+        if sb[11]:
+            sb[11] = 0
+            struct.pack_into("<I", sb, 44, _lookup3(bytes(sb[:44])))
+            fh.seek(0)
+            fh.write(sb)
+            changed = True
+        return changed
 
 
 def _input_hash(ffi_files, prepare_hash):
@@ -210,13 +275,15 @@ class CacheWriter:
             logger.warning("%s: replacing the existing cache (--overwrite)", self.path)
         if self.partial.exists():
             try:
+                clear_write_flag(self.partial)  # left set if the last prepare was killed
                 same, _ = self._identity(self.partial)
             except OSError as exc:
                 logger.warning("%s: cannot be opened (%s); starting over", self.partial, exc)
                 same = None
             if same:
                 try:
-                    self._file = h5py.File(self.partial, "r+")
+                    self._file = h5py.File(self.partial, "r+", libver="latest")
+                    self._layout()
                     self.frames_done = int(self._file.attrs["frames_done"])
                     self._restore()
                     logger.warning("%s: resuming after %d of %d frames", self.partial,
@@ -224,6 +291,7 @@ class CacheWriter:
                     return "resume"
                 except Exception as exc:  # noqa: BLE001 - a damaged partial is rebuilt
                     logger.warning("%s: cannot be resumed (%s); starting over", self.partial, exc)
+                    self._close_fd()
                     if self._file is not None:
                         try:
                             self._file.close()
@@ -246,17 +314,30 @@ class CacheWriter:
 
     def _create(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # default (earliest) format on purpose: "latest" (superblock v3) marks a file open
-        # for writing in the file itself, and a killed prepare would leave it unopenable
-        f = h5py.File(self.partial, "w")
+        # "latest" format: fixed-size chunked datasets then get a fixed-array chunk index
+        # (O(1) lookup, no B-tree) and early allocation lays the chunks out back to back in
+        # chunk order, which is what lets flush() write a whole block with one pwrite. The
+        # superblock's "open for writing" flag a killed prepare leaves is reset on resume
+        # by clear_write_flag.
+        f = h5py.File(self.partial, "w", libver="latest")
         n, (nrow, ncol) = self.n_frames, self.shape
         comp = self._compression
         for name, dtype in _CUBES:
             fill = np.nan if dtype == np.float32 else 0
-            # flags are mostly zero: lzf shrinks them ~10x at no measurable cost
-            f.create_dataset(name, shape=(n, nrow, ncol), dtype=dtype, chunks=self.chunks,
-                             fillvalue=fill, **(comp if dtype == np.float32 else
-                                                {"compression": "lzf"}))
+            if comp and dtype == np.float32:
+                f.create_dataset(name, shape=(n, nrow, ncol), dtype=dtype, chunks=self.chunks,
+                                 fillvalue=fill, **comp)
+                continue
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_chunk(self.chunks)
+            dcpl.set_fill_value(np.array(fill, dtype))
+            # all chunks allocated now (in chunk order) and never pre-filled: every chunk of
+            # a complete cache is written exactly once, by flush()
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            space = h5py.h5s.create_simple((n, nrow, ncol), (n, nrow, ncol))
+            h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)), space,
+                            dcpl=dcpl).close()
         for name, dtype in _SERIES:
             fill = np.nan if np.issubdtype(dtype, np.floating) else 0
             f.create_dataset(name, shape=(n,), dtype=dtype, fillvalue=fill)
@@ -282,6 +363,7 @@ class CacheWriter:
         attrs["spatial_chunk"] = self.chunks[1:]
         f.flush()
         self._file = f
+        self._layout()
         self.frames_done = 0
         self._sum = np.zeros(self.shape, np.float64)
         self._count = np.zeros(self.shape, np.int32)

@@ -104,10 +104,27 @@ class LinPSFPhotometry(BasePhotometry):
         return self.prf, f"prf:{getattr(self.prf, 'name', 'prf')}"
 
     def _images(self, prf, rows, cols, shape, origin):
-        """(n, r, c) unit-flux PRF images of stars at CCD ``rows, cols`` over the stamp."""
+        """(n, r, c) unit-flux PRF images of stars at CCD ``rows, cols`` over the stamp.
+
+        One vectorised ``prf.stamps`` call for all positions (all stars of all cadences at
+        once when the positions move), then a scatter into the stamp grid.
+        """
+        rows = np.atleast_1d(np.asarray(rows, dtype=float))
+        cols = np.atleast_1d(np.asarray(cols, dtype=float))
+        R, C = shape
+        out = np.zeros((rows.size, R * C))
+        if rows.size == 0:
+            return out.reshape(0, R, C)
         size = int(prf.default_size())
-        mat = prf.design_matrix(rows, cols, shape, origin=origin, size=size)
-        return np.asarray(mat.toarray().T.reshape((len(rows),) + tuple(shape)))
+        vals, r0, c0 = prf.stamps(rows, cols, size)
+        steps = np.arange(size)
+        rr = ((r0 - origin[0])[:, None] + steps[None, :])[:, :, None]
+        cc = ((c0 - origin[1])[:, None] + steps[None, :])[:, None, :]
+        ok = (rr >= 0) & (rr < R) & (cc >= 0) & (cc < C)
+        star = np.broadcast_to(np.arange(rows.size)[:, None, None], vals.shape)
+        flat = np.broadcast_to(rr * C + cc, vals.shape)
+        out[star[ok], flat[ok]] = vals[ok]
+        return out.reshape(rows.size, R, C)
 
     def _sources(self, cfg, prf, shape, origin):
         """(fitted index array, subtracted index array, catalog fluxes) of the catalog stars."""
@@ -204,11 +221,16 @@ class LinPSFPhotometry(BasePhotometry):
             A, fixed = design_at(mean_dr, mean_dc)
             fixed = np.broadcast_to(fixed, (N, R * C))
         else:
-            A = np.empty((N, R * C, n))
-            fixed = np.empty((N, R * C))
-            for i in range(N):
-                A[i], fixed[i] = design_at(drow[i], dcol[i])
-
+            # every star at every cadence in one PRF evaluation
+            order = np.concatenate([fitted, rest])
+            imgs = self._images(prf, (rows0[order][None, :] + drow[:, order]).ravel(),
+                                (cols0[order][None, :] + dcol[:, order]).ravel(), (R, C),
+                                origin).reshape(N, order.size, R * C)
+            A = np.transpose(imgs[:, :nfit], (0, 2, 1))
+            if nbkg:
+                A = np.concatenate([A, np.ones((N, R * C, 1))], axis=2)
+            fixed = np.einsum("k,tkp->tp", cat_flux[rest], imgs[:, nfit:])
+            del imgs
         def predict(x):
             return (x @ A.T if A.ndim == 2 else np.einsum("tpi,ti->tp", A, x)) + fixed
 

@@ -20,7 +20,7 @@ from .cube import SLCube, read_fits
 from .interp import axis_weights, time_weights
 
 __all__ = ["evaluate", "axis_weights", "time_weights", "ScatteredLightCorrection",
-           "unreliable_cadences", "load_window"]
+           "unreliable_cadences", "load_window", "frame_flags"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +117,30 @@ def load_window(group, rows, cols, pad=6):
                   gain_column_offset=int(a.get("gain_column_offset", 44)),
                   cadenceno=group["cadenceno"][()] if "cadenceno" in group else None,
                   quality=group["quality"][()] if "quality" in group else None,
+                  flags=group["flags"][()] if "flags" in group else None,
                   time_binned=bool(a.get("time_binned", 0)),
                   time_bin_hours=float(a.get("time_bin_hours", 0.0)),
                   reference=_text(a.get("reference", "none")), sector=int(a.get("sector", 0)),
                   camera=int(a.get("camera", 0)), ccd=int(a.get("ccd", 0)))
+
+
+def frame_flags(cube, t, gap_factor=3.0):
+    """(len(t),) int32: the cube frames' own flags on the cadences they are used for.
+
+    A cadence gets a frame's flags if that frame carries weight in its linear time
+    interpolation (its own frame, or the two around it in a binned cube): a frame the
+    builder had to guess from its neighbours makes those cadences' correction a guess too.
+    """
+    t = np.atleast_1d(np.asarray(t, dtype=float))
+    fl = np.asarray(cube.flags, dtype=np.int64)
+    out = np.zeros(t.size, dtype=np.int32)
+    if not fl.any():
+        return out
+    w = time_weights(cube.time, t, "linear", gap_factor)
+    for bit in np.unique(fl[fl != 0]):
+        used = (np.abs(w[:, fl == bit]) > 1e-6).any(axis=1)
+        out[used] |= int(bit)
+    return out
 
 
 def _text(value):
@@ -248,11 +268,13 @@ class ScatteredLightCorrection(StampCorrection):
         flags, crit = unreliable_cadences(sl, alt, phot.time, static, self.options)
         q = np.zeros(len(phot.time), dtype=np.int32)
         q[flags] = int(LightCurveQualityFlags.ScatteredLightUnreliable)
+        q |= frame_flags(cube, phot.time, float(self.options["gap_factor"]))
         phot.scattered_light_quality = q
         if hasattr(phot, "correction_quality"):
             phot.correction_quality |= q
         phot.details["scattered_light"] = {
-            "reference": ref, "n_unreliable": int(flags.sum()),
+            "reference": ref, "n_unreliable": int(np.count_nonzero(q)),
+            "n_guessed_frames": int(np.count_nonzero(cube.flags)),
             "peak": float(np.max(crit["level"])) if len(q) else 0.0,
             "max_rate": float(np.max(crit["rate"])) if len(q) else 0.0,
             "max_interp_error": float(np.max(crit["interp_error"])) if len(q) else 0.0,

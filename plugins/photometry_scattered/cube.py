@@ -29,11 +29,12 @@ import numpy as np
 from scipy import ndimage
 
 from photometry.errors import InputError
-from photometry.quality import PixelQualityFlags, TESSQualityFlags
+from photometry.quality import LightCurveQualityFlags, PixelQualityFlags, TESSQualityFlags
 
 from .interp import axis_weights, segments
 
 __all__ = ["SLCube", "CubeBuilder", "bin_statistics", "column_gain", "static_mask",
+           "mask_layers", "relax_mask",
            "bin_time", "write_group", "read_group", "write_fits", "read_fits", "BTJD0"]
 
 #: JD of BTJD 0 (tess-backml writes its TIME table in JD).
@@ -72,6 +73,10 @@ class SLCube:
     camera: int = 0
     ccd: int = 0
     meta: dict = field(default_factory=dict)
+    #: (nt,) int32 LightCurveQualityFlags per cube frame (ScatteredLightUnreliable where the
+    #: frame had too few measured bins or none at all); the correction ORs them into the
+    #: cadences that use that frame.
+    flags: np.ndarray = None
 
     def __post_init__(self):
         self.values = np.asarray(self.values, dtype=np.float64)
@@ -92,6 +97,11 @@ class SLCube:
             self.cadenceno = np.full(nt, -1, dtype=np.int64)
         if self.quality is None:
             self.quality = np.zeros(nt, dtype=np.int64)
+        if self.flags is None:
+            self.flags = np.zeros(nt, dtype=np.int32)
+        self.flags = np.asarray(self.flags, dtype=np.int32)
+        if self.flags.shape != (nt,):
+            raise ValueError(f"cube flags {self.flags.shape} do not match {nt} frames")
 
     @property
     def shape(self):
@@ -180,34 +190,90 @@ def _fill_empty(values, errors):
 
     Why: a bin can be fully masked (a saturated star, a strap cluster); the spline needs a
     value there. Neighbour means are smooth and local; the filled bins get twice the largest
-    neighbouring error so the uncertainty says they were not measured.
+    neighbouring error so the uncertainty says they were not measured. A frame without any
+    valid bin is left NaN (``empty``) for :func:`_fill_frames`: one bad frame (all pixels
+    flagged) is a reason to flag that cadence, not to fail the whole cube.
+
+    Returns
+    -------
+    values, errors : filled copies
+    empty : (n,) bool, frames that had no valid bin at all (still NaN)
     """
     values = values.copy()
     errors = errors.copy()
+    empty = ~np.isfinite(values).reshape(len(values), -1).any(axis=1)
+    live = np.flatnonzero(~empty)
+    if live.size == 0:
+        return values, errors, empty
+    v_all, e_all = values[live], errors[live]
     kernel = np.ones((1, 3, 3))
     for _ in range(max(values.shape[1:])):
-        bad = ~np.isfinite(values)
+        bad = ~np.isfinite(v_all)
         if not bad.any():
             break
         good = ~bad
-        if not good.reshape(len(values), -1).any(axis=1).all():
-            raise InputError("scattered-light cube: a frame has no usable bin at all")
-        v = np.where(good, values, 0.0)
-        e = np.where(good, errors, 0.0)
+        v = np.where(good, v_all, 0.0)
+        e = np.where(good & np.isfinite(e_all), e_all, 0.0)
         s = ndimage.convolve(v, kernel, mode="constant")
         w = ndimage.convolve(good.astype(float), kernel, mode="constant")
         emax = ndimage.maximum_filter(e, size=(1, 3, 3), mode="constant")
         fill = bad & (w > 0)
-        values[fill] = s[fill] / w[fill]
-        errors[fill] = 2.0 * emax[fill]
+        v_all[fill] = s[fill] / w[fill]
+        e_all[fill] = 2.0 * emax[fill]
+    values[live], errors[live] = v_all, e_all
+    return values, errors, empty
+
+
+def _fill_frames(values, errors, empty):
+    """Fill frames without any valid bin from the nearest valid frames in time.
+
+    Why: a frame whose pixels are all flagged (or masked) still needs a cube slice so the
+    cube stays aligned with the cache's cadences; the linear interpolation between the
+    frames before and after (or the nearest one at an end) is the best guess, its error is
+    doubled, and the caller flags the cadence ScatteredLightUnreliable.
+
+    Raises
+    ------
+    InputError
+        No frame has a usable bin: there is no sky to interpolate from.
+    """
+    if not empty.any():
+        return values, errors
+    ok = np.flatnonzero(~empty)
+    if ok.size == 0:
+        raise InputError("scattered-light cube: no frame has a usable bin (every pixel is "
+                         "masked or flagged); nothing to measure the sky from")
+    values = values.copy()
+    errors = errors.copy()
+    for k in np.flatnonzero(empty):
+        after = ok[ok > k]
+        before = ok[ok < k]
+        if before.size and after.size:
+            a, b = before[-1], after[0]
+            w = (k - a) / (b - a)
+            values[k] = (1 - w) * values[a] + w * values[b]
+            errors[k] = 2.0 * np.maximum(errors[a], errors[b])
+        else:
+            j = before[-1] if before.size else after[0]
+            values[k] = values[j]
+            errors[k] = 2.0 * errors[j]
     return values, errors
 
 
 # ------------------------------------------------------------------------------ masks
 def _smooth(image, exclude, box):
-    """Smooth version of ``image``: median of usable pixels in box cells, bilinear."""
+    """Smooth version of ``image``: median of usable pixels in box cells, bilinear.
+
+    Cells with too few usable pixels take their neighbours' value; if no cell has any (a
+    tiny, crowded field), the median of whatever is usable, else of every finite pixel.
+    """
     med, _, _ = bin_statistics(image[None], exclude[None], box, min_pixels=3)
-    med, _ = _fill_empty(med, np.zeros_like(med))
+    med, _, empty = _fill_empty(med, np.zeros_like(med))
+    if empty[0]:
+        use = ~exclude & np.isfinite(image)
+        if not use.any():
+            use = np.isfinite(image)
+        med[:] = np.median(image[use]) if use.any() else 0.0
     R, C = image.shape
     rr = (np.arange(R) + 0.5) / box - 0.5
     cc = (np.arange(C) + 0.5) / box - 0.5
@@ -216,10 +282,22 @@ def _smooth(image, exclude, box):
 
 
 def static_mask(sumimage, settings, catalog=None, flags=None):
-    """Pixels never used for the cube: stars, saturation bleed, bad pixels.
+    """Pixels never used for the cube: stars, saturation bleed, bad pixels (strict mask).
 
-    Why both: the sum-image threshold finds every source bright enough to bias a bin median,
-    the catalog discs cover the PRF wings of bright stars that fall below that threshold.
+    See :func:`mask_layers`; this is its ``mask``.
+    """
+    return mask_layers(sumimage, settings, catalog, flags)[0]
+
+
+def mask_layers(sumimage, settings, catalog=None, flags=None):
+    """The strict static mask, the part of it that can never be relaxed, and a star score.
+
+    Why both star masks: the sum-image threshold finds every source bright enough to bias a
+    bin median; the catalog discs cover the PRF wings of bright stars that fall below that
+    threshold. Why the discs only where the sum image is raised (``catalog_nsigma``) and
+    at most ``catalog_max_radius``: the sqrt(flux) radius of a Tmag 5 star is 60 px, which
+    in a small or dense field masks everything, yet its wings beyond a few pixels are below
+    the noise and do not bias a median.
 
     Parameters
     ----------
@@ -227,40 +305,98 @@ def static_mask(sumimage, settings, catalog=None, flags=None):
     settings : dict
         The ``[scattered_light]`` section.
     catalog : (rows, cols, tmag) arrays in cube pixel indices, optional
-    flags : (R, C) uint8 pixel flags of the reference frame, optional
+    flags : (R, C) pixel flags of the reference frame, optional
 
     Returns
     -------
-    (R, C) bool, True = masked.
+    mask : (R, C) bool, True = masked (strict).
+    hard : (R, C) bool, masked pixels no fallback may use (non-finite, flagged bad,
+        saturated and their bleed).
+    score : (R, C) float, the sum-image excess over the smooth sky in robust sigma: the
+        fallback (:func:`relax_mask`) uses the lowest-scoring pixels first.
     """
     s = settings
     img = np.asarray(sumimage, dtype=float)
-    mask = ~np.isfinite(img)
+    hard = ~np.isfinite(img)
+    if flags is not None:
+        hard |= (np.asarray(flags).astype(np.int64) & BAD_PIXEL_BITS) != 0
     box = max(int(s["bin_size"]), 4)
-    smooth = _smooth(np.where(mask, 0, img), mask, box)
+    smooth = _smooth(np.where(hard, 0, img), hard, box)
     resid = img - smooth
-    vals = resid[~mask]
+    vals = resid[~hard]
     sigma = 1.4826 * np.median(np.abs(vals - np.median(vals))) if vals.size else 1.0
-    stars = resid > float(s["star_nsigma"]) * sigma
+    sigma = sigma if np.isfinite(sigma) and sigma > 0 else 1.0
+    stars = (resid > float(s["star_nsigma"]) * sigma) & ~hard
+    # the fallback's score against a sky that leaves those stars out: around a bright star
+    # (or in a crowded box) the first sky estimate is pulled up, and pixels still full of
+    # starlight would look faint
+    clean = _smooth(np.where(hard, 0, img), hard | ndimage.binary_dilation(stars), box)
+    score = np.where(hard, np.inf, (img - clean) / sigma)
+    mask = hard.copy()
     dil = int(s["star_dilate"])
     if dil > 0:
         stars = ndimage.binary_dilation(stars, iterations=dil)
     mask |= stars
-    # saturated pixels and their bleed columns (+- rows along the column, +-1 column)
+    # saturated pixels and their bleed columns (+- rows along the column, +-2 columns)
     sat = img > float(s["saturation"])
     if flags is not None:
-        sat |= (np.asarray(flags) & int(PixelQualityFlags.Saturated)) != 0
+        sat |= (np.asarray(flags).astype(np.int64) & int(PixelQualityFlags.Saturated)) != 0
     if sat.any():
         m = int(s["bleed_margin"])
         sat = ndimage.binary_dilation(sat, structure=np.ones((2 * m + 1, 5), dtype=bool))
+        hard |= sat
         mask |= sat
     if catalog is not None:
         rows, cols, tmag = (np.asarray(a, dtype=float) for a in catalog)
         bright = np.isfinite(tmag) & (tmag <= float(s["catalog_tmag"]))
         radius = float(s["catalog_radius"]) * np.sqrt(
             10 ** (-0.4 * (tmag[bright] - float(s["catalog_tmag"]))))
-        mask |= _discs(img.shape, rows[bright], cols[bright], np.minimum(radius, 60.0))
-    return mask
+        rmax = float(s.get("catalog_max_radius", 40.0))
+        discs = _discs(img.shape, rows[bright], cols[bright], np.minimum(radius, rmax))
+        mask |= discs & (score > float(s.get("catalog_nsigma", 1.0)))
+    return mask, hard, score
+
+
+def relax_mask(mask, hard, score, bin_size, min_pixels, max_score=np.inf):
+    """Unmask, in bins the strict mask leaves with too few pixels, the faintest ones.
+
+    Why: in a dense or small field (or around a bright star) the strict mask can take a
+    whole bin; rather than filling it from neighbours that may be as empty, the bin is
+    measured on its ``min_pixels`` least star-affected pixels (lowest ``score``; never
+    ``hard`` ones). Their sum-image selection is fixed in time, so the cube still follows
+    the glow's changes exactly; only the static level can carry a little starlight. Pixels
+    scoring above ``max_score`` are never used: inside a bright star's PRF even the
+    faintest pixels carry starlight that pointing jitter modulates, so such a bin is better
+    filled from its neighbours.
+
+    Returns
+    -------
+    mask : (R, C) bool, the relaxed mask
+    relaxed : (ny, nx) int, pixels given back per bin
+    """
+    mask = np.asarray(mask, dtype=bool).copy()
+    R, C = mask.shape
+    b = int(bin_size)
+    ny, nx = -(-R // b), -(-C // b)
+    need = max(int(min_pixels), 1)
+    relaxed = np.zeros((ny, nx), dtype=np.int64)
+    for i in range(ny):
+        for j in range(nx):
+            rs, cs = slice(i * b, min((i + 1) * b, R)), slice(j * b, min((j + 1) * b, C))
+            m = mask[rs, cs]
+            have = int((~m).sum())
+            if have >= need:
+                continue
+            cand = m & ~hard[rs, cs] & (score[rs, cs] <= max_score)
+            if not cand.any():
+                continue
+            sc = np.where(cand, score[rs, cs], np.inf).ravel()
+            take = np.argsort(sc, kind="stable")[:min(need - have, int(cand.sum()))]
+            flat = m.ravel().copy()
+            flat[take] = False
+            mask[rs, cs] = flat.reshape(m.shape)
+            relaxed[i, j] = take.size
+    return mask, relaxed
 
 
 def _discs(shape, rows, cols, radii):
@@ -332,7 +468,8 @@ class CubeBuilder:
         self.settings = settings
         self.bin_size = int(settings["bin_size"])
         self.min_pixels = int(settings["min_pixels"])
-        self._values, self._errors = [], []
+        self.min_bin_fraction = float(settings.get("min_bin_fraction", 0.5))
+        self._values, self._errors, self._measured = [], [], []
         b = self.bin_size
         R, C = self.shape
         ny, nx = -(-R // b), -(-C // b)
@@ -359,28 +496,45 @@ class CubeBuilder:
         if errors is not None:
             errors = np.asarray(errors, dtype=np.float32) / self.gain[None, None, :]
         med, err, _ = bin_statistics(images, mask, self.bin_size, self.min_pixels, errors)
+        measured = np.isfinite(med).reshape(len(med), -1).mean(axis=1)
         if bool(self.settings.get("refine", True)) and med.shape[1] * med.shape[2] > 1:
             # Second pass: the median of the residuals from the smooth first-pass model.
             # Why: with most of a bin masked (stars), its usable pixels are not centred in
             # it, and across a steep glow gradient their median is the sky somewhere else;
             # residuals from a model that follows the gradient have no such offset.
-            filled, _ = _fill_empty(med, err)
-            model = np.matmul(np.matmul(self._wr, filled.astype(np.float32)), self._wc.T)
-            dmed, _, _ = bin_statistics(images - model, mask, self.bin_size, self.min_pixels)
-            med = filled + dmed
+            # Frames without any measured bin stay NaN (filled in time by finish()).
+            filled, _, empty = _fill_empty(med, err)
+            live = ~empty
+            if live.any():
+                model = np.matmul(np.matmul(self._wr, filled[live].astype(np.float32)),
+                                  self._wc.T)
+                m = mask if mask.shape[0] == 1 else mask[live]
+                dmed, _, _ = bin_statistics(images[live] - model, m, self.bin_size,
+                                            self.min_pixels)
+                med[live] = filled[live] + dmed
         self._values.append(med)
         self._errors.append(err)
+        self._measured.append(measured)
 
     def finish(self, time, cadenceno=None, quality=None, **meta):
         """The :class:`SLCube` (empty bins filled, static level from the darkest frames)."""
         values = np.concatenate(self._values)
         errors = np.concatenate(self._errors)
-        values, errors = _fill_empty(values, errors)
+        measured = np.concatenate(self._measured)
+        values, errors, empty = _fill_empty(values, errors)
+        values, errors = _fill_frames(values, errors, empty)
+        # a frame measured in too few bins is a guess from its neighbours: flag it, do not
+        # fail the cube for it
+        few = measured < self.min_bin_fraction
+        flags = np.where(few, int(LightCurveQualityFlags.ScatteredLightUnreliable), 0)
+        info = dict(meta.pop("meta", None) or {})
+        info.update(n_empty_frames=int(empty.sum()), n_flagged_frames=int(few.sum()),
+                    min_measured_fraction=float(measured.min()) if measured.size else 0.0)
         cube = SLCube(values=values, errors=errors, counts=self.counts, time=time,
                       bin_rows=self.bin_rows, bin_cols=self.bin_cols, bin_size=self.bin_size,
                       column_gain=self.gain.astype(np.float64),
                       gain_column_offset=self.column_offset, cadenceno=cadenceno,
-                      quality=quality, **meta)
+                      quality=quality, flags=flags, meta=info, **meta)
         cube.static = dark_level(cube, int(self.settings["n_dark"]))
         return cube
 
@@ -388,6 +542,8 @@ class CubeBuilder:
 def dark_level(cube, n_dark):
     """Per-bin median of the ``n_dark`` darkest good cadences (tess-backml's static scene)."""
     good = TESSQualityFlags.filter(cube.quality) & np.all(np.isfinite(cube.values), (1, 2))
+    if (good & (cube.flags == 0)).any():
+        good &= cube.flags == 0       # frames guessed from their neighbours are no dark level
     idx = np.flatnonzero(good) if good.any() else np.arange(len(cube.time))
     level = np.median(cube.values[idx], axis=(1, 2))
     dark = idx[np.argsort(level)[:max(int(n_dark), 1)]]
@@ -409,7 +565,7 @@ def bin_time(cube, hours, gap_factor=3.0):
     if not good.any():
         good = np.ones(t.size, dtype=bool)
     seg = segments(t, gap_factor)
-    vals, errs, times, cads = [], [], [], []
+    vals, errs, times, cads, flags = [], [], [], [], []
     for s0, s1 in seg:
         ts = t[s0:s1]
         edges = np.arange(ts[0], ts[-1] + width, width)
@@ -423,19 +579,21 @@ def bin_time(cube, hours, gap_factor=3.0):
             errs.append(np.sqrt((cube.errors[use] ** 2).sum(axis=0)) / use.size)
             times.append(t[use].mean())
             cads.append(int(cube.cadenceno[use[0]]))
+            flags.append(int(np.bitwise_or.reduce(cube.flags[use])))
     out = SLCube(values=np.array(vals), errors=np.array(errs), counts=cube.counts,
                  time=np.array(times), bin_rows=cube.bin_rows, bin_cols=cube.bin_cols,
                  bin_size=cube.bin_size, static=cube.static, column_gain=cube.column_gain,
                  gain_column_offset=cube.gain_column_offset, cadenceno=np.array(cads),
                  quality=np.zeros(len(times), dtype=np.int64), time_binned=True,
                  time_bin_hours=float(hours), reference=cube.reference, sector=cube.sector,
-                 camera=cube.camera, ccd=cube.ccd, meta=dict(cube.meta))
+                 camera=cube.camera, ccd=cube.ccd, meta=dict(cube.meta),
+                 flags=np.array(flags, dtype=np.int32))
     return out
 
 
 # ------------------------------------------------------------------------------ HDF5
 _ARRAYS = ("values", "errors", "counts", "time", "bin_rows", "bin_cols", "static",
-           "column_gain", "cadenceno", "quality")
+           "column_gain", "cadenceno", "quality", "flags")
 _SCALARS = ("bin_size", "gain_column_offset", "time_binned", "time_bin_hours", "reference",
             "sector", "camera", "ccd")
 
@@ -483,7 +641,8 @@ def write_fits(cube, path, overwrite=True):
     (2, nt, ny, nx) in FITS axis order; ext 2 ``PIXEL COUNTS`` (ny, nx) int64; ext 3 ``TIME``
     (column ``time`` in JD, header ``BINNED``). Our additions, ignored by tess-backml:
     ``ROW0``/``COL0`` (0-based CCD position of the first bin's first pixel), ``REFMODEL``, and
-    ext 4 ``STATIC`` (the dark level), ext 5 ``COLUMN GAIN``, ext 6 ``BIN CENTERS``.
+    ext 4 ``STATIC`` (the dark level), ext 5 ``COLUMN GAIN``, ``FRAME FLAGS`` (only if any
+    frame is flagged), ``BIN CENTERS``.
     """
     from astropy.io import fits
 
@@ -531,6 +690,8 @@ def write_fits(cube, path, overwrite=True):
         gh = fits.ImageHDU(np.asarray(cube.column_gain, dtype=np.float32), name="COLUMN GAIN")
         gh.header["COLOFF"] = (int(cube.gain_column_offset), "0-based CCD col of element 0")
         hdus.append(gh)
+    if np.any(cube.flags):
+        hdus.append(fits.ImageHDU(np.asarray(cube.flags, dtype=np.int32), name="FRAME FLAGS"))
     centres = fits.BinTableHDU.from_columns(
         [fits.Column(name="bin_cols", format="D", array=cube.bin_cols)], name="BIN CENTERS")
     centres.header["NROWBIN"] = ny
@@ -600,10 +761,13 @@ def read_fits(path, sector=None, camera=None, ccd=None):
             gain = np.asarray(hdul["COLUMN GAIN"].data, dtype=np.float64)
             goff = int(hdul["COLUMN GAIN"].header.get("COLOFF", 44))
         reference = str(h.get("REFMODEL", "dark"))
+        flags = np.asarray(hdul["FRAME FLAGS"].data, dtype=np.int32) \
+            if "FRAME FLAGS" in names else None
         return SLCube(values=values + static[None], errors=errors, counts=counts, time=time,
                       bin_rows=bin_rows, bin_cols=bin_cols, bin_size=b, static=static,
                       column_gain=gain, gain_column_offset=goff, time_binned=binned,
                       time_bin_hours=float(h.get("TIMBINS", 0.0)) if binned else 0.0,
                       reference=reference, sector=int(h.get("SECTOR", 0)),
                       camera=int(h.get("CAMERA", 0)), ccd=int(h.get("CCD", 0)),
-                      meta={"file": str(path), "creator": str(h.get("CREATOR", ""))})
+                      meta={"file": str(path), "creator": str(h.get("CREATOR", ""))},
+                      flags=flags)

@@ -9,7 +9,7 @@ from tqdm import tqdm
 from photometry.errors import ConfigurationError, InputError
 from photometry.stages import BackgroundModel, PrepareStage
 
-from .cube import CubeBuilder, bin_time, column_gain, static_mask, write_group
+from .cube import CubeBuilder, bin_time, column_gain, mask_layers, relax_mask, write_group
 
 __all__ = ["ScatteredLightCube", "build_cube", "options"]
 
@@ -30,6 +30,14 @@ def options(settings):
             raise ConfigurationError(f"scattered_light.{key}: must be > 0 (got {s[key]!r})")
     if float(s["time_bin"]) < 0:
         raise ConfigurationError("scattered_light.time_bin: must be >= 0 (0 = no binning)")
+    if not float(s.get("catalog_max_radius", 40.0)) > 0:
+        raise ConfigurationError("scattered_light.catalog_max_radius: must be > 0")
+    if not float(s.get("relax_nsigma", 10.0)) > 0:
+        raise ConfigurationError("scattered_light.relax_nsigma: must be > 0")
+    if not float(s.get("catalog_nsigma", 1.0)) >= 0:
+        raise ConfigurationError("scattered_light.catalog_nsigma: must be >= 0")
+    if not 0 <= float(s.get("min_bin_fraction", 0.5)) <= 1:
+        raise ConfigurationError("scattered_light.min_bin_fraction: must be in [0, 1]")
     if s.get("interpolation", "cubic") not in ("cubic", "linear"):
         raise ConfigurationError("scattered_light.interpolation: must be 'cubic' or 'linear'")
     return s
@@ -95,13 +103,22 @@ def build_cube(blocks, shape, time, settings, *, sumimage=None, catalog=None, re
             total += np.where(ok, images, 0).sum(axis=0)
             count += ok.sum(axis=0)
         sumimage = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    mask = static_mask(sumimage, s, catalog, ref_flags)
+    strict, hard, score = mask_layers(sumimage, s, catalog, ref_flags)
+    b, need = int(s["bin_size"]), int(s["min_pixels"])
+    # the gains from the relaxed mask: a crowded column still has its faintest pixels
+    top = float(s.get("relax_nsigma", 10.0))
+    mask, _ = relax_mask(strict, hard, score, b, need, top)
     gain, strap = column_gain(sumimage, mask, s)
     if bool(s["mask_straps"]) and strap.any():
-        mask |= np.convolve(strap.astype(int), np.ones(3), mode="same")[None, :] > 0
-    if mask.mean() > 0.95:
-        raise InputError(f"scattered-light cube: {mask.mean():.0%} of the pixels are masked "
-                         "(stars, saturation, straps); nothing left to measure the sky")
+        strict = strict | (np.convolve(strap.astype(int), np.ones(3), mode="same")[None, :] > 0)
+    mask, relaxed = relax_mask(strict, hard, score, b, need, top)
+    if mask.all():
+        raise InputError("scattered-light cube: every pixel is non-finite, flagged bad or "
+                         "saturated; nothing left to measure the sky")
+    if strict.mean() > 0.9 or relaxed.any():
+        logger.info("scattered light: strict mask %.0f%% of the pixels; %d bins measured on "
+                    "their faintest pixels instead", 100 * strict.mean(),
+                    int((relaxed > 0).sum()))
     builder = CubeBuilder(shape, row_offset, column_offset, mask, gain, s)
     bar = tqdm(total=n_frames, desc="scattered light", unit="frame", leave=False,
                disable=not progress or None)
@@ -116,7 +133,8 @@ def build_cube(blocks, shape, time, settings, *, sumimage=None, catalog=None, re
             bar.update(part.stop - part.start)
     bar.close()
     meta = dict(meta or {})
-    meta.update(mask_fraction=float(mask.mean()), n_strap_columns=int(strap.sum()))
+    meta.update(mask_fraction=float(mask.mean()), strict_mask_fraction=float(strict.mean()),
+                n_relaxed_bins=int((relaxed > 0).sum()), n_strap_columns=int(strap.sum()))
     cube = builder.finish(np.asarray(time, dtype=float), cadenceno=cadenceno, quality=quality,
                           meta=meta, **(ids or {}))
     return bin_time(cube, float(s["time_bin"]), float(s["gap_factor"]))
