@@ -1,6 +1,6 @@
 """Scheduler benchmarks: todo for a 200 000-star CCD, scheduler overhead, aperture speed-up.
 
-    python benchmarks/bench_scheduler.py [--tasks 5000] [--skip-aperture]
+    python benchmarks/bench_scheduler.py [--tasks 5000] [--skip-aperture | --only-aperture]
 
 Prints one line per figure; the latest results are recorded in docs/benchmarks.md.
 
@@ -8,7 +8,7 @@ Prints one line per figure; the latest results are recorded in docs/benchmarks.m
 - overhead: tasks/s of ``run_tasks`` with 2 local workers and a task function that does
   nothing, so what is measured is claiming, dispatch, result batching and commits. Reported
   both over the whole run (with worker start-up) and in steady state (from the per-task
-  ``finished_at`` stamps).
+  ``finished_at`` stamps), with the CPU time of the coordinator (the serial part) per task.
 - aperture: a simulated sector run with ``--method aperture`` on 1 and on 2 workers.
 """
 import argparse

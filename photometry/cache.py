@@ -46,6 +46,7 @@ READER_CACHE_BYTES = 64 * 1024 ** 2
 READER_CACHE_SLOTS = 100_003
 
 _CUBES = (("images", np.float32), ("errors", np.float32), ("pixel_flags", np.uint8))
+_FILL = {"images": np.float32(np.nan), "errors": np.float32(np.nan), "pixel_flags": 0}
 _SERIES = (("time", np.float64), ("time_start", np.float64), ("time_stop", np.float64),
            ("timecorr", np.float32), ("cadenceno", np.int32), ("quality", np.int32))
 
@@ -390,9 +391,14 @@ class CacheWriter:
         else:
             # killed between storing the accumulators and advancing frames_done: recompute
             quality = f["quality"][:self.frames_done]
+            self._stars = None
+            self._new_buffer()
             for start in range(0, self.frames_done, self.block):
                 stop = min(start + self.block, self.frames_done)
-                self._accumulate(f["images"][start:stop], quality[start:stop])
+                for j, frame in enumerate(self._read_block("images", start, stop)):
+                    self._put("images", j, frame)
+                self._accumulate(stop - start, quality[start:stop])
+            self._buffer = None
         self._stars = None
         if "movement/centroids" in f:
             g = f["movement"]
@@ -445,17 +451,72 @@ class CacheWriter:
                        "row": np.asarray(row, float)}
         self._guess = np.column_stack([self._stars["column"], self._stars["row"]])
 
-    def _new_buffer(self):
+    # ------------------------------------------------------------------ block layout
+    def _layout(self):
+        """Where each cube's chunks are in the file, for the direct block writes.
+
+        ``self._direct[name]`` is the byte offset of the cube's first chunk when its chunks
+        are stored uncompressed, back to back in chunk order (what early allocation with a
+        fixed-array index gives), else None: that cube is written through h5py (compressed
+        float cubes, or an HDF5 that lays chunks out otherwise).
+        """
         nrow, ncol = self.shape
+        t, cr, cc = self.chunks
+        self._grid = (-(-nrow // cr), -(-ncol // cc))
+        n_chunks = -(-self.n_frames // t) * self._grid[0] * self._grid[1]
+        self._direct = {}
+        for name, dtype in _CUBES:
+            ds = self._file[name]
+            base = None
+            if ds.compression is None and ds.chunks == self.chunks:
+                chunk_bytes = t * cr * cc * np.dtype(dtype).itemsize
+                try:
+                    if ds.id.get_num_chunks() == n_chunks:
+                        idx = sorted({0, min(1, n_chunks - 1), n_chunks // 2, n_chunks - 1})
+                        offs = [ds.id.get_chunk_info(i).byte_offset for i in idx]
+                        if all(o == offs[0] + i * chunk_bytes for i, o in zip(idx, offs)):
+                            base = int(offs[0])
+                except Exception:  # noqa: BLE001 - fall back to h5py writes
+                    base = None
+            if base is None:
+                logger.info("%s: cube %s is written through h5py (slow path)", self.partial,
+                            name)
+            self._direct[name] = base
+        self._close_fd()
+        if any(v is not None for v in self._direct.values()):
+            self._fd = os.open(self.partial, os.O_RDWR)
+
+    def _close_fd(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+        self._fd = None
+
+    def _new_buffer(self):
+        """Block buffers in chunk order: (chunk row, chunk column, frame, row, column).
+
+        Why chunk order: a block of ``time_chunk`` frames then *is* the byte image of one
+        time-slab of chunks in the file, written with one pwrite; copying each frame into its
+        strided slot is the only rearrangement and replaces the buffer copy anyway.
+        """
+        nrow, ncol = self.shape
+        t, cr, cc = self.chunks
+        gr, gc = self._grid
         n_st = 0 if self._stars is None else self._stars["starid"].size
-        self._buffer = {
-            "images": np.empty((self.block, nrow, ncol), np.float32),
-            "errors": np.empty((self.block, nrow, ncol), np.float32),
-            "pixel_flags": np.empty((self.block, nrow, ncol), np.uint8),
+        self._buffer = {name: np.empty((gr, gc, t, cr, cc), dtype) for name, dtype in _CUBES}
+        self._buffer["pixel_flags"][...] = 0
+        self._flags_dirty = False
+        self._pad = None
+        if (gr * cr, gc * cc) != (nrow, ncol):
+            # frames that do not fill whole chunks go through a padded copy; the padding
+            # is outside the dataset and never read back
+            self._pad = {name: np.full((gr * cr, gc * cc), _FILL[name], dtype)
+                         for name, dtype in _CUBES}
+        self._buffer.update({
             "series": {name: np.empty(self.block, dtype) for name, dtype in _SERIES},
             "wcs": [], "centroids": np.full((self.block, n_st, 2), np.nan),
             "sigma": np.full((self.block, n_st), np.nan),
-        }
+        })
         self._n_buffered = 0
 
     def _reset_buffer(self):
@@ -463,6 +524,49 @@ class CacheWriter:
         self._buffer["wcs"] = []
         self._buffer["centroids"][:] = np.nan
         self._buffer["sigma"][:] = np.nan
+        if self._flags_dirty:
+            self._buffer["pixel_flags"][...] = 0
+            self._flags_dirty = False
+
+    def _put(self, name, k, frame):
+        """Copy one (R, C) frame into slot ``k`` of the chunk-ordered block buffer."""
+        buf = self._buffer[name]
+        gr, gc, _, cr, cc = buf.shape
+        if self._pad is not None:
+            pad = self._pad[name]
+            pad[:self.shape[0], :self.shape[1]] = frame
+            frame = pad
+        buf[:, :, k].transpose(0, 2, 1, 3)[...] = frame.reshape(gr, cr, gc, cc)
+
+    def _to_frames(self, block):
+        """(gr, gc, k, cr, cc) chunk-ordered block -> (k, R, C) frames (a copy)."""
+        gr, gc, k, cr, cc = block.shape
+        out = block.transpose(2, 0, 3, 1, 4).reshape(k, gr * cr, gc * cc)
+        return out[:, :self.shape[0], :self.shape[1]]
+
+    def _to_image(self, plane):
+        """(gr, gc, cr, cc) chunk-ordered plane -> (R, C) image."""
+        gr, gc, cr, cc = plane.shape
+        return plane.transpose(0, 2, 1, 3).reshape(gr * cr, gc * cc)[:self.shape[0],
+                                                                     :self.shape[1]]
+
+    def _read_block(self, name, start, stop):
+        """(k, R, C) frames ``start:stop`` of a cube (``start`` on a block boundary)."""
+        base = self._direct.get(name)
+        if base is None:
+            return self._file[name][start:stop]
+        dtype = dict(_CUBES)[name]
+        t, cr, cc = self.chunks
+        gr, gc = self._grid
+        slab = np.empty((gr, gc, t, cr, cc), dtype)
+        view = memoryview(slab).cast("B")
+        offset = base + (start // t) * slab.nbytes
+        while view.nbytes:
+            got = os.preadv(self._fd, [view], offset)
+            if got <= 0:
+                raise OSError(f"{self.partial}: short read of cube {name}")
+            view, offset = view[got:], offset + got
+        return np.ascontiguousarray(self._to_frames(slab[:, :, :stop - start]))
 
     def add_frame(self, image, errors, *, time, time_start, time_stop, timecorr, cadenceno,
                   quality, wcs_header=""):
@@ -486,9 +590,16 @@ class CacheWriter:
             self._reset_buffer()
         k = self._n_buffered
         buf = self._buffer
-        buf["images"][k] = image
-        buf["errors"][k] = errors
-        buf["pixel_flags"][k] = pixel_flags_for(image, self.saturation_level, self.bleed_pad)
+        self._put("images", k, image)
+        self._put("errors", k, errors)
+        # one comparison finds both NaN and saturated pixels; most frames of most CCDs
+        # have neither, and their flags slot is already zero
+        with np.errstate(invalid="ignore"):
+            clean = bool(np.less_equal(image, self.saturation_level).all())
+        if not clean:
+            self._put("pixel_flags", k, pixel_flags_for(image, self.saturation_level,
+                                                         self.bleed_pad))
+            self._flags_dirty = True
         for name, value in (("time", time), ("time_start", time_start), ("time_stop", time_stop),
                             ("timecorr", timecorr), ("cadenceno", cadenceno),
                             ("quality", quality)):
@@ -508,33 +619,71 @@ class CacheWriter:
         if self._n_buffered == self.block or self.frames_done + self._n_buffered == self.n_frames:
             self.flush()
 
-    def _accumulate(self, images, quality):
-        """Add the good frames of a block to the sum-image accumulators (frame by frame, in
-        order, so a resumed prepare reproduces the sums bit for bit)."""
-        good = TESSQualityFlags.filter(quality)
-        for k in np.flatnonzero(good):
-            img = images[k]
-            finite = np.isfinite(img)
-            np.add(self._sum, img, out=self._sum, where=finite)
-            self._count += finite
+    def _accumulate(self, k, quality):
+        """Add the good frames of the buffered block to the sum-image accumulators.
+
+        The block is summed along time in float64 in one pass (sequentially, in frame order),
+        and only pixels whose block sum is not finite (a NaN or inf in some frame) are redone
+        excluding the non-finite values. A resumed prepare puts the stored frames through the
+        same buffer and the same sum, so it reproduces the accumulators bit for bit.
+        """
+        good = np.asarray(TESSQualityFlags.filter(quality), bool)
+        n_good = int(good.sum())
+        if not n_good:
+            return
+        block = self._buffer["images"][:, :, :k]
+        if n_good == k:
+            total = block.sum(axis=2, dtype=np.float64)
+        else:
+            total = block.sum(axis=2, dtype=np.float64, where=good[None, None, :, None, None])
+        total = self._to_image(total)
+        finite = np.isfinite(total)
+        if finite.all():
+            self._sum += total
+            self._count += n_good
+            return
+        rows, cols = np.nonzero(~finite)
+        _, cr, cc = self.chunks
+        values = block[rows // cr, cols // cc, :, rows % cr, cols % cc][:, good]
+        ok = np.isfinite(values)
+        total[rows, cols] = np.where(ok, values, 0).astype(np.float64).sum(axis=1)
+        count = np.full(self.shape, n_good, np.int32)
+        count[rows, cols] = ok.sum(axis=1)
+        self._sum += total
+        self._count += count
 
     def flush(self):
-        """Write the buffered frames as one block of whole chunks, then advance frames_done."""
+        """Write the buffered frames as one time-slab of whole chunks, then advance
+        frames_done (after the data, so a kill in between only costs re-writing the block)."""
         if not self._n_buffered:
             return
         f = self._file
         start, k = self.frames_done, self._n_buffered
+        t = self.chunks[0]
+        if start % t:
+            raise RuntimeError("blocks must start on a time-chunk boundary")
         sl = slice(start, start + k)
         buf = self._buffer
         for name, _ in _CUBES:
-            f[name][sl] = buf[name][:k]
+            block = buf[name]
+            base = self._direct[name]
+            if base is None:
+                f[name][sl] = self._to_frames(block[:, :, :k])
+                continue
+            if k < t:  # chunk padding past the last frame: fixed bytes, never read back
+                block[:, :, k:] = _FILL[name]
+            view = memoryview(block).cast("B")
+            offset = base + (start // t) * block.nbytes
+            while view.nbytes:
+                done = os.pwrite(self._fd, view, offset)
+                view, offset = view[done:], offset + done
         for name, _ in _SERIES:
             f[name][sl] = buf["series"][name][:k]
         f["wcs"][sl] = np.array(buf["wcs"], dtype=object)
         if self._stars is not None and self._stars["starid"].size:
             f["movement/centroids"][sl] = buf["centroids"][:k]
             f["movement/sigma"][sl] = buf["sigma"][:k]
-        self._accumulate(buf["images"][:k], buf["series"]["quality"][:k])
+        self._accumulate(k, buf["series"]["quality"][:k])
         # sum-image accumulators with the number of frames they include, so a resumed
         # prepare does not have to read the whole stored cube again
         acc = f.require_group("_accumulators")
@@ -603,12 +752,12 @@ class CacheWriter:
     def iter_frame_blocks(self):
         """Yield ``(frame_slice, images, errors, pixel_flags)`` blocks of whole time chunks.
 
-        For prepare stages: reading whole chunks means every chunk is decompressed once.
+        For prepare stages: a block is one time-slab of whole chunks, read with one pread
+        per cube (or through h5py for compressed cubes).
         """
-        f = self._file
         for start in range(0, self.frames_done, self.block):
             sl = slice(start, min(start + self.block, self.frames_done))
-            yield sl, f["images"][sl], f["errors"][sl], f["pixel_flags"][sl]
+            yield sl, *(self._read_block(name, sl.start, sl.stop) for name, _ in _CUBES)
 
     @property
     def file(self):
@@ -637,6 +786,7 @@ class CacheWriter:
 
     def close(self, complete=False):
         """Close; with ``complete=True`` mark the cache complete and rename it into place."""
+        self._close_fd()
         if self._file is None:
             return
         if complete:

@@ -31,27 +31,28 @@ def add_settings_arguments(parser):
                         metavar="SECTION.KEY=VALUE", help="override one setting (repeatable)")
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="tessphot", description=__doc__.splitlines()[0])
+def build_parser(argv=()):
+    """The parser; only the sub-command named in ``argv`` is imported (start-up stays fast)."""
+    parser = argparse.ArgumentParser(
+        prog="tessphot", description="Light curves from NASA TESS full-frame images.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True)
+    chosen = next((arg for arg in argv if arg in COMMANDS), None)
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue  # a command whose module is not built yet
         command = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(command)
-        command.set_defaults(handler=module.run)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(command)
+            command.set_defaults(handler=module.run)
     return parser
 
 
 def main(argv=None):
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -50,7 +50,9 @@ def settings():
 def test_writer_layout_and_reader(tmp_path, settings):
     images, errors, quality = _frames()
     path = tmp_path / "sector0003_camera2_ccd1.hdf5"
-    _write(path, images, errors, quality, settings)
+    w = _write(path, images, errors, quality, settings)
+    # every cube took the fast path: one pwrite per block into its chunks' file offsets
+    assert all(base is not None for base in w._direct.values())
     with h5py.File(path) as f:
         assert f["images"].chunks == (5, 8, 8) and f["pixel_flags"].dtype == np.uint8
         assert f["errors"].shape == (N, R, C)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from photometry import hookimpl
-from photometry.cache import FFICache
+from photometry.cache import FFICache, clear_write_flag
 from photometry.errors import InputError
 from photometry.ffi import find_ffi_files, read_ffi
 from photometry.movement import _apply
@@ -178,6 +178,11 @@ def test_killed_prepare_resumes_to_the_same_cache(scene, prepared, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
     partial = kill_dir / (prepared.name + ".partial")
     assert partial.exists() and not (kill_dir / prepared.name).exists()
+    # a killed writer leaves the superblock's "open for writing" flag set; plain HDF5 refuses
+    # such a file until it is cleared (prepare does this itself when it resumes)
+    with pytest.raises(OSError):
+        h5py.File(partial, "r")
+    assert clear_write_flag(partial)
     with h5py.File(partial) as f:
         assert 0 < f.attrs["frames_done"] < N_FRAMES
     with pytest.raises(InputError, match="partial"):

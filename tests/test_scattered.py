@@ -255,6 +255,95 @@ def test_unreliable_cadences_flagged(sim):
     assert phot.details["scattered_light"]["n_unreliable"] == int(flagged.sum())
 
 
+def test_base_photometry_applies_correction_automatically(sim, tmp_path):
+    """A BasePhotometry subclass run gets the correction and its flags without asking."""
+    from photometry.base import STATUS, run_target
+    from photometry.cache import FFICache
+    from photometry_aperture.aperture import AperturePhotometry
+
+    out, path, _ = sim
+    s = load_settings(assignments=['prepare.stages=["scattered_light"]',
+                                   'photometry.corrections=["scattered_light"]',
+                                   "scattered_light.progress=false",
+                                   "scattered_light.flag_rate=5.0"])
+    bit = int(LightCurveQualityFlags.ScatteredLightUnreliable)
+    with h5py.File(out / "truth.h5") as tr:
+        sid = int(tr["stars/starid"][()][np.argmin(np.abs(tr["stars/tmag"][()] - 12))])
+        glow, time = tr["glow"][()], tr["time"][()]
+    with FFICache(path) as cache:
+        res = run_target(AperturePhotometry, sid, cache, s, tmp_path)
+    assert res["status"] in (STATUS.OK, STATUS.WARNING), res["error"]
+    assert "scattered_light" in res["details"]["corrections"]
+    with fits.open(res["lightcurve"]) as h:
+        q = np.asarray(h["LIGHTCURVE"].data["QUALITY"])
+    flagged = (q & bit) != 0
+    assert 0 < flagged.sum() < flagged.size
+    assert flagged.sum() == res["details"]["scattered_light"]["n_unreliable"]
+    # the bit follows the true rate of change of the glow on the final stamp
+    r1, r2, c1, c2 = res["details"]["stamp"]
+    true_rate = np.abs(np.gradient(glow[:, r1:r2, c1 - 44:c2 - 44].mean(axis=(1, 2)),
+                                   time * 24.0))
+    clear = np.abs(true_rate - 5.0) > 0.3
+    assert np.array_equal(flagged[clear], true_rate[clear] > 5.0)
+
+
+def test_dense_field_degrades_gracefully():
+    """A mask that takes everything, and frames without usable pixels, flag rather than fail."""
+    from photometry_scattered.correct import frame_flags
+    from photometry_scattered.cube import mask_layers, relax_mask
+
+    rng = np.random.default_rng(3)
+    n, R, C = 12, 48, 48
+    t = 1325.3 + np.arange(n) / 48.0
+    truth = _field(np.arange(R), np.arange(C) + 44, t)
+    images = truth + rng.normal(0, 0.5, truth.shape)
+    errors = np.full(images.shape, 0.5)
+    flags = np.zeros(images.shape, dtype=np.int32)
+    flags[4] = 1                                       # ManualExclude: frame 4 has no pixel
+    flags[7, :, :40] = 1                               # frame 7: one column of bins left
+    images[9] = np.nan                                 # frame 9: nothing finite
+    # the worst case of a dense field: the strict mask takes every pixel
+    s = _settings(bin_size=16, min_pixels=20)
+    strict, hard, score = mask_layers(images[0], s["scattered_light"])
+    strict[:] = True
+    hard[0, :] = True                                  # never given back
+    relaxed, given = relax_mask(strict, hard, score, 16, 20)
+    assert (given == 20).all() and (~relaxed).sum() == 9 * 20 and relaxed[0].all()
+    # the faintest pixels of each bin (lowest sum-image score) are the ones given back
+    assert set(np.flatnonzero(~relaxed[16:32, 16:32].ravel())) == \
+        set(np.argsort(score[16:32, 16:32].ravel(), kind="stable")[:20])
+    # the whole builder on a near-total star mask (every pixel 0.01 sigma above the sky is
+    # a "star", dilated 4 px): no InputError; bad frames are filled in time and flagged
+    s = _settings(bin_size=16, min_pixels=20, star_nsigma=0.01, star_dilate=4)
+    cube = build_cube([(slice(0, n), images, errors, flags)], (R, C), t, s,
+                      row_offset=0, column_offset=44)
+    assert cube.meta["strict_mask_fraction"] > 0.85 and cube.meta["n_relaxed_bins"] >= 1
+    unreliable = int(LightCurveQualityFlags.ScatteredLightUnreliable)
+    assert np.flatnonzero(cube.flags).tolist() == [4, 7, 9]
+    assert np.all(cube.flags[[4, 7, 9]] == unreliable)
+    assert cube.meta["n_empty_frames"] == 2
+    assert np.all(np.isfinite(cube.values)) and np.all(np.isfinite(cube.errors))
+    # the time-varying sky is still right in the measured frames (measured 0.9 e-/s, 0.7 %)
+    glow_peak = (truth - 100).max()
+    d = cube.values - _field(cube.bin_rows, cube.bin_cols, t)
+    good = np.setdiff1d(np.arange(n), [4, 7, 9])
+    assert np.abs(d[good] - np.median(d[good], axis=0)).max() < 0.01 * glow_peak
+    # a guessed frame is the interpolation of its neighbours, with doubled errors
+    assert np.allclose(cube.values[4], 0.5 * (cube.values[3] + cube.values[5]))
+    assert np.all(cube.errors[4] >= 2 * np.minimum(cube.errors[3], cube.errors[5]) - 1e-12)
+    # the correction carries the frame flags to the cadences that use those frames
+    q = frame_flags(cube, t)
+    assert np.flatnonzero(q).tolist() == [4, 7, 9]
+    # and to a cadence between two frames when one of them is flagged
+    q = frame_flags(cube, [t[3] + 0.5 / 48, t[5] + 0.5 / 48])
+    assert q.tolist() == [unreliable, 0]
+    # only a cube with no usable frame at all is an error
+    with pytest.raises(InputError, match="no frame has a usable bin"):
+        build_cube([(slice(0, n), images, errors, np.ones_like(flags))], (R, C), t, s)
+    with pytest.raises(InputError, match="every pixel is non-finite"):
+        build_cube([(slice(0, n), np.full(images.shape, np.nan), errors, None)], (R, C), t, s)
+
+
 def test_missing_cube_is_a_clear_error():
     t = np.arange(5.0)
     flux = np.ones((5, 3, 3))

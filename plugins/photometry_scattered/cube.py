@@ -281,15 +281,15 @@ def _smooth(image, exclude, box):
                                    mode="nearest")
 
 
-def static_mask(sumimage, settings, catalog=None, flags=None):
+def static_mask(sumimage, settings, catalog=None, flags=None, gain=None):
     """Pixels never used for the cube: stars, saturation bleed, bad pixels (strict mask).
 
     See :func:`mask_layers`; this is its ``mask``.
     """
-    return mask_layers(sumimage, settings, catalog, flags)[0]
+    return mask_layers(sumimage, settings, catalog, flags, gain)[0]
 
 
-def mask_layers(sumimage, settings, catalog=None, flags=None):
+def mask_layers(sumimage, settings, catalog=None, flags=None, gain=None):
     """The strict static mask, the part of it that can never be relaxed, and a star score.
 
     Why both star masks: the sum-image threshold finds every source bright enough to bias a
@@ -306,6 +306,10 @@ def mask_layers(sumimage, settings, catalog=None, flags=None):
         The ``[scattered_light]`` section.
     catalog : (rows, cols, tmag) arrays in cube pixel indices, optional
     flags : (R, C) pixel flags of the reference frame, optional
+    gain : (C,) column gain, optional
+        The sum image is divided by it first, so strap columns (a few % brighter) do not
+        look like starlight to the catalog discs' threshold. :func:`build_cube` therefore
+        derives the gains from the mask without catalog discs, then asks again with them.
 
     Returns
     -------
@@ -317,6 +321,8 @@ def mask_layers(sumimage, settings, catalog=None, flags=None):
     """
     s = settings
     img = np.asarray(sumimage, dtype=float)
+    if gain is not None:
+        img = img / np.asarray(gain, dtype=float)[None, :]
     hard = ~np.isfinite(img)
     if flags is not None:
         hard |= (np.asarray(flags).astype(np.int64) & BAD_PIXEL_BITS) != 0
@@ -358,11 +364,14 @@ def mask_layers(sumimage, settings, catalog=None, flags=None):
 
 
 def relax_mask(mask, hard, score, bin_size, min_pixels, max_score=np.inf):
-    """Unmask, in bins the strict mask leaves with too few pixels, the faintest ones.
+    """Unmask, in holes of the strict mask, the faintest pixels of each bin.
 
-    Why: in a dense or small field (or around a bright star) the strict mask can take a
-    whole bin; rather than filling it from neighbours that may be as empty, the bin is
-    measured on its ``min_pixels`` least star-affected pixels (lowest ``score``; never
+    Why: in a dense or small field (or around a bright star) the strict mask can take
+    whole groups of bins. A short bin with a measured neighbour is filled from its
+    neighbours (that was measured best on the simulated scene: pixels the strict mask took
+    sit in star wings, which pointing jumps modulate). A short bin with no measured
+    neighbour (the inside of a hole, or a frame with no measured bin at all) is measured
+    instead on its ``min_pixels`` least star-affected pixels (lowest ``score``; never
     ``hard`` ones). Their sum-image selection is fixed in time, so the cube still follows
     the glow's changes exactly; only the static level can carry a little starlight. Pixels
     scoring above ``max_score`` are never used: inside a bright star's PRF even the
@@ -380,22 +389,22 @@ def relax_mask(mask, hard, score, bin_size, min_pixels, max_score=np.inf):
     ny, nx = -(-R // b), -(-C // b)
     need = max(int(min_pixels), 1)
     relaxed = np.zeros((ny, nx), dtype=np.int64)
-    for i in range(ny):
-        for j in range(nx):
-            rs, cs = slice(i * b, min((i + 1) * b, R)), slice(j * b, min((j + 1) * b, C))
-            m = mask[rs, cs]
-            have = int((~m).sum())
-            if have >= need:
-                continue
-            cand = m & ~hard[rs, cs] & (score[rs, cs] <= max_score)
-            if not cand.any():
-                continue
-            sc = np.where(cand, score[rs, cs], np.inf).ravel()
-            take = np.argsort(sc, kind="stable")[:min(need - have, int(cand.sum()))]
-            flat = m.ravel().copy()
-            flat[take] = False
-            mask[rs, cs] = flat.reshape(m.shape)
-            relaxed[i, j] = take.size
+    _, _, count = bin_statistics(np.zeros((1, R, C), np.float32), mask, b, 0)
+    ok = count[0] >= need
+    lonely = ~ok & ~ndimage.maximum_filter(ok, size=3, mode="constant")
+    for i, j in zip(*np.nonzero(lonely)):
+        rs, cs = slice(i * b, min((i + 1) * b, R)), slice(j * b, min((j + 1) * b, C))
+        m = mask[rs, cs]
+        have = int((~m).sum())
+        cand = m & ~hard[rs, cs] & (score[rs, cs] <= max_score)
+        if not cand.any():
+            continue
+        sc = np.where(cand, score[rs, cs], np.inf).ravel()
+        take = np.argsort(sc, kind="stable")[:min(need - have, int(cand.sum()))]
+        flat = m.ravel().copy()
+        flat[take] = False
+        mask[rs, cs] = flat.reshape(m.shape)
+        relaxed[i, j] = take.size
     return mask, relaxed
 
 

@@ -103,12 +103,16 @@ def build_cube(blocks, shape, time, settings, *, sumimage=None, catalog=None, re
             total += np.where(ok, images, 0).sum(axis=0)
             count += ok.sum(axis=0)
         sumimage = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    strict, hard, score = mask_layers(sumimage, s, catalog, ref_flags)
     b, need = int(s["bin_size"]), int(s["min_pixels"])
-    # the gains from the relaxed mask: a crowded column still has its faintest pixels
     top = float(s.get("relax_nsigma", 10.0))
+    # the column gains first, from the (relaxed) mask without catalog discs: the discs'
+    # low threshold would take the straps themselves; then the discs on the gain-corrected
+    # sum image
+    strict, hard, score = mask_layers(sumimage, s, None, ref_flags)
     mask, _ = relax_mask(strict, hard, score, b, need, top)
     gain, strap = column_gain(sumimage, mask, s)
+    if catalog is not None:
+        strict, hard, score = mask_layers(sumimage, s, catalog, ref_flags, gain)
     if bool(s["mask_straps"]) and strap.any():
         strict = strict | (np.convolve(strap.astype(int), np.ones(3), mode="same")[None, :] > 0)
     mask, relaxed = relax_mask(strict, hard, score, b, need, top)
