@@ -34,6 +34,7 @@ test: $(INSTALLED)
 
 benchmarks: $(INSTALLED)
 	$(BIN)/python -m pip install --quiet -e '.[benchmarks]'
+	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python tess-backdrop==0.1.6
 	$(BIN)/python benchmarks/run_all.py
 
 clean:

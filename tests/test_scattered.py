@@ -340,6 +340,11 @@ def test_dense_field_degrades_gracefully():
     # only a cube with no usable frame at all is an error
     with pytest.raises(InputError, match="no frame has a usable bin"):
         build_cube([(slice(0, n), images, errors, np.ones_like(flags))], (R, C), t, s)
+    # a field smaller than min_pixels: the threshold is lowered, the star stays masked
+    tiny = 100.0 + rng.normal(0, 0.5, (5, 4, 4))
+    tiny[:, 1, 1] += 500.0
+    small = build_cube([(slice(0, 5), tiny, None, None)], (4, 4), t[:5], s)
+    assert small.shape == (5, 1, 1) and np.all(np.abs(small.values - 100.0) < 1.0)
     with pytest.raises(InputError, match="every pixel is non-finite"):
         build_cube([(slice(0, n), np.full(images.shape, np.nan), errors, None)], (R, C), t, s)
 

@@ -116,9 +116,22 @@ def build_cube(blocks, shape, time, settings, *, sumimage=None, catalog=None, re
     if bool(s["mask_straps"]) and strap.any():
         strict = strict | (np.convolve(strap.astype(int), np.ones(3), mode="same")[None, :] > 0)
     mask, relaxed = relax_mask(strict, hard, score, b, need, top)
-    if mask.all():
+    if mask.all() and hard.all():
         raise InputError("scattered-light cube: every pixel is non-finite, flagged bad or "
                          "saturated; nothing left to measure the sky")
+    count = _bin_counts(mask, b)
+    if not (count >= need).any():
+        # a field that is all bright-star halo: use its faintest pixels whatever they are
+        mask, relaxed = relax_mask(strict, hard, score, b, need, np.inf)
+        count = _bin_counts(mask, b)
+    if not (count >= need).any():
+        # no bin can have min_pixels (tiny or mostly unusable field): the best one decides
+        # (half of what the fullest bin has, or its strict count if more; its faintest pixels)
+        low = int(max(_bin_counts(strict, b).max(), -(-count.max() // 2), 1))
+        s = dict(s, min_pixels=low)
+        mask, relaxed = relax_mask(strict, hard, score, b, low, np.inf)
+        logger.warning("scattered light: no bin has %d usable pixels; min_pixels lowered to %d",
+                       need, s["min_pixels"])
     if strict.mean() > 0.9 or relaxed.any():
         logger.info("scattered light: strict mask %.0f%% of the pixels; %d bins measured on "
                     "their faintest pixels instead", 100 * strict.mean(),
@@ -142,6 +155,12 @@ def build_cube(blocks, shape, time, settings, *, sumimage=None, catalog=None, re
     cube = builder.finish(np.asarray(time, dtype=float), cadenceno=cadenceno, quality=quality,
                           meta=meta, **(ids or {}))
     return bin_time(cube, float(s["time_bin"]), float(s["gap_factor"]))
+
+
+def _bin_counts(mask, b):
+    """Usable pixels per bin under ``mask``."""
+    from .cube import bin_statistics
+    return bin_statistics(np.zeros((1,) + mask.shape, np.float32), mask, b, 0)[2][0]
 
 
 class ScatteredLightCube(PrepareStage):
