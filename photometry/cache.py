@@ -444,9 +444,9 @@ class CacheWriter:
         g.create_dataset("row", data=np.asarray(row, float))
         n = starid.size
         g.create_dataset("centroids", shape=(self.n_frames, n, 2), dtype=np.float64,
-                         fillvalue=np.nan, chunks=(self.block, max(n, 1), 2))
+                         fillvalue=np.nan, chunks=(self.block, n, 2) if n else None)
         g.create_dataset("sigma", shape=(self.n_frames, n), dtype=np.float64,
-                         fillvalue=np.nan, chunks=(self.block, max(n, 1)))
+                         fillvalue=np.nan, chunks=(self.block, n) if n else None)
         self._stars = {"starid": starid, "column": np.asarray(column, float),
                        "row": np.asarray(row, float)}
         self._guess = np.column_stack([self._stars["column"], self._stars["row"]])
