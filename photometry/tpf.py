@@ -25,6 +25,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from .errors import InputError
 from .quality import TESSQualityFlags
+from .utilities import open_fits
 
 __all__ = ["TPFSource", "TranslationKernel"]
 
@@ -87,13 +88,7 @@ class TPFSource:
 
     def __init__(self, path, starid=None, tmag=None, catalog=None):
         self.path = Path(path)
-        try:
-            hdul = fits.open(self.path, memmap=False)
-        except FileNotFoundError:
-            raise InputError(f"{self.path}: file not found") from None
-        except OSError as exc:
-            raise InputError(f"{self.path}: not a FITS file ({exc})") from None
-        with hdul:
+        with open_fits(self.path) as hdul:
             names = [h.name for h in hdul]
             if "PIXELS" not in names or "APERTURE" not in names:
                 raise InputError(f"{self.path}: not a TPF/TESScut (needs PIXELS and APERTURE "

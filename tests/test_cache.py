@@ -162,6 +162,18 @@ def test_pixel_flags_for():
     flags = pixel_flags_for(img, 9e4, 2)
     assert np.array_equal(np.flatnonzero(flags[:, 1]), [2, 3, 4, 5, 6, 7])
     assert flags[0, 0] & PixelQualityFlags.NonFinite
+    # only the columns with a flagged pixel are processed: same as the rule applied per pixel
+    rng = np.random.default_rng(5)
+    img = rng.uniform(0, 1e5, (30, 25)).astype(np.float32)
+    img[rng.random(img.shape) < 0.05] = np.nan
+    flags = pixel_flags_for(img, 9.5e4, 1)
+    sat = img > 9.5e4
+    near = sat.copy()
+    near[1:] |= sat[:-1]
+    near[:-1] |= sat[1:]
+    expected = (np.where(np.isfinite(img), 0, PixelQualityFlags.NonFinite)
+                | np.where(near, PixelQualityFlags.Saturated, 0)).astype(np.uint8)
+    assert np.array_equal(flags, expected)
 
 
 # ---------------------------------------------------------------------------- movement

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from photometry.utilities import disc_mask
+
 from .fit import nanquantile_columns
 
 __all__ = ["build_mask", "star_pixels", "read_catalog", "catalog_path", "smooth_background"]
@@ -63,19 +65,6 @@ def smooth_background(image, exclude, box):
     return out
 
 
-def _circles(shape, rows, cols, radii):
-    mask = np.zeros(shape, dtype=bool)
-    R, C = shape
-    for r0, c0, rad in zip(rows, cols, radii):
-        r1, r2 = int(max(0, np.floor(r0 - rad))), int(min(R, np.ceil(r0 + rad) + 1))
-        c1, c2 = int(max(0, np.floor(c0 - rad))), int(min(C, np.ceil(c0 + rad) + 1))
-        if r1 >= r2 or c1 >= c2:
-            continue
-        yy, xx = np.ogrid[r1:r2, c1:c2]
-        mask[r1:r2, c1:c2] |= (yy - r0) ** 2 + (xx - c0) ** 2 <= rad ** 2
-    return mask
-
-
 def build_mask(sumimage, settings, catalog=None):
     """Pixels usable by the background fit, and the saturated/bleed pixels.
 
@@ -107,7 +96,7 @@ def build_mask(sumimage, settings, catalog=None):
         rows, cols, tmag = catalog
         bright = tmag <= float(s["catalog_tmag"])
         radii = float(s["catalog_radius"]) * 10 ** (0.2 * (float(s["catalog_tmag"]) - tmag[bright]))
-        exclude |= _circles(img.shape, rows[bright], cols[bright], radii)
+        exclude |= disc_mask(img.shape, rows[bright], cols[bright], radii)
     stars = np.zeros_like(exclude)
     for _ in range(3):
         skip = exclude | stars

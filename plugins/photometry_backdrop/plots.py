@@ -40,7 +40,7 @@ def plot_diagnostics(group, outdir, frame=None):
     if frame is None:
         frame = int(f.attrs.get("ref_frame", n // 2))
     frame = int(frame) % n
-    R, C = int(group.attrs["n_rows"]), int(group.attrs["n_cols"])
+    C = int(group.attrs["n_cols"])
     model = Backdrop.evaluate(group, slice(None), slice(None), [frame])[0]
     usable = np.unpackbits(group["usable_mask"][()], axis=1)[:, :C].astype(bool)
     time = f["time"][()] if "time" in f else np.arange(n, dtype=float)

@@ -79,7 +79,12 @@ class PolarBasis:
         self.radial_only = (self.knots[self._cols] < self.core_radius) | (self.n_phi == 0)
         self.n_core = int(np.count_nonzero(self.radial_only))
         self.n_outer = self.n_radial - self.n_core
-        self.n_coeffs = self.n_core + self.n_outer * max(self.n_phi, 0)
+        # columns: every radial function alone (the circular PRF), then the outer radial
+        # functions times zero-mean angular splines (deviations from circular), so a prior
+        # on the latter shrinks the model towards a circular PRF rather than towards zero
+        self.n_coeffs = self.n_radial + self.n_outer * max(self.n_phi, 0)
+        self.angular = np.zeros(self.n_coeffs, dtype=bool)
+        self.angular[self.n_radial:] = True
 
     def to_attrs(self):
         return {"rmax": self.rmax, "n_r_knots": self.n_r_knots, "n_phi": self.n_phi,
@@ -100,13 +105,12 @@ class PolarBasis:
         r = np.hypot(drow, dcol)
         inside = r < self.rmax
         rad = self._radial(r) * inside[:, None]
-        core = rad[:, self.radial_only]
         if self.n_outer == 0:
-            return core
-        ang = _periodic_cubic(np.arctan2(drow, dcol), self.n_phi)
+            return rad
+        ang = _periodic_cubic(np.arctan2(drow, dcol), self.n_phi) - 1.0 / self.n_phi
         outer = rad[:, ~self.radial_only]
         tensor = (outer[:, :, None] * ang[:, None, :]).reshape(len(r), -1)
-        return np.hstack([core, tensor])
+        return np.hstack([rad, tensor])
 
     def evaluate(self, weights, drow, dcol, chunk=200_000):
         """Model values at offsets (same shape as ``drow``), negative values clipped to 0."""
@@ -140,17 +144,21 @@ def lattice_sum(basis, weights, n_sub=5):
     return float(sums.mean()), float(sums.std() / sums.mean())
 
 
-def fit_weights(basis, drow, dcol, values, inv_var, prior_mu=0.0, prior_sigma=1.0):
+def fit_weights(basis, drow, dcol, values, inv_var, prior_mu=0.0, prior_sigma=1.0,
+                angular_sigma=None):
     """Gaussian-prior linear least squares for the weights of normalised pixel values.
 
     ``values`` are ``(pixel - background) / star flux`` and ``inv_var`` their inverse
     variances; the prior is ``N(prior_mu, prior_sigma**2)`` per weight (prior_mu may be an
-    array, e.g. a global model when fitting one cell of the position grid).
+    array, e.g. a global model when fitting one cell of the position grid);
+    ``angular_sigma`` (if given) is the prior width of the angular (non-circular) weights.
     """
     A = basis.design(drow, dcol)
     Aw = A * inv_var[:, None]
     normal = A.T @ Aw
-    prior_ivar = 1.0 / float(prior_sigma) ** 2
+    sigma = np.where(basis.angular, float(angular_sigma), float(prior_sigma)) \
+        if angular_sigma is not None else np.full(basis.n_coeffs, float(prior_sigma))
+    prior_ivar = 1.0 / sigma ** 2
     normal[np.diag_indices_from(normal)] += prior_ivar
     rhs = Aw.T @ values + prior_ivar * np.broadcast_to(prior_mu, (basis.n_coeffs,))
     return np.linalg.solve(normal, rhs)

@@ -200,7 +200,8 @@ def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad
         if iteration > 0:
             _subtract_neighbours(stars, basis, weights, scene, image.shape, half)
         sel = [s for s, u in zip(stars, used) if u]
-        weights = fit_weights(basis, *_fit_pixels(sel, basis), prior_sigma=prior)
+        weights = fit_weights(basis, *_fit_pixels(sel, basis), prior_sigma=prior,
+                                 angular_sigma=float(cfg["angular_prior_sigma"]))
         total, _ = lattice_sum(basis, weights)
         weights = weights / total
         for s in stars:
@@ -213,7 +214,8 @@ def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad
         if np.count_nonzero(used) < int(cfg["min_stars"]):
             used[:] = True
     sel = [s for s, u in zip(stars, used) if u]
-    weights = fit_weights(basis, *_fit_pixels(sel, basis), prior_sigma=prior)
+    weights = fit_weights(basis, *_fit_pixels(sel, basis), prior_sigma=prior,
+                                 angular_sigma=float(cfg["angular_prior_sigma"]))
     weights = weights / lattice_sum(basis, weights)[0]
 
     # optional grid of position-dependent models, each pulled towards the global one

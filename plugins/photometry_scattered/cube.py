@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from photometry.errors import InputError
 from photometry.quality import LightCurveQualityFlags, PixelQualityFlags, TESSQualityFlags
+from photometry.utilities import disc_mask, open_fits
 
 from .interp import axis_weights, segments
 
@@ -358,7 +359,7 @@ def mask_layers(sumimage, settings, catalog=None, flags=None, gain=None):
         radius = float(s["catalog_radius"]) * np.sqrt(
             10 ** (-0.4 * (tmag[bright] - float(s["catalog_tmag"]))))
         rmax = float(s.get("catalog_max_radius", 40.0))
-        discs = _discs(img.shape, rows[bright], cols[bright], np.minimum(radius, rmax))
+        discs = disc_mask(img.shape, rows[bright], cols[bright], np.minimum(radius, rmax))
         mask |= discs & (score > float(s.get("catalog_nsigma", 1.0)))
     return mask, hard, score
 
@@ -406,19 +407,6 @@ def relax_mask(mask, hard, score, bin_size, min_pixels, max_score=np.inf):
         mask[rs, cs] = flat.reshape(m.shape)
         relaxed[i, j] = take.size
     return mask, relaxed
-
-
-def _discs(shape, rows, cols, radii):
-    mask = np.zeros(shape, dtype=bool)
-    R, C = shape
-    for r0, c0, rad in zip(rows, cols, radii):
-        r1, r2 = int(max(0, np.floor(r0 - rad))), int(min(R, np.ceil(r0 + rad) + 1))
-        c1, c2 = int(max(0, np.floor(c0 - rad))), int(min(C, np.ceil(c0 + rad) + 1))
-        if r1 >= r2 or c1 >= c2:
-            continue
-        yy, xx = np.ogrid[r1:r2, c1:c2]
-        mask[r1:r2, c1:c2] |= (yy - r0) ** 2 + (xx - c0) ** 2 <= rad ** 2
-    return mask
 
 
 def column_gain(sumimage, mask, settings):
@@ -726,16 +714,8 @@ def read_fits(path, sector=None, camera=None, ccd=None):
     InputError
         Not a scattered-light cube, or sector/camera/CCD differ from the requested ones.
     """
-    from astropy.io import fits
-
     path = Path(path)
-    try:
-        hdul = fits.open(path, memmap=False)
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise InputError(f"{path}: not a FITS file ({exc})") from None
-    with hdul:
+    with open_fits(path) as hdul:
         names = [hdu.name for hdu in hdul]
         for need in ("SCATTER LIGHT CUBE", "PIXEL COUNTS", "TIME"):
             if need not in names:

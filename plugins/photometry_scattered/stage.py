@@ -184,8 +184,9 @@ class ScatteredLightCube(PrepareStage):
         ref_frame = int(f.attrs.get("ref_frame", 0))
         ref_flags = f["pixel_flags"][ref_frame] if "pixel_flags" in f else None
         ref_name = resolve_reference(self.settings, s, f)
-        reference = None
-        if ref_name != "none":
+        if ref_name == "none":
+            reference = None
+        else:
             from photometry.base import _background_class
             cls = _background_class(ref_name)
             if not issubclass(cls, BackgroundModel):
