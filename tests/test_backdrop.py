@@ -181,3 +181,43 @@ def test_prepare_runs_the_stage(fitted, tmp_path):
                            sim["column_offset"])
     assert m["rms_star_free"] <= 0.2
     assert abs(m["bias_bright"]) <= 0.1
+
+
+def test_error_is_a_faithful_one_sigma(fitted):
+    """evaluate_error is the 1-sigma of the per-frame model against the true background: the
+    time-varying part of model - truth lies within it for ~68 % of pixel-frames (the static
+    part, mostly the light of faint unmasked stars, is a bias the error does not claim to
+    cover; it cancels in relative photometry). No column is left at its prior width (the
+    16.7 e-/s bands the aperture plugin saw from fully masked columns)."""
+    sim, group = fitted["sim"], fitted["group"]
+    model = Backdrop.evaluate(group, slice(None), slice(None))
+    err = Backdrop.evaluate_error(group, slice(None), slice(None))
+    d = model - sim["background"]
+    varying = d - d.mean(axis=0)
+    coverage = np.mean(np.abs(varying) < err)
+    assert 0.60 <= coverage <= 0.78, coverage
+    ratio = np.sqrt(np.mean(varying ** 2)) / np.sqrt(np.mean(err ** 2))
+    assert 0.8 <= ratio <= 1.25, ratio
+    noise = group["noise"][()]
+    assert np.all(err.max(axis=(1, 2)) < noise)
+    # straps keep a free per-frame offset, other columns are tied to their sum-image level
+    free = group["free_columns"][()].astype(bool)
+    assert 0 < free.sum() < free.size
+
+
+def test_fully_masked_column_error_is_not_the_prior(fitted):
+    """A column with no usable pixel has no per-frame measurement: its error stays at the
+    column_prior scale, not the loose strap_prior."""
+    f = fitted["file"]
+    sim = fitted["sim"]
+    mask = np.ones(f["images"].shape[1:], dtype=bool)
+    mask[:, 40:44] = False
+    s = _backdrop_settings()
+    fitter = BackdropFitter(mask, s, 0.4)
+    fitter.fit_gain(np.asarray(sim["images"][:8]).mean(axis=0))
+    from photometry_backdrop.model import strap_columns
+    free = strap_columns(fitter, float(s["strap_nsigma"]))
+    assert not free[40:44].any()
+    fitter.constrain_columns(free)
+    empty_var = 1.0 / fitter.strap_precision[40:44]
+    assert np.all(np.sqrt(empty_var) * 0.4 <= 1.01 * s["column_prior"])

@@ -17,7 +17,7 @@ from photometry_aperture.aperture import AperturePhotometry
 from photometry_linpsf.linpsf import LinPSFPhotometry, solve_fluxes
 from photometry_linpsf.model import SplinePRF
 from photometry_linpsf.stage import (LinPSFShapeModel, fit_shape_model, load_shape_model,
-                                     select_stars)
+                                     motion_samples, select_stars)
 
 DATA = Path(__file__).parent / "data"
 TPF = DATA / "tess25155310-s01-first-cadences.fits.gz"
@@ -138,7 +138,11 @@ def shape_group(source, truth, cfg):
     var = np.mean(truth["var"], axis=0) / truth["var"].shape[0]
     others = np.setdiff1d(np.arange(len(rows)), keep)
     scene = (rows[others], cols[others], mag2flux(truth["tmag"][others]))
-    res = fit_shape_model(source.sumimage, var, rows[keep], cols[keep], cfg, scene=scene)
+    kern = source.movement_kernel
+    shifts = motion_samples(kern.drow, kern.dcol, source.quality == 0,
+                            int(cfg["blur_samples"]))
+    res = fit_shape_model(source.sumimage, var, rows[keep], cols[keep], cfg, scene=scene,
+                          shifts=shifts)
     assert res["usable"]
     print({k: v for k, v in res.items() if np.isscalar(v)})
     attrs = dict(res["basis"].to_attrs(), usable=True)

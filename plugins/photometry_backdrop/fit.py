@@ -117,11 +117,12 @@ class BackdropFitter:
         # strap block (diagonal) and its coupling to the tensor terms
         rw = (w0.T @ rm + w1.T @ rs)                                     # (C, mr)
         self.coupling = rw[:, pa] * cb[:, pb]                            # (C, n_terms)
-        self.strap_precision = counts.sum(axis=0) + var / float(s["strap_prior"]) ** 2
-        self.coupling_d = self.coupling / self.strap_precision[:, None]
-        schur = A - self.coupling.T @ self.coupling_d
-        self.chol = linalg.cholesky(schur, lower=True)
+        self._A = A
+        self._column_counts = counts.sum(axis=0)
         self.pixel_noise = float(pixel_noise)
+        #: prior mean of each column's offset (subtracted from the data before the solve)
+        self.strap_offset = np.zeros(C)
+        self._factorise(np.full(C, float(s["strap_prior"])))
         # single precision for the per-frame products (values ~1e2, sums over ~1e6 terms:
         # relative error ~1e-6, far below the noise) doubles their speed
         self._cbasis_t = np.ascontiguousarray(self.cbasis.T, dtype=np.float32)
@@ -152,6 +153,33 @@ class BackdropFitter:
         self._flip_tolerance = max(1, int(1e-4 * act.size))
         #: positive outliers (faint unmasked stars, cosmic rays) are clipped at a lower level
         self._clip_high = float(s.get("clip_high_nsigma", s["clip_nsigma"]))
+
+    def _factorise(self, prior):
+        """Schur complement of the (diagonal) column block with per-column prior widths."""
+        var = self.pixel_noise ** 2
+        self.strap_precision = self._column_counts + var / np.asarray(prior, float) ** 2
+        self.coupling_d = self.coupling / self.strap_precision[:, None]
+        schur = self._A - self.coupling.T @ self.coupling_d
+        self.chol = linalg.cholesky(schur, lower=True)
+
+    def constrain_columns(self, free):
+        """Tie the per-frame column offsets to their time-averaged values.
+
+        A free offset per column and frame is measured from that column's usable pixels only
+        (a few tens in a crowded field), so it adds ~noise/sqrt(n) of fit noise, correlated
+        along the whole column, to every frame's model; a column with no usable pixel is left
+        at its prior, +-``strap_prior`` (20 e-/s). Both swamp the photometry of faint stars.
+        Column structure that is real but static is measured from the sum image (all frames:
+        ``sqrt(N)`` less noise) and becomes the prior mean; only columns in ``free`` (straps,
+        whose excess follows the changing sky) keep the loose ``strap_prior`` per frame, the
+        others vary by at most ``column_prior``.
+        """
+        s = self.settings
+        offset = np.asarray(self.sum_fit.strap[0], dtype=float)
+        prior = np.where(free, float(s["strap_prior"]), float(s["column_prior"]))
+        self.strap_offset = offset
+        self._factorise(prior)
+        self.free_columns = np.asarray(free, bool)
 
     # -- linear algebra on blocks of frames ---------------------------------------------------
     # Binned frames are kept as (n_bins, n_frames, C) float32 arrays: every product below is
@@ -238,6 +266,10 @@ class BackdropFitter:
         """Fit a block of frames (nf, R, C); returns a :class:`FrameFit`."""
         s = self.settings
         ybar, missing = self.bin_frames(images, flags, bad_bits)
+        # the fit solves for the column offsets' departure from their prior mean
+        offset = self.strap_offset.astype(np.float32)
+        if np.any(offset):
+            ybar -= offset[None, None, :]
         nf = ybar.shape[1]
         active = self.active
         clip_k = float(s["clip_nsigma"])
@@ -279,6 +311,7 @@ class BackdropFitter:
             if todo.size == 0:
                 break
             w[todo], strap[todo] = self._solve(data[:, todo, :])
+        strap = strap + self.strap_offset[None, :]
         jitter = None
         if jitter_pixels is not None and len(jitter_pixels[0]):
             jr, jc = jitter_pixels

@@ -18,6 +18,9 @@ Stored state (``models/backdrop`` group of the cache), far smaller than the imag
 ``strap_precision``   (C,) f8             diagonal of the strap block of the normal matrix
 ``gain``              (C,) f8             multiplicative column response (straps); the model
                                           is ``gain * (poly + spline + strap)``
+``free_columns``      (C,) u1             1: the column's offset is free in every frame (a
+                                          strap); 0: tied to its sum-image value within
+                                          ``column_prior``
 ``jitter/pixels``     (n_pix, 2) i4       sampled (row, column) pixels near stars
 ``jitter/short`` etc. (N, k) f4           principal components of their residual series
 ===================== =================== ====================================================
@@ -32,7 +35,7 @@ import time
 
 import numpy as np
 from scipy import linalg
-from scipy.ndimage import uniform_filter1d
+from scipy.ndimage import median_filter, uniform_filter1d
 from tqdm import tqdm
 
 from photometry.errors import ConfigurationError, InputError
@@ -51,7 +54,7 @@ logger = logging.getLogger(__name__)
 BAD_PIXEL_BITS = int(PixelQualityFlags.NotUsedForBackground | PixelQualityFlags.ManualExclude
                      | PixelQualityFlags.Saturated | PixelQualityFlags.NonFinite)
 
-_POSITIVE = ("knot_spacing", "bin_rows", "poly_prior", "spline_prior", "strap_prior",
+_POSITIVE = ("knot_spacing", "bin_rows", "poly_prior", "spline_prior", "strap_prior", "column_prior",
              "clip_nsigma", "saturation", "mask_box", "mask_nsigma", "catalog_radius")
 
 
@@ -129,6 +132,32 @@ def _read_rows(ds, uniq, inverse):
     return data[inverse]
 
 
+def strap_columns(fitter, nsigma):
+    """Columns whose per-frame offset stays free: straps and their neighbours.
+
+    A strap is a column with a measured gain, or whose static offset in the sum-image fit
+    stands ``nsigma`` robust sigma (over the columns with usable pixels) out of the running
+    median of its 7 neighbourhood (the offsets also carry a smooth part of the sky, which the
+    polynomial and spline share with them). A column without usable pixels is never free:
+    nothing in a frame could measure it.
+    """
+    counts = fitter._column_counts
+    offset = np.asarray(fitter.sum_fit.strap[0], dtype=float)
+    has = counts > 0
+    free = fitter.gain != 1.0
+    if has.sum() > 10:
+        idx = np.flatnonzero(has)
+        local = np.zeros_like(offset)
+        local[idx] = offset[idx] - median_filter(offset[idx], size=7, mode="nearest")
+        offset = local
+        vals = offset[has]
+        med = np.median(vals)
+        sig = 1.4826 * np.median(np.abs(vals - med))
+        free |= has & (np.abs(offset - med) > max(nsigma * sig, 1e-6))
+    free = free | np.r_[free[1:], False] | np.r_[False, free[:-1]]
+    return free & has
+
+
 class Backdrop(BackgroundModel):
     """CCD-wide background: polynomial + tensor B-spline + one offset per column, per frame.
 
@@ -188,6 +217,7 @@ class Backdrop(BackgroundModel):
             usable = new
             fitter = self._fitter(usable, noise, f.filename)
             fitter.fit_gain(sumimage)
+        fitter.constrain_columns(strap_columns(fitter, float(s["strap_nsigma"])))
         rng = np.random.default_rng(int(s["seed"]))
         cand = np.flatnonzero((~usable & ~sat & np.isfinite(sumimage)).ravel())
         npix = min(int(s["jitter_pixels"]), cand.size)
@@ -258,6 +288,7 @@ class Backdrop(BackgroundModel):
         group.create_dataset("strap_coupling", data=fitter.coupling_d.astype(np.float32))
         group.create_dataset("strap_precision", data=fitter.strap_precision)
         group.create_dataset("gain", data=fitter.gain)
+        group.create_dataset("free_columns", data=fitter.free_columns.astype(np.uint8))
         jg = group.create_group("jitter")
         jg.create_dataset("pixels", data=np.stack(jitter_pixels, axis=1).astype(np.int32))
         if jitter.shape[1] and jitter.shape[0] > 2:

@@ -28,7 +28,7 @@ from scipy.interpolate import BSpline
 
 from photometry.prf import PRFModel
 
-__all__ = ["PolarBasis", "SplinePRF", "fit_weights", "lattice_sum"]
+__all__ = ["PolarBasis", "BlurredBasis", "SplinePRF", "fit_weights", "lattice_sum"]
 
 #: lookup tables of SplinePRF models, shared by every target of a worker (keyed by weights)
 _TABLES = {}
@@ -125,6 +125,45 @@ class PolarBasis:
         return np.clip(out, 0.0, None).reshape(drow.shape)
 
 
+class BlurredBasis:
+    """A :class:`PolarBasis` averaged over the stars' motion: what a sum image holds.
+
+    Why: the sum image is the mean over all frames, so each star in it is its PRF smeared
+    along the pointing drift (0.1-0.2 px in a sector, in one direction). Fitting the PRF to
+    that directly would put the smear into the angular terms, and the photometry, which
+    moves the PRF itself with the movement kernel, would then apply it twice. Averaging the
+    design over the measured shifts fits the unsmeared PRF.
+
+    Parameters
+    ----------
+    basis : PolarBasis
+    shifts : ndarray (K, 2)
+        (drow, dcol) samples of the motion over the frames of the sum image.
+    """
+
+    def __init__(self, basis, shifts):
+        self.base = basis
+        self.shifts = np.atleast_2d(np.asarray(shifts, dtype=float))
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def design(self, drow, dcol):
+        drow = np.asarray(drow, dtype=float).ravel()
+        dcol = np.asarray(dcol, dtype=float).ravel()
+        out = 0.0
+        for sr, sc in self.shifts:
+            out = out + self.base.design(drow - sr, dcol - sc)
+        return out / len(self.shifts)
+
+    def evaluate(self, weights, drow, dcol, chunk=200_000):
+        out = 0.0
+        for sr, sc in self.shifts:
+            out = out + self.base.evaluate(weights, np.asarray(drow) - sr,
+                                           np.asarray(dcol) - sc, chunk)
+        return out / len(self.shifts)
+
+
 def lattice_sum(basis, weights, n_sub=5):
     """(mean, relative spread) of the model summed over the pixel lattice, over sub-pixel phases.
 
@@ -209,8 +248,9 @@ class SplinePRF(PRFModel):
         the flux per pixel.
         """
         w = self.weights[key]
+        shifts = getattr(self.basis, "shifts", None)
         ident = (hashlib.sha1(w.tobytes()).hexdigest(), tuple(self.basis.to_attrs().items()),
-                 self.oversample)
+                 self.oversample, None if shifts is None else shifts.tobytes())
         if ident not in _TABLES:
             ext = np.ceil(self.basis.rmax) + 1
             axis = np.arange(-ext, ext + 0.5 / self.oversample, 1.0 / self.oversample)

@@ -30,9 +30,10 @@ from photometry.quality import PixelQualityFlags, TESSQualityFlags
 from photometry.stages import PrepareStage
 from photometry.utilities import mag2flux
 
-from .model import PolarBasis, SplinePRF, fit_weights, lattice_sum
+from .model import BlurredBasis, PolarBasis, SplinePRF, fit_weights, lattice_sum
 
-__all__ = ["LinPSFShapeModel", "fit_shape_model", "select_stars"]
+__all__ = ["LinPSFShapeModel", "fit_shape_model", "select_stars", "motion_samples",
+           "load_shape_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def _fit_pixels(stars, basis):
 
 
 def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad=None,
-                    fit_sky=True, scene=None):
+                    fit_sky=True, scene=None, shifts=None):
     """Fit the shape model to stars at ``rows, cols`` (cube pixel indices) of ``image``.
 
     Parameters
@@ -164,6 +165,9 @@ def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad
         their light (at catalog flux, current shape) and that of the other shape stars is
         subtracted from each shape star's box, so stars need only be isolated from
         comparably bright neighbours (``isolation_radius`` / ``isolation_contrast``).
+    shifts : ndarray (K, 2), optional
+        (drow, dcol) samples of the motion over the frames averaged into ``image``: the fit
+        then models the smeared image with the unsmeared PRF (:class:`BlurredBasis`).
 
     Returns
     -------
@@ -171,7 +175,9 @@ def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad
         ``weights`` (G, G, n_coeffs), ``cell_rows``, ``cell_cols`` (cube pixels), ``basis``,
         ``stars`` (structured rows: row, col, flux, sky, chi2, used) and the quality figures.
     """
-    basis = _basis(cfg)
+    raw_basis = _basis(cfg)
+    basis = raw_basis if shifts is None or len(shifts) == 0 else \
+        BlurredBasis(raw_basis, shifts)
     half = int(np.ceil(basis.rmax)) + 1
     image = np.asarray(image, dtype=float)
     variance = np.asarray(variance, dtype=float)
@@ -188,7 +194,7 @@ def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad
         star = _Star(image, variance, r, c, half, fit_sky)
         if star.flux > 0:
             stars.append(star)
-    result = {"basis": basis, "n_candidates": len(stars), "usable": False}
+    result = {"basis": raw_basis, "n_candidates": len(stars), "usable": False}
     if len(stars) < int(cfg["min_stars"]):
         logger.warning("linpsf_shape: only %d usable stars (need %d); no shape model",
                        len(stars), int(cfg["min_stars"]))
@@ -244,7 +250,8 @@ def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad
     # quality, with the final shape: how much of each star's light within rmax the model
     # captures (flux refitted with a free sky), and the residual RMS per unit flux
     _subtract_neighbours(stars, basis, weights, scene, image.shape, half)
-    model = SplinePRF(basis, grid, cell_rows, cell_cols)
+    model = SplinePRF(basis, grid, cell_rows, cell_cols)     # smeared, like the data
+    model.oversample = 10
     captured, rms = [], []
     for s in sel:
         s.refit(basis, weights, False)
@@ -305,6 +312,29 @@ def _catalog_stars(f, shape, cfg):
     return None
 
 
+def motion_samples(drow, dcol, good, k):
+    """(k, 2) (drow, dcol) shifts of ``k`` good frames evenly spread in time, centred.
+
+    They sample the smear of the sum image (the mean over the good frames); the mean shift
+    is removed because catalog positions are reference-frame positions of that mean.
+    """
+    idx = np.flatnonzero(good & np.isfinite(drow) & np.isfinite(dcol))
+    if k <= 1 or idx.size < 2:
+        return None
+    pick = idx[np.linspace(0, idx.size - 1, min(k, idx.size)).round().astype(int)]
+    out = np.column_stack([drow[pick], dcol[pick]])
+    return out - np.column_stack([np.mean(drow[idx]), np.mean(dcol[idx])])
+
+
+def _motion_samples(f, good, k):
+    """Motion samples at the CCD centre from the cache's movement kernel, or None."""
+    if "movement_kernel" not in f or "kernel_x0" not in f.attrs:
+        return None
+    kernel = np.asarray(f["movement_kernel"][()], dtype=float)
+    dx, dy = kernel[:, 0], kernel[:, 1]     # shift at (kernel_x0, kernel_y0)
+    return motion_samples(dy, dx, np.asarray(good, bool)[:len(dx)], k)
+
+
 class LinPSFShapeModel(PrepareStage):
     """Prepare stage ``linpsf_shape``: see the module docstring."""
 
@@ -342,8 +372,9 @@ class LinPSFShapeModel(PrepareStage):
             group.attrs["usable"] = False
             return
         rows, cols, refit, origin, scene = found
+        shifts = _motion_samples(f, good, int(cfg["blur_samples"]))
         res = fit_shape_model(image, variance, rows, cols, cfg, refit_positions=refit,
-                              bad=saturated, scene=scene)
+                              bad=saturated, scene=scene, shifts=shifts)
         group.attrs["usable"] = bool(res["usable"])
         group.attrs["star_source"] = origin
         if not res["usable"]:
