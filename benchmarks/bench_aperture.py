@@ -16,7 +16,11 @@ magnitude bin and the medians.
 Usage::
 
     python benchmarks/bench_aperture.py [--size 256] [--cadences 200] [--seed 5]
-        [--workdir DIR] [--stages backdrop] [--all-stars] [--variable-only] [--keep]
+        [--workdir DIR] [--stages none | backdrop ...] [--all-stars] [--variable-only] [--keep]
+
+``--stages`` omitted runs prepare's default stages (``prepare.stages``, now ``["backdrop"]``);
+``--stages none`` runs prepare with no stage, so BasePhotometry's flat local background is
+benchmarked.
 
 The test suite imports :func:`evaluate` to check the acceptance figures on a small scene.
 """
@@ -44,14 +48,18 @@ BINS = [(8, 9), (9, 10), (10, 11), (11, 12), (12, 13)]
 RADII = (1.5, 2.0, 2.5, 3.0, 3.5)
 
 
-def simulate_and_prepare(workdir, size=128, cadences=100, seed=5, stages=()):
-    """Run ``tessphot simulate`` and ``tessphot prepare`` into ``workdir``; paths returned."""
+def simulate_and_prepare(workdir, size=128, cadences=100, seed=5, stages=None):
+    """Run ``tessphot simulate`` and ``tessphot prepare`` into ``workdir``; paths returned.
+
+    ``stages`` None: prepare's default stages; a list (empty = no stage, local background):
+    passed as ``prepare.stages``.
+    """
     workdir = Path(workdir)
     exe = [sys.executable, "-m", "photometry.cli"]
     subprocess.run(exe + ["simulate", str(workdir / "sim"), "--cadences", str(cadences),
                           "--size", str(size), str(size), "--seed", str(seed)],
                    check=True, capture_output=True)
-    extra = ["--set", f"prepare.stages={json.dumps(list(stages))}"] if stages else []
+    extra = [] if stages is None else ["--set", f"prepare.stages={json.dumps(list(stages))}"]
     subprocess.run(exe + ["prepare", str(workdir / "sim" / "ffi"), "--catalog",
                           str(workdir / "sim" / "catalog.csv"), "--cache", str(workdir / "cache"),
                           "--no-progress"] + extra, check=True, capture_output=True)
@@ -171,7 +179,8 @@ def summarize(results, radii=RADII):
 def _print(summary, elapsed, args):
     print(f"# bench_aperture: {platform.node()} {platform.processor() or platform.machine()}, "
           f"{time.strftime('%Y-%m-%d')}, scene {args.size}x{args.size} px, {args.cadences} "
-          f"cadences, seed {args.seed}, stages {args.stages or 'none'}; {elapsed:.0f} s")
+          f"cadences, seed {args.seed}, stages "
+          f"{'default' if args.stages is None else (args.stages or 'none')}; {elapsed:.0f} s")
     print(f"photutils best radius {summary['photutils_radius']} px, annulus 6-10 px")
     print("| Tmag | stars | noise/ideal (ours) | noise/ideal (photutils) "
           "| amplitude error (ours) | amplitude error (photutils) |")
@@ -190,13 +199,17 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--cadences", type=int, default=200)
     parser.add_argument("--seed", type=int, default=5)
-    parser.add_argument("--stages", nargs="*", default=[], help="prepare stages, e.g. backdrop")
+    parser.add_argument("--stages", nargs="*", default=None,
+                        help="prepare stages (default: prepare.stages, i.e. backdrop); "
+                             "'none' for no stage (BasePhotometry's local background)")
     parser.add_argument("--all-stars", action="store_true", help="not only isolated stars")
     parser.add_argument("--variable-only", action="store_true",
                         help="only stars with injected variability (amplitude figures)")
     parser.add_argument("--workdir", help="reuse/keep this folder")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
+    if args.stages is not None and [x.lower() for x in args.stages] in (["none"], []):
+        args.stages = []
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_ap_"))
     t0 = time.perf_counter()
     try:

@@ -101,6 +101,11 @@ def select_kernel_stars(column, row, tmag, shape, *, n_max=200, tmag_min=7.5, tm
     return keep[order][:n_max]
 
 
+#: Centroid fits stop once no star moves by more than this (pixels) in an iteration: far below
+#: the 1e-3..1e-2 px uncertainty of a kernel star's centroid, and half the iterations of 1e-6.
+CONVERGED_PX = 1e-4
+
+
 def _patches(image, x, y, box):
     """Boxes of ``box`` x ``box`` pixels around round(x), round(y); NaN outside the image."""
     half = box // 2
@@ -228,7 +233,7 @@ def fit_centroids(image, x, y, *, box=7, errors=None, saturation=None, iteration
         jac = np.where(better[:, None, None], jac_t, jac)
         chi2 = np.where(better, chi2_t, chi2)
         lam = np.where(better, lam * 0.3, lam * 10.0)
-        if np.all(np.abs(step[valid, 1:3]) < 1e-6):
+        if np.all(np.abs(step[valid, 1:3]) < CONVERGED_PX):
             break
     jtw = jac.transpose(0, 2, 1) * ww[:, None, :]
     a = jtw @ jac

@@ -313,17 +313,17 @@ def _catalog_stars(f, shape, cfg):
 
 
 def motion_samples(drow, dcol, good, k):
-    """(k, 2) (drow, dcol) shifts of ``k`` good frames evenly spread in time, centred.
+    """(k, 2) (drow, dcol) shifts of ``k`` good frames evenly spread in time.
 
-    They sample the smear of the sum image (the mean over the good frames); the mean shift
-    is removed because catalog positions are reference-frame positions of that mean.
+    They sample the smear of the sum image (the mean over the good frames). They are shifts
+    relative to the reference frame, whose positions the catalog holds, so the mean shift is
+    kept: the sum image's stars sit at reference position + mean shift.
     """
     idx = np.flatnonzero(good & np.isfinite(drow) & np.isfinite(dcol))
     if k <= 1 or idx.size < 2:
         return None
     pick = idx[np.linspace(0, idx.size - 1, min(k, idx.size)).round().astype(int)]
-    out = np.column_stack([drow[pick], dcol[pick]])
-    return out - np.column_stack([np.mean(drow[idx]), np.mean(dcol[idx])])
+    return np.column_stack([drow[pick], dcol[pick]])
 
 
 def _motion_samples(f, good, k):
