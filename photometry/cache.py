@@ -6,11 +6,12 @@ reads its stamp over all cadences with a single slice that touches a few chunks 
 nothing breaks past 9 999 frames. The layout and attributes are the contract in
 ``docs/architecture.md`` ("HDF5 cache").
 
-Crash safety: the file is written as ``<name>.hdf5.partial``; after every block of
-``time_chunk`` frames the data are flushed and only then ``frames_done`` is advanced, so a
-resumed prepare re-writes at most one block. The rename to ``<name>.hdf5`` is the last step, so
-a cache that did not finish is never opened as complete.
+Crash safety: the file is written as ``<name>.hdf5.partial``; a block of ``time_chunk``
+frames is written by a background thread and ``frames_done`` is advanced only once its bytes
+are written, so a resumed prepare re-writes at most two blocks. The rename to
+``<name>.hdf5`` is the last step, so a cache that did not finish is never opened as complete.
 """
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -47,6 +48,8 @@ READER_CACHE_BYTES = 64 * 1024 ** 2
 READER_CACHE_SLOTS = 100_003
 
 _CUBES = (("images", np.float32), ("errors", np.float32), ("pixel_flags", np.uint8))
+#: [prepare] keys that only change how the cache is written, not its content.
+_IO_KEYS = ("direct_io",)
 #: Alignment of chunk addresses, buffers and sizes for O_DIRECT writes.
 _DIRECT_ALIGN = 4096
 _FILL = {"images": np.float32(np.nan), "errors": np.float32(np.nan), "pixel_flags": 0}
@@ -233,9 +236,9 @@ class CacheWriter:
             ... prepare stages (writer.iter_frame_blocks(), writer.stage_group(name)) ...
             writer.close(complete=True)           # renames .partial -> final
 
-    Memory: three buffers of ``time_chunk`` frames (images, errors, flags: 9 bytes per pixel
-    per frame; 1.2 GB for 32 full 2048x2048 frames) and the sum-image accumulators; never
-    the whole cube.
+    Memory: two sets (one being filled, one being written by the writer thread) of three
+    buffers of ``time_chunk`` frames (images, errors, flags: 2 x 9 bytes per pixel per frame;
+    2.4 GB for 32 full 2048x2048 frames) and the sum-image accumulators; never the whole cube.
 
     Parameters
     ----------
@@ -268,7 +271,10 @@ class CacheWriter:
             raise InputError(f"{self.path}: no frames to write")
         self.shape = tuple(int(v) for v in shape)
         self.meta = dict(meta)
-        self.prepare_hash = settings_hash(settings, "prepare")
+        # how the bytes are written does not change them: not part of the cache identity
+        self.prepare_hash = settings_hash(
+            {"prepare": {k: v for k, v in settings["prepare"].items() if k not in _IO_KEYS}},
+            "prepare")
         self.input_hash = _input_hash(self.ffi_files, self.prepare_hash)
         self.plugin_versions = plugin_versions or {}
         self.block = int(min(int(self.pset["time_chunk"]), self.n_frames))
@@ -278,10 +284,13 @@ class CacheWriter:
         self.saturation_level = float(self.pset["saturation_level"])
         self.bleed_pad = int(self.pset["saturation_bleed_pad"])
         self.kernel_box = int(self.pset["kernel_box"])
+        self.direct_io = bool(self.pset.get("direct_io", False))
         self._compression = _compression(settings)  # validated before any file is touched
         self._file = None
         self._buffer = None
         self._n_buffered = 0
+        self._pool = None
+        self._pending = None
         self.state = self._open(overwrite)
 
     # ------------------------------------------------------------------ opening
@@ -530,7 +539,7 @@ class CacheWriter:
                 os.ftruncate(self._fd, end)
 
         self._dfd = None
-        if self._fd is not None and hasattr(os, "O_DIRECT") and any(
+        if self.direct_io and self._fd is not None and hasattr(os, "O_DIRECT") and any(
                 base is not None and base % _DIRECT_ALIGN == 0 for base in self._direct.values()):
             try:
                 self._dfd = os.open(self.partial, os.O_WRONLY | os.O_DIRECT)
@@ -575,6 +584,9 @@ class CacheWriter:
         n_st = 0 if self._stars is None else self._stars["starid"].size
         self._buffer = {name: _aligned_zeros((gr, gc, t, cr, cc), dtype)
                         for name, dtype in _CUBES}
+        # a second set (allocated at the first swap) is filled while this one is written
+        self._spare = None
+        self._mapped_sets = any(base is not None for base in self._direct.values())
         self._flags_dirty = False
         self._pad = None
         if (gr * cr, gc * cc) != (nrow, ncol):
@@ -728,8 +740,14 @@ class CacheWriter:
         self._count += count
 
     def flush(self):
-        """Write the buffered frames as one time-slab of whole chunks, then advance
-        frames_done (after the data, so a kill in between only costs re-writing the block)."""
+        """Hand the buffered block (one time-slab of whole chunks) to the writer thread.
+
+        The cube bytes are written by a background thread (pwrite releases the GIL) while
+        the caller reads and buffers the next block into the other buffer set; the block's
+        ``frames_done`` is committed only once its bytes are written (:meth:`_commit`, at
+        the next flush or at the end), so a kill at any point costs at most re-writing the
+        blocks not yet committed.
+        """
         if not self._n_buffered:
             return
         f = self._file
@@ -739,6 +757,7 @@ class CacheWriter:
             raise RuntimeError("blocks must start on a time-chunk boundary")
         sl = slice(start, start + k)
         buf = self._buffer
+        jobs = []
         for name, _ in _CUBES:
             block = buf[name]
             base = self._direct[name]
@@ -756,16 +775,44 @@ class CacheWriter:
                 nonzero = block.reshape(gr * gc, -1).any(axis=1)
                 edges = np.flatnonzero(np.diff(np.r_[0, nonzero.view(np.int8), 0]))
                 for a, b in zip(edges[::2], edges[1::2]):
-                    self._write(block.reshape(gr * gc, -1)[a:b], offset + int(a) * per_chunk)
+                    jobs.append((block.reshape(gr * gc, -1)[a:b], offset + int(a) * per_chunk))
             else:
-                self._write(block, offset)
+                jobs.append((block, offset))
         for name, _ in _SERIES:
             f[name][sl] = buf["series"][name][:k]
         f["wcs"][sl] = np.array(buf["wcs"], dtype=object)
         if self._stars is not None and self._stars["starid"].size:
             f["movement/centroids"][sl] = buf["centroids"][:k]
             f["movement/sigma"][sl] = buf["sigma"][:k]
+        # the previous block is on disk before this one's frames enter the accumulators, so
+        # the accumulators stored with the commit are exactly those of the committed frames
+        self._commit()
         self._accumulate(k, buf["series"]["quality"][:k])
+        if jobs:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="cache-writer")
+            future = self._pool.submit(self._write_jobs, jobs)
+        else:
+            future = None
+        self._pending = (future, start + k)
+        self.frames_done = start + k
+        self._n_buffered = 0
+        self._swap_buffers()
+
+    def _write_jobs(self, jobs):
+        for array, offset in jobs:
+            self._write(array, offset)
+
+    def _commit(self):
+        """Wait for the block being written, then record it (accumulators, frames_done)."""
+        if self._pending is None:
+            return
+        future, frames = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()
+        f = self._file
         # sum-image accumulators with the number of frames they include, so a resumed
         # prepare does not have to read the whole stored cube again
         acc = f.require_group("_accumulators")
@@ -774,14 +821,27 @@ class CacheWriter:
             acc.create_dataset("count", shape=self.shape, dtype=np.int32)
         acc["sum"][...] = self._sum
         acc["count"][...] = self._count
-        acc.attrs["frames"] = start + k
+        acc.attrs["frames"] = frames
         f.flush()
-        self.frames_done = start + k
-        f.attrs["frames_done"] = self.frames_done
+        f.attrs["frames_done"] = frames
         f.flush()
-        logger.info("%s: %d of %d frames stored", self.partial.name, self.frames_done,
-                    self.n_frames)
-        self._n_buffered = 0
+        logger.info("%s: %d of %d frames stored", self.partial.name, frames, self.n_frames)
+
+    def _swap_buffers(self):
+        """Switch to the other set of cube buffers (the writer thread reads this one)."""
+        if not self._mapped_sets:
+            return
+        current = {name: self._buffer[name] for name, _ in _CUBES}
+        current["dirty"] = self._flags_dirty
+        other = self._spare
+        if other is None:
+            other = {name: _aligned_zeros(self._buffer[name].shape, dtype)
+                     for name, dtype in _CUBES}
+            other["dirty"] = False
+        self._spare = current
+        for name, _ in _CUBES:
+            self._buffer[name] = other[name]
+        self._flags_dirty = other["dirty"]
 
     # ------------------------------------------------------------------ after ingest
     def finish_ingest(self, usable=None):
@@ -796,6 +856,7 @@ class CacheWriter:
         if f.attrs["ingest_complete"]:
             return
         self.flush()
+        self._commit()
         if self.frames_done != self.n_frames:
             raise RuntimeError(f"ingest stopped at {self.frames_done} of {self.n_frames} frames")
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -868,6 +929,14 @@ class CacheWriter:
 
     def close(self, complete=False):
         """Close; with ``complete=True`` mark the cache complete and rename it into place."""
+        try:
+            if self._file is not None:
+                self._commit()  # a block whose bytes are written is worth keeping
+        except Exception as exc:  # noqa: BLE001 - the block is simply not committed
+            logger.warning("%s: last block not written (%s)", self.partial, exc)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._close_fd()
         if self._file is None:
             return

@@ -15,8 +15,8 @@ Why this form (``/work/shared/reference/algorithms.md`` §1 and §5):
 * **Basis.** Even cubic B-splines in r (uniform knots mirrored about 0, so no cusp at the
   centre; psfmachine's sqrt(r) spacing put knots at 0.05 px that TESS pixels cannot
   constrain), times periodic cubic B-splines in phi; radial functions reaching inside
-  ``core_radius`` carry no phi dependence (phi is singular at r = 0). The two outermost radial functions are dropped so the model and its slope reach 0
-  at ``rmax``.
+  ``core_radius`` carry no phi dependence (phi is singular at r = 0). The two outermost
+  radial functions are dropped so the model and its slope reach 0 at ``rmax``.
 * **Position dependence.** An optional ``grid x grid`` set of models over the CCD; a star
   gets the bilinear interpolation of the surrounding cell models (interpolating linear
   weights interpolates the PRFs themselves).
@@ -209,13 +209,14 @@ def fit_weights(basis, drow, dcol, values, inv_var, prior_mu=0.0, prior_sigma=1.
     Aw = A * inv_var[:, None]
     normal = A.T @ Aw
     rhs = Aw.T @ values
-    # Unit sum over the pixel lattice at every sub-pixel phase, as stiff pseudo-observations.
-    # Why: the sum is the flux scale of the photometry; if it changes with the phase, the
-    # pointing jitter turns into flux changes (0.4 % spread seen without this).
+    # The same sum over the pixel lattice at every sub-pixel phase, as stiff pseudo-
+    # observations (the scale itself is set afterwards by :func:`lattice_sum`). Why: that
+    # sum is the flux scale of the photometry; if it changes with the phase, the pointing
+    # jitter turns into flux changes (0.4 % spread seen on a simulated sector without this).
     S = lattice_design(getattr(basis, "base", basis))
+    D = S - S.mean(axis=0)
     stiff = 1e4 * np.trace(normal) / max(np.trace(S.T @ S), 1e-300)
-    normal = normal + stiff * (S.T @ S)
-    rhs = rhs + stiff * S.sum(axis=0)
+    normal = normal + stiff * (D.T @ D)
     sigma = np.where(basis.angular, float(angular_sigma), float(prior_sigma)) \
         if angular_sigma is not None else np.full(basis.n_coeffs, float(prior_sigma))
     prior_ivar = 1.0 / sigma ** 2

@@ -96,8 +96,10 @@ class _Star:
             cols = [p, np.ones_like(p) if self.fit_sky else np.zeros_like(p)]
             if positions:
                 h = 0.01
-                gr = (basis.evaluate(weights, dr - h, dc) - basis.evaluate(weights, dr + h, dc)) / (2 * h)
-                gc = (basis.evaluate(weights, dr, dc - h) - basis.evaluate(weights, dr, dc + h)) / (2 * h)
+                gr = (basis.evaluate(weights, dr - h, dc)
+                      - basis.evaluate(weights, dr + h, dc)) / (2 * h)
+                gc = (basis.evaluate(weights, dr, dc - h)
+                      - basis.evaluate(weights, dr, dc + h)) / (2 * h)
                 cols += [self.flux * gr, self.flux * gc]
             A = np.stack([c.ravel() for c in cols], axis=1)
             w = self.ivar.ravel()
@@ -128,6 +130,7 @@ def _subtract_neighbours(stars, basis, weights, scene, shape, half):
         cols = np.concatenate([cols, scene[1]])
         flux = np.concatenate([flux, scene[2]])
     model = SplinePRF(basis, weights, [0.0], [0.0])
+    model.oversample = 10         # subtraction only: a coarse table is plenty, and fast
     full = model.evaluate(np.asarray(rows), np.asarray(cols), shape, origin=(0, 0),
                           flux=np.asarray(flux), size=2 * half + 1)
     for s in stars:
