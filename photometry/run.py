@@ -22,6 +22,7 @@ leaves out installed entry-point plugins. Debugging and testing aids: the fault 
 own algorithm alone, so a worker does not import the whole science stack to start.
 """
 import collections
+import contextlib
 import importlib
 import json
 import logging
@@ -236,12 +237,41 @@ def _worker_main(conn, config):
 
 
 # =========================================================================== backends
+#: environment variables that cap the threads of numerical libraries in a worker process
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                     "NUMEXPR_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _worker_environment(threads):
+    """Spawned workers inherit ``os.environ``: cap their BLAS/OpenMP threads while starting one.
+
+    Why: each target's linear algebra would otherwise use every core, so N workers fight
+    over the cores and a second worker gains nothing. ``threads`` <= 0 leaves them as they are.
+    """
+    if threads <= 0:
+        yield
+        return
+    saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
+    os.environ.update({name: str(threads) for name in _THREAD_VARIABLES})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class _LocalWorker:
     def __init__(self, mp, config, index):
         parent, child = mp.Pipe()
         self.proc = mp.Process(target=_worker_main, args=(child, config),
                                name=f"tessphot-worker-{index}", daemon=True)
-        self.proc.start()
+        threads = int(config["settings"]["scheduler"].get("worker_threads", 1))
+        with _worker_environment(threads):
+            self.proc.start()
         child.close()
         self.conn = parent
         self.index = index
