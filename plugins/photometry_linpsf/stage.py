@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 def _basis(cfg):
     return PolarBasis(float(cfg["rmax"]), int(cfg["n_r_knots"]), int(cfg["n_phi"]),
-                      float(cfg["core_radius"]))
+                      float(cfg["core_radius"]), int(cfg.get("n_sub", 1)))
 
 
 def select_stars(rows, cols, tmag, shape, cfg):
