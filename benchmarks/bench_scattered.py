@@ -16,6 +16,8 @@ the scattered-light correction and the true background.
 Usage::
 
     python benchmarks/bench_scattered.py [--frames 16] [--sim] [--size 128] [--cadences 100]
+    python benchmarks/bench_scattered.py --pipeline [--size 128] [--cadences 100] [--seed 42]
+        [--glow-peak 1000] [--tmag 13 15] [--workdir DIR]   # aperture plugin, with/without
 """
 import argparse
 import tempfile

@@ -704,11 +704,18 @@ class BasePhotometry:
         return aperture_bitmask(self)
 
     def save_lightcurve(self, output_folder):
-        """Write the light-curve FITS (atomically) and return its path. Called by the core."""
-        from .lightcurve_io import write_lightcurve
-        path = write_lightcurve(self, output_folder)
-        self.details["filepath_lightcurve"] = str(path)
-        return path
+        """Write the light curve with each writer of ``photometry.writers`` (atomically).
+
+        Returns the path the first writer wrote (the FITS file by default). Called by the core.
+        """
+        from .plugins import default_plugin_manager, lookup
+        pm = default_plugin_manager()
+        paths = [lookup(pm, "register_output_writers", name)().write(self, output_folder)
+                 for name in self.psettings.get("writers", ["fits"])]
+        if not paths:
+            raise ConfigurationError("settings photometry.writers: no output writer named")
+        self.details["filepath_lightcurve"] = str(paths[0])
+        return paths[0]
 
     def save_plots(self, folder=None):
         """Write the diagnostic PNGs (stamp, background, motion, light curve); paths returned."""

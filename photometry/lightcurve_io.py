@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from . import __version__
+from . import __version__, hookimpl
 from .settings import settings_hash
 
 __all__ = ["lightcurve_path", "write_lightcurve", "build_hdulist", "write_atomic",
@@ -194,3 +194,18 @@ def write_lightcurve(phot, output_folder):
     path = lightcurve_path(output_folder, phot.starid, phot.sector, phot.camera, phot.ccd,
                            phot.cadence, phot.name)
     return write_atomic(build_hdulist(phot), path)
+
+
+class FitsLightCurveWriter:
+    """The standard light-curve FITS file (DESIGN.md format), readable by ``lightkurve.read``."""
+
+    name = "fits"
+    version = "1.0"
+
+    def write(self, phot, output_folder):
+        return write_lightcurve(phot, output_folder)
+
+
+@hookimpl(trylast=True)
+def register_output_writers():
+    return [FitsLightCurveWriter]

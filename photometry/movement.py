@@ -196,6 +196,7 @@ def fit_centroids(image, x, y, *, box=7, errors=None, saturation=None, iteration
     ww = w.reshape(n, -1)
 
     def model_and_jac(p):
+        m = p.shape[0]
         gx, gx_c, gx_s = _integrated_gauss(lo, hi, p[:, 1], p[:, 3])
         gy, gy_c, gy_s = _integrated_gauss(lo, hi, p[:, 2], p[:, 3])
         f = p[:, 0][:, None, None]
@@ -206,35 +207,41 @@ def fit_centroids(image, x, y, *, box=7, errors=None, saturation=None, iteration
                         f * gy_c[:, :, None] * gx[:, None, :],
                         f * (gy_s[:, :, None] * gx[:, None, :] + gy[:, :, None] * gx_s[:, None, :]),
                         np.ones_like(psf)], axis=-1)
-        return model.reshape(n, -1), jac.reshape(n, -1, 5)
+        return model.reshape(m, -1), jac.reshape(m, -1, 5)
 
     model, jac = model_and_jac(p)
     chi2 = np.sum(ww * (yy - model) ** 2, axis=1)
+    # Levenberg-Marquardt on the stars still moving: a star whose position step fell below
+    # CONVERGED_PX leaves the active set (most need 3-4 iterations, a few 7-8, and the
+    # iterations of the whole set cost the same per star whatever its state)
+    active = np.flatnonzero(valid)
+    eye = np.eye(5)[None]
     for _ in range(iterations):
-        jtw = jac.transpose(0, 2, 1) * ww[:, None, :]
-        a = jtw @ jac
-        g = np.einsum("nkp,np->nk", jtw, yy - model)
+        if not active.size:
+            break
+        jac_a, ww_a = jac[active], ww[active]
+        jtw = jac_a.transpose(0, 2, 1) * ww_a[:, None, :]
+        a = jtw @ jac_a
+        g = np.einsum("nkp,np->nk", jtw, yy[active] - model[active])
         diag = np.einsum("nkk->nk", a)
-        a_damped = a + lam[:, None, None] * np.eye(5)[None] * diag[:, :, None]
-        a_damped[~valid] = np.eye(5)
-        g[~valid] = 0
+        a_damped = a + lam[active][:, None, None] * eye * diag[:, :, None]
         try:
             step = np.linalg.solve(a_damped, g[:, :, None])[:, :, 0]
         except np.linalg.LinAlgError:
-            step = np.zeros_like(p)
-        trial = p + step
+            step = np.zeros((active.size, 5))
+        trial = p[active] + step
         trial[:, 3] = np.clip(trial[:, 3], 0.3, box / 2.0)
         trial[:, 1:3] = np.clip(trial[:, 1:3], -half, half)
         model_t, jac_t = model_and_jac(trial)
-        chi2_t = np.sum(ww * (yy - model_t) ** 2, axis=1)
-        better = chi2_t <= chi2
-        p = np.where(better[:, None], trial, p)
-        model = np.where(better[:, None], model_t, model)
-        jac = np.where(better[:, None, None], jac_t, jac)
-        chi2 = np.where(better, chi2_t, chi2)
-        lam = np.where(better, lam * 0.3, lam * 10.0)
-        if np.all(np.abs(step[valid, 1:3]) < CONVERGED_PX):
-            break
+        chi2_t = np.sum(ww_a * (yy[active] - model_t) ** 2, axis=1)
+        better = chi2_t <= chi2[active]
+        took = active[better]
+        p[took] = trial[better]
+        model[took] = model_t[better]
+        jac[took] = jac_t[better]
+        chi2[took] = chi2_t[better]
+        lam[active] = np.where(better, lam[active] * 0.3, lam[active] * 10.0)
+        active = active[~np.all(np.abs(step[:, 1:3]) < CONVERGED_PX, axis=1)]
     jtw = jac.transpose(0, 2, 1) * ww[:, None, :]
     a = jtw @ jac
     a[~valid] = np.eye(5)

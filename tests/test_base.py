@@ -356,3 +356,13 @@ def test_logged_warnings_reach_details(tmp_path, source, settings):
     result = run_target(Chatty, 101, source, settings, tmp_path)
     assert result["status"] == STATUS.OK
     assert any("mask touches the edge" in e for e in result["details"]["errors"])
+
+
+def test_output_writers_come_from_the_registry(tmp_path):
+    """The FITS writer is a registered output writer; an unknown name stops the run."""
+    settings = load_settings(assignments=['photometry.writers=["fits"]'])
+    result = run_target(SpocAperture, 25155310, TPFSource(TPF), settings, tmp_path)
+    assert result["status"] == STATUS.OK and Path(result["lightcurve"]).is_file()
+    settings = load_settings(assignments=['photometry.writers=["no_such_writer"]'])
+    with pytest.raises(ConfigurationError, match="no_such_writer.*known: fits"):
+        run_target(SpocAperture, 25155310, TPFSource(TPF), settings, tmp_path / "other")

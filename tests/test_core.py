@@ -39,3 +39,29 @@ def test_cli_version():
     out = subprocess.run([sys.executable, "-m", "photometry.cli", "--version"],
                          capture_output=True, text=True, check=True)
     assert "tessphot" in out.stdout
+
+
+def test_every_setting_is_documented():
+    """Each key of settings/defaults.toml carries a comment on its line or the line above."""
+    from importlib import resources
+    lines = resources.files("photometry._defaults").joinpath("defaults.toml").read_text()
+    lines = lines.splitlines()
+    undocumented = []
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if not text or text.startswith(("#", "[")) or "=" not in text:
+            continue
+        if "#" not in text and not lines[i - 1].strip().startswith("#"):
+            undocumented.append(text)
+    assert not undocumented, undocumented
+
+
+def test_every_hook_is_documented():
+    from photometry import hookspecs
+    import inspect
+    hooks = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction)
+             if hasattr(f, "photometry_spec")]
+    assert {f.__name__ for f in hooks} >= {
+        "register_algorithms", "register_prepare_stages", "register_corrections",
+        "register_calibration_stages", "register_output_writers", "choose_method"}
+    assert all(f.__doc__ and f.__doc__.strip() for f in hooks)
