@@ -267,3 +267,63 @@ def test_derived_cadence_numbers_ignore_barycentric_drift():
     # spacecraft-clock times on the 1800 s grid give consecutive numbers
     t = 1325.3235172 + np.arange(1300) * 1800 / 86400
     assert [derive_cadenceno(x, 1800.0) for x in t[[0, 1, 1299]]] == [4697, 4698, 5996]
+
+
+def _astropy_path(monkeypatch):
+    """Force read_ffi through astropy (the lean reader declines every file)."""
+    import photometry.ffi as ffi
+    monkeypatch.setattr(ffi, "_plain_layout", lambda path: None)
+
+
+def _same_frame(a, b):
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.uncert, b.uncert)
+    for x in (b.image, b.uncert):
+        assert x.dtype == np.float32 and x.dtype.isnative and x.flags.c_contiguous
+    assert a.header.tostring() == b.header.tostring()
+    assert a.wcs.to_header_string(relax=True) == b.wcs.to_header_string(relax=True)
+    for name in ("time", "tstart", "tstop", "timecorr", "cadenceno", "quality", "sector",
+                 "camera", "ccd", "cadence_s", "row_offset", "column_offset", "procver"):
+        assert getattr(a, name) == getattr(b, name), name
+
+
+@pytest.mark.parametrize("science_only", [True, False])
+def test_lean_reader_equals_astropy_path(tmp_path, monkeypatch, science_only):
+    """The block-by-block reader used for plain files gives exactly astropy's frame: the
+    real cutout (uncertainty covering part of the science columns, NaN elsewhere), HDUs in
+    reversed order, and a full frame."""
+    import photometry.ffi as ffi
+
+    def reverse(hdul):
+        hdul[1], hdul[2] = hdul[2], hdul[1]
+
+    def full(hdul):
+        data = np.random.default_rng(5).normal(100, 10, (2078, 2136)).astype(np.float32)
+        hdul[1].data, hdul[2].data = data, np.sqrt(np.abs(data))
+
+    paths = [REAL, _variant(tmp_path, "r-s0001-1-4_ffic.fits", reverse),
+             _variant(tmp_path, "f-s0001-1-4_ffic.fits", full)]
+    lean = []
+    calls = []
+    original = ffi._plain_layout
+    monkeypatch.setattr(ffi, "_plain_layout", lambda p: calls.append(p) or original(p))
+    for path in paths:
+        lean.append(read_ffi(path, science_only=science_only))
+        assert calls[-1] == path  # the lean reader took the file
+    with monkeypatch.context() as m:
+        m.setattr(ffi, "_plain_layout", lambda path: None)
+        for path, frame in zip(paths, lean):
+            _same_frame(read_ffi(path, science_only=science_only), frame)
+
+
+def test_other_data_types_fall_back_to_astropy(tmp_path, monkeypatch):
+    """Data other than big-endian float32 (here float64) are left to astropy's rules."""
+    def double(hdul):
+        hdul[1].data = hdul[1].data.astype(np.float64) + 0.25
+    path = _variant(tmp_path, "s-s0001-1-4_ffic.fits", double)
+    import photometry.ffi as ffi
+    assert ffi._plain_layout(path) is None and ffi._plain_layout(REAL) is not None
+    frame = read_ffi(path)
+    _astropy_path(monkeypatch)
+    _same_frame(read_ffi(path), frame)
+    np.testing.assert_array_equal(frame.image, read_ffi(REAL).image + np.float32(0.25))

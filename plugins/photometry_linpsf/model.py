@@ -262,15 +262,20 @@ def lattice_sum(basis, weights, n_sub=5):
 
 
 def fit_weights(basis, drow, dcol, values, inv_var, prior_mu=0.0, prior_sigma=1.0,
-                angular_sigma=None):
+                angular_sigma=None, extra=None):
     """Gaussian-prior linear least squares for the weights of normalised pixel values.
 
     ``values`` are ``(pixel - background) / star flux`` and ``inv_var`` their inverse
     variances; the prior is ``N(prior_mu, prior_sigma**2)`` per weight (prior_mu may be an
     array, e.g. a global model when fitting one cell of the position grid);
     ``angular_sigma`` (if given) is the prior width of the angular (non-circular) weights.
+    ``extra`` (M, E): further columns fitted together with the shape, without a prior (e.g.
+    each star's sky / flux); then ``(weights, extra coefficients)`` is returned.
     """
     A = basis.design(drow, dcol)
+    n_extra = 0 if extra is None else extra.shape[1]
+    if n_extra:
+        A = np.hstack([A, extra])
     Aw = A * inv_var[:, None]
     normal = A.T @ Aw
     rhs = Aw.T @ values
@@ -280,14 +285,20 @@ def fit_weights(basis, drow, dcol, values, inv_var, prior_mu=0.0, prior_sigma=1.
     # jitter turns into flux changes (0.4 % spread seen on a simulated sector without this).
     S = lattice_design(getattr(basis, "base", basis))
     D = S - S.mean(axis=0)
+    if n_extra:
+        D = np.hstack([D, np.zeros((D.shape[0], n_extra))])
+        S = np.hstack([S, np.zeros((S.shape[0], n_extra))])
     stiff = 1e4 * np.trace(normal) / max(np.trace(S.T @ S), 1e-300)
     normal = normal + stiff * (D.T @ D)
     sigma = np.where(basis.angular, float(angular_sigma), float(prior_sigma)) \
         if angular_sigma is not None else np.full(basis.n_coeffs, float(prior_sigma))
-    prior_ivar = 1.0 / sigma ** 2
+    prior_ivar = np.concatenate([1.0 / sigma ** 2, np.zeros(n_extra)])
     normal[np.diag_indices_from(normal)] += prior_ivar
-    rhs = rhs + prior_ivar * np.broadcast_to(prior_mu, (basis.n_coeffs,))
-    return np.linalg.solve(normal, rhs)
+    mu = np.concatenate([np.broadcast_to(prior_mu, (basis.n_coeffs,)), np.zeros(n_extra)])
+    sol = np.linalg.solve(normal, rhs + prior_ivar * mu)
+    if n_extra:
+        return sol[:basis.n_coeffs], sol[basis.n_coeffs:]
+    return sol
 
 
 class SplinePRF(PRFModel):

@@ -138,13 +138,41 @@ def _subtract_neighbours(stars, basis, weights, scene, shape, half):
         s.data = np.where(s.ivar > 0, s.raw - (full[s.box] - own), 0.0)
 
 
-def _fit_pixels(stars, basis):
+def _fit_pixels(stars, basis, joint_sky=False):
+    """(drow, dcol, values, inv_var[, extra]) of the shape stars' pixels for :func:`fit_weights`.
+
+    ``joint_sky``: the values are ``pixel / flux`` and ``extra`` holds one ``1 / flux`` column
+    per star, so every star's sky is fitted together with the shape. Why: alternating shape
+    and sky fits converge slowly along the sky-wing degeneracy (a broad wing and a lower sky
+    look alike in a box); the joint solve resolves it from the data in one step.
+    """
     dr = np.concatenate([s.offsets()[0].ravel() for s in stars])
     dc = np.concatenate([s.offsets()[1].ravel() for s in stars])
-    val = np.concatenate([((s.data - s.sky) / s.flux).ravel() for s in stars])
+    sky = [0.0 if joint_sky and s.fit_sky else s.sky for s in stars]
+    val = np.concatenate([((s.data - b) / s.flux).ravel() for s, b in zip(stars, sky)])
     ivar = np.concatenate([(s.ivar * s.flux ** 2).ravel() for s in stars])
     inside = (np.hypot(dr, dc) < basis.rmax + 0.75) & (ivar > 0)
-    return dr[inside], dc[inside], val[inside], ivar[inside]
+    out = dr[inside], dc[inside], val[inside], ivar[inside]
+    if not (joint_sky and stars[0].fit_sky):
+        return out
+    owner = np.concatenate([np.full(s.data.size, k) for k, s in enumerate(stars)])[inside]
+    extra = np.zeros((owner.size, len(stars)))
+    extra[np.arange(owner.size), owner] = 1.0 / np.array([s.flux for s in stars])[owner]
+    return out + (extra,)
+
+
+def _fit_shape(stars, basis, cfg, prior_mu=0.0, prior_sigma=None):
+    """Shape weights from the stars (their skies too when ``joint_sky``)."""
+    joint = bool(cfg.get("joint_sky", False))
+    pix = _fit_pixels(stars, basis, joint)
+    kw = dict(prior_mu=prior_mu, prior_sigma=float(cfg["prior_sigma"]) if prior_sigma is None
+              else prior_sigma, angular_sigma=float(cfg["angular_prior_sigma"]))
+    if len(pix) == 4:
+        return fit_weights(basis, *pix, **kw)
+    weights, skies = fit_weights(basis, *pix[:4], extra=pix[4], **kw)
+    for s, b in zip(stars, skies):
+        s.sky = float(b)
+    return weights
 
 
 def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad=None,
@@ -209,8 +237,7 @@ def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad
         if iteration > 0:
             _subtract_neighbours(stars, basis, weights, scene, image.shape, half)
         sel = [s for s, u in zip(stars, used) if u]
-        weights = fit_weights(basis, *_fit_pixels(sel, basis), prior_sigma=prior,
-                                 angular_sigma=float(cfg["angular_prior_sigma"]))
+        weights = _fit_shape(sel, basis, cfg)
         total, _ = lattice_sum(basis, weights)
         weights = weights / total
         for s in stars:
@@ -223,8 +250,7 @@ def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad
         if np.count_nonzero(used) < int(cfg["min_stars"]):
             used[:] = True
     sel = [s for s, u in zip(stars, used) if u]
-    weights = fit_weights(basis, *_fit_pixels(sel, basis), prior_sigma=prior,
-                                 angular_sigma=float(cfg["angular_prior_sigma"]))
+    weights = _fit_shape(sel, basis, cfg)
     weights = weights / lattice_sum(basis, weights)[0]
 
     # optional grid of position-dependent models, each pulled towards the global one
@@ -244,8 +270,8 @@ def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad
             if len(inc) < int(cfg["min_stars"]):
                 grid[i, j] = weights
                 continue
-            w = fit_weights(basis, *_fit_pixels(inc, basis), prior_mu=weights,
-                            prior_sigma=float(cfg["grid_prior_sigma"]))
+            w = _fit_shape(inc, basis, cfg, prior_mu=weights,
+                           prior_sigma=float(cfg["grid_prior_sigma"]))
             grid[i, j] = w / lattice_sum(basis, w)[0]
     cell_rows = 0.5 * (edges_r[:-1] + edges_r[1:]) - 0.5
     cell_cols = 0.5 * (edges_c[:-1] + edges_c[1:]) - 0.5
