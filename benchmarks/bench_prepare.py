@@ -193,7 +193,7 @@ def bench_steady_state(files, astropy_cpu, n_frames=96, direct_io=False, warmup=
                                                        settings["prepare"], image=full.image))
         else:
             w.set_kernel_stars(np.empty(0, np.int64), np.empty(0), np.empty(0))
-        c_all = 0.0
+        c_all = c_main = 0.0
         n_stars = w.kernel_stars["starid"].size
         for i in range(warmup + n_frames):
             if i == warmup:

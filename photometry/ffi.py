@@ -23,6 +23,10 @@ Decisions (also in ``docs/architecture.md``):
   science pixels it does not cover are NaN (the real sector-1 cutout has a 128x128 uncertainty
   covering CCD columns 0-127, i.e. only the first 84 of its 129 science columns).
 * A file without an uncertainty HDU (e.g. a raw ``*_ffir`` frame) gets an all-NaN ``uncert``.
+* Uncompressed files in the usual layout are read without astropy's HDU list (headers block
+  by block, only the science rows of the pixels; :func:`_plain_layout`), which makes
+  ``read_ffi`` 1.3x instead of 2x the bare astropy read; everything else, and every damaged
+  file, goes through astropy, and both paths give bit-identical frames.
 """
 import gzip
 import io
@@ -534,7 +538,7 @@ def _plain_layout(path):
                 hdus.append((header, offset))
                 offset += -(-nbytes // 2880) * 2880
                 stream.seek(offset)
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except Exception:  # noqa: BLE001 - any damage: the astropy path reports it
         return None
     primary = hdus[0][0]
     if primary.get("SIMPLE") is not True or int(primary.get("NAXIS", 0)) != 0:

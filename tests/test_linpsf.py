@@ -170,9 +170,9 @@ def test_shape_model_recovers_true_prf(crowded):
         ours, r0, c0 = model.stamps([r], [c], 13)
         true, r1, c1 = prf.stamps([r], [c], 13)
         assert (r0, c0) == (r1, c1)
-        # within 0.1 % of the flux in any pixel (true peak pixel holds ~20 %); measured
-        # 2.3e-4 with the pixel-integrated model (n_sub = 6), 1.3e-3 with version 1.0's
-        assert np.abs(ours - true).max() < 0.001
+        # within 0.05 % of the flux in any pixel (true peak pixel holds ~20 %); measured
+        # 1.6e-4 with the pixel-integrated model, rmax 8 and joint skies (1.3e-3 in 1.0)
+        assert np.abs(ours - true).max() < 0.0005
         assert ours.sum() == pytest.approx(true.sum(), abs=0.01)
 
 
@@ -219,8 +219,9 @@ def _crowded_targets(truth, shape=(64, 64)):
 def test_crowded_stars_amplitudes_flux_scale_and_better_than_aperture(crowded):
     """Blended stars (a neighbour < 3 px, < 2.5 mag fainter) with the fitted shape model.
 
-    Measured (see docs/benchmarks.md): median scatter / ideal noise ~2.6 for linpsf against
-    ~31 for aperture photometry; amplitudes recovered to a median of 0.3 %.
+    Measured (see docs/benchmarks.md, 2026-11-23): median scatter / ideal noise 1.29 for
+    linpsf (1.27 with the true PRF) against 22 for aperture photometry; amplitudes recovered
+    to a median of 0.5 %.
     """
     source, truth, _ = crowded
     targets = _crowded_targets(truth)
@@ -246,8 +247,9 @@ def test_crowded_stars_amplitudes_flux_scale_and_better_than_aperture(crowded):
     print("linpsf", np.round(lin, 3), "aperture", np.round(ap, 3), "amps", np.round(amps, 4),
           "flux scale", np.round(scale, 4))
     assert np.median(lin_sub) < 0.25 * np.median(ap)
+    assert np.median(lin) < 1.4
     assert len(amps) >= 5
-    assert abs(np.median(amps) - 1) <= 0.03
+    assert abs(np.median(amps) - 1) <= 0.015
     assert abs(np.median(scale) - 1) <= 0.02
 
 
@@ -307,6 +309,8 @@ def test_prepare_stage_from_kernel_stars(tmp_path):
     refitted from first-frame guesses."""
     source, truth = make_crowded(seed=8, shape=(80, 80), n=32, nstar=60)
     cfg = _settings()
+    # an 80 x 80 px scene has too few stars with 9 px of clear margin for rmax = 8
+    cfg["linpsf"].update(rmax=6.0, n_r_knots=13)
     rows, cols = truth["rows"], truth["cols"] - 44
     strict = dict(cfg["linpsf"], isolation_radius=7.0, isolation_contrast=4.0)
     keep = select_stars(rows, cols, truth["tmag"], (80, 80), strict)   # as prepare's kernel

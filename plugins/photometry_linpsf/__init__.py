@@ -14,7 +14,7 @@ from photometry import hookimpl
 
 __all__ = ["register_algorithms", "register_prepare_stages"]
 
-__version__ = "1.0"
+__version__ = "1.1"
 
 
 @hookimpl

@@ -9,7 +9,9 @@ second iteration on), otherwise from the movement kernel stars (already chosen b
 isolated and unsaturated by prepare). Per star a local sky
 level, its flux and (without a catalog) its position are fitted together with the shape:
 
-1. flux from a box sum minus a border median; the shape fitted to ``(pixel - sky) / flux``;
+1. flux from a box sum minus a border median; the shape fitted to ``(pixel - sky) / flux``
+   (with ``joint_sky``: to ``pixel / flux`` with every star's sky as a free column of the
+   same solve);
 2. the model normalised to a unit sum over the pixel lattice;
 3. per star ``flux, sky`` (and position) refitted with the model; stars whose reduced chi^2
    is an outlier (unknown neighbour, variability, cosmic) are dropped; back to 1.
@@ -230,7 +232,6 @@ def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad
         logger.warning("linpsf_shape: only %d usable stars (need %d); no shape model",
                        len(stars), int(cfg["min_stars"]))
         return result
-    prior = float(cfg["prior_sigma"])
     used = np.ones(len(stars), dtype=bool)
     weights = None
     for iteration in range(int(cfg["iterations"])):
@@ -368,7 +369,7 @@ class LinPSFShapeModel(PrepareStage):
     """Prepare stage ``linpsf_shape``: see the module docstring."""
 
     name = "linpsf_shape"
-    version = "1.0"
+    version = "1.1"
 
     def run(self, cache, group):
         from tqdm import tqdm
