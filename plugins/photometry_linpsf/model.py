@@ -177,10 +177,13 @@ class PolarBasis:
                 self._radial_fast(np.zeros(1))
             prof = self._rtab @ w[:self.n_radial]
             grid = np.arange(prof.size) * self._table_step
-            out[:] = 0.0
-            for ur, uc, wt in self._sub_nodes():
-                out += wt * np.interp(np.hypot(flat_r + ur, flat_c + uc), grid, prof,
-                                      right=0.0)
+            nodes = np.array(list(self._sub_nodes()))          # (n_sub**2, 3)
+            step = 50_000
+            for start in range(0, flat_r.size, step):
+                sl = slice(start, start + step)
+                rr = np.hypot(flat_r[sl][None, :] + nodes[:, :1],
+                              flat_c[sl][None, :] + nodes[:, 1:2])
+                out[sl] = nodes[:, 2] @ np.interp(rr, grid, prof, right=0.0)
             return np.clip(out, 0.0, None).reshape(drow.shape)
         for start in range(0, flat_r.size, chunk):
             sl = slice(start, start + chunk)
@@ -254,13 +257,11 @@ def lattice_sum(basis, weights, n_sub=5):
     half = int(np.ceil(basis.rmax)) + 1
     steps = np.arange(-half, half + 1)
     phases = (np.arange(n_sub) + 0.5) / n_sub - 0.5
-    sums = []
-    for pr in phases:
-        for pc in phases:
-            dr = steps[:, None] - pr + 0 * steps[None, :]
-            dc = steps[None, :] - pc + 0 * steps[:, None]
-            sums.append(basis.evaluate(weights, dr, dc).sum())
-    sums = np.asarray(sums)
+    pr, pc = np.meshgrid(phases, phases, indexing="ij")
+    dr = steps[None, :, None] - pr.ravel()[:, None, None] + 0 * steps[None, None, :]
+    dc = steps[None, None, :] - pc.ravel()[:, None, None] + 0 * steps[None, :, None]
+    # one call for all phases (the model is clipped per pixel, as in the photometry)
+    sums = basis.evaluate(weights, dr, dc).sum(axis=(1, 2))
     return float(sums.mean()), float(sums.std() / sums.mean())
 
 
