@@ -40,9 +40,10 @@ import numpy as np
 
 from photometry.base import BasePhotometry, open_source
 from photometry.quality import TESSQualityFlags
+from photometry.evaluation import compare_to_truth
 from photometry.settings import load_settings
 
-__all__ = ["simulate_and_prepare", "evaluate", "summarize", "score"]
+__all__ = ["simulate_and_prepare", "evaluate", "summarize"]
 
 BINS = [(8, 9), (9, 10), (10, 11), (11, 12), (12, 13)]
 RADII = (1.5, 2.0, 2.5, 3.0, 3.5)
@@ -65,17 +66,6 @@ def simulate_and_prepare(workdir, size=128, cadences=100, seed=5, stages=None):
                           "--no-progress"] + extra, check=True, capture_output=True)
     cache = next((workdir / "cache").glob("sector*.hdf5"))
     return workdir / "sim" / "truth.h5", cache
-
-
-def score(flux, true, good):
-    """(scatter of the normalised residual, recovered/injected relative amplitude)."""
-    flux, true = np.asarray(flux, float), np.asarray(true, float)
-    good = good & np.isfinite(flux)
-    f, t = flux[good] / np.median(flux[good]), true[good] / np.median(true[good])
-    resid = f - t
-    x = t - 1
-    amp = np.sum(x * (f - 1)) / np.sum(x * x) if np.ptp(t) > 1e-4 else np.nan
-    return float(np.std(resid)), float(amp)
 
 
 def _photutils_fluxes(phot, radii):
@@ -132,7 +122,7 @@ def evaluate(truth_path, cache_path, tmag_range=(8.0, 13.0), isolated=True, radi
         good = TESSQualityFlags.filter(phot.quality)
         true = true_flux[k]
         ideal = stars["ideal_noise"][k] / np.mean(true)
-        scatter, amp = score(phot.lightcurve["flux"], true, good)
+        scatter, amp = compare_to_truth(phot.lightcurve["flux"], true, good)
         row = {"starid": starid, "tmag": float(stars["tmag"][k]), "status": int(status),
                "ratio": scatter / ideal, "amp": amp, "npix": int(phot.final_phot_mask.sum()),
                "contamination": float(phot.additional_headers["AP_CONT"][0])}
@@ -141,7 +131,7 @@ def evaluate(truth_path, cache_path, tmag_range=(8.0, 13.0), isolated=True, radi
             continue
         base = BasePhotometry(starid, source, settings=settings)
         for r, flux in _photutils_fluxes(base, radii).items():
-            s, a = score(flux, true, good)
+            s, a = compare_to_truth(flux, true, good)
             row[f"pu_ratio_{r}"] = s / ideal
             row[f"pu_amp_{r}"] = a
         results.append(row)

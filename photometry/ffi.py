@@ -163,11 +163,11 @@ def _sector_from(primary, path):
     raise InputError(f"{path}: no SECTOR keyword and no -sNNNN- sector in the file name")
 
 
-def _find_hdus(hdul, path):
-    """Indices of the image and uncertainty HDUs (the latter may be None)."""
+def _classify_hdus(headers):
+    """Indices of the image and uncertainty HDUs among the extension ``headers`` (index 1
+    on); either may be None."""
     image = uncert = None
-    for index in range(1, len(hdul)):
-        header = hdul[index].header
+    for index, header in enumerate(headers, start=1):
         if header.get("NAXIS", 0) != 2:
             continue
         kind = str(header.get("IMAGTYPE", "")).strip().lower()
@@ -177,6 +177,12 @@ def _find_hdus(hdul, path):
                 uncert = index
         elif image is None:
             image = index
+    return image, uncert
+
+
+def _find_hdus(hdul, path):
+    """Indices of the image and uncertainty HDUs (the latter may be None)."""
+    image, uncert = _classify_hdus(hdul[index].header for index in range(1, len(hdul)))
     if image is None:
         raise InputError(f"{path}: not a TESS FFI (no image extension)")
     return image, uncert
@@ -597,17 +603,7 @@ def _read_plain(path, wcs, science_only):
     hdus = _plain_layout(path)
     if hdus is None:
         return None
-    image = uncert = None
-    for index, (header, _) in enumerate(hdus[1:], start=1):
-        if header.get("NAXIS", 0) != 2:
-            continue
-        kind = str(header.get("IMAGTYPE", "")).strip().lower()
-        extname = str(header.get("EXTNAME", "")).strip().lower()
-        if kind == "uncert" or extname.endswith("uncert"):
-            if uncert is None:
-                uncert = index
-        elif image is None:
-            image = index
+    image, uncert = _classify_hdus(header for header, _ in hdus[1:])
     if image is None:
         return None
     meta, rows, cols = _describe(path, hdus[0][0], hdus[image][0], wcs, science_only)

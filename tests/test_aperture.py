@@ -9,6 +9,7 @@ from astropy.table import Table
 from scipy import ndimage
 
 from photometry.base import STATUS
+from photometry.evaluation import compare_to_truth
 from photometry.prf import AnalyticPRF
 from photometry.quality import PixelQualityFlags
 from photometry.settings import default_settings
@@ -199,15 +200,10 @@ def measure(phot, truth, k):
     """(scatter / ideal noise, recovered / injected amplitude) of star k."""
     lc = phot.lightcurve
     good = np.asarray(lc["quality"]) == 0
-    f = np.asarray(lc["flux"])[good]
-    t = truth["flux"][k][good]
-    resid = f / np.median(f) - t / np.median(t)
-    ratio = np.std(resid) / (truth["ideal_noise"][k] / np.median(t))
-    amp = np.nan
-    if truth["amp"][k] > 0:
-        x = t / np.median(t) - 1
-        amp = np.sum(x * (f / np.median(f) - 1)) / np.sum(x * x)
-    return ratio, amp
+    true = truth["flux"][k]
+    scatter, amp = compare_to_truth(lc["flux"], true, good)
+    ratio = scatter / (truth["ideal_noise"][k] / np.median(true[good]))
+    return ratio, (amp if truth["amp"][k] > 0 else np.nan)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 from astropy.table import Table
 
 from photometry.base import STATUS
+from photometry.evaluation import compare_to_truth
 from photometry.prf import AnalyticPRF
 from photometry.settings import load_settings
 from photometry.tpf import TPFSource, TranslationKernel
@@ -22,7 +23,8 @@ from photometry_linpsf.stage import (LinPSFShapeModel, fit_shape_model, load_sha
 DATA = Path(__file__).parent / "data"
 TPF = DATA / "tess25155310-s01-first-cadences.fits.gz"
 PIMEN = DATA / "tess-s0001-4-2_84.291190_-80.469170_6x6_astrocut.fits"
-SPOC_PRF = Path("/work/shared/data/real/prf/Sectors1_2_3")
+# the real SPOC PRF models of ../shared (beside the clone), when present
+SPOC_PRF = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "prf" / "Sectors1_2_3"
 
 #: the "true" PRF of the scenes: wider than the analytic default, so the fallback is wrong
 TRUE_PRF = dict(sigma=0.85, wing_sigma=2.4, wing_fraction=0.2)
@@ -119,15 +121,10 @@ def measure(phot, truth, k):
     """(scatter / ideal noise, recovered / injected amplitude) of star k on good cadences."""
     lc = phot.lightcurve
     good = np.asarray(lc["quality"]) == 0
-    f = np.asarray(lc["flux"])[good]
-    t = truth["flux"][k][good]
-    resid = f / np.median(f) - t / np.median(t)
-    ratio = np.std(resid) / (truth["ideal_noise"][k] / np.median(t))
-    amp = np.nan
-    if truth["amp"][k] > 0:
-        x = t / np.median(t) - 1
-        amp = np.sum(x * (f / np.median(f) - 1)) / np.sum(x * x)
-    return ratio, amp
+    true = truth["flux"][k]
+    scatter, amp = compare_to_truth(lc["flux"], true, good)
+    ratio = scatter / (truth["ideal_noise"][k] / np.median(true[good]))
+    return ratio, (amp if truth["amp"][k] > 0 else np.nan)
 
 
 def shape_group(source, truth, cfg):

@@ -1,0 +1,31 @@
+"""Scoring a measured light curve against the simulator's truth (tests and benchmarks).
+
+One definition for every plugin's tests and benchmarks, so their figures compare.
+"""
+import numpy as np
+
+__all__ = ["compare_to_truth"]
+
+
+def compare_to_truth(flux, true_flux, good=None):
+    """Scatter and recovered amplitude of ``flux`` against ``true_flux``.
+
+    Both curves are normalised by their median over the good, finite cadences.
+
+    Returns
+    -------
+    scatter : float
+        Standard deviation of the normalised residual (relative units; divide by the ideal
+        relative noise for the "noise ratio" of the issues).
+    amplitude : float
+        Least-squares slope of the measured relative variation against the true one
+        (1 = injected signal fully recovered); NaN when the truth does not vary.
+    """
+    flux = np.asarray(flux, dtype=float)
+    true = np.asarray(true_flux, dtype=float)
+    keep = np.isfinite(flux) if good is None else np.asarray(good, bool) & np.isfinite(flux)
+    f = flux[keep] / np.median(flux[keep])
+    t = true[keep] / np.median(true[keep])
+    x = t - 1
+    amplitude = np.sum(x * (f - 1)) / np.sum(x * x) if np.ptp(t) > 1e-4 else np.nan
+    return float(np.std(f - t)), float(amplitude)
