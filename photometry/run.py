@@ -190,6 +190,13 @@ def execute_task(context, task):
             "error": res.get("error")}
 
 
+def _worker_log_level():
+    """Workers print errors only, unless the run is verbose (-v): each target's warnings are
+    kept in todo.sqlite (``tessphot status``) and would otherwise scroll over the progress bar."""
+    level = logging.getLogger().getEffectiveLevel()
+    return logging.ERROR if level == logging.WARNING else level
+
+
 def _worker_main(conn, config):
     """Local worker process: receive batches of tasks, send one result per task."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides what Ctrl-C does
@@ -583,7 +590,7 @@ def run_tasks(cache_dir, output, settings=None, workers=None, method=None, dask=
               "settings": settings, "plot": plot, "extra_plugins": extra,
               "blocked_plugins": blocked,
               "task_function": task_function, "run_key": f"{owner}-{time.time():.0f}",
-              "log_level": logging.getLogger().getEffectiveLevel()}
+              "log_level": _worker_log_level()}
 
     backend_name = "dask" if dask else "local"
     run_id = store.start_run(owner, backend_name, n_workers if not dask else 0, command)
