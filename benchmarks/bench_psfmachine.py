@@ -36,7 +36,6 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +74,17 @@ m = psfmachine.Machine(d["time"], flux, flux_err, ra, dec, sources, col, row,
 m.quiet = True
 t1 = time.perf_counter()
 m.build_shape_model(plot=False)
+if opt["fix_norm"]:
+    # diagnostic (algorithms.md 1.6): undo the log-space "normalisation" (a factor on the
+    # log-weights), then rescale the linear model so that interior stars' rows sum to 1
+    if m.normalized_shape_model:
+        m.psf_w = m.psf_w / np.log10(m.mean_model_integral)
+    m._get_mean_model()
+    inner = ((d["cat_row"] > 8) & (d["cat_row"] < nr - 9)
+             & (d["cat_col"] - d["column_offset"] > 8)
+             & (d["cat_col"] - d["column_offset"] < nc - 9))
+    sums = np.asarray(m.mean_model.sum(axis=1)).ravel()
+    m.mean_model = m.mean_model.multiply(1.0 / np.median(sums[inner[:len(sums)]])).tocsr()
 t2 = time.perf_counter()
 m.build_time_model(plot=False)
 t3 = time.perf_counter()
@@ -137,7 +147,8 @@ def run_linpsf(T, source, truth, targets):
     return out, {"shape": t_shape, "photometry": t_phot}
 
 
-def run_psfmachine(source, truth, targets, python, arcsec_per_px, time_resolution, sky):
+def run_psfmachine(source, truth, targets, python, arcsec_per_px, time_resolution, sky,
+                   fix_norm=False):
     """psfmachine on the same cube in its own interpreter; per-star scores and timings."""
     cat = source.catalog_table()
     from photometry.utilities import mag2flux
@@ -149,8 +160,10 @@ def run_psfmachine(source, truth, targets, python, arcsec_per_px, time_resolutio
                  cat_row=np.asarray(cat["row"], float), cat_col=np.asarray(cat["column"], float),
                  cat_flux=mag2flux(np.asarray(cat["tmag"], float)))
         (tmp / "pm.py").write_text(PM_SCRIPT)
-        env = dict(os.environ, HOME=str(tmp), MPLBACKEND="Agg")   # psfmachine writes ~/.psfmachine-cache
-        opt = json.dumps({"arcsec_per_px": arcsec_per_px, "time_resolution": time_resolution})
+        # psfmachine creates ~/.psfmachine-cache (and config dirs) at import: keep them in tmp
+        env = dict(os.environ, HOME=str(tmp), MPLBACKEND="Agg")
+        opt = json.dumps({"arcsec_per_px": arcsec_per_px, "time_resolution": time_resolution,
+                          "fix_norm": fix_norm})
         t0 = time.perf_counter()
         proc = subprocess.run([python, str(tmp / "pm.py"), str(tmp / "scene.npz"), opt,
                                str(tmp / "out.npz")], env=env, capture_output=True, text=True)
@@ -202,6 +215,9 @@ def main(argv=None):
     ap.add_argument("--time-resolution", type=int, default=6)
     ap.add_argument("--pm-python", default="/tmp/pm-venv/bin/python")
     ap.add_argument("--skip-linpsf", action="store_true")
+    ap.add_argument("--fix-norm", action="store_true",
+                    help="also run psfmachine with its normalisation undone and the model rows "
+                         "rescaled to a unit sum (diagnostic of algorithms.md 1.6)")
     args = ap.parse_args(argv)
     T = _scenes()
     source, truth = T.make_crowded(seed=args.seed, shape=(args.size, args.size),
@@ -216,20 +232,24 @@ def main(argv=None):
         results["linpsf"] = (sc, t["shape"] + t["photometry"])
         print(f"linpsf: shape {t['shape']:.1f} s, photometry {t['photometry']:.1f} s for "
               f"{len(targets)} targets ({t['photometry'] / len(targets):.2f} s each)")
-    for scale in args.arcsec_per_px:
+    runs = [(s, False) for s in args.arcsec_per_px]
+    runs += [(s, True) for s in args.arcsec_per_px] if args.fix_norm else []
+    for scale, fix in runs:
         try:
             pm, t, info = run_psfmachine(source, truth, targets, args.pm_python, scale,
-                                         args.time_resolution, T.SKY)
+                                         args.time_resolution, T.SKY, fix)
         except (RuntimeError, OSError) as err:
             print(f"psfmachine ({scale:g}\"/px) failed: {err}")
             continue
         total = t["init"] + t["shape"] + t["time"] + t["fit"]
-        print(f"psfmachine {info['version']} at {scale:g}\"/px: {info['n_sources']} sources, "
+        tag = f"pm{scale:g}{'fix' if fix else ''}"
+        print(f"psfmachine {info['version']}{' + norm fix' if fix else ''} at {scale:g}\"/px: "
+              f"{info['n_sources']} sources, "
               f"init {t['init']:.2f} s, shape {t['shape']:.2f} s, time model {t['time']:.2f} s, "
               f"fit_model(fit_va) {t['fit']:.2f} s; total {total:.2f} s (process with import "
               f"{t['process']:.1f} s); median mean_model row sum {info['row_sum']:.3f}")
-        results[f"pm{scale:g} VA"] = (pm["va"], total)
-        results[f"pm{scale:g} noVA"] = (pm["novA"], total)
+        results[f"{tag} VA"] = (pm["va"], total)
+        results[f"{tag} noVA"] = (pm["novA"], total)
     print(f"{'tool':14s} {'stars':8s} {'n':>3s} {'scale':>7s} {'|s/med-1|':>9s} {'ratio':>7s} "
           f"{'|amp-1|':>8s} {'time s':>7s}")
     for name, (sc, total) in results.items():
