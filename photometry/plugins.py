@@ -13,7 +13,8 @@ import pluggy
 from . import PROJECT_NAME, hookspecs
 from .errors import ConfigurationError
 
-__all__ = ["get_plugin_manager", "registry", "plugin_table", "ENTRY_POINT_GROUP"]
+__all__ = ["get_plugin_manager", "default_plugin_manager", "registry", "lookup", "plugin_table",
+           "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = PROJECT_NAME
 logger = logging.getLogger(__name__)
