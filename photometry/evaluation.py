@@ -18,14 +18,15 @@ def compare_to_truth(flux, true_flux, good=None):
         Standard deviation of the normalised residual (relative units; divide by the ideal
         relative noise for the "noise ratio" of the issues).
     amplitude : float
-        Least-squares slope of the measured relative variation against the true one
-        (1 = injected signal fully recovered); NaN when the truth does not vary.
+        Least-squares slope, with an offset term, of the measured relative variation against
+        the true one (1 = injected signal fully recovered); NaN when the truth does not vary.
+        The offset keeps the noise of the measured median out of the slope.
     """
     flux = np.asarray(flux, dtype=float)
     true = np.asarray(true_flux, dtype=float)
     keep = np.isfinite(flux) if good is None else np.asarray(good, bool) & np.isfinite(flux)
     f = flux[keep] / np.median(flux[keep])
     t = true[keep] / np.median(true[keep])
-    x = t - 1
-    amplitude = np.sum(x * (f - 1)) / np.sum(x * x) if np.ptp(t) > 1e-4 else np.nan
+    x = t - np.mean(t)
+    amplitude = np.sum(x * (f - np.mean(f))) / np.sum(x * x) if np.ptp(t) > 1e-4 else np.nan
     return float(np.std(f - t)), float(amplitude)

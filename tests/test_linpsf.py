@@ -373,3 +373,38 @@ def test_pi_men_tesscut_finite_and_stable():
     # saturated: the fit uses only the unsaturated wings, so the level is not the total
     # flux, but it tracks the aperture flux to 0.2 %
     assert np.std(ratio) / np.median(ratio) < 0.002
+
+
+def test_scene_mode_matches_per_target_solve(crowded):
+    """``fit_scene`` (every star in one sparse solve per design) gives the per-target fluxes
+    to within their errors, and the truth as well as they do."""
+    from photometry_linpsf.linpsf import fit_scene
+    source, truth, _ = crowded
+    prf = load_shape_model(source.model_group("linpsf_shape"))
+    kern = source.movement_kernel
+    good = source.quality == 0
+    flux, err, bkg, info = fit_scene(
+        source._cubes["images"], source._cubes["errors"], truth["rows"], truth["cols"],
+        mag2flux(truth["tmag"]), prf, drow=kern.drow, dcol=kern.dcol, good=good,
+        origin=(0, 44))
+    assert 5 <= info["n_designs"] <= 12             # 0.15 px drift in 0.02 px groups
+    assert np.median(bkg[good]) == pytest.approx(SKY, rel=0.01)
+    targets = _crowded_targets(truth)
+    for k in targets[:4]:
+        phot = LinPSFPhotometry(k + 1, source, settings=_settings())
+        phot.photometry()
+        f1 = np.asarray(phot.lightcurve["flux"])
+        e1 = np.asarray(phot.lightcurve["flux_err"])
+        z = (flux[:, k] - f1) / np.hypot(err[:, k], e1)
+        true = np.median(truth["flux"][k][good])
+        d_scene = abs(np.median(flux[good, k]) / true - 1)
+        d_target = abs(np.median(f1[good]) / true - 1)
+        print(k, "median |z|", np.median(np.abs(z)), "max", np.abs(z).max(),
+              "|scale - 1| scene", d_scene, "per target", d_target)
+        # measured: median |z| 1.0-1.7, max 2.4 (the per-target stamp holds its faint
+        # neighbours at catalog flux and fits its own background; the scene fits them all)
+        assert np.median(np.abs(z)) < 2 and np.abs(z).max() < 3
+        assert d_scene < 0.006              # measured 0.03-0.5 % (per target 0.07-0.2 %)
+    scale = np.median(flux[good][:, targets], axis=0) / np.median(
+        truth["flux"][targets][:, good], axis=1)
+    assert abs(np.median(scale) - 1) < 0.005

@@ -32,7 +32,8 @@ from photometry.quality import PixelQualityFlags, TESSQualityFlags
 from photometry.stages import PrepareStage
 from photometry.utilities import mag2flux
 
-from .model import BlurredBasis, PolarBasis, SplinePRF, fit_weights, lattice_sum
+from .model import (BlurredBasis, PolarBasis, SplinePRF, fit_weights, lattice_sum,
+                    single_thread_blas)
 
 __all__ = ["LinPSFShapeModel", "fit_shape_model", "select_stars", "motion_samples",
            "load_shape_model"]
@@ -179,6 +180,14 @@ def _fit_shape(stars, basis, cfg, prior_mu=0.0, prior_sigma=None):
 
 def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad=None,
                     fit_sky=True, scene=None, shifts=None):
+    """Fit the shape model (see :func:`_fit_shape_model`), BLAS on one thread (small solves)."""
+    with single_thread_blas():
+        return _fit_shape_model(image, variance, rows, cols, cfg, refit_positions, bad,
+                                fit_sky, scene, shifts)
+
+
+def _fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad=None,
+                     fit_sky=True, scene=None, shifts=None):
     """Fit the shape model to stars at ``rows, cols`` (cube pixel indices) of ``image``.
 
     Parameters
