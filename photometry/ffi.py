@@ -188,6 +188,21 @@ def _find_hdus(hdul, path):
     return image, uncert
 
 
+def _read_raw_header(stream):
+    """The next FITS header of ``stream`` from its 2880-byte blocks, and the blocks it took;
+    None when the stream ends first or no END card comes within 100 blocks."""
+    blocks = []
+    while True:
+        block = stream.read(2880)
+        if len(block) < 2880:
+            return None
+        blocks.append(block)
+        if any(block[i:i + 8] == b"END     " for i in range(0, 2880, 80)):
+            return fits.Header.fromstring(b"".join(blocks).decode("ascii")), len(blocks)
+        if len(blocks) > 100:
+            return None
+
+
 def _fast_headers(path, gzipped):
     """Primary and first-extension headers read as raw 2880-byte blocks, or None.
 
@@ -201,17 +216,10 @@ def _fast_headers(path, gzipped):
         with opener(path, "rb") as stream:
             headers = []
             for _ in range(2):
-                blocks = []
-                while True:
-                    block = stream.read(2880)
-                    if len(block) < 2880:
-                        return None
-                    blocks.append(block)
-                    if any(block[i:i + 8] == b"END     " for i in range(0, 2880, 80)):
-                        break
-                    if len(blocks) > 100:
-                        return None
-                headers.append(fits.Header.fromstring(b"".join(blocks).decode("ascii")))
+                read = _read_raw_header(stream)
+                if read is None:
+                    return None
+                headers.append(read[0])
                 if len(headers) == 1 and (headers[0].get("NAXIS", 0) != 0
                                           or headers[0].get("SIMPLE") is not True):
                     return None
@@ -520,18 +528,11 @@ def _plain_layout(path):
         with open(path, "rb", buffering=0) as stream:
             offset = 0
             while offset < size:
-                blocks = []
-                while True:
-                    block = stream.read(2880)
-                    if len(block) < 2880:
-                        return None
-                    blocks.append(block)
-                    if any(block[i:i + 8] == b"END     " for i in range(0, 2880, 80)):
-                        break
-                    if len(blocks) > 100:
-                        return None
-                header = fits.Header.fromstring(b"".join(blocks).decode("ascii"))
-                offset += 2880 * len(blocks)
+                read = _read_raw_header(stream)
+                if read is None:
+                    return None
+                header, n_blocks = read
+                offset += 2880 * n_blocks
                 naxis = int(header.get("NAXIS", 0))
                 nbytes = 0
                 if naxis:
