@@ -10,6 +10,7 @@ from scipy import ndimage
 
 from photometry.base import STATUS
 from photometry.evaluation import compare_to_truth
+from photometry.memory_source import MemorySource
 from photometry.prf import AnalyticPRF
 from photometry.quality import PixelQualityFlags
 from photometry.settings import default_settings
@@ -98,39 +99,6 @@ def test_aperture_sums_errors_and_centroid():
 
 
 # ---------------------------------------------------------------- in-memory FFI scene
-class MemorySource:
-    """The part of the cache API BasePhotometry reads, from arrays (datasource "ffi")."""
-
-    datasource = "ffi"
-    catalog_path = None
-    reference_wcs = None
-    movement_kernel = None
-    sector, camera, ccd, cadence = 1, 1, 1, 1800
-
-    def __init__(self, cubes, catalog, time, quality, row_offset=0, column_offset=44):
-        self._cubes = cubes
-        self._catalog = catalog
-        self.time = time
-        self.timecorr = np.zeros_like(time)
-        self.cadenceno = np.arange(len(time))
-        self.quality = quality
-        self.n_frames = len(time)
-        self.row_offset, self.column_offset = row_offset, column_offset
-        good = quality == 0
-        self.sumimage = np.mean(cubes["images"][good], axis=0)
-
-    def catalog_table(self):
-        return self._catalog.copy()
-
-    def stamp(self, name, rs, cs):
-        if name not in self._cubes:
-            raise KeyError(name)
-        return self._cubes[name][:, rs, cs]
-
-    def model_group(self, name):
-        return None
-
-
 #: effective exposure (s) of an 1800 s FFI and read noise (e-) per 2 s read, 900 reads
 EXPOSURE, READ_VAR = 1440.0, 900 * 10.0 ** 2
 SKY = 80.0
