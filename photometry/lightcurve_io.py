@@ -22,6 +22,7 @@ from astropy.io import fits
 
 from . import __version__, hookimpl
 from .settings import settings_hash
+from .utilities import BTJD_TIME_CARDS
 
 __all__ = ["lightcurve_path", "write_lightcurve", "build_hdulist", "write_atomic",
            "FILE_VERSION"]
@@ -160,12 +161,7 @@ def build_hdulist(phot):
     t_ok = time[keep]
     for key, value, comment in [
         ("INHERIT", True, "inherit the primary header"),
-        ("TIMEREF", "SOLARSYSTEM", "barycentric correction applied to times"),
-        ("TASSIGN", "SPACECRAFT", "where time is assigned"),
-        ("TIMESYS", "TDB", "time system is Barycentric Dynamical Time (TDB)"),
-        ("BJDREFI", 2457000, "integer part of BTJD reference date"),
-        ("BJDREFF", 0.0, "fraction of the day in BTJD reference date"),
-        ("TIMEUNIT", "d", "time unit for TIME, TSTART and TSTOP"),
+        *BTJD_TIME_CARDS,
         ("TSTART", float(t_ok[0] - half) if t_ok.size else None, "observation start (BTJD)"),
         ("TSTOP", float(t_ok[-1] + half) if t_ok.size else None, "observation stop (BTJD)"),
         ("TIMEPIXR", 0.5, "bin time beginning=0 middle=0.5 end=1"),

@@ -24,7 +24,7 @@ import numpy as np
 from . import __version__
 from .errors import InputError
 from .prf import load_prf
-from .utilities import mag2flux
+from .utilities import BTJD_TIME_CARDS, mag2flux
 
 __all__ = ["simulate", "Geometry", "Scene", "build_scene", "add_arguments", "run",
            "cadence_for_sector", "apply_kernel", "frame_wcs_header", "reference_wcs_header"]
@@ -113,12 +113,7 @@ _IMAGE_CARDS_TIME = [
     ("CAMERA", None, "Camera number"),
     ("CCD", None, "CCD chip number"),
     ("EXPOSURE", None, "[d] time on source"),
-    ("TIMEREF", "SOLARSYSTEM", "barycentric correction applied to times"),
-    ("TASSIGN", "SPACECRAFT", "where time is assigned"),
-    ("TIMESYS", "TDB", "time system is Barycentric Dynamical Time (TDB)"),
-    ("BJDREFI", 2457000, "integer part of BTJD reference date"),
-    ("BJDREFF", 0.0, "fraction of the day in BTJD reference date"),
-    ("TIMEUNIT", "d", "time unit for TIME, TSTART and TSTOP"),
+    *BTJD_TIME_CARDS,
     ("TELAPSE", None, "[d] TSTOP - TSTART"),
     ("LIVETIME", None, "[d] TELAPSE multiplied by DEADC"),
     ("TSTART", None, "observation start time in BTJD"),

@@ -1,10 +1,20 @@
 """Small numerical helpers shared by the core and the plugins."""
 import numpy as np
 
-__all__ = ["mag2flux", "flux2mag", "TESS_ZEROPOINT", "disc_mask", "open_fits"]
+__all__ = ["mag2flux", "flux2mag", "TESS_ZEROPOINT", "BTJD_TIME_CARDS", "disc_mask", "open_fits"]
 
 #: TASOC zero point: Tmag 10 gives about 15 000 e-/s.
 TESS_ZEROPOINT = 20.451
+
+#: (keyword, value, comment) of the BTJD time system SPOC writes in its FFIs and light curves
+BTJD_TIME_CARDS = (
+    ("TIMEREF", "SOLARSYSTEM", "barycentric correction applied to times"),
+    ("TASSIGN", "SPACECRAFT", "where time is assigned"),
+    ("TIMESYS", "TDB", "time system is Barycentric Dynamical Time (TDB)"),
+    ("BJDREFI", 2457000, "integer part of BTJD reference date"),
+    ("BJDREFF", 0.0, "fraction of the day in BTJD reference date"),
+    ("TIMEUNIT", "d", "time unit for TIME, TSTART and TSTOP"),
+)
 
 
 def mag2flux(tmag):

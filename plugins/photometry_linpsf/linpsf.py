@@ -96,9 +96,12 @@ def _solve_sparse(A, y, finite, weights, prior_mu, prior_ivar):
     x = np.empty((N, n))
     err = np.empty((N, n))
     rhs_prior = prior_ivar * prior_mu
-    masks, inverse = np.unique(finite, axis=0, return_inverse=True)
-    for m, mask in enumerate(masks):
-        idx = np.flatnonzero(inverse.ravel() == m)
+    patterns = {}                      # (np.unique(axis=0) on the masks cost 20 ms a call)
+    for t, key in enumerate(np.packbits(finite, axis=1)):
+        patterns.setdefault(key.tobytes(), []).append(t)
+    for members in patterns.values():
+        idx = np.asarray(members)
+        mask = finite[idx[0]]
         Aw = A.multiply((weights * mask)[:, None]).tocsr()
         normal = (A.T @ Aw).toarray()
         normal[np.diag_indices(n)] += prior_ivar
