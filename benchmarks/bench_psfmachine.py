@@ -241,6 +241,9 @@ def main(argv=None):
     ap.add_argument("--time-resolution", type=int, default=6)
     ap.add_argument("--pm-python", default="/tmp/pm-venv/bin/python")
     ap.add_argument("--skip-linpsf", action="store_true")
+    ap.add_argument("--skip-psfmachine", action="store_true")
+    ap.add_argument("--rebuild-tolerance", type=float, default=0.02,
+                    help="fit_scene: px of motion before a new design is built")
     ap.add_argument("--fix-norm", action="store_true",
                     help="also run psfmachine with its normalisation undone and the model rows "
                          "rescaled to a unit sum (diagnostic of algorithms.md 1.6)")
@@ -253,7 +256,7 @@ def main(argv=None):
     print(f"scene: {args.nstar} stars in {args.size}x{args.size} px, {args.cadences} cadences, "
           f"seed {args.seed}; {len(targets)} scored stars ({len(crowded)} crowded)")
     results = {}
-    sc, t = run_scene(T, source, truth, targets)
+    sc, t = run_scene(T, source, truth, targets, args.rebuild_tolerance)
     results["linpsf scene"] = (sc, t["shape"] + t["scene"])
     print(f"linpsf scene mode: shape {t['shape']:.2f} s, fit_scene {t['scene']:.2f} s "
           f"({t['n_designs']} designs) for all {args.nstar} stars; total "
@@ -263,7 +266,7 @@ def main(argv=None):
         results["linpsf"] = (sc, t["shape"] + t["photometry"])
         print(f"linpsf: shape {t['shape']:.1f} s, photometry {t['photometry']:.1f} s for "
               f"{len(targets)} targets ({t['photometry'] / len(targets):.2f} s each)")
-    runs = [(s, False) for s in args.arcsec_per_px]
+    runs = [] if args.skip_psfmachine else [(s, False) for s in args.arcsec_per_px]
     runs += [(s, True) for s in args.arcsec_per_px] if args.fix_norm else []
     for scale, fix in runs:
         try:

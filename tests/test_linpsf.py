@@ -284,8 +284,12 @@ def test_solver_fixed_and_batched_agree():
     assert np.allclose(x1, x2) and np.allclose(e1, e2)
     assert np.allclose(x1, x, atol=0.05)
     y[0, 3] = np.nan       # a missing pixel drops out of that cadence only
-    x3, _ = solve_fluxes(A, y, w, mu, ivar)
+    x3, e3 = solve_fluxes(A, y, w, mu, ivar)
     assert np.all(np.isfinite(x3)) and np.allclose(x3[1:], x1[1:])
+    # the sparse path (scene mode): same answers, one factorisation per missing-pixel pattern
+    from scipy import sparse
+    x4, e4 = solve_fluxes(sparse.csr_matrix(A), y, w, mu, ivar)
+    assert np.allclose(x4, x3) and np.allclose(e4, e3)
 
 
 class _Writer:
