@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from photometry.memory_source import MemorySource
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,13 +49,13 @@ def run(nstar=170, size=64, cadences=120, seed=3, drift=True, aperture_every=2):
     t0 = time.perf_counter()
     group, res = T.shape_group(source, truth, T._settings()["linpsf"])
     t_shape = time.perf_counter() - t0
-    source._group = group
+    source.models["linpsf_shape"] = group
 
     class TruePRF(T.LinPSFPhotometry):
         prf = AnalyticPRF(**T.TRUE_PRF)
 
-    bare = T.CrowdedSource(source._cubes, source._catalog, source.time, source.quality,
-                           source.movement_kernel)
+    bare = MemorySource(source._cubes, source._catalog, source.time, source.quality,
+                        movement_kernel=source.movement_kernel)
     crowded = set(T._crowded_targets(truth, (size, size)))
     rows = []
     times = {"linpsf": [], "aperture": []}

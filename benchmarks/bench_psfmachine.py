@@ -138,7 +138,7 @@ def run_linpsf(T, source, truth, targets):
     t0 = time.perf_counter()
     group, res = T.shape_group(source, truth, T._settings()["linpsf"])
     t_shape = time.perf_counter() - t0
-    source._group = group
+    source.models["linpsf_shape"] = group
     out, t_phot = {}, 0.0
     for k in targets:
         t0 = time.perf_counter()

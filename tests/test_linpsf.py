@@ -10,6 +10,7 @@ from astropy.table import Table
 
 from photometry.base import STATUS
 from photometry.evaluation import compare_to_truth
+from photometry.memory_source import MemorySource
 from photometry.prf import AnalyticPRF
 from photometry.settings import load_settings
 from photometry.tpf import TPFSource, TranslationKernel
@@ -45,37 +46,6 @@ class _Group(dict):
         self.attrs = attrs
 
 
-class CrowdedSource:
-    """In-memory data source (the cache API BasePhotometry reads) with a drifting scene."""
-
-    datasource = "ffi"
-    catalog_path = None
-    reference_wcs = None
-    sector, camera, ccd, cadence = 1, 1, 1, 1800
-
-    def __init__(self, cubes, catalog, time, quality, kernel, group=None):
-        self._cubes, self._catalog, self._group = cubes, catalog, group
-        self.time = time
-        self.timecorr = np.zeros_like(time)
-        self.cadenceno = np.arange(len(time))
-        self.quality = quality
-        self.n_frames = len(time)
-        self.row_offset, self.column_offset = 0, 44
-        self.movement_kernel = kernel
-        self.sumimage = np.mean(cubes["images"][quality == 0], axis=0)
-
-    def catalog_table(self):
-        return self._catalog.copy()
-
-    def stamp(self, name, rs, cs):
-        if name not in self._cubes:
-            raise KeyError(name)
-        return self._cubes[name][:, rs, cs]
-
-    def model_group(self, name):
-        return self._group if name == "linpsf_shape" else None
-
-
 def make_crowded(seed=3, shape=(64, 64), n=120, nstar=170, drift_px=0.15):
     """A crowded field (0.04 stars/px) with blended pairs, variability and a linear drift."""
     rng = np.random.default_rng(seed)
@@ -109,9 +79,9 @@ def make_crowded(seed=3, shape=(64, 64), n=120, nstar=170, drift_px=0.15):
     mat = prf.design_matrix(rows, cols, shape, origin=(0, 44), size=25).toarray()
     ideal = np.sqrt(1.0 / np.sum(mat ** 2 / ((scene.mean(0).ravel() + SKY) * EXPOSURE
                                               + READ_VAR)[:, None] * EXPOSURE ** 2, axis=0))
-    source = CrowdedSource({"images": images, "errors": np.sqrt(var),
-                            "pixel_flags": np.zeros(scene.shape, np.uint8)},
-                           cat, time, quality, TranslationKernel(dcol, drow))
+    source = MemorySource({"images": images, "errors": np.sqrt(var),
+                           "pixel_flags": np.zeros(scene.shape, np.uint8)},
+                          cat, time, quality, movement_kernel=TranslationKernel(dcol, drow))
     truth = {"rows": rows, "cols": cols, "tmag": tmag, "flux": true_flux, "amp": amp,
              "ideal_noise": ideal, "images": images, "var": var}
     return source, truth
@@ -151,7 +121,7 @@ def shape_group(source, truth, cfg):
 def crowded():
     source, truth = make_crowded()
     group, res = shape_group(source, truth, _settings()["linpsf"])
-    source._group = group
+    source.models["linpsf_shape"] = group
     return source, truth, res
 
 
@@ -263,8 +233,8 @@ def test_headers_errors_and_fallback(crowded, caplog):
     err = np.asarray(phot.lightcurve["flux_err"])
     assert np.all(np.isfinite(err)) and np.all(err > 0)
     # without a cache model: phot.prf, and the log says so
-    bare = CrowdedSource(source._cubes, source._catalog, source.time, source.quality,
-                         source.movement_kernel)
+    bare = MemorySource(source._cubes, source._catalog, source.time, source.quality,
+                        movement_kernel=source.movement_kernel)
     with caplog.at_level(logging.INFO, logger="photometry_linpsf"):
         phot = LinPSFPhotometry(k + 1, bare, settings=_settings())
         phot.photometry()
