@@ -4,7 +4,7 @@ One definition for every plugin's tests and benchmarks, so their figures compare
 """
 import numpy as np
 
-__all__ = ["compare_to_truth"]
+__all__ = ["compare_to_truth", "score_lightcurve"]
 
 
 def compare_to_truth(flux, true_flux, good=None):
@@ -30,3 +30,15 @@ def compare_to_truth(flux, true_flux, good=None):
     x = t - np.mean(t)
     amplitude = np.sum(x * (f - np.mean(f))) / np.sum(x * x) if np.ptp(t) > 1e-4 else np.nan
     return float(np.std(f - t)), float(amplitude)
+
+
+def score_lightcurve(lightcurve, true_flux, ideal_noise):
+    """(noise ratio, amplitude) of a light curve Table on its quality-0 cadences.
+
+    The noise ratio is the scatter of :func:`compare_to_truth` divided by the ideal relative
+    noise, ``ideal_noise`` (e-/s, e.g. truth.h5 ``stars/ideal_noise``) over the median true flux.
+    """
+    good = np.asarray(lightcurve["quality"]) == 0
+    true = np.asarray(true_flux, dtype=float)
+    scatter, amplitude = compare_to_truth(lightcurve["flux"], true, good)
+    return scatter / (ideal_noise / np.median(true[good])), amplitude

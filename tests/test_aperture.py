@@ -9,7 +9,7 @@ from astropy.table import Table
 from scipy import ndimage
 
 from photometry.base import STATUS
-from photometry.evaluation import compare_to_truth
+from photometry.evaluation import score_lightcurve
 from photometry.memory_source import MemorySource
 from photometry.prf import AnalyticPRF
 from photometry.quality import PixelQualityFlags
@@ -166,11 +166,7 @@ def _settings():
 
 def measure(phot, truth, k):
     """(scatter / ideal noise, recovered / injected amplitude) of star k."""
-    lc = phot.lightcurve
-    good = np.asarray(lc["quality"]) == 0
-    true = truth["flux"][k]
-    scatter, amp = compare_to_truth(lc["flux"], true, good)
-    ratio = scatter / (truth["ideal_noise"][k] / np.median(true[good]))
+    ratio, amp = score_lightcurve(phot.lightcurve, truth["flux"][k], truth["ideal_noise"][k])
     return ratio, (amp if truth["amp"][k] > 0 else np.nan)
 
 

@@ -9,7 +9,7 @@ import pytest
 from astropy.table import Table
 
 from photometry.base import STATUS
-from photometry.evaluation import compare_to_truth
+from photometry.evaluation import score_lightcurve
 from photometry.memory_source import MemorySource
 from photometry.prf import AnalyticPRF
 from photometry.settings import load_settings
@@ -89,11 +89,7 @@ def make_crowded(seed=3, shape=(64, 64), n=120, nstar=170, drift_px=0.15):
 
 def measure(phot, truth, k):
     """(scatter / ideal noise, recovered / injected amplitude) of star k on good cadences."""
-    lc = phot.lightcurve
-    good = np.asarray(lc["quality"]) == 0
-    true = truth["flux"][k]
-    scatter, amp = compare_to_truth(lc["flux"], true, good)
-    ratio = scatter / (truth["ideal_noise"][k] / np.median(true[good]))
+    ratio, amp = score_lightcurve(phot.lightcurve, truth["flux"][k], truth["ideal_noise"][k])
     return ratio, (amp if truth["amp"][k] > 0 else np.nan)
 
 
