@@ -35,6 +35,8 @@ test: $(INSTALLED)
 benchmarks: $(INSTALLED)
 	$(BIN)/python -m pip install --quiet -e '.[benchmarks]'
 	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python tess-backdrop==0.1.6
+	test -x .venv-psfmachine/bin/python || $(PYTHON) -m venv .venv-psfmachine
+	.venv-psfmachine/bin/python -m pip install --quiet psfmachine==1.1.4
 	$(BIN)/python benchmarks/run_all.py
 
 clean:

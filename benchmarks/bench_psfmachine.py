@@ -18,8 +18,8 @@ stars variable, a 0.15 px linear drift, 120 cadences of 1800 s with photon + rea
   chosen for ~20 time bins: with the default 200 and 120 cadences there is a single bin and the
   perturbation explodes, algorithms.md §1.6) and ``fit_model(fit_va=True)``. psfmachine 1.1.4
   pins numpy < 2 / astropy < 6, so it runs in its own interpreter (``--pm-python``, default
-  ``/tmp/pm-venv/bin/python``) on the scene saved to an .npz; the timing covers the Machine
-  construction and the three fits, not the import.
+  ``.venv-psfmachine/bin/python``, created by ``make benchmarks``) on the scene saved to an
+  .npz; the timing covers the Machine construction and the three fits, not the import.
 
 Scored: stars with 8 <= Tmag <= 13 at least 7 px from the edges, on good cadences:
 
@@ -32,7 +32,7 @@ Scored: stars with 8 <= Tmag <= 13 at least 7 px from the edges, on good cadence
 Usage::
 
     python benchmarks/bench_psfmachine.py [--seed 3] [--arcsec-per-px 21]
-        [--pm-python /tmp/pm-venv/bin/python] [--time-resolution 6]
+        [--pm-python .venv-psfmachine/bin/python] [--time-resolution 6]
 """
 import argparse
 import importlib.util
@@ -239,7 +239,7 @@ def main(argv=None):
     ap.add_argument("--cadences", type=int, default=120)
     ap.add_argument("--arcsec-per-px", type=float, nargs="+", default=[21.0])
     ap.add_argument("--time-resolution", type=int, default=6)
-    ap.add_argument("--pm-python", default="/tmp/pm-venv/bin/python")
+    ap.add_argument("--pm-python", default=".venv-psfmachine/bin/python")
     ap.add_argument("--skip-linpsf", action="store_true")
     ap.add_argument("--skip-psfmachine", action="store_true")
     ap.add_argument("--rebuild-tolerance", type=float, default=0.02,

@@ -18,6 +18,7 @@ BENCHMARKS = {
     "bench_scattered.py": ["--sim"],
     "bench_aperture.py": [],
     "bench_linpsf.py": [],
+    "bench_psfmachine.py": [],
     "bench_scheduler.py": [],
 }
 
