@@ -35,13 +35,10 @@ def noop_task(context, task):
 
 
 def bench_todo(tmp):
-    from test_todo import make_fake_ccd
+    from test_todo import make_large_fake_ccd
     from photometry.todo import make_todo
     n = 200_000
-    rng = np.random.default_rng(5)
-    stars = list(zip(range(1, n + 1), rng.uniform(5, 20, n).tolist(),
-                     rng.uniform(-10, 2058, n).tolist(), rng.uniform(34, 2102, n).tolist()))
-    make_fake_ccd(tmp, rows=2048, cols=2048, stars=stars)
+    make_large_fake_ccd(tmp, n=n)
     t0, c0 = time.perf_counter(), time.process_time()
     _, count = make_todo(tmp, faint_limit=20)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0

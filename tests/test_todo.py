@@ -112,14 +112,20 @@ def test_cli_todo(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
 
+def make_large_fake_ccd(path, n=200_000, seed=5):
+    """A full-size fake CCD with ``n`` random catalog stars (Tmag 5-20), some off the edges;
+    returns the (starid, tmag, row, column) tuples."""
+    rng = np.random.default_rng(seed)
+    stars = list(zip(range(1, n + 1), rng.uniform(5, 20, n).tolist(),
+                     rng.uniform(-10, 2058, n).tolist(), rng.uniform(34, 2102, n).tolist()))
+    make_fake_ccd(path, rows=2048, cols=2048, stars=stars)
+    return stars
+
+
 def test_large_ccd_is_fast(tmp_path):
     """200 000 catalog stars on one CCD: vectorised, a few seconds (benchmark has the figure)."""
     import time
-    n = 200_000
-    rng = np.random.default_rng(5)
-    stars = list(zip(range(1, n + 1), rng.uniform(5, 20, n).tolist(),
-                     rng.uniform(-10, 2058, n).tolist(), rng.uniform(34, 2102, n).tolist()))
-    make_fake_ccd(tmp_path, rows=2048, cols=2048, stars=stars)
+    stars = make_large_fake_ccd(tmp_path)
     t0 = time.perf_counter()
     _, count = make_todo(tmp_path, faint_limit=15)
     assert time.perf_counter() - t0 < 30
