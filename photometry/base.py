@@ -311,8 +311,8 @@ class BasePhotometry:
         self.target_pos_row_stamp = self.target_pos_row - stamp[0]
         self.target_pos_column_stamp = self.target_pos_column - stamp[2]
         if changed:
-            for key in ("catalog", "images_cube", "images_err_cube", "backgrounds_cube",
-                        "backgrounds_err_cube", "pixelflags_cube", "sumimage", "wcs",
+            for key in ("catalog", "images_cube", "images_err_cube", "pixel_err_cube",
+                        "backgrounds_cube", "backgrounds_err_cube", "pixelflags_cube", "sumimage", "wcs",
                         "_background_local", "prf", "_raw_images", "_bkg_region"):
                 self.__dict__.pop(key, None)
             if self._corrections_active:
@@ -386,12 +386,22 @@ class BasePhotometry:
         return np.asarray(self._read(_IMAGES), dtype=np.float64)
 
     @cached_property
+    def pixel_err_cube(self):
+        """(N, r, c) 1-sigma uncertainty of the pixels alone (e-/s), without the background's.
+
+        For algorithms that fit a background level themselves: the background model's error
+        is common to the pixels of a stamp, so adding it to each pixel as if independent
+        (``images_err_cube``) overstates the error of a fitted flux (2.4 x for a Tmag 12.5
+        star of the linpsf test scene).
+        """
+        return np.asarray(self._read(_ERRORS), dtype=np.float64)
+
+    @cached_property
     def images_err_cube(self):
         """(N, r, c) 1-sigma uncertainty of ``images_cube`` (e-/s), background error added."""
-        err = np.asarray(self._read(_ERRORS), dtype=np.float64)
+        err = self.pixel_err_cube
         if self.datasource != "tpf":
-            bkg_err = self.backgrounds_err_cube
-            err = np.sqrt(err ** 2 + bkg_err ** 2)
+            err = np.sqrt(err ** 2 + self.backgrounds_err_cube ** 2)
         return err
 
     @cached_property

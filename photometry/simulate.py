@@ -23,11 +23,12 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError
-from .prf import load_prf
+from .prf import AnalyticPRF, load_prf
 from .utilities import BTJD_TIME_CARDS, mag2flux
 
 __all__ = ["simulate", "Geometry", "Scene", "build_scene", "add_arguments", "run",
-           "cadence_for_sector", "apply_kernel", "frame_wcs_header", "reference_wcs_header"]
+           "cadence_for_sector", "apply_kernel", "frame_wcs_header", "reference_wcs_header",
+           "focus_scale", "focused_prf"]
 
 log = logging.getLogger(__name__)
 
@@ -764,6 +765,59 @@ def build_scene(settings):
 
 
 # ---------------------------------------------------------------------------------------------
+def focus_scale(time, amplitude, period=0.0):
+    """Relative PRF width ``s(t) = 1 + amplitude * f(t)`` of each frame (focus change).
+
+    Why: TESS's focus (and the velocity aberration across the field) changes the PRF width
+    slowly during a sector; a PRF model fixed in time then mis-weights the pixels, and the
+    error changes the fitted fluxes in time. ``f`` runs from -0.5 to 0.5 over the frames
+    given: a linear ramp from the first to the last time (``period = 0``) or
+    ``0.5 sin(2 pi (t - t_first) / period)``, so ``amplitude`` is the peak-to-peak relative
+    width change and the width at the mid-point of a ramp is the nominal one.
+
+    Parameters
+    ----------
+    time : array_like (N,)
+        Frame mid-times (d).
+    amplitude : float
+        Peak-to-peak relative width change (0: no change, all ones).
+    period : float
+        d; 0 = linear ramp over the frames.
+
+    Returns
+    -------
+    ndarray (N,)
+    """
+    t = np.asarray(time, dtype=float)
+    amplitude = float(amplitude)
+    if amplitude == 0 or t.size == 0:
+        return np.ones(t.shape)
+    if float(period) > 0:
+        f = 0.5 * np.sin(2 * np.pi * (t - t.min()) / float(period))
+    else:
+        span = t.max() - t.min()
+        f = (t - t.min()) / span - 0.5 if span > 0 else np.zeros(t.shape)
+    scale = 1.0 + amplitude * f
+    if np.any(scale <= 0):
+        raise InputError(f"focus change {amplitude}: the PRF width would not stay positive")
+    return scale
+
+
+def focused_prf(prf, scale):
+    """``prf`` with its width multiplied by ``scale`` (the PRF of one frame of a focus change).
+
+    Only :class:`photometry.prf.AnalyticPRF` can be scaled (both Gaussian sigmas times
+    ``scale``; still integrated exactly over pixels, still of unit total). The SPOC models are
+    fixed pixel-integrated samples: widening them would need the PSF, which they do not give.
+    """
+    if scale == 1:
+        return prf
+    if not isinstance(prf, AnalyticPRF):
+        raise InputError(f"focus change: only the analytic PRF can change width, not {prf!r}")
+    return AnalyticPRF(sigma=prf.sigma * scale, wing_sigma=prf.wing_sigma * scale,
+                       wing_fraction=prf.wing_fraction)
+
+
 class _Renderer:
     """Turns the scene into pixel data, one frame at a time."""
 
@@ -772,6 +826,12 @@ class _Renderer:
         self.prf = prf
         cfg = scene.settings["simulate"]
         self.cfg = cfg
+        #: relative PRF width of each frame (ones without a focus change)
+        self.focus = focus_scale(scene.time, float(cfg["focus_change"]),
+                                 float(cfg["focus_period"]))
+        if np.any(self.focus != 1) and not isinstance(prf, AnalyticPRF):
+            raise InputError("simulate.focus_change needs the analytic PRF (the SPOC PRF "
+                             "models are fixed samples that cannot change width)")
         g = scene.geometry
         self.shape = (g.rows, g.cols)
         self.origin = (g.row_offset, g.column_offset)
@@ -856,22 +916,25 @@ class _Renderer:
         flux[self.scene.variables["index"]] *= rel
         return flux
 
-    def stars_image(self, kernel, flux):
+    def stars_image(self, kernel, flux, prf=None):
         sc = self.scene
         x0, y0 = CCD_CENTRE[1], CCD_CENTRE[0]
         idx = self.near
         x, y = apply_kernel(kernel, sc.col[idx], sc.row[idx], (x0, y0))
-        return self.prf.evaluate(y, x, self.shape, origin=self.origin, flux=flux[idx])
+        prf = self.prf if prf is None else prf
+        return prf.evaluate(y, x, self.shape, origin=self.origin, flux=flux[idx])
 
     def expected(self, i, flux):
         """Noise-free science image (e-/s) after and before charge bleeding, background, glow."""
         sc = self.scene
+        prf = focused_prf(self.prf, self.focus[i])
         dump = next((d for d in sc.dumps if d[0] == i), None)
         if dump is None:
-            stars = self.stars_image(sc.kernels[i], flux)
+            stars = self.stars_image(sc.kernels[i], flux, prf)
         else:
             _, f, before, after = dump
-            stars = f * self.stars_image(before, flux) + (1 - f) * self.stars_image(after, flux)
+            stars = f * self.stars_image(before, flux, prf) \
+                + (1 - f) * self.stars_image(after, flux, prf)
         bg, glow = self.background(i)
         unbled = stars + bg
         return bleed(unbled, self.full_well), unbled, bg, glow
@@ -1229,6 +1292,11 @@ def _write_truth_static(h5, sc, renderer, prf, settings):
     h5["wcs_error"] = sc.wcs_error
     h5["wcs_error"].attrs["unit"] = "pixels (dx, dy) added to each frame's WCS translation"
     h5["glow_amplitude"] = sc.glow_amplitude
+    h5["focus_scale"] = renderer.focus
+    h5["focus_scale"].attrs["doc"] = ("relative PRF width of each frame (analytic PRF sigmas x "
+                                      "this); ones without simulate.focus_change")
+    h5["focus_scale"].attrs["amplitude"] = float(sc.settings["simulate"]["focus_change"])
+    h5["focus_scale"].attrs["period"] = float(sc.settings["simulate"]["focus_period"])
     dumps = np.array([[d[0], d[1]] for d in sc.dumps]).reshape(-1, 2)
     h5["dumps/frame"] = dumps[:, 0].astype(np.int32)
     h5["dumps/fraction_before"] = dumps[:, 1]
@@ -1279,6 +1347,9 @@ def add_arguments(parser):
     parser.add_argument("--camera", type=int, help="camera 1..4")
     parser.add_argument("--ccd", type=int, help="CCD 1..4")
     parser.add_argument("--prf", help="'analytic' or a folder of SPOC PRF files")
+    parser.add_argument("--focus-change", type=float, metavar="AMP", dest="focus_change",
+                        help="peak-to-peak relative PRF width change over the frames "
+                             "(analytic PRF only; default 0 = none)")
     parser.add_argument("--full-frame", action="store_true",
                         help="write the whole 2136x2078 frame with its collateral pixels")
     parser.add_argument("--raw", action="store_true", help="also write raw FFIs (photometry.rawsim)")
@@ -1292,7 +1363,8 @@ def run(args):
     from .settings import load_settings
 
     extra = {}
-    for key in ("cadences", "seed", "cadence", "sector", "camera", "ccd", "prf"):
+    for key in ("cadences", "seed", "cadence", "sector", "camera", "ccd", "prf",
+                "focus_change"):
         value = getattr(args, key)
         if value is not None:
             extra[key] = value

@@ -13,6 +13,7 @@ from photometry.evaluation import score_lightcurve
 from photometry.memory_source import MemorySource
 from photometry.prf import AnalyticPRF
 from photometry.settings import load_settings
+from photometry.simulate import focus_scale, focused_prf
 from photometry.tpf import TPFSource, TranslationKernel
 from photometry.utilities import mag2flux
 from photometry_aperture.aperture import AperturePhotometry
@@ -45,9 +46,16 @@ class _Group(dict):
         super().__init__(data)
         self.attrs = attrs
 
+    def create_dataset(self, name, data):
+        self[name] = np.asarray(data)
 
-def make_crowded(seed=3, shape=(64, 64), n=120, nstar=170, drift_px=0.15):
-    """A crowded field (0.04 stars/px) with blended pairs, variability and a linear drift."""
+
+def make_crowded(seed=3, shape=(64, 64), n=120, nstar=170, drift_px=0.15, focus_change=0.0):
+    """A crowded field (0.04 stars/px) with blended pairs, variability and a linear drift.
+
+    ``focus_change``: peak-to-peak relative PRF width change, a linear ramp over the cadences
+    (``photometry.simulate.focus_scale``; truth ``focus_scale``); 0 leaves the scene as it was.
+    """
     rng = np.random.default_rng(seed)
     rows = rng.uniform(-3, shape[0] + 3, nstar)
     cols = 44 + rng.uniform(-3, shape[1] + 3, nstar)
@@ -66,10 +74,11 @@ def make_crowded(seed=3, shape=(64, 64), n=120, nstar=170, drift_px=0.15):
     drift = np.linspace(-drift_px / 2, drift_px / 2, n)
     dcol, drow = drift, -0.6 * drift
     prf = AnalyticPRF(**TRUE_PRF)
+    focus = focus_scale(time, focus_change)
     scene = np.empty((n,) + shape)
     for i in range(n):
-        scene[i] = prf.evaluate(rows + drow[i], cols + dcol[i], shape, origin=(0, 44),
-                                flux=true_flux[:, i], size=25)
+        scene[i] = focused_prf(prf, focus[i]).evaluate(
+            rows + drow[i], cols + dcol[i], shape, origin=(0, 44), flux=true_flux[:, i], size=25)
     var = ((scene + SKY) * EXPOSURE + READ_VAR) / EXPOSURE ** 2
     images = scene + SKY + rng.normal(size=scene.shape) * np.sqrt(var)
     quality = np.zeros(n, dtype=np.int64)
@@ -83,7 +92,7 @@ def make_crowded(seed=3, shape=(64, 64), n=120, nstar=170, drift_px=0.15):
                            "pixel_flags": np.zeros(scene.shape, np.uint8)},
                           cat, time, quality, movement_kernel=TranslationKernel(dcol, drow))
     truth = {"rows": rows, "cols": cols, "tmag": tmag, "flux": true_flux, "amp": amp,
-             "ideal_noise": ideal, "images": images, "var": var}
+             "ideal_noise": ideal, "images": images, "var": var, "focus_scale": focus}
     return source, truth
 
 
@@ -182,14 +191,15 @@ def _crowded_targets(truth, shape=(64, 64)):
 def test_crowded_stars_amplitudes_flux_scale_and_better_than_aperture(crowded):
     """Blended stars (a neighbour < 3 px, < 2.5 mag fainter) with the fitted shape model.
 
-    Measured (see docs/benchmarks.md, 2026-11-23): median scatter / ideal noise 1.29 for
-    linpsf (1.27 with the true PRF) against 22 for aperture photometry; amplitudes recovered
-    to a median of 0.5 %.
+    Measured (see docs/benchmarks.md, 2026-11-23): median scatter / ideal noise 1.07 for
+    linpsf (1.05 with the true PRF; 1.21 without the second pass, which holds the neighbours
+    at their time-smoothed fluxes) against 22-37 for aperture photometry; amplitudes recovered
+    to a median of 0.7 %.
     """
     source, truth, _ = crowded
     targets = _crowded_targets(truth)
     assert len(targets) >= 20
-    lin, ap, amps, scale, lin_sub = [], [], [], [], []
+    lin, ap, amps, scale, lin_sub, pulls = [], [], [], [], [], []
     for i, k in enumerate(targets):
         phot = LinPSFPhotometry(k + 1, source, settings=_settings())
         assert phot.photometry() in (STATUS.OK, STATUS.WARNING)
@@ -200,8 +210,10 @@ def test_crowded_stars_amplitudes_flux_scale_and_better_than_aperture(crowded):
         if np.isfinite(amp):
             amps.append(amp)
         good = np.asarray(phot.lightcurve["quality"]) == 0
-        scale.append(np.median(np.asarray(phot.lightcurve["flux"])[good])
-                     / np.median(truth["flux"][k][good]))
+        flux = np.asarray(phot.lightcurve["flux"])[good]
+        scale.append(np.median(flux) / np.median(truth["flux"][k][good]))
+        diff = flux - truth["flux"][k][good]
+        pulls.append(np.std(diff) / np.median(np.asarray(phot.lightcurve["flux_err"])[good]))
         if i % 4 == 0:   # aperture photometry is slow in this field: a quarter of them
             aper = AperturePhotometry(k + 1, source, settings=_settings())
             aper.photometry()
@@ -210,7 +222,9 @@ def test_crowded_stars_amplitudes_flux_scale_and_better_than_aperture(crowded):
     print("linpsf", np.round(lin, 3), "aperture", np.round(ap, 3), "amps", np.round(amps, 4),
           "flux scale", np.round(scale, 4))
     assert np.median(lin_sub) < 0.25 * np.median(ap)
-    assert np.median(lin) < 1.4
+    assert np.median(lin) < 1.12
+    # the reported errors are the scatter (fixed noise model of the pixels alone)
+    assert 0.85 < np.median(pulls) < 1.15
     assert len(amps) >= 5
     assert abs(np.median(amps) - 1) <= 0.015
     assert abs(np.median(scale) - 1) <= 0.02
@@ -346,35 +360,74 @@ def test_pi_men_tesscut_finite_and_stable():
 
 
 def test_scene_mode_matches_per_target_solve(crowded):
-    """``fit_scene`` (every star in one sparse solve per design) gives the per-target fluxes
+    """``fit_scene_two_pass`` (every star in one sparse solve per design, then every star
+    refitted with its neighbours held at their smoothed fluxes) gives the per-target fluxes
     to within their errors, and the truth as well as they do."""
-    from photometry_linpsf.linpsf import fit_scene
+    from photometry_linpsf.linpsf import fit_scene_two_pass
     source, truth, _ = crowded
     prf = load_shape_model(source.model_group("linpsf_shape"))
     kern = source.movement_kernel
     good = source.quality == 0
-    flux, err, bkg, info = fit_scene(
+    cfg = _settings()["linpsf"]
+    flux, err, sky, info = fit_scene_two_pass(
         source._cubes["images"], source._cubes["errors"], truth["rows"], truth["cols"],
         mag2flux(truth["tmag"]), prf, drow=kern.drow, dcol=kern.dcol, good=good,
-        origin=(0, 44))
-    assert 5 <= info["n_designs"] <= 12             # 0.15 px drift in 0.02 px groups
-    assert np.median(bkg[good]) == pytest.approx(SKY, rel=0.01)
+        origin=(0, 44), window=cfg["neighbour_smoothing"], clip=cfg["neighbour_clip"])
+    assert 4 <= info["n_designs"] <= 12             # 0.15 px drift in 0.03 px groups
     targets = _crowded_targets(truth)
+    assert np.median(sky[good][:, targets]) == pytest.approx(SKY, rel=0.01)
     for k in targets[:4]:
         phot = LinPSFPhotometry(k + 1, source, settings=_settings())
         phot.photometry()
         f1 = np.asarray(phot.lightcurve["flux"])
         e1 = np.asarray(phot.lightcurve["flux_err"])
-        z = (flux[:, k] - f1) / np.hypot(err[:, k], e1)
+        # cadence to cadence (the levels differ by up to 0.45 % on the brightest blend, both
+        # within 0.25 % of the truth: checked below)
+        diff = flux[:, k] - f1
+        z = (diff - np.median(diff[good])) / np.hypot(err[:, k], e1)
         true = np.median(truth["flux"][k][good])
         d_scene = abs(np.median(flux[good, k]) / true - 1)
         d_target = abs(np.median(f1[good]) / true - 1)
         print(k, "median |z|", np.median(np.abs(z)), "max", np.abs(z).max(),
               "|scale - 1| scene", d_scene, "per target", d_target)
-        # measured: median |z| 1.0-1.7, max 2.4 (the per-target stamp holds its faint
-        # neighbours at catalog flux and fits its own background; the scene fits them all)
-        assert np.median(np.abs(z)) < 2 and np.abs(z).max() < 3
-        assert d_scene < 0.006              # measured 0.03-0.5 % (per target 0.07-0.2 %)
+        # the per-target stamp holds its faint neighbours at catalog flux and fits its own
+        # background; the scene fits them all: different noise, same signal
+        assert np.median(np.abs(z)) < 0.5 and np.abs(z[good]).max() < 1.5   # measured 0.04-0.12, 0.39
+        assert d_scene < 0.006
+    ratios = [score_lightcurve({"flux": flux[:, k], "quality": source.quality},
+                               truth["flux"][k], truth["ideal_noise"][k])[0] for k in targets]
+    print("scene two-pass scatter / ideal, crowded:", np.median(ratios))
+    assert np.median(ratios) < 1.12                 # measured 1.06 (first pass alone 1.18)
     scale = np.median(flux[good][:, targets], axis=0) / np.median(
         truth["flux"][targets][:, good], axis=1)
     assert abs(np.median(scale) - 1) < 0.005
+
+
+def test_second_pass_lowers_blend_noise_and_keeps_neighbour_flares_out():
+    """``target_pass`` on a 1.2 px blend: the target's scatter drops towards the noise of a
+    fit with known neighbours, and a neighbour's 3-cadence flare does not leak into it."""
+    from photometry_linpsf.linpsf import target_pass
+    rng = np.random.default_rng(4)
+    prf = AnalyticPRF(**TRUE_PRF)
+    shape, N = (15, 15), 400
+    rows, cols = np.array([7.0, 7.6]), np.array([7.0, 8.05])
+    A = prf.design_matrix(rows, cols, shape, size=15).toarray()
+    A = np.hstack([A, np.ones((A.shape[0], 1))])
+    true = np.tile([20000.0, 15000.0, 50.0], (N, 1))
+    true[200:203, 1] *= 1.3                                     # the neighbour flares
+    var = (true[0] @ A.T) / 1800.0 + 1.0
+    data = true @ A.T + rng.normal(size=(N, A.shape[0])) * np.sqrt(var)
+    w = 1.0 / var
+    x, err = solve_fluxes(A, data, w, np.zeros(3), np.zeros(3))
+    good = np.ones(N, bool)
+    x2, err2 = target_pass(A, data, w, x, err, 0, 2, good, 15, 3.0)
+    known = np.sqrt(1.0 / np.sum(A[:, 0] ** 2 * w))             # neighbour flux known
+    quiet = np.r_[0:195, 210:N]
+    s1, s2 = np.std(x[quiet, 0]), np.std(x2[quiet, 0])
+    print("joint", s1 / known, "second pass", s2 / known, "err", np.median(err2[:, 0]) / s2)
+    assert s1 / known > 1.3                     # the blend's flux trade in the joint fit
+    assert s2 / known < 1.1
+    assert 0.85 < np.median(err2[quiet, 0]) / s2 < 1.2
+    # the flare stays in the neighbour, not in the target (joint-fit noise there at most)
+    assert np.all(np.abs(x2[200:203, 0] - 20000.0) < 4 * err[200:203, 0])
+    assert np.all(x2[200:203, 1] > 1.2 * 15000.0)

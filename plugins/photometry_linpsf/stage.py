@@ -32,8 +32,9 @@ from photometry.quality import PixelQualityFlags, TESSQualityFlags
 from photometry.stages import PrepareStage
 from photometry.utilities import mag2flux
 
-from .model import (BlurredBasis, PolarBasis, SplinePRF, fit_weights, lattice_sum,
-                    single_thread_blas)
+from .model import (BlurredBasis, PolarBasis, SplinePRF, _cached_design, fit_weights,
+                    lattice_sum, normalise, single_thread_blas)
+from .timemodel import TIME_BAD_PIXELS, cache_binner, cache_kernel, fit_shape_time_model
 
 __all__ = ["LinPSFShapeModel", "fit_shape_model", "select_stars", "motion_samples",
            "load_shape_model"]
@@ -91,36 +92,70 @@ class _Star:
     def offsets(self, drow=0.0, dcol=0.0):
         return self.pr - self.row - drow, self.pc - self.col - dcol
 
-    def refit(self, basis, weights, positions):
-        """Weighted LSQ of flux and sky (Gauss-Newton on the position if ``positions``)."""
-        for _ in range(3 if positions else 1):
-            dr, dc = self.offsets()
-            p = basis.evaluate(weights, dr, dc)
-            cols = [p, np.ones_like(p) if self.fit_sky else np.zeros_like(p)]
+
+def _offsets(stars):
+    """(drow, dcol) of every box pixel of ``stars`` from its star, concatenated."""
+    return (np.concatenate([(s.pr - s.row).ravel() for s in stars]),
+            np.concatenate([(s.pc - s.col).ravel() for s in stars]))
+
+
+def _box_design(stars, basis):
+    """(stars x box pixels, n_coeffs) design of the stars' boxes (cached while the
+    positions stay: the rounds then only change weights, fluxes and skies)."""
+    return _cached_design(basis, *_offsets(stars))
+
+
+def _refit_stars(stars, basis, weights, positions=False):
+    """Flux and sky of every star with the current shape (Gauss-Newton on the position too
+    if ``positions``): weighted least squares, all stars at once; sets ``chi2``.
+
+    Why batched: per star and per motion sample the model look-ups were ~1900 Python calls
+    of the shape fit; with fixed positions the model is the cached box design times the
+    weights, and the 2 x 2 (4 x 4) normal equations of all stars are one batched solve.
+    """
+    S, P = len(stars), stars[0].data.size
+    data = np.stack([s.data.ravel() for s in stars])
+    ivar = np.stack([s.ivar.ravel() for s in stars])
+    fit_sky = stars[0].fit_sky
+
+    def model_values(h_row=0.0, h_col=0.0):
+        if not positions:
+            return (_box_design(stars, basis) @ weights).reshape(S, P)
+        dr, dc = _offsets(stars)
+        return basis.evaluate(weights, dr - h_row, dc - h_col).reshape(S, P)
+
+    for _ in range(3 if positions else 1):
+        flux = np.array([s.flux for s in stars])[:, None]
+        sky = np.array([s.sky for s in stars])[:, None]
+        p = model_values()
+        cols = [p] + ([np.ones_like(p)] if fit_sky else [])
+        if positions:
+            h = 0.01
+            cols += [flux * (model_values(h, 0) - model_values(-h, 0)) / (2 * h),
+                     flux * (model_values(0, h) - model_values(0, -h)) / (2 * h)]
+            target = data - (flux * p + sky)
+        else:
+            target = data
+        A = np.stack(cols, axis=2)                                     # (S, P, m)
+        Aw = A * ivar[:, :, None]
+        sol = np.linalg.solve(np.einsum("spi,spj->sij", Aw, A),
+                              np.einsum("spi,sp->si", Aw, target)[..., None])[..., 0]
+        for k, s in enumerate(stars):
+            b = sol[k, 1] if fit_sky else 0.0
             if positions:
-                h = 0.01
-                gr = (basis.evaluate(weights, dr - h, dc)
-                      - basis.evaluate(weights, dr + h, dc)) / (2 * h)
-                gc = (basis.evaluate(weights, dr, dc - h)
-                      - basis.evaluate(weights, dr, dc + h)) / (2 * h)
-                cols += [self.flux * gr, self.flux * gc]
-            A = np.stack([c.ravel() for c in cols], axis=1)
-            w = self.ivar.ravel()
-            resid = self.data.ravel() - (self.flux * p.ravel() + self.sky if positions else 0)
-            target = resid if positions else self.data.ravel()
-            sol = np.linalg.lstsq(A * np.sqrt(w)[:, None], target * np.sqrt(w), rcond=None)[0]
-            if positions:
-                self.flux += sol[0]
-                self.sky += sol[1]
-                self.row += float(np.clip(sol[2], -0.5, 0.5))
-                self.col += float(np.clip(sol[3], -0.5, 0.5))
+                s.flux += float(sol[k, 0])
+                s.sky += float(b)
+                s.row += float(np.clip(sol[k, -2], -0.5, 0.5))
+                s.col += float(np.clip(sol[k, -1], -0.5, 0.5))
             else:
-                self.flux, self.sky = float(sol[0]), float(sol[1])
-        dr, dc = self.offsets()
-        model = self.flux * basis.evaluate(weights, dr, dc) + self.sky
-        n = np.count_nonzero(self.ivar)
-        self.chi2 = float(np.sum((self.data - model) ** 2 * self.ivar) / max(n - 2, 1))
-        return model
+                s.flux, s.sky = float(sol[k, 0]), float(b)
+    flux = np.array([s.flux for s in stars])[:, None]
+    sky = np.array([s.sky for s in stars])[:, None]
+    model = flux * model_values() + sky
+    chi2 = np.sum((data - model) ** 2 * ivar, axis=1)
+    for s, c in zip(stars, chi2):
+        s.chi2 = float(c / max(np.count_nonzero(s.ivar) - 2, 1))
+    return model
 
 
 def _subtract_neighbours(stars, basis, weights, scene, shape, half):
@@ -132,32 +167,35 @@ def _subtract_neighbours(stars, basis, weights, scene, shape, half):
         rows = np.concatenate([rows, scene[0]])
         cols = np.concatenate([cols, scene[1]])
         flux = np.concatenate([flux, scene[2]])
+    # the scene rendered from one table of the (smeared) model; each star's own light
+    # from the same table, so that it cancels exactly
     model = SplinePRF(basis, weights, [0.0], [0.0])
-    model.oversample = 10         # subtraction only: a coarse table is plenty, and fast
     full = model.evaluate(np.asarray(rows), np.asarray(cols), shape, origin=(0, 0),
                           flux=np.asarray(flux), size=2 * half + 1)
-    for s in stars:
-        own = max(s.flux, 0.0) * basis.evaluate(weights, *s.offsets())
-        s.data = np.where(s.ivar > 0, s.raw - (full[s.box] - own), 0.0)
+    own = model._lookup((0, 0), *_offsets(stars)).reshape(len(stars), -1)
+    for s, f, o in zip(stars, flux, own):
+        s.data = np.where(s.ivar > 0, s.raw - (full[s.box] - f * o.reshape(s.raw.shape)), 0.0)
 
 
 def _fit_pixels(stars, basis, joint_sky=False):
-    """(drow, dcol, values, inv_var[, extra]) of the shape stars' pixels for :func:`fit_weights`.
+    """(drow, dcol, values, inv_var, design, extra) of the shape stars' pixels for
+    :func:`fit_weights` (``design``: the basis there, from the cached box design).
 
     ``joint_sky``: the values are ``pixel / flux`` and ``extra`` holds one ``1 / flux`` column
-    per star, so every star's sky is fitted together with the shape. Why: alternating shape
-    and sky fits converge slowly along the sky-wing degeneracy (a broad wing and a lower sky
-    look alike in a box); the joint solve resolves it from the data in one step.
+    per star, so every star's sky is fitted together with the shape (else ``extra`` is None).
+    Why: alternating shape and sky fits converge slowly along the sky-wing degeneracy (a
+    broad wing and a lower sky look alike in a box); the joint solve resolves it from the
+    data in one step.
     """
-    dr = np.concatenate([s.offsets()[0].ravel() for s in stars])
-    dc = np.concatenate([s.offsets()[1].ravel() for s in stars])
+    dr, dc = _offsets(stars)
     sky = [0.0 if joint_sky and s.fit_sky else s.sky for s in stars]
     val = np.concatenate([((s.data - b) / s.flux).ravel() for s, b in zip(stars, sky)])
     ivar = np.concatenate([(s.ivar * s.flux ** 2).ravel() for s in stars])
     inside = (np.hypot(dr, dc) < basis.rmax + 0.75) & (ivar > 0)
-    out = dr[inside], dc[inside], val[inside], ivar[inside]
+    design = _box_design(stars, basis)[inside]
+    out = (dr[inside], dc[inside], val[inside], ivar[inside], design)
     if not (joint_sky and stars[0].fit_sky):
-        return out
+        return out + (None,)
     owner = np.concatenate([np.full(s.data.size, k) for k, s in enumerate(stars)])[inside]
     extra = np.zeros((owner.size, len(stars)))
     extra[np.arange(owner.size), owner] = 1.0 / np.array([s.flux for s in stars])[owner]
@@ -167,12 +205,12 @@ def _fit_pixels(stars, basis, joint_sky=False):
 def _fit_shape(stars, basis, cfg, prior_mu=0.0, prior_sigma=None):
     """Shape weights from the stars (their skies too when ``joint_sky``)."""
     joint = bool(cfg.get("joint_sky", False))
-    pix = _fit_pixels(stars, basis, joint)
+    dr, dc, val, ivar, design, extra = _fit_pixels(stars, basis, joint)
     kw = dict(prior_mu=prior_mu, prior_sigma=float(cfg["prior_sigma"]) if prior_sigma is None
-              else prior_sigma, angular_sigma=float(cfg["angular_prior_sigma"]))
-    if len(pix) == 4:
-        return fit_weights(basis, *pix, **kw)
-    weights, skies = fit_weights(basis, *pix[:4], extra=pix[4], **kw)
+              else prior_sigma, angular_sigma=float(cfg["angular_prior_sigma"]), design=design)
+    if extra is None:
+        return fit_weights(basis, dr, dc, val, ivar, **kw)
+    weights, skies = fit_weights(basis, dr, dc, val, ivar, extra=extra, **kw)
     for s, b in zip(stars, skies):
         s.sky = float(b)
     return weights
@@ -248,10 +286,8 @@ def _fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, ba
             _subtract_neighbours(stars, basis, weights, scene, image.shape, half)
         sel = [s for s, u in zip(stars, used) if u]
         weights = _fit_shape(sel, basis, cfg)
-        total, _ = lattice_sum(basis, weights)
-        weights = weights / total
-        for s in stars:
-            s.refit(basis, weights, refit_positions and iteration > 0)
+        weights = normalise(basis, weights)
+        _refit_stars(stars, basis, weights, refit_positions and iteration > 0)
         chi2 = np.array([s.chi2 for s in stars])
         med = np.median(chi2[used])
         mad = 1.4826 * np.median(np.abs(chi2[used] - med))
@@ -261,7 +297,7 @@ def _fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, ba
             used[:] = True
     sel = [s for s, u in zip(stars, used) if u]
     weights = _fit_shape(sel, basis, cfg)
-    weights = weights / lattice_sum(basis, weights)[0]
+    weights = normalise(basis, weights)
 
     # optional grid of position-dependent models, each pulled towards the global one
     G = max(int(cfg["grid"]), 1)
@@ -282,7 +318,7 @@ def _fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, ba
                 continue
             w = _fit_shape(inc, basis, cfg, prior_mu=weights,
                            prior_sigma=float(cfg["grid_prior_sigma"]))
-            grid[i, j] = w / lattice_sum(basis, w)[0]
+            grid[i, j] = normalise(basis, w)
     cell_rows = 0.5 * (edges_r[:-1] + edges_r[1:]) - 0.5
     cell_cols = 0.5 * (edges_c[:-1] + edges_c[1:]) - 0.5
 
@@ -290,13 +326,12 @@ def _fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, ba
     # captures (flux refitted with a free sky), and the residual RMS per unit flux
     _subtract_neighbours(stars, basis, weights, scene, image.shape, half)
     model = SplinePRF(basis, grid, cell_rows, cell_cols)     # smeared, like the data
-    model.oversample = 10
     captured, rms = [], []
-    for s in sel:
-        s.refit(basis, weights, False)
+    _refit_stars(sel, basis, weights, False)
+    stamps, _, _ = model.stamps(srow, scol, 2 * half + 1)
+    for s, vals in zip(sel, stamps):
         dr, dc = s.offsets()
-        vals, _, _ = model.stamps(np.array([s.row]), np.array([s.col]), dr.shape[0])
-        pred = s.flux * vals[0]
+        pred = s.flux * vals
         good = (s.ivar > 0) & (np.hypot(dr, dc) < basis.rmax)
         data = s.data - s.sky
         captured.append(np.sum(pred[good]) / np.sum(data[good]))
@@ -394,6 +429,9 @@ class LinPSFShapeModel(PrepareStage):
         count = np.zeros(image.shape)
         saturated = np.zeros(image.shape, dtype=bool)
         sat_bits = int(PixelQualityFlags.Saturated)
+        found = _catalog_stars(f, image.shape, cfg)
+        # time model: bin means of the candidate stars' boxes, gathered in this same pass
+        binner = cache_binner(f, good, found, image.shape, cfg)
         for sl, _images, errors, flags in tqdm(cache.iter_frame_blocks(), desc="linpsf_shape",
                                               unit="block", disable=None):
             g = good[sl]
@@ -402,9 +440,10 @@ class LinPSFShapeModel(PrepareStage):
             var_sum += np.where(ok, err ** 2, 0.0).sum(axis=0)
             count += ok.sum(axis=0)
             saturated |= np.any((np.asarray(flags) & sat_bits) != 0, axis=0)
+            if binner is not None:
+                binner.add(sl, _images, errors, (np.asarray(flags) & TIME_BAD_PIXELS) != 0)
         with np.errstate(all="ignore"):
             variance = np.where(count > 0, var_sum / count ** 2, np.inf)
-        found = _catalog_stars(f, image.shape, cfg)
         group.attrs.update(_basis(cfg).to_attrs())
         if found is None:
             logger.warning("linpsf_shape: no catalog and no kernel stars; no shape model")
@@ -430,6 +469,10 @@ class LinPSFShapeModel(PrepareStage):
         for key in ("n_stars", "flux_captured", "residual_rms", "chi2_reduced",
                     "lattice_spread"):
             group.attrs[key] = res[key]
+        if binner is not None:
+            time_model = fit_shape_time_model(binner, res, scene, cache_kernel(f), cfg)
+            if time_model is not None:
+                time_model.write(group)
         logger.info("linpsf_shape: %d stars (%s), flux captured %.4f, residual rms %.2e, "
                     "chi2 %.2f", res["n_stars"], origin, res["flux_captured"],
                     res["residual_rms"], res["chi2_reduced"])

@@ -1,0 +1,512 @@
+"""Scene mode of linpsf: every catalog star of the CCD fitted at prepare time, tile by tile.
+
+Two parts:
+
+* prepare stage ``linpsf_scene`` (:class:`LinPSFScene`): covers the CCD with square tiles of
+  ``scene_tile`` px; each tile is read with ``scene_margin`` px around it, so the stars near
+  its edges are fitted together with their neighbours on the other side, and
+  :func:`photometry_linpsf.linpsf.fit_scene` fits every catalog star up to ``scene_tmag_max``
+  whose PRF reaches that region (one sparse design per group of cadences). A star's light
+  curve comes from the tile that *owns* it (the tile holding the pixel its reference position
+  falls in); the margin stars' fits of other tiles are discarded. As in the per-target mode,
+  a second pass refits each owned star and a local constant with every other star held at
+  its first-pass flux smoothed in time (``fit_scene(held=...)``).
+* algorithm mode ``linpsf.mode = "scene"`` (:func:`scene_photometry`): the target's light
+  curve is read from the stored fluxes instead of fitting its stamp.
+
+Why: the per-target algorithm refits a target's ~35 neighbours in every stamp they reach, so
+a crowded CCD fits every star many times over; this is psfmachine's "fit the whole scene once"
+mode, built on the same solver, noise model and priors as the per-target fit.
+
+Memory is bounded for full frames: a tile is read one block of ``scene_block`` cadences
+(whole time chunks) at a time, and only the owned stars' (N, k) fluxes of one tile are held.
+The data are the cache's images minus the configured background model
+(``photometry.background``, as BasePhotometry subtracts it); the per-cadence constant of
+``fit_scene`` then takes the tile's residual sky (or the whole sky without a background model).
+The noise model is fixed per tile, as in the per-target fit: the median over the good
+cadences of ``err^2 + background_err^2``, taken per block and combined by the median, so
+that every block of a tile is weighted the same way (no steps at block boundaries).
+"""
+import logging
+import time as _time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from photometry.base import STATUS, _background_class
+from photometry.cache import catalog_filename
+from photometry.catalog import read_catalog_sqlite
+from photometry.errors import AlgorithmFailure, ConfigurationError, InputError
+from photometry.movement import MovementKernel
+from photometry.prf import load_prf
+from photometry.quality import TESSQualityFlags
+from photometry.stages import PrepareStage
+from photometry.utilities import mag2flux
+
+from .linpsf import _BAD_PIXELS, _prf_aperture, fit_scene, held_fluxes
+from .stage import load_shape_model
+
+__all__ = ["LinPSFScene", "SceneFitter", "tile_boxes", "scene_photometry"]
+
+logger = logging.getLogger(__name__)
+
+#: name of the prepare stage (and of its ``models/`` group)
+SCENE = "linpsf_scene"
+
+
+
+def tile_boxes(shape, tile):
+    """Owned boxes ``(r0, r1, c0, c1)`` (cube pixels, end-exclusive) tiling an image, row-major.
+
+    Tile ``t`` is row ``t // n_cols``, column ``t % n_cols`` of the grid, ``n_cols =
+    ceil(C / tile)``; the last row/column of tiles is cut at the image edge.
+    """
+    R, C = (int(v) for v in shape)
+    tile = int(tile)
+    if tile < 1:
+        raise ConfigurationError(f"linpsf.scene_tile = {tile}: must be a positive number of px")
+    return [(r, min(r + tile, R), c, min(c + tile, C))
+            for r in range(0, R, tile) for c in range(0, C, tile)]
+
+
+class SceneFitter:
+    """The tile fits of the scene mode, on an open cache file (the prepare writer's or a reader).
+
+    Parameters
+    ----------
+    f : h5py.File
+        The cache: ``images``, ``errors``, ``pixel_flags``, ``quality``, the movement kernel
+        and ``models/`` (``linpsf_shape``, the background model).
+    settings : dict
+        Full settings (``[linpsf]``, ``photometry.background``, ``photometry.prf``).
+    catalog_path : path, optional
+        The catalog SQLite; default: the one next to the cache file.
+
+    Raises
+    ------
+    InputError
+        Without a catalog SQLite (nothing to fit).
+    """
+
+    def __init__(self, f, settings, catalog_path=None):
+        cfg = settings["linpsf"]
+        self.f = f
+        self.cfg = cfg
+        self.n_frames, R, C = f["images"].shape
+        self.shape = (R, C)
+        self.row_offset = int(f.attrs.get("row_offset", 0))
+        self.column_offset = int(f.attrs.get("column_offset", 0))
+        self.margin = int(cfg["scene_margin"])
+        self.tmag_max = float(cfg["scene_tmag_max"])
+        self.prior_width = float(cfg["prior_width"])
+        good = TESSQualityFlags.filter(np.asarray(f["quality"][()]))
+        self.good = good if good.any() else np.ones(self.n_frames, bool)
+        chunk = int(f["images"].chunks[0]) if f["images"].chunks else 1
+        blocks = max(1, -(-int(cfg["scene_block"]) // chunk))
+        self.block = blocks * chunk                     # whole time chunks per read
+
+        # PRF: the linpsf_shape model if it is there (it must run first), else photometry.prf
+        self.prf = load_shape_model(self._model_group("linpsf_shape"))
+        self.prf_name = "linpsf_shape"
+        if self.prf is None:
+            spec = settings["photometry"].get("prf", "analytic")
+            self.prf = load_prf(spec, f.attrs.get("camera"), f.attrs.get("ccd"))
+            self.prf_name = f"prf:{getattr(self.prf, 'name', 'prf')}"
+            logger.warning("%s: no linpsf_shape model in the cache (add \"linpsf_shape\" before "
+                           "\"%s\" in prepare.stages); using the %s PRF", SCENE, SCENE, spec)
+        #: px beyond the read region within which a star still puts light into it
+        self.reach = self.prf.default_size() // 2 + 0.5
+
+        # background model subtracted from the images, as BasePhotometry does for a stamp
+        self.background = None
+        self.background_name = ""
+        name = settings["photometry"].get("background", "")
+        group = self._model_group(name) if name else None
+        if group is not None:
+            self.background = (_background_class(name), group)
+            self.background_name = name
+        self.fit_background = bool(cfg["fit_background"])
+        if self.background is None:
+            logger.info("%s: no background model in the cache; each tile's fitted constant "
+                        "takes the sky", SCENE)
+            self.fit_background = True
+
+        # movement kernel; frames without a measurement get the median motion (as the
+        # per-target fit does), not the reference position
+        self.kernel = None
+        if "movement_kernel" in f and "kernel_x0" in f.attrs:
+            rows = np.array(f["movement_kernel"][()], dtype=float)
+            ok = np.all(np.isfinite(rows), axis=1)
+            if ok.any():
+                rows[~ok] = np.median(rows[ok], axis=0)
+                self.kernel = MovementKernel(rows, f["time"][()], f.attrs["kernel_x0"],
+                                             f.attrs["kernel_y0"],
+                                             int(f.attrs.get("ref_frame", 0)))
+
+        if catalog_path is None:
+            a = f.attrs
+            catalog_path = Path(f.filename).parent / catalog_filename(
+                int(a["sector"]), int(a["camera"]), int(a["ccd"]))
+        if not Path(catalog_path).is_file():
+            raise InputError(f"{SCENE}: no catalog SQLite {catalog_path} next to the cache")
+        cat = read_catalog_sqlite(catalog_path, tmag_max=self.tmag_max)
+        ok = np.isfinite(np.asarray(cat["tmag"], float)) & np.isfinite(
+            np.asarray(cat["row"], float)) & np.isfinite(np.asarray(cat["column"], float))
+        self.starid = np.asarray(cat["starid"], np.int64)[ok]          # sorted by starid
+        self.row = np.asarray(cat["row"], float)[ok]                   # CCD, reference frame
+        self.column = np.asarray(cat["column"], float)[ok]
+        self.tmag = np.asarray(cat["tmag"], float)[ok]
+
+    def _model_group(self, name):
+        g = self.f.get(f"models/{name}")
+        return g if g is not None and bool(g.attrs.get("complete", False)) else None
+
+    def owner(self, tile):
+        """Index of the tile (:func:`tile_boxes` order) owning each catalog star; -1 off the data.
+
+        A star belongs to the pixel its reference position falls in (BasePhotometry's "on the
+        data" rule, ``-0.5 <= position < size - 0.5``) and to the tile holding that pixel.
+        """
+        R, C = self.shape
+        pr, pc = self.pixel(slice(None))
+        on = (pr >= 0) & (pr < R) & (pc >= 0) & (pc < C)
+        n_cols = -(-C // int(tile))
+        return np.where(on, (pr // int(tile)) * n_cols + pc // int(tile), -1)
+
+    def pixel(self, index):
+        """(row, column) cube pixel holding the reference position of catalog stars ``index``."""
+        return (np.floor(self.row[index] - self.row_offset + 0.5).astype(np.int64),
+                np.floor(self.column[index] - self.column_offset + 0.5).astype(np.int64))
+
+    def region(self, box):
+        """The read region ``(R0, R1, C0, C1)``: the box plus ``scene_margin``, on the data."""
+        r0, r1, c0, c1 = box
+        R, C = self.shape
+        m = self.margin
+        return max(r0 - m, 0), min(r1 + m, R), max(c0 - m, 0), min(c1 + m, C)
+
+    def fitted_stars(self, region):
+        """Catalog indices of the stars fitted for a region: those whose PRF can reach it."""
+        R0, R1, C0, C1 = region
+        r = self.row - self.row_offset
+        c = self.column - self.column_offset
+        return np.flatnonzero((r >= R0 - self.reach) & (r <= R1 - 1 + self.reach)
+                              & (c >= C0 - self.reach) & (c <= C1 - 1 + self.reach))
+
+    def _noise(self, rs, cs):
+        """(r, c) fixed noise model of a region: median over good cadences of the variance."""
+        meds = []
+        for start in range(0, self.n_frames, self.block):
+            sl = slice(start, min(start + self.block, self.n_frames))
+            var = np.asarray(self.f["errors"][sl, rs, cs], dtype=float) ** 2
+            if self.background is not None:
+                cls, group = self.background
+                try:
+                    var = var + np.asarray(cls.evaluate_error(group, rs, cs, sl), float) ** 2
+                except NotImplementedError:
+                    pass
+            g = self.good[sl]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                meds.append(np.nanmedian(var[g] if g.any() else var, axis=0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.sqrt(np.nanmedian(np.stack(meds), axis=0))
+
+    def _block(self, sl, rs, cs):
+        """(images minus the background model, bad-pixel mask) of one block of a region."""
+        images = np.asarray(self.f["images"][sl, rs, cs], dtype=float)
+        if self.background is not None:
+            cls, group = self.background
+            images -= np.asarray(cls.evaluate(group, rs, cs, sl), dtype=float)
+        bad = (np.asarray(self.f["pixel_flags"][sl, rs, cs]) & _BAD_PIXELS) != 0
+        return images, bad | ~np.isfinite(images)
+
+    def _shifts(self, x, y, sl):
+        """(drow, dcol) (n, k) of cube positions ``x, y`` in the frames of ``sl`` (or None)."""
+        if self.kernel is None:
+            return None, None
+        dx, dy = self.kernel.shift(x, y, np.arange(sl.start, sl.stop))
+        return dy, dx
+
+    def fit_tile(self, box, stars=None):
+        """Light curves of ``stars`` from the fit of every star reaching a tile's region.
+
+        First pass: :func:`fit_scene` on each block of cadences (all stars whose PRF reaches
+        the region, catalog-flux priors, one constant background). Second pass (when
+        ``neighbour_smoothing`` > 2, as in the per-target mode): each requested star and a
+        local constant are refitted over its PRF stamp with every other star held at its
+        first-pass flux smoothed in time (``fit_scene(held=...)``), on the data minus the
+        first pass's median residual image (``info["static"]``, median over the blocks).
+
+        Parameters
+        ----------
+        box : (r0, r1, c0, c1)
+            The tile (cube pixels, end-exclusive).
+        stars : array of int, optional
+            Catalog indices of the stars wanted (default: those the tile owns); they must
+            lie in the read region.
+
+        Returns
+        -------
+        dict
+            ``index`` (k,) the requested catalog indices, ``flux``, ``flux_err`` (N, k)
+            float32 (e-/s), ``sky`` (N, k) float32 the fitted constant under each star (e-/s
+            per pixel, on top of the background model), ``background`` (N,) the tile's
+            first-pass constant, ``region``, ``n_fitted``, ``n_designs`` and ``seconds``.
+        """
+        t0 = _time.perf_counter()
+        region = self.region(box)
+        R0, R1, C0, C1 = region
+        rs, cs = slice(R0, R1), slice(C0, C1)
+        index = self.fitted_stars(region)
+        if stars is None:
+            r0, r1, c0, c1 = box
+            pr, pc = self.pixel(index)
+            stars = index[(pr >= r0) & (pr < r1) & (pc >= c0) & (pc < c1)]
+        stars = np.asarray(stars, dtype=np.int64)
+        cols_wanted = np.searchsorted(index, stars)
+        if stars.size and (np.any(cols_wanted >= index.size)
+                           or np.any(index[np.minimum(cols_wanted, index.size - 1)] != stars)):
+            raise ValueError(f"{SCENE}: stars outside the region {region} of tile {box}")
+        N = self.n_frames
+        out = {"index": stars, "region": region, "n_fitted": int(index.size), "n_designs": 0,
+               "background": np.full(N, np.nan, np.float32)}
+        for key in ("flux", "flux_err", "sky"):
+            out[key] = np.full((N, stars.size), np.nan, np.float32)
+        if stars.size == 0:
+            out["seconds"] = _time.perf_counter() - t0
+            return out
+        sigma = self._noise(rs, cs)
+        rows, cols = self.row[index], self.column[index]
+        x, y = cols - self.column_offset, rows - self.row_offset
+        fluxes = mag2flux(self.tmag[index])
+        origin = (self.row_offset + R0, self.column_offset + C0)
+        flux = np.empty((N, index.size))
+        err = np.empty((N, index.size))
+        kw = dict(origin=origin, prior_width=self.prior_width, fit_background=self.fit_background)
+        statics, designs = [], None
+        for start in range(0, N, self.block):
+            sl = slice(start, min(start + self.block, N))
+            images, bad = self._block(sl, rs, cs)
+            dy, dx = self._shifts(x, y, sl)
+            f1, e1, bkg, info = fit_scene(
+                images, np.broadcast_to(sigma, images.shape), rows, cols, fluxes, self.prf,
+                drow=dy, dcol=dx, good=self.good[sl], bad=bad, **kw)
+            flux[sl], err[sl], out["background"][sl] = f1, e1, bkg
+            out["n_designs"] += int(info["n_designs"])
+            statics.append(info["static"])
+            designs = info["designs"] if sl.stop - sl.start == N else None   # one block: reuse
+        window = int(self.cfg.get("neighbour_smoothing", 0))
+        if window <= 2 or index.size < 2:
+            out["flux"][:] = flux[:, cols_wanted]
+            out["flux_err"][:] = err[:, cols_wanted]
+            out["sky"][:] = out["background"][:, None]
+        else:
+            held, var_held = held_fluxes(flux, err, self.good, window,
+                                         float(self.cfg["neighbour_clip"]))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                static = np.nan_to_num(np.nanmedian(np.stack(statics), axis=0))
+            for start in range(0, N, self.block):
+                sl = slice(start, min(start + self.block, N))
+                images, bad = self._block(sl, rs, cs)
+                dy, dx = self._shifts(x, y, sl)
+                f2, e2, sky, _ = fit_scene(
+                    images, np.broadcast_to(sigma, images.shape), rows, cols, fluxes,
+                    self.prf, drow=dy, dcol=dx, good=self.good[sl], bad=bad,
+                    held=(held[sl], var_held[sl]), static=static, designs=designs, **kw)
+                out["flux"][sl] = f2[:, cols_wanted]
+                out["flux_err"][sl] = e2[:, cols_wanted]
+                out["sky"][sl] = sky[:, cols_wanted]
+        out["seconds"] = _time.perf_counter() - t0
+        return out
+
+
+class LinPSFScene(PrepareStage):
+    """Prepare stage ``linpsf_scene``: every star's light curve from tile-wise scene fits.
+
+    Stored in ``models/linpsf_scene`` (stars ordered by owning tile, so a tile writes one
+    contiguous column range): ``starid``, ``row``, ``column`` (CCD, reference frame),
+    ``tmag``, ``tile`` (K,); ``flux``, ``flux_err`` (N, K) float32 (e-/s; NaN where not
+    fitted); ``sky`` (N, K) float32 the constant fitted under each star (e-/s per pixel, on
+    top of the background model: its local one of the second pass, else its tile's);
+    ``flux_median`` (K,) median flux over good cadences; ``background`` (N, T) the
+    first-pass constant of each tile;
+    ``tiles`` (T, 4) owned boxes and ``tile_fitted`` (T,) stars fitted per tile. Attrs:
+    ``tile, margin, tmag_max, prf_model, background_model, moving, n_stars, n_tiles,
+    seconds, seconds_per_tile, usable``.
+
+    Restartable like every prepare stage: an unfinished group is discarded and the stage
+    runs again from the first tile (``CacheWriter.stage_group``).
+    """
+
+    name = SCENE
+    version = "1.0"
+
+    def run(self, cache, group):
+        t0 = _time.perf_counter()
+        cfg = self.settings["linpsf"]
+        f = cache.file
+        fitter = SceneFitter(f, self.settings)
+        tile = int(cfg["scene_tile"])
+        boxes = tile_boxes(fitter.shape, tile)
+        owner = fitter.owner(tile)
+        on = np.flatnonzero(owner >= 0)
+        order = on[np.lexsort((fitter.starid[on], owner[on]))]
+        owner_sorted = owner[order]
+        K, N, T = order.size, fitter.n_frames, len(boxes)
+        bounds = np.searchsorted(owner_sorted, np.arange(T + 1))
+
+        group.attrs.update(tile=tile, margin=fitter.margin, tmag_max=fitter.tmag_max,
+                           prf_model=fitter.prf_name, background_model=fitter.background_name,
+                           moving=fitter.kernel is not None, usable=False)
+        group.create_dataset("starid", data=fitter.starid[order])
+        group.create_dataset("row", data=fitter.row[order])
+        group.create_dataset("column", data=fitter.column[order])
+        group.create_dataset("tmag", data=fitter.tmag[order])
+        group.create_dataset("tile", data=owner_sorted.astype(np.int32))
+        group.create_dataset("tiles", data=np.asarray(boxes, dtype=np.int32).reshape(-1, 4))
+        # (N, K): a target's read is one column, N / 256 chunks of 256 x 16 values
+        chunks = (min(N, 256), min(K, 16)) if K else None
+        flux = group.create_dataset("flux", (N, K), np.float32, chunks=chunks,
+                                    fillvalue=np.nan)
+        flux_err = group.create_dataset("flux_err", (N, K), np.float32, chunks=chunks,
+                                        fillvalue=np.nan)
+        sky = group.create_dataset("sky", (N, K), np.float32, chunks=chunks, fillvalue=np.nan)
+        flux_median = np.full(K, np.nan)
+        background = np.full((N, T), np.nan, np.float32)
+        fitted = np.zeros(T, np.int32)
+        seconds = []
+        logger.info("%s: %d stars (Tmag <= %g) in %d tiles of %d px (+%d px margin), %s PRF",
+                    SCENE, K, fitter.tmag_max, T, tile, fitter.margin, fitter.prf_name)
+        for t, box in enumerate(boxes):
+            k0, k1 = int(bounds[t]), int(bounds[t + 1])
+            if k1 == k0:
+                continue                    # no star to own: nothing worth fitting
+            res = fitter.fit_tile(box, order[k0:k1])
+            flux[:, k0:k1] = res["flux"]
+            flux_err[:, k0:k1] = res["flux_err"]
+            sky[:, k0:k1] = res["sky"]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                flux_median[k0:k1] = np.nanmedian(res["flux"][fitter.good], axis=0)
+            background[:, t] = res["background"]
+            fitted[t] = res["n_fitted"]
+            seconds.append(res["seconds"])
+            logger.info("%s: tile %d/%d (rows %d-%d, columns %d-%d): %d stars fitted, %d owned, "
+                        "%d designs, %.1f s", SCENE, t + 1, T, box[0], box[1] - 1, box[2],
+                        box[3] - 1, fitted[t], k1 - k0, res["n_designs"], res["seconds"])
+        group.create_dataset("flux_median", data=flux_median)
+        group.create_dataset("background", data=background)
+        group.create_dataset("tile_fitted", data=fitted)
+        total = _time.perf_counter() - t0
+        group.attrs.update(n_stars=K, n_tiles=T, seconds=total,
+                           seconds_per_tile=float(np.mean(seconds)) if seconds else 0.0,
+                           usable=True)
+        logger.info("%s: %d stars in %.1f s (%.2f s per fitted tile, %.1f ms per star)", SCENE,
+                    K, total, float(np.mean(seconds)) if seconds else 0.0,
+                    1e3 * total / max(K, 1))
+
+
+def scene_photometry(phot):
+    """Fill a :class:`LinPSFPhotometry`'s light curve from the ``linpsf_scene`` result.
+
+    The flux and its error are the stored scene fit of the target; the aperture (and with it
+    ``FLFRCSAP``, ``CROWDSAP``, ``flux_background``) is the per-target mode's PRF-shaped one,
+    with the neighbours at their scene median fluxes. ``pos_centroid`` stays NaN: a measured
+    centroid needs the other stars' models at every cadence, i.e. the stamp fit this mode
+    avoids. No stamp correction enters the fluxes (the scene was fitted at prepare time).
+
+    Returns
+    -------
+    STATUS
+        OK, or WARNING when the target's median flux is not positive.
+
+    Raises
+    ------
+    ConfigurationError
+        ``linpsf.mode`` is neither "target" nor "scene".
+    AlgorithmFailure
+        No scene result in the data source, or the target is not in it.
+    """
+    cfg = phot.settings["linpsf"]
+    mode = str(cfg.get("mode", "target"))
+    if mode != "scene":
+        raise ConfigurationError(f"linpsf.mode = {mode!r}: must be 'target' or 'scene'")
+    group = phot.source.model_group(SCENE) if hasattr(phot.source, "model_group") else None
+    if group is None or not bool(group.attrs.get("usable", False)):
+        raise AlgorithmFailure(
+            f"TIC {phot.starid}: linpsf.mode = 'scene' but the data source has no {SCENE} "
+            f"result; add \"{SCENE}\" to prepare.stages (after \"linpsf_shape\") and prepare "
+            f"the cache again")
+    ids = np.asarray(group["starid"][()])
+    hit = np.flatnonzero(ids == phot.starid)
+    if hit.size == 0:
+        raise AlgorithmFailure(
+            f"TIC {phot.starid}: not in the {SCENE} result (Tmag {phot.target['tmag']:.2f}; "
+            f"the stage fits Tmag <= {float(group.attrs['tmag_max']):g} on the CCD)")
+    k = int(hit[0])
+    frames = phot._frames                 # the source frames BasePhotometry keeps
+    flux = np.asarray(group["flux"][:, k], dtype=float)[frames]
+    flux_err = np.asarray(group["flux_err"][:, k], dtype=float)[frames]
+    tile = int(group["tile"][k])
+    bkg_fit = np.asarray(group["sky"][:, k], dtype=float)[frames]
+
+    # the per-target mode's stamp and PRF-shaped aperture, neighbours at their scene fluxes
+    margin = int(cfg["stamp_margin"])
+    if margin > 0 and phot.datasource != "tpf":
+        phot.resize_stamp(down=margin, up=margin, left=margin, right=margin)
+    prf, _ = phot._shape_model()
+    cat = phot.catalog
+    r1, r2, c1, c2 = phot.stamp
+    imgs = phot._images(prf, np.asarray(cat["row"], float), np.asarray(cat["column"], float),
+                        (r2 - r1, c2 - c1), (r1, c1))
+    mean = mag2flux(np.asarray(cat["tmag"], float))
+    med = np.asarray(group["flux_median"][()])
+    sorter = np.argsort(ids)
+    pos = np.clip(np.searchsorted(ids, np.asarray(cat["starid"]), sorter=sorter), 0,
+                  len(ids) - 1)
+    known = ids[sorter[pos]] == np.asarray(cat["starid"])
+    mean[known] = np.where(np.isfinite(med[sorter[pos[known]]]), med[sorter[pos[known]]],
+                           mean[known])
+    t = int(np.flatnonzero(np.asarray(cat["starid"]) == phot.starid)[0])
+    tflux = max(float(mean[t]), 0.0)
+    others = np.tensordot(np.delete(mean, t), np.delete(imgs, t, axis=0), axes=1)
+    bad = ((np.asarray(phot.pixelflags_cube) & _BAD_PIXELS) != 0).all(axis=0)
+    aperture, completeness, crowding = _prf_aperture(imgs[t], tflux, others, bad)
+    phot.final_phot_mask = aperture
+    npix = np.count_nonzero(aperture)
+    background = bkg_fit * npix
+    if group.attrs.get("background_model", ""):
+        background = background + np.asarray(phot.backgrounds_cube, float)[:, aperture].sum(1)
+
+    lc = phot.lightcurve
+    lc["flux"] = flux
+    lc["flux_err"] = flux_err
+    lc["flux_background"] = background
+    lc["pos_centroid"] = np.full((len(flux), 2), np.nan)
+    if phot.details.get("corrections"):
+        logger.info("TIC %d: stamp corrections %s are not in the scene fluxes (fitted at "
+                    "prepare time)", phot.starid, phot.details["corrections"])
+    n_src = int(group["tile_fitted"][tile])
+    model = str(group.attrs.get("prf_model", ""))
+    phot.details["linpsf"] = {"mode": "scene", "model": model, "tile": tile,
+                              "n_sources": n_src}
+    phot.additional_headers.update({
+        "FLFRCSAP": (float(completeness), "fraction of target PRF flux in aperture"),
+        "CROWDSAP": (float(crowding), "fraction of aperture model flux from target"),
+        "PSF_CONT": (float(1 - crowding) if np.isfinite(crowding) else float("nan"),
+                     "PSF contamination in the PRF aperture"),
+        "PSF_NSRC": (n_src, "PSF stars fitted simultaneously (scene tile)"),
+        "PSF_MODL": (model, "PSF shape model used"),
+        "PSF_MOVE": (bool(group.attrs.get("moving", False)),
+                     "PSF positions follow the movement kernel"),
+        "PSF_MODE": ("scene", "PSF fluxes from the prepare-time scene fit"),
+        "PSF_TILE": (tile, "PSF scene tile that owns the target"),
+    })
+    if not tflux > 0:
+        logger.warning("TIC %d: scene flux of the target is not positive", phot.starid)
+        return STATUS.WARNING
+    return STATUS.OK
