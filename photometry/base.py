@@ -312,8 +312,9 @@ class BasePhotometry:
         self.target_pos_column_stamp = self.target_pos_column - stamp[2]
         if changed:
             for key in ("catalog", "images_cube", "images_err_cube", "pixel_err_cube",
-                        "backgrounds_cube", "backgrounds_err_cube", "pixelflags_cube", "sumimage", "wcs",
-                        "_background_local", "prf", "_raw_images", "_bkg_region"):
+                        "backgrounds_cube", "backgrounds_err_cube", "pixelflags_cube",
+                        "sumimage", "wcs", "_background_local", "prf", "_raw_images",
+                        "_bkg_region"):
                 self.__dict__.pop(key, None)
             if self._corrections_active:
                 self._apply_corrections()

@@ -58,6 +58,8 @@ class PixelQualityFlags(_Flags):
 
 
 PixelQualityFlags.DEFAULT_BITMASK = 2 | 16
+#: pixels a PRF fit leaves out: excluded, not finite, or saturated (the PRF does not hold there)
+PixelQualityFlags.PRF_FIT_BITMASK = 2 | 8 | 16
 
 
 class LightCurveQualityFlags(_Flags):

@@ -42,8 +42,6 @@ __all__ = ["LinPSFPhotometry", "solve_fluxes", "fit_scene", "fit_scene_two_pass"
 
 logger = logging.getLogger(__name__)
 
-_BAD_PIXELS = int(PixelQualityFlags.NonFinite | PixelQualityFlags.Saturated
-                  | PixelQualityFlags.ManualExclude)
 
 
 def solve_fluxes(design, data, weights, prior_mu, prior_ivar):
@@ -116,7 +114,7 @@ def _solve_sparse(A, y, finite, weights, prior_mu, prior_ivar):
 def fit_scene(images, errors, rows, cols, fluxes, prf, drow=None, dcol=None, good=None,
               origin=(0, 0), prior_width=1.0, free=None, fit_background=True,
               rebuild_tolerance=0.03, taylor=True, bad=None, held=None, static=None,
-              designs=None):
+              designs=None, time_model=None, times=None):
     """Every star of a scene fitted at once, cadence by cadence (scene mode).
 
     Why: :class:`LinPSFPhotometry` solves one target's stamp, refitting its ~35 neighbours,
@@ -163,7 +161,22 @@ def fit_scene(images, errors, rows, cols, fluxes, prf, drow=None, dcol=None, goo
         Second pass: subtracted from the data (the first pass's ``info["static"]``).
     designs : list, optional
         Second pass: the first pass's ``info["designs"]`` (same cadences and positions), so
-        the designs are not built again.
+        the designs are not built again (they carry the first pass's time terms).
+    time_model : photometry_linpsf.timemodel.TimeModel, optional
+        The PRF's change in time (``prf`` must be the mean shape it was fitted with): the PRF
+        at cadence ``t`` is ``prf + sum_j p_j(t) C_j``, linear in the component designs
+        ``C_j``, which are built once per group of cadences (at its position, as the design)
+        and enter as a correction term like the first-order position one: the first pass
+        subtracts it at the first-pass fluxes and solves again with the same factorisation;
+        the second pass subtracts it for every star at the held fluxes, the star's own
+        included, and refits the star with its mean-shape column. That is an error of
+        ``(flux - held) x p_j C_j``, second order (the component is ~1 % of the PRF at the
+        ends of a sector, ``flux - held`` the noise). Why: the shape is the sector-mean PRF;
+        on the crowded test scene with a 3 % width ramp the two-pass scene light curves were
+        19.6 x the ideal noise with the static shape, 1.07 x with the time model (1.05 x on
+        the scene without a ramp; ``docs/linpsf.md``, "Time model").
+    times : ndarray (N,), optional
+        BTJD of the cadences, required with ``time_model`` (NaN: the mean shape there).
 
     Returns
     -------
@@ -185,6 +198,15 @@ def fit_scene(images, errors, rows, cols, fluxes, prf, drow=None, dcol=None, goo
     dcol = np.zeros((N, K)) if dcol is None else np.broadcast_to(
         np.asarray(dcol, float).reshape(N, -1), (N, K))
     good = np.ones(N, bool) if good is None or not np.any(good) else np.asarray(good, bool)
+    coeffs = None                        # (N, degree) p_j(t) of the time model
+    if time_model is not None and time_model.degree > 0:
+        if times is None or np.shape(times) != (N,):
+            raise ValueError(f"fit_scene: a time model needs times (N,) = ({N},) of the "
+                             f"cadences, got {None if times is None else np.shape(times)}")
+        if not hasattr(prf, "basis"):
+            raise ValueError("fit_scene: a time model needs the linpsf_shape SplinePRF it was "
+                             f"fitted with, not {type(prf).__name__}")
+        coeffs = np.nan_to_num(time_model.coefficients(np.asarray(times, float)))
     err2 = np.asarray(errors, float)[good].reshape(np.count_nonzero(good), -1) ** 2
     if np.isfinite(err2).all():
         # the median by a partition of contiguous rows: 5x faster than np.nanmedian here
@@ -220,9 +242,12 @@ def fit_scene(images, errors, rows, cols, fluxes, prf, drow=None, dcol=None, goo
         with single_thread_blas():
             if designs is None:
                 designs = _solve_groups(groups, prf, rows, cols, drow, dcol, None, weights,
-                                        mu, ivar, (R, C), origin, 0, taylor)
+                                        mu, ivar, (R, C), origin, 0, taylor,
+                                        time_model=time_model, coeffs=coeffs)
             for group in designs:
                 idx = group["cadences"]
+                # the position and time terms of every star at the held fluxes, its own
+                # included (its column is the mean shape: a second-order error, see above)
                 y = data[idx] - group["correction"](held[0][idx])
                 flux[idx], flux_err[idx], sky[idx], gain2 = _held_refit(
                     group["design"], y, weights, held[0][idx], held[1][idx], gain2)
@@ -231,7 +256,7 @@ def fit_scene(images, errors, rows, cols, fluxes, prf, drow=None, dcol=None, goo
     err = np.empty((N, K + nb))
     with single_thread_blas():
         kept = _solve_groups(groups, prf, rows, cols, drow, dcol, data, weights, mu, ivar,
-                             (R, C), origin, nb, taylor, x, err)
+                             (R, C), origin, nb, taylor, x, err, time_model, coeffs)
     # the part of the scene the model gets wrong the same way at every cadence (shape error
     # at the typical position, uncatalogued stars), for a second pass to subtract
     resid = np.concatenate([data[g["cadences"]] - g["design"].dot(x[g["cadences"]].T).T
@@ -248,12 +273,16 @@ def fit_scene(images, errors, rows, cols, fluxes, prf, drow=None, dcol=None, goo
 
 
 def fit_scene_two_pass(images, errors, rows, cols, fluxes, prf, drow=None, dcol=None,
-                       good=None, window=15, clip=3.0, **kwargs):
+                       good=None, window=15, clip=3.0, time_model=None, times=None,
+                       **kwargs):
     """:func:`fit_scene`, then its second pass with every star's neighbours held at their
     time-smoothed first-pass fluxes (what ``linpsf_scene`` does block by block).
 
-    Returns the second pass's ``flux, flux_err, sky`` and the first pass's ``info``.
+    ``time_model``, ``times``: the PRF's change in time, applied in both passes (see
+    :func:`fit_scene`). Returns the second pass's ``flux, flux_err, sky`` and the first
+    pass's ``info``.
     """
+    kwargs.update(time_model=time_model, times=times)
     flux, err, _, info = fit_scene(images, errors, rows, cols, fluxes, prf, drow, dcol, good,
                                    **kwargs)
     ok = np.ones(len(flux), bool) if good is None else np.asarray(good, bool)
@@ -265,35 +294,47 @@ def fit_scene_two_pass(images, errors, rows, cols, fluxes, prf, drow=None, dcol=
 
 
 def _solve_groups(groups, prf, rows, cols, drow, dcol, data, weights, mu, ivar, shape,
-                  origin, nb, taylor, x=None, err=None):
+                  origin, nb, taylor, x=None, err=None, time_model=None, coeffs=None):
     """The per-group design builds and solves of :func:`fit_scene` (fills ``x``, ``err``).
 
-    ``data`` None: the designs only (the second pass solves its own way).
+    ``data`` None: the designs only (the second pass solves its own way). ``time_model``
+    with ``coeffs`` (N, degree), its ``p_j`` at every cadence: the component designs ``C_j``
+    are built at each group's position and ``sum_j p_j(t) C_j f`` joins the correction.
 
     Returns
     -------
     list of dict
         Per group: ``cadences`` (indices), ``design`` (sparse npix x (K + nb), background
         column included), ``correction`` (``f (n, K) -> (n, npix)``, the first-order term of
-        each cadence's offset from the group position at fluxes ``f``; 0 without Taylor) and,
+        each cadence's offset from the group position at fluxes ``f``, plus the time model's
+        term; 0 without either) and,
         with data, ``solve`` (``y -> (x, err)`` with the group's factorisation,
         :func:`_group_solver`).
     """
     R, C = shape
     K = rows.size
     kept = []
+    comps = [] if coeffs is None else time_model.component_prfs(prf)
     for idx in groups:
         r0, c0 = rows + drow[idx].mean(axis=0), cols + dcol[idx].mean(axis=0)
         dr, dc = drow[idx] - (r0 - rows), dcol[idx] - (c0 - cols)
         first_order = taylor and np.any(np.hypot(dr, dc) > 1e-4)
         A, gr, gc = design_matrices(prf, r0, c0, (R, C), origin, gradients=first_order,
                                     constant=bool(nb))
+        # the time model's component designs (npix x K, signed), at the group's position
+        cj = [design_matrices(comp, r0, c0, (R, C), origin, gradients=False)[0]
+              for comp in comps]
+        p = None if coeffs is None else coeffs[idx]
 
-        def correction(f, gr=gr, gc=gc, dr=dr, dc=dc):
-            """d(model)/d(position) x offset at fluxes ``f`` (n, K): the first-order term."""
-            if gr is None:
+        def correction(f, gr=gr, gc=gc, dr=dr, dc=dc, cj=cj, p=p):
+            """d(model)/d(position) x offset at fluxes ``f`` (n, K), the first-order term,
+            plus ``sum_j p_j(t) C_j f``, the time model's change of the PRF."""
+            if gr is None and not cj:
                 return 0.0
-            return (gr @ (dr * f).T + gc @ (dc * f).T).T
+            out = 0.0 if gr is None else gr @ (dr * f).T + gc @ (dc * f).T
+            for j, comp in enumerate(cj):
+                out = out + comp @ (p[:, j, None] * f).T
+            return out.T
 
         group = {"cadences": idx, "design": A, "correction": correction}
         kept.append(group)
@@ -301,10 +342,10 @@ def _solve_groups(groups, prf, rows, cols, drow, dcol, data, weights, mu, ivar, 
             continue
         solve = _group_solver(A, data[idx], weights, mu, ivar)
         x[idx], err[idx] = solve(data[idx])
-        if first_order:
-            # first order in the offset from the group's position: the data are corrected
-            # at the first-pass fluxes and solved again with the same design (the error of
-            # using first-pass fluxes is second order)
+        if first_order or cj:
+            # first order in the offset from the group's position (and the time terms): the
+            # data are corrected at the first-pass fluxes and solved again with the same
+            # design (the error of using first-pass fluxes is second order)
             x[idx], err[idx] = solve(data[idx] - correction(x[idx, :K]))
         group["solve"] = solve
     return kept
@@ -614,7 +655,7 @@ class LinPSFPhotometry(BasePhotometry):
             # pixels) is not pixel noise: BasePhotometry.pixel_err_cube
             errors = self.pixel_err_cube if nbkg else self.images_err_cube
             var = np.nanmedian(np.asarray(errors, float)[good] ** 2, axis=0)
-        bad = (np.asarray(self.pixelflags_cube) & _BAD_PIXELS) != 0
+        bad = (np.asarray(self.pixelflags_cube) & PixelQualityFlags.PRF_FIT_BITMASK) != 0
         data = np.where(bad, np.nan, images).reshape(N, -1)
         weights = np.where(np.isfinite(var) & (var > 0), 1.0 / np.where(var > 0, var, 1), 0.0)
         weights = weights.ravel()

@@ -125,25 +125,25 @@ def _make_table(values, oversample, extent, folded):
     v = np.asarray(values, dtype=float)
     n = v.shape[0]
     C = 1 if v.ndim == 2 else v.shape[2]
-    arr = np.empty((3, n, n) + v.shape[2:])
-    arr[0] = v
+    if C == 1:
+        arr = planes = np.empty((3, n, n))
+    else:
+        # many channels (a basis): node-major, float32 (halves the memory traffic of the
+        # look-ups, which are memory-bound; its rounding, 6e-8 of a basis value, is far
+        # below the interpolation error); written in place, 5x faster than building
+        # float64 planes and converting them
+        arr = np.empty((n, n, 3, C), dtype=np.float32)
+        planes = np.moveaxis(arr, 2, 0)
+    planes[0] = v
     for term, axis in ((1, 0), (2, 1)):
         u = np.moveaxis(v, axis, 0)
-        d = np.moveaxis(arr[term], axis, 0)
-        np.add(u[2:], u[:-2], out=d[1:-1])
-        d[1:-1] *= 0.5
-        d[1:-1] -= u[1:-1]
+        d = np.moveaxis(planes[term], axis, 0)
+        d[1:-1] = 0.5 * (u[2:] + u[:-2]) - u[1:-1]
         # beyond the edges: zero (outside the support), or the mirror image at a quadrant's
         # symmetry axis
         d[0] = (u[1] - u[0]) if folded else (0.5 * u[1] - u[0])
         d[-1] = 0.5 * u[-2] - u[-1]
-    if C == 1:
-        arr = arr.reshape(3, n * n)
-    else:
-        # many channels (a basis): node-major, float32 (halves the memory traffic of the
-        # look-ups, which are memory-bound; its rounding, 6e-8 of a basis value, is far
-        # below the interpolation error)
-        arr = np.moveaxis(arr, 0, 2).astype(np.float32).reshape(n * n, 3 * C)
+    arr = arr.reshape(3, n * n) if C == 1 else arr.reshape(n * n, 3 * C)
     return _Table(arr, n, C, int(oversample), float(extent), bool(folded))
 
 
@@ -429,10 +429,16 @@ class PolarBasis:
                 return self._radial_exact(grid) * (grid < self.rmax)[:, None]
             # shared by every basis with these parameters (each model load makes a new one)
             self._rtab = _cache(("radial",) + self._key(0), build)
-        x = np.asarray(r) / self._table_step
-        i0 = np.minimum(x.astype(np.int64), self._rtab.shape[0] - 2)
-        f = np.clip(x - i0, 0.0, 1.0)[:, None]
-        return self._rtab[i0] * (1 - f) + self._rtab[i0 + 1] * f
+        # the two interpolation weights of every point as a sparse matrix times the table:
+        # 6x faster than gathering table rows (40 000 points x 16 functions per basis table)
+        x = np.asarray(r, dtype=float).ravel() / self._table_step
+        n = self._rtab.shape[0]
+        i0 = np.minimum(x.astype(np.int64), n - 2)
+        f = np.clip(x - i0, 0.0, 1.0)
+        interp = sparse.csr_matrix((np.column_stack([1 - f, f]).ravel(),
+                                    np.column_stack([i0, i0 + 1]).ravel(),
+                                    np.arange(0, 2 * x.size + 1, 2)), shape=(x.size, n))
+        return interp @ self._rtab
 
     def _radial(self, r):
         if self.n_sub > 1:
@@ -442,8 +448,9 @@ class PolarBasis:
     def _radial_exact(self, r):
         r = np.clip(r, 0.0, np.nextafter(self.rmax, 0.0))
         pos = BSpline.design_matrix(r, self.knots, 3, extrapolate=False).toarray()
-        neg = BSpline.design_matrix(-r, self.knots, 3, extrapolate=False).toarray()
-        out = pos[:, self._cols] + neg[:, self._cols]
+        # the knots are symmetric about 0, so B_j(-r) = B_{nb-1-j}(r): the mirrored half
+        # is the same design with the columns reversed (one B-spline evaluation, not two)
+        out = pos[:, self._cols] + pos[:, self._nb - 1 - self._cols]
         out[:, 0] = pos[:, self._mid]          # the central function is already even
         return out
 
@@ -648,12 +655,12 @@ def _lattice_design(basis, n_sub=5):
     half = int(np.ceil(basis.rmax)) + 1
     steps = np.arange(-half, half + 1)
     phases = (np.arange(n_sub) + 0.5) / n_sub - 0.5
-    rows = []
-    for pr in phases:
-        for pc in phases:
-            dr, dc = np.meshgrid(steps - pr, steps - pc, indexing="ij")
-            rows.append(basis.design(dr, dc).sum(axis=0))
-    return np.asarray(rows)
+    # every phase's lattice in one design call (25 calls of 361 points were 10 ms)
+    pr, pc = np.meshgrid(phases, phases, indexing="ij")
+    dr = steps[None, :, None] - pr.reshape(-1, 1, 1)
+    dc = steps[None, None, :] - pc.reshape(-1, 1, 1)
+    dr, dc = np.broadcast_arrays(dr, dc)
+    return basis.design(dr, dc).reshape(n_sub * n_sub, steps.size ** 2, -1).sum(axis=1)
 
 
 def lattice_sum(basis, weights, n_sub=5):

@@ -10,7 +10,9 @@ Two parts:
   curve comes from the tile that *owns* it (the tile holding the pixel its reference position
   falls in); the margin stars' fits of other tiles are discarded. As in the per-target mode,
   a second pass refits each owned star and a local constant with every other star held at
-  its first-pass flux smoothed in time (``fit_scene(held=...)``).
+  its first-pass flux smoothed in time (``fit_scene(held=...)``). When the shape stage found
+  a significant time model (focus, plate scale), both passes apply it (``fit_scene(
+  time_model=...)``), as the per-target mode does.
 * algorithm mode ``linpsf.mode = "scene"`` (:func:`scene_photometry`): the target's light
   curve is read from the stored fluxes instead of fitting its stamp.
 
@@ -40,12 +42,13 @@ from photometry.catalog import read_catalog_sqlite
 from photometry.errors import AlgorithmFailure, ConfigurationError, InputError
 from photometry.movement import MovementKernel
 from photometry.prf import load_prf
-from photometry.quality import TESSQualityFlags
+from photometry.quality import PixelQualityFlags, TESSQualityFlags
 from photometry.stages import PrepareStage
 from photometry.utilities import mag2flux
 
-from .linpsf import _BAD_PIXELS, _prf_aperture, fit_scene, held_fluxes
+from .linpsf import _prf_aperture, fit_scene, held_fluxes
 from .stage import load_shape_model
+from .timemodel import load_time_model
 
 __all__ = ["LinPSFScene", "SceneFitter", "tile_boxes", "scene_photometry"]
 
@@ -115,6 +118,16 @@ class SceneFitter:
             self.prf_name = f"prf:{getattr(self.prf, 'name', 'prf')}"
             logger.warning("%s: no linpsf_shape model in the cache (add \"linpsf_shape\" before "
                            "\"%s\" in prepare.stages); using the %s PRF", SCENE, SCENE, spec)
+        # the shape's time model (focus, plate scale), applied to every cadence when the
+        # linpsf_shape stage found a significant one: as in the per-target mode
+        self.time_model = load_time_model(self._model_group("linpsf_shape")) \
+            if self.prf_name == "linpsf_shape" else None
+        self.time = None
+        if self.time_model is not None:
+            if "time" not in f:
+                raise InputError(f"{SCENE}: models/linpsf_shape has a time model but the cache "
+                                 f"has no time")
+            self.time = np.asarray(f["time"][()], dtype=float)
         #: px beyond the read region within which a star still puts light into it
         self.reach = self.prf.default_size() // 2 + 0.5
 
@@ -220,7 +233,8 @@ class SceneFitter:
         if self.background is not None:
             cls, group = self.background
             images -= np.asarray(cls.evaluate(group, rs, cs, sl), dtype=float)
-        bad = (np.asarray(self.f["pixel_flags"][sl, rs, cs]) & _BAD_PIXELS) != 0
+        flags = np.asarray(self.f["pixel_flags"][sl, rs, cs])
+        bad = (flags & PixelQualityFlags.PRF_FIT_BITMASK) != 0
         return images, bad | ~np.isfinite(images)
 
     def _shifts(self, x, y, sl):
@@ -230,11 +244,16 @@ class SceneFitter:
         dx, dy = self.kernel.shift(x, y, np.arange(sl.start, sl.stop))
         return dy, dx
 
+    def _times(self, sl):
+        """BTJD of the frames of ``sl`` for the time model (None without one)."""
+        return None if self.time is None else self.time[sl]
+
     def fit_tile(self, box, stars=None):
         """Light curves of ``stars`` from the fit of every star reaching a tile's region.
 
         First pass: :func:`fit_scene` on each block of cadences (all stars whose PRF reaches
-        the region, catalog-flux priors, one constant background). Second pass (when
+        the region, catalog-flux priors, one constant background; the shape's time model,
+        if the cache holds a used one, in both passes). Second pass (when
         ``neighbour_smoothing`` > 2, as in the per-target mode): each requested star and a
         local constant are refitted over its PRF stamp with every other star held at its
         first-pass flux smoothed in time (``fit_scene(held=...)``), on the data minus the
@@ -285,7 +304,8 @@ class SceneFitter:
         origin = (self.row_offset + R0, self.column_offset + C0)
         flux = np.empty((N, index.size))
         err = np.empty((N, index.size))
-        kw = dict(origin=origin, prior_width=self.prior_width, fit_background=self.fit_background)
+        kw = dict(origin=origin, prior_width=self.prior_width, fit_background=self.fit_background,
+                  time_model=self.time_model)
         statics, designs = [], None
         for start in range(0, N, self.block):
             sl = slice(start, min(start + self.block, N))
@@ -293,7 +313,7 @@ class SceneFitter:
             dy, dx = self._shifts(x, y, sl)
             f1, e1, bkg, info = fit_scene(
                 images, np.broadcast_to(sigma, images.shape), rows, cols, fluxes, self.prf,
-                drow=dy, dcol=dx, good=self.good[sl], bad=bad, **kw)
+                drow=dy, dcol=dx, good=self.good[sl], bad=bad, times=self._times(sl), **kw)
             flux[sl], err[sl], out["background"][sl] = f1, e1, bkg
             out["n_designs"] += int(info["n_designs"])
             statics.append(info["static"])
@@ -316,7 +336,8 @@ class SceneFitter:
                 f2, e2, sky, _ = fit_scene(
                     images, np.broadcast_to(sigma, images.shape), rows, cols, fluxes,
                     self.prf, drow=dy, dcol=dx, good=self.good[sl], bad=bad,
-                    held=(held[sl], var_held[sl]), static=static, designs=designs, **kw)
+                    held=(held[sl], var_held[sl]), static=static, designs=designs,
+                    times=self._times(sl), **kw)
                 out["flux"][sl] = f2[:, cols_wanted]
                 out["flux_err"][sl] = e2[:, cols_wanted]
                 out["sky"][sl] = sky[:, cols_wanted]
@@ -335,15 +356,15 @@ class LinPSFScene(PrepareStage):
     ``flux_median`` (K,) median flux over good cadences; ``background`` (N, T) the
     first-pass constant of each tile;
     ``tiles`` (T, 4) owned boxes and ``tile_fitted`` (T,) stars fitted per tile. Attrs:
-    ``tile, margin, tmag_max, prf_model, background_model, moving, n_stars, n_tiles,
-    seconds, seconds_per_tile, usable``.
+    ``tile, margin, tmag_max, prf_model, background_model, moving, time_model`` (the
+    shape's time model applied), ``n_stars, n_tiles, seconds, seconds_per_tile, usable``.
 
     Restartable like every prepare stage: an unfinished group is discarded and the stage
     runs again from the first tile (``CacheWriter.stage_group``).
     """
 
     name = SCENE
-    version = "1.0"
+    version = "1.1"                 # 1.1: the shape's time model applied
 
     def run(self, cache, group):
         t0 = _time.perf_counter()
@@ -361,7 +382,8 @@ class LinPSFScene(PrepareStage):
 
         group.attrs.update(tile=tile, margin=fitter.margin, tmag_max=fitter.tmag_max,
                            prf_model=fitter.prf_name, background_model=fitter.background_name,
-                           moving=fitter.kernel is not None, usable=False)
+                           moving=fitter.kernel is not None,
+                           time_model=fitter.time_model is not None, usable=False)
         group.create_dataset("starid", data=fitter.starid[order])
         group.create_dataset("row", data=fitter.row[order])
         group.create_dataset("column", data=fitter.column[order])
@@ -379,8 +401,9 @@ class LinPSFScene(PrepareStage):
         background = np.full((N, T), np.nan, np.float32)
         fitted = np.zeros(T, np.int32)
         seconds = []
-        logger.info("%s: %d stars (Tmag <= %g) in %d tiles of %d px (+%d px margin), %s PRF",
-                    SCENE, K, fitter.tmag_max, T, tile, fitter.margin, fitter.prf_name)
+        logger.info("%s: %d stars (Tmag <= %g) in %d tiles of %d px (+%d px margin), %s PRF%s",
+                    SCENE, K, fitter.tmag_max, T, tile, fitter.margin, fitter.prf_name,
+                    " with its time model" if fitter.time_model is not None else "")
         for t, box in enumerate(boxes):
             k0, k1 = int(bounds[t]), int(bounds[t + 1])
             if k1 == k0:
@@ -474,7 +497,8 @@ def scene_photometry(phot):
     t = int(np.flatnonzero(np.asarray(cat["starid"]) == phot.starid)[0])
     tflux = max(float(mean[t]), 0.0)
     others = np.tensordot(np.delete(mean, t), np.delete(imgs, t, axis=0), axes=1)
-    bad = ((np.asarray(phot.pixelflags_cube) & _BAD_PIXELS) != 0).all(axis=0)
+    bad = ((np.asarray(phot.pixelflags_cube) & PixelQualityFlags.PRF_FIT_BITMASK)
+           != 0).all(axis=0)
     aperture, completeness, crowding = _prf_aperture(imgs[t], tflux, others, bad)
     phot.final_phot_mask = aperture
     npix = np.count_nonzero(aperture)
@@ -492,8 +516,9 @@ def scene_photometry(phot):
                     "prepare time)", phot.starid, phot.details["corrections"])
     n_src = int(group["tile_fitted"][tile])
     model = str(group.attrs.get("prf_model", ""))
+    timed = bool(group.attrs.get("time_model", False))
     phot.details["linpsf"] = {"mode": "scene", "model": model, "tile": tile,
-                              "n_sources": n_src}
+                              "n_sources": n_src, "time_model": timed}
     phot.additional_headers.update({
         "FLFRCSAP": (float(completeness), "fraction of target PRF flux in aperture"),
         "CROWDSAP": (float(crowding), "fraction of aperture model flux from target"),
@@ -503,6 +528,7 @@ def scene_photometry(phot):
         "PSF_MODL": (model, "PSF shape model used"),
         "PSF_MOVE": (bool(group.attrs.get("moving", False)),
                      "PSF positions follow the movement kernel"),
+        "PSF_TIME": (timed, "PSF shape follows the time model"),
         "PSF_MODE": ("scene", "PSF fluxes from the prepare-time scene fit"),
         "PSF_TILE": (tile, "PSF scene tile that owns the target"),
     })

@@ -34,7 +34,7 @@ from photometry.utilities import mag2flux
 
 from .model import (BlurredBasis, PolarBasis, SplinePRF, _cached_design, fit_weights,
                     lattice_sum, normalise, single_thread_blas)
-from .timemodel import TIME_BAD_PIXELS, cache_binner, cache_kernel, fit_shape_time_model
+from .timemodel import cache_binner, cache_kernel, fit_shape_time_model
 
 __all__ = ["LinPSFShapeModel", "fit_shape_model", "select_stars", "motion_samples",
            "load_shape_model"]
@@ -441,7 +441,8 @@ class LinPSFShapeModel(PrepareStage):
             count += ok.sum(axis=0)
             saturated |= np.any((np.asarray(flags) & sat_bits) != 0, axis=0)
             if binner is not None:
-                binner.add(sl, _images, errors, (np.asarray(flags) & TIME_BAD_PIXELS) != 0)
+                binner.add(sl, _images, errors,
+                           (np.asarray(flags) & PixelQualityFlags.PRF_FIT_BITMASK) != 0)
         with np.errstate(all="ignore"):
             variance = np.where(count > 0, var_sum / count ** 2, np.inf)
         group.attrs.update(_basis(cfg).to_attrs())
