@@ -33,7 +33,7 @@ from photometry.stages import PrepareStage
 from photometry.utilities import mag2flux
 
 from .model import (BlurredBasis, PolarBasis, SplinePRF, _cached_design, fit_weights,
-                    lattice_sum, normalise, single_thread_blas)
+                    lattice_sum, normalise, release_tables, single_thread_blas)
 from .timemodel import cache_binner, cache_kernel, fit_shape_time_model
 
 __all__ = ["LinPSFShapeModel", "fit_shape_model", "select_stars", "motion_samples",
@@ -284,6 +284,7 @@ def _fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, ba
     for iteration in range(int(cfg["iterations"])):
         if iteration > 0:
             _subtract_neighbours(stars, basis, weights, scene, image.shape, half)
+            release_tables(weights)          # replaced by this round's shape
         sel = [s for s, u in zip(stars, used) if u]
         weights = _fit_shape(sel, basis, cfg)
         weights = normalise(basis, weights)
@@ -296,6 +297,7 @@ def _fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, ba
         if np.count_nonzero(used) < int(cfg["min_stars"]):
             used[:] = True
     sel = [s for s, u in zip(stars, used) if u]
+    release_tables(weights)
     weights = _fit_shape(sel, basis, cfg)
     weights = normalise(basis, weights)
 
