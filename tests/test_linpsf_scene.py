@@ -51,11 +51,14 @@ def sector(tmp_path_factory):
 
 
 def _ratio(flux, truth, i, good):
-    """(scatter / ideal noise, recovered amplitude or NaN) of star ``i``."""
+    """(scatter / ideal noise, (recovered amplitude - 1) / its 1-sigma error, or NaN) of star
+    ``i``: with 40 cadences, a fraction of a period, the amplitudes are noise-limited."""
     true = truth["flux"][i]
     scatter, amp = compare_to_truth(flux, true, good)
+    t = true[good] / np.median(true[good])
+    sigma = scatter / np.sqrt(np.sum((t - t.mean()) ** 2))
     return scatter / (truth["ideal_noise"][i] / np.median(true[good])), \
-        (amp if truth["variable"][i] else np.nan)
+        ((amp - 1) / sigma if truth["variable"][i] else np.nan)
 
 
 def test_stage_stores_every_star_once_in_its_tile(sector):
@@ -85,8 +88,8 @@ def test_scene_light_curves_against_truth_and_target_mode(sector):
     """The scene mode recovers the injected signals and is as precise as the per-target fit.
 
     Measured (seed 5, 40 cadences, 0.03 stars/px, 29 stars, 2026-11-23): median scatter /
-    ideal noise scene 1.188 vs target 1.186; |amplitude - 1| of the 4 variables scene 0.3-6 %
-    (median 2.4 %), target 0.3-16 % (median 4.5 %).
+    ideal noise scene 1.085 vs target 1.078 (1.19 / 1.19 with 8 smear samples); |amplitude - 1|
+    of the 4 variables 0.3-2.0 sigma in both modes.
     """
     cache, truth, output, sel = sector
     settings = load_settings()
@@ -113,14 +116,15 @@ def test_scene_light_curves_against_truth_and_target_mode(sector):
                 ratios[mode].append(r)
                 amps[mode].append(a)
     med = {m: float(np.median(v)) for m, v in ratios.items()}
-    err = {m: np.abs(np.array(v)[np.isfinite(v)] - 1) for m, v in amps.items()}
-    print(f"{len(sel)} stars: median scatter/ideal {med}; |amplitude - 1| of the "
+    err = {m: np.abs(np.array(v)[np.isfinite(v)]) for m, v in amps.items()}
+    print(f"{len(sel)} stars: median scatter/ideal {med}; |amplitude - 1| / sigma of the "
           f"{err['scene'].size} variables {err}")
     assert len(sel) >= 20 and err["scene"].size >= 3
-    assert med["scene"] < 1.3 and med["scene"] < 1.1 * med["target"]
+    assert med["scene"] < 1.15 and med["scene"] < 1.05 * med["target"]
     # 40 cadences hold a fraction of a period: the amplitude errors are noise-limited
-    assert np.median(err["scene"]) < 0.03 and err["scene"].max() < 0.08
-    assert np.median(err["scene"]) <= np.median(err["target"]) + 0.005
+    # |amplitude - 1| in sigma of the amplitude: consistent with noise in both modes
+    assert np.median(err["scene"]) < 2 and err["scene"].max() < 4
+    assert np.median(err["target"]) < 2 and err["target"].max() < 4
 
 
 def test_margin_star_same_flux_from_either_tile(sector):
