@@ -55,10 +55,11 @@ def _ratio(flux, truth, i, good):
     ``i``: with 40 cadences, a fraction of a period, the amplitudes are noise-limited."""
     true = truth["flux"][i]
     scatter, amp = compare_to_truth(flux, true, good)
+    ratio = scatter / (truth["ideal_noise"][i] / np.median(true[good]))
+    if not truth["variable"][i]:
+        return ratio, np.nan
     t = true[good] / np.median(true[good])
-    sigma = scatter / np.sqrt(np.sum((t - t.mean()) ** 2))
-    return scatter / (truth["ideal_noise"][i] / np.median(true[good])), \
-        ((amp - 1) / sigma if truth["variable"][i] else np.nan)
+    return ratio, (amp - 1) / (scatter / np.sqrt(np.sum((t - t.mean()) ** 2)))
 
 
 def test_stage_stores_every_star_once_in_its_tile(sector):
