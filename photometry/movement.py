@@ -391,6 +391,16 @@ class MovementKernel:
         self.y0 = float(y0)
         self.ref_frame = int(ref_frame)
 
+    @classmethod
+    def from_file(cls, f):
+        """The kernel stored in an open cache file (h5py, cube pixel coordinates), or None
+        when the file has none (prepare without kernel stars, or still being written)."""
+        if "movement_kernel" not in f or "kernel_x0" not in f.attrs or "time" not in f:
+            return None
+        a = f.attrs
+        return cls(f["movement_kernel"][()], f["time"][()], a["kernel_x0"], a["kernel_y0"],
+                   int(a.get("ref_frame", 0)))
+
     def __len__(self):
         return self.kernel.shape[0]
 

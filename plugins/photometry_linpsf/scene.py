@@ -147,15 +147,14 @@ class SceneFitter:
 
         # movement kernel; frames without a measurement get the median motion (as the
         # per-target fit does), not the reference position
-        self.kernel = None
-        if "movement_kernel" in f and "kernel_x0" in f.attrs:
-            rows = np.array(f["movement_kernel"][()], dtype=float)
+        self.kernel = MovementKernel.from_file(f)
+        if self.kernel is not None:
+            rows = self.kernel.kernel
             ok = np.all(np.isfinite(rows), axis=1)
             if ok.any():
                 rows[~ok] = np.median(rows[ok], axis=0)
-                self.kernel = MovementKernel(rows, f["time"][()], f.attrs["kernel_x0"],
-                                             f.attrs["kernel_y0"],
-                                             int(f.attrs.get("ref_frame", 0)))
+            else:
+                self.kernel = None
 
         if catalog_path is None:
             a = f.attrs

@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
+from photometry.movement import MovementKernel
 from photometry.quality import PixelQualityFlags, TESSQualityFlags
 from photometry.stages import PrepareStage
 from photometry.utilities import mag2flux
 
 from .model import (BlurredBasis, PolarBasis, SplinePRF, _cached_design, fit_weights,
                     lattice_sum, normalise, release_tables, single_thread_blas)
-from .timemodel import cache_binner, cache_kernel, fit_shape_time_model
+from .timemodel import cache_binner, fit_shape_time_model
 
 __all__ = ["LinPSFShapeModel", "fit_shape_model", "select_stars", "motion_samples",
            "load_shape_model"]
@@ -377,10 +378,8 @@ def _catalog_stars(f, shape, cfg):
         # first-frame guesses, so move them to the reference frame and refit them
         rows = np.asarray(f["movement/row"][()], dtype=float)
         cols = np.asarray(f["movement/column"][()], dtype=float)
-        if "movement_kernel" in f and "kernel_x0" in attrs:
-            from photometry.movement import MovementKernel
-            kern = MovementKernel(f["movement_kernel"][()], f["time"][()], attrs["kernel_x0"],
-                                  attrs["kernel_y0"], int(attrs.get("ref_frame", 0)))
+        kern = MovementKernel.from_file(f)
+        if kern is not None:
             dx, dy = kern.shift(cols, rows, 0)
             cols = cols - np.where(np.isfinite(dx), dx, 0.0)
             rows = rows - np.where(np.isfinite(dy), dy, 0.0)
@@ -473,7 +472,8 @@ class LinPSFShapeModel(PrepareStage):
                     "lattice_spread"):
             group.attrs[key] = res[key]
         if binner is not None:
-            time_model = fit_shape_time_model(binner, res, scene, cache_kernel(f), cfg)
+            time_model = fit_shape_time_model(binner, res, scene, MovementKernel.from_file(f),
+                                              cfg)
             if time_model is not None:
                 time_model.write(group)
         logger.info("linpsf_shape: %d stars (%s), flux captured %.4f, residual rms %.2e, "

@@ -63,7 +63,7 @@ from .model import SplinePRF, _make_table, lattice_design, single_thread_blas
 
 __all__ = ["TimeBinner", "TimeModel", "ComponentPRF", "fit_time_model", "fit_shape_time_model",
            "bin_shifts", "load_time_model", "time_varying_images", "effective_width",
-           "cache_binner", "cache_kernel"]
+           "cache_binner"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,15 +88,6 @@ def cache_binner(f, good, found, shape, cfg):
     if int(cfg["time_degree"]) <= 0 or found is None or "time" not in f:
         return None
     return TimeBinner.for_shape(f["time"][()], good, found[0], found[1], shape, cfg)
-
-
-def cache_kernel(f):
-    """The cache's movement kernel (cube pixels) as a MovementKernel, or None."""
-    if "movement_kernel" not in f or "kernel_x0" not in f.attrs or "time" not in f:
-        return None
-    from photometry.movement import MovementKernel
-    return MovementKernel(f["movement_kernel"][()], f["time"][()], f.attrs["kernel_x0"],
-                          f.attrs["kernel_y0"], int(f.attrs.get("ref_frame", 0)))
 
 
 class TimeBinner:
