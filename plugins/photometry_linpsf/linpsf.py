@@ -566,6 +566,26 @@ class LinPSFPhotometry(BasePhotometry):
             return None
         return load_time_model(self.source.model_group("linpsf_shape"))
 
+    def _grow_stamp(self, cfg):
+        """The default stamp grown by ``stamp_margin`` px per side (room for the neighbours'
+        PRFs); a TPF's stamp is what it is."""
+        margin = int(cfg["stamp_margin"])
+        if margin > 0 and self.datasource != "tpf":
+            self.resize_stamp(down=margin, up=margin, left=margin, right=margin)
+
+    def _set_prf_aperture(self, target_img, tflux, others, bad):
+        """The PRF-shaped aperture (:func:`_prf_aperture`) as ``final_phot_mask``, with its
+        ``FLFRCSAP`` / ``CROWDSAP`` / ``PSF_CONT`` headers; returns the aperture."""
+        aperture, completeness, crowding = _prf_aperture(target_img, tflux, others, bad)
+        self.final_phot_mask = aperture
+        self.additional_headers.update({
+            "FLFRCSAP": (float(completeness), "fraction of target PRF flux in aperture"),
+            "CROWDSAP": (float(crowding), "fraction of aperture model flux from target"),
+            "PSF_CONT": (float(1 - crowding) if np.isfinite(crowding) else float("nan"),
+                         "PSF contamination in the PRF aperture"),
+        })
+        return aperture
+
     def _images(self, prf, rows, cols, shape, origin):
         """(n, r, c) unit-flux PRF images of stars at CCD ``rows, cols`` over the stamp.
 
@@ -615,9 +635,7 @@ class LinPSFPhotometry(BasePhotometry):
             from .scene import scene_photometry
             return scene_photometry(self)
         status = STATUS.OK
-        margin = int(cfg["stamp_margin"])
-        if margin > 0 and self.datasource != "tpf":
-            self.resize_stamp(down=margin, up=margin, left=margin, right=margin)
+        self._grow_stamp(cfg)
         prf, model_name = self._shape_model()
         time_model = self._time_model(model_name)
         images = np.asarray(self.images_cube, dtype=float)
@@ -737,8 +755,7 @@ class LinPSFPhotometry(BasePhotometry):
             others = others + np.tensordot(
                 cat_flux[rest], self._images(prf, rows0[rest], cols0[rest], (R, C), origin), 1)
         tflux = max(float(mean_flux[t]), 0.0)
-        aperture, completeness, crowding = _prf_aperture(target_img, tflux, others, bad.all(0))
-        self.final_phot_mask = aperture
+        aperture = self._set_prf_aperture(target_img, tflux, others, bad.all(0))
 
         # centroid of the target-only image in the aperture, background in the aperture
         contrib = x[:, t, None] * (A[None, :, t] if A.ndim == 2 else A[:, :, t])
@@ -773,10 +790,6 @@ class LinPSFPhotometry(BasePhotometry):
             logger.warning("TIC %d: fitted target flux is not positive", self.starid)
             status = STATUS.WARNING
         self.additional_headers.update({
-            "FLFRCSAP": (float(completeness), "fraction of target PRF flux in aperture"),
-            "CROWDSAP": (float(crowding), "fraction of aperture model flux from target"),
-            "PSF_CONT": (float(1 - crowding) if np.isfinite(crowding) else float("nan"),
-                         "PSF contamination in the PRF aperture"),
             "PSF_NSRC": (int(nfit), "PSF stars fitted simultaneously"),
             "PSF_NSUB": (int(rest.size), "PSF faint stars subtracted at catalog flux"),
             "PSF_MODL": (model_name, "PSF shape model used"),

@@ -46,7 +46,7 @@ from photometry.quality import PixelQualityFlags, TESSQualityFlags
 from photometry.stages import PrepareStage
 from photometry.utilities import mag2flux
 
-from .linpsf import _prf_aperture, fit_scene, held_fluxes
+from .linpsf import fit_scene, held_fluxes
 from .stage import load_shape_model
 from .timemodel import load_time_model
 
@@ -477,9 +477,7 @@ def scene_photometry(phot):
     bkg_fit = np.asarray(group["sky"][:, k], dtype=float)[frames]
 
     # the per-target mode's stamp and PRF-shaped aperture, neighbours at their scene fluxes
-    margin = int(cfg["stamp_margin"])
-    if margin > 0 and phot.datasource != "tpf":
-        phot.resize_stamp(down=margin, up=margin, left=margin, right=margin)
+    phot._grow_stamp(cfg)
     prf, _ = phot._shape_model()
     cat = phot.catalog
     r1, r2, c1, c2 = phot.stamp
@@ -498,8 +496,7 @@ def scene_photometry(phot):
     others = np.tensordot(np.delete(mean, t), np.delete(imgs, t, axis=0), axes=1)
     bad = ((np.asarray(phot.pixelflags_cube) & PixelQualityFlags.PRF_FIT_BITMASK)
            != 0).all(axis=0)
-    aperture, completeness, crowding = _prf_aperture(imgs[t], tflux, others, bad)
-    phot.final_phot_mask = aperture
+    aperture = phot._set_prf_aperture(imgs[t], tflux, others, bad)
     npix = np.count_nonzero(aperture)
     background = bkg_fit * npix
     if group.attrs.get("background_model", ""):
@@ -519,10 +516,6 @@ def scene_photometry(phot):
     phot.details["linpsf"] = {"mode": "scene", "model": model, "tile": tile,
                               "n_sources": n_src, "time_model": timed}
     phot.additional_headers.update({
-        "FLFRCSAP": (float(completeness), "fraction of target PRF flux in aperture"),
-        "CROWDSAP": (float(crowding), "fraction of aperture model flux from target"),
-        "PSF_CONT": (float(1 - crowding) if np.isfinite(crowding) else float("nan"),
-                     "PSF contamination in the PRF aperture"),
         "PSF_NSRC": (n_src, "PSF stars fitted simultaneously (scene tile)"),
         "PSF_MODL": (model, "PSF shape model used"),
         "PSF_MOVE": (bool(group.attrs.get("moving", False)),
