@@ -23,6 +23,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError
+from .noise import CRM_KEEP, DEADC, INT_TIME
 from .prf import AnalyticPRF, load_prf
 from .utilities import BTJD_TIME_CARDS, mag2flux
 
@@ -43,9 +44,6 @@ CCD_CENTRE = (1023.5, LEAD_COLS + 1023.5)
 
 # Timing constants of TESS FFIs
 FRAME_TIME = 2.0                    # s, one CCD readout cycle
-INT_TIME = 1.98                     # s, photon accumulation per 2-s frame
-CRM_KEEP = 0.8                      # cosmic-ray mitigation keeps 8 of every 10 frames
-DEADC = 0.99 * CRM_KEEP             # = 0.792, SPOC's DEADC for FFIs
 SECTOR1_START = 1325.2935           # BTJD, start of sector 1 (first FFI)
 SECTOR_LENGTH = 27.38               # d, mean sector length (start to start)
 ORBIT_LENGTH = 13.2                 # d of data per orbit
