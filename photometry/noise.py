@@ -7,7 +7,8 @@ regions of SPOC's uncertainty image); the light-curve noise model uses it to pre
 photon-noise limit of an aperture.
 
 Units (checked on the real sector-1 FFI: its ``uncert`` image squared is
-``0.0395 + flux / 1343 s`` in (e-/s)^2, against ``0.0359 + flux / 1426 s`` from its header):
+``0.0395 + flux / 1343 s`` in (e-/s)^2, against ``0.0359 + flux / 1426 s`` from its header;
+the model is 3.5 % below SPOC's uncertainty, which adds flat-field and smear terms):
 
 * ``READNOIA..D``: e- per pixel per 2-s readout (10.06, 7.46, 7.31, 9.17 in that file);
 * ``NREADOUT``: co-added readouts per cadence (720 at 1800 s: cosmic-ray mitigation keeps

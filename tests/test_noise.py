@@ -32,7 +32,7 @@ def test_model_matches_spoc_uncertainty_within_10_percent():
     noise = CCDNoise.from_header(header, 1800.0)
     model = np.sqrt(noise.pixel_variance(image, np.arange(44, 128)[None, :]))
     ratio = uncert / model
-    assert 1.0 < np.nanmedian(ratio) < 1.10      # measured 1.045: SPOC adds flat-field terms
+    assert 1.0 < np.nanmedian(ratio) < 1.10      # measured 1.035 (1.026-1.045): SPOC adds flat-field terms
     assert np.nanpercentile(ratio, 99) < 1.12
 
 
