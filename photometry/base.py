@@ -23,6 +23,7 @@ and, for the catalog, either ``catalog_path`` (the catalog SQLite, see ``docs/ar
 or ``catalog_table()`` (an astropy Table with the SQLite's columns).
 """
 import enum
+import errno
 import logging
 import os
 import sqlite3
@@ -843,6 +844,10 @@ def _evaluate_where(table, where, params):
     return (row >= params[0]) & (row <= params[1]) & (col >= params[2]) & (col <= params[3])
 
 
+#: errno values of a full disk (run_target re-raises them)
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
 def run_target(method_cls, starid, source, settings, output_folder, plot=False):
     """Run one target: the ONE place where exceptions become a STATUS.
 
@@ -868,6 +873,9 @@ def run_target(method_cls, starid, source, settings, output_folder, plot=False):
     ------
     ConfigurationError
         Re-raised: a settings or plugin problem must stop the whole run.
+    OSError
+        Re-raised when the disk is full (ENOSPC, EDQUOT): not the target's fault, and every
+        target after it would fail the same way; the scheduler stops the run.
     """
     t0 = _time.perf_counter()
     result = {"starid": int(starid), "method": getattr(method_cls, "name", None),
@@ -900,6 +908,11 @@ def run_target(method_cls, starid, source, settings, output_folder, plot=False):
         result["status"], result["error"] = STATUS.ERROR, str(exc)
     except InputError as exc:
         result["status"], result["error"] = STATUS.ABORT, str(exc)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise
+        logger.exception("TIC %s: %s failed", starid, result["method"])
+        result["status"], result["error"] = STATUS.ERROR, f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # noqa: BLE001 - the worker must survive any algorithm bug
         logger.exception("TIC %s: %s failed", starid, result["method"])
         result["status"] = STATUS.ERROR

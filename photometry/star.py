@@ -9,14 +9,14 @@ import logging
 import sqlite3
 from pathlib import Path
 
-from .cli import add_settings_arguments
+from .cli import add_settings_arguments, tic_id
 from .errors import ConfigurationError, InputError
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser):
-    parser.add_argument("starid", type=int, help="TIC id of the star")
+    parser.add_argument("starid", type=tic_id, help="TIC id of the star")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--cache", type=Path, metavar="CACHE_DIR",
                        help="folder of prepared caches (sectorSSSS_cameraC_ccdD.hdf5 + catalogs)")
