@@ -24,7 +24,7 @@ from pathlib import Path
 from . import __version__
 from .errors import InputError
 
-__all__ = ["main", "build_parser", "add_settings_arguments", "tic_id", "log_path",
+__all__ = ["main", "build_parser", "add_settings_arguments", "tic_id", "output_folder", "log_path",
            "use_log_file", "configure_logging", "one_line", "EXIT_USAGE", "EXIT_INTERNAL"]
 
 #: sub-command -> (module implementing it, one-line help)
@@ -57,17 +57,35 @@ def one_line(text):
 
 
 # --------------------------------------------------------------------------- parser
+#: sub-command -> settings section whose keys are the defaults of its options of the same name
+#: (an option left out falls back to the setting, so --help shows the setting's value)
+OPTION_SETTINGS = {"simulate": "simulate", "todo": "scheduler", "run": "scheduler"}
+
+
 class _HelpFormatter(argparse.HelpFormatter):
-    """Shows each option's default, unless it has none worth showing or the help says it."""
+    """Shows each option's default: its own, or that of the setting it falls back to."""
 
     def _get_help_string(self, action):
         text = action.help or ""
+        if "default" in text or isinstance(action, (argparse._HelpAction,
+                                                    argparse._VersionAction)):
+            return text
         default = action.default
-        if ("default" in text or default in (None, False, [], argparse.SUPPRESS)
-                or action.option_strings == [] and action.nargs is None
-                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+        if default is None and action.option_strings:
+            found = self._setting(action.dest)
+            if found is not None:
+                return f"{text} (default: {found[1]!r}, setting {found[0]})".replace("%", "%%")
+        if default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
+
+    def _setting(self, dest):
+        section = OPTION_SETTINGS.get(self._prog.rpartition(" ")[2])
+        if section is None:
+            return None
+        from .settings import default_settings
+        values = default_settings().get(section, {})
+        return (f"{section}.{dest}", values[dest]) if dest in values else None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -120,6 +138,39 @@ def build_parser(argv=()):
             module.add_arguments(command)
             command.set_defaults(handler=module.run)
     return parser
+
+
+def output_folder(path, option="--output"):
+    """Create the output folder ``path`` and check that files can be written in it, before
+    any work; returns it as a Path.
+
+    Raises
+    ------
+    InputError
+        One line naming the option and folder: a file in the way, no permission, a read-only
+        or full file system.
+    """
+    import tempfile
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(f"{option} {path}: exists and is not a folder") from None
+    except NotADirectoryError:
+        raise InputError(f"{option} {path}: a parent of it is a file, not a folder") from None
+    except OSError as exc:
+        raise InputError(f"{option} {path}: cannot create the folder "
+                         f"({exc.strerror or exc})") from None
+    if not path.is_dir():
+        raise InputError(f"{option} {path}: exists and is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".tessphot-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = "no space left on device" if exc.errno in DISK_FULL else (exc.strerror or exc)
+        raise InputError(f"{option} {path}: cannot write files there ({reason})") from None
+    return path
 
 
 # --------------------------------------------------------------------------- logging
@@ -262,7 +313,7 @@ def main(argv=None):
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     configure_logging(level)
     logger = logging.getLogger(__name__)
-    logger.info("tessphot %s: %s", __version__, " ".join(argv))
+    logger.info("tessphot %s: %s", __version__, " ".join(argv), extra=_FILE_ONLY)
     try:
         return args.handler(args) or 0
     except InputError as exc:

@@ -31,7 +31,7 @@ own algorithm alone, so a worker does not import the whole science stack to star
 """
 import collections
 import contextlib
-import errno
+import functools
 import importlib
 import json
 import logging
@@ -42,16 +42,15 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from .cli import DISK_FULL, add_settings_arguments, one_line, tic_id, use_log_file
+from .cli import (DISK_FULL, add_settings_arguments, one_line, output_folder, tic_id,
+                  use_log_file)
 from .errors import ConfigurationError, InputError
 from .settings import load_settings
-from .taskstore import (ERROR, FAILED, KEPT, SKIPPED, STATUS_NAMES, TODO_NAME, TaskStore,
-                        owner_alive, owner_id)
+from .taskstore import ERROR, FAILED, STATUS_NAMES, TODO_NAME, TaskStore, owner_alive, owner_id
 
 __all__ = ["add_arguments", "run", "run_tasks", "WorkerContext", "execute_task",
            "plugin_manager", "EXTRA_PLUGINS_ENV", "BLOCK_PLUGINS_ENV"]
@@ -618,35 +617,8 @@ def _atomic_json(path, data):
     os.replace(tmp, path)
 
 
-def prepare_output(output):
-    """Create the output folder and check that files can be written in it, before any work.
-
-    Raises
-    ------
-    InputError
-        One line naming the folder: a file in the way, no permission, a read-only or full
-        file system.
-    """
-    output = Path(output)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise InputError(f"--output {output}: exists and is not a folder") from None
-    except NotADirectoryError:
-        raise InputError(f"--output {output}: a parent of it is a file, not a folder") from None
-    except OSError as exc:
-        raise InputError(f"--output {output}: cannot create the folder "
-                         f"({exc.strerror or exc})") from None
-    if not output.is_dir():
-        raise InputError(f"--output {output}: exists and is not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(dir=output, prefix=".tessphot-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        reason = "no space left on device" if exc.errno in DISK_FULL else (exc.strerror or exc)
-        raise InputError(f"--output {output}: cannot write files there ({reason})") from None
-    return output
+def _choose_method(pm, settings, task):
+    return pm.hook.choose_method(target=dict(task), settings=settings)
 
 
 def _clean_staging(root, lease, remove_root=False):
@@ -905,7 +877,7 @@ def run_tasks(cache_dir, output, settings=None, workers=None, method=None, dask=
 def _run(store, cache_dir, output, settings, workers, method, dask, filters, limit, mode, plot,
          task_function, progress, command):
     sched = settings["scheduler"]
-    output = prepare_output(output)
+    output = output_folder(output)
     log_file = use_log_file(output / "tessphot.log")
     filters = {k: v for k, v in (filters or {}).items() if v is not None}
     extra = ",".join(_extra_plugin_names())
@@ -916,9 +888,10 @@ def _run(store, cache_dir, output, settings, workers, method, dask, filters, lim
         if method and task_function in (None, DEFAULT_TASK_FUNCTION):
             from .plugins import lookup
             lookup(pm, "register_algorithms", method)  # fail fast
-
-        def policy(task):
-            return pm.hook.choose_method(target=dict(task), settings=settings)
+        else:
+            # the method of each task without one is chosen here, once: the result rows are
+            # keyed by it, so the coordinator (not the worker) applies the policy
+            policy = functools.partial(_choose_method, pm, settings)
 
     n_workers = workers or sched["workers"] or os.cpu_count() or 1
     staging = output / STAGING
@@ -995,8 +968,7 @@ def add_arguments(parser):
     parser.add_argument("--output", "-o", required=True, metavar="DIR",
                         help="folder for the light curves, summary.json and tessphot.log")
     parser.add_argument("--workers", type=_positive_int, default=None, metavar="N",
-                        help="local worker processes (default: scheduler.workers; 0 there = "
-                             "one per core)")
+                        help="local worker processes (setting 0: one per core)")
     parser.add_argument("--method", default=None, metavar="NAME",
                         help="this algorithm for every target; its results are added beside "
                              "other methods' (default: each task's method, else the "
@@ -1021,7 +993,8 @@ def add_arguments(parser):
     group.add_argument("--retry-failed", action="store_true",
                        help="also redo results that ended ERROR or ABORT")
     parser.add_argument("--timeout", type=float, default=None, metavar="S",
-                        help="per-task timeout in seconds (default: scheduler.task_timeout)")
+                        help="per-task timeout in seconds (default: 600.0, setting "
+                             "scheduler.task_timeout)")
     parser.add_argument("--plot", action="store_true", help="also write diagnostic plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_settings_arguments(parser)

@@ -9,7 +9,7 @@ import logging
 import sqlite3
 from pathlib import Path
 
-from .cli import add_settings_arguments, tic_id
+from .cli import add_settings_arguments, output_folder, tic_id
 from .errors import ConfigurationError, InputError
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ def run(args):
     from .settings import load_settings
 
     settings = load_settings(args.settings, args.assignments)
+    output_folder(args.output)
     logging.getLogger("photometry").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
     pm = get_plugin_manager()
     if args.tpf is not None:

@@ -429,15 +429,13 @@ class TaskStore:
         """
         cond, params = self.where(**(filters or {}))
         pairs = []
-        if method:
-            pairs = [(p, method) for p, in self.conn.execute(
-                f"SELECT priority FROM todolist t WHERE {cond}", params)]
-        else:
-            cur = self.conn.execute(f"SELECT * FROM todolist t WHERE {cond}", params)
+        if not method:  # the policy, in Python, for the tasks without a method of their own
+            cur = self.conn.execute(f"SELECT * FROM todolist t WHERE {cond} AND t.method IS "
+                                    "NULL", params)
             names = [d[0] for d in cur.description]
             for row in cur:
                 task = dict(zip(names, row))
-                name = task["method"] or (policy(task) if policy else None)
+                name = policy(task) if policy else None
                 if not name:
                     raise InputError(f"TIC {task['starid']}: no method chosen (no plugin's "
                                      "choose_method policy named one); use --method NAME")
@@ -446,7 +444,13 @@ class TaskStore:
             self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (priority INTEGER, "
                               "method TEXT, PRIMARY KEY (priority, method))")
             self.conn.execute("DELETE FROM wanted")
-            self.conn.executemany("INSERT OR IGNORE INTO wanted VALUES (?, ?)", pairs)
+            if method:
+                self.conn.execute(f"INSERT INTO wanted SELECT t.priority, ? FROM todolist t "
+                                  f"WHERE {cond}", [method] + params)
+            else:
+                self.conn.execute(f"INSERT INTO wanted SELECT t.priority, t.method FROM "
+                                  f"todolist t WHERE {cond} AND t.method IS NOT NULL", params)
+                self.conn.executemany("INSERT OR IGNORE INTO wanted VALUES (?, ?)", pairs)
             before = self.conn.total_changes
             self.conn.execute("INSERT OR IGNORE INTO results (priority, method) "
                               "SELECT priority, method FROM wanted")

@@ -47,7 +47,7 @@ def default_stamp_size(tmag, settings=None):
 def add_arguments(parser):
     parser.add_argument("cache_dir", metavar="CACHE_DIR", help="folder of prepared caches")
     parser.add_argument("--faint-limit", type=float, default=None, metavar="MAG",
-                        help="faintest Tmag to include (default: scheduler.faint_limit, 15)")
+                        help="faintest Tmag to include")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing todo.sqlite (its results are lost)")
     add_settings_arguments(parser)
