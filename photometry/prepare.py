@@ -117,20 +117,21 @@ def _kernel_stars(frame, later_paths, catalog, shape, pset):
     """(starid, column, row) of the movement-kernel stars, picked on the first usable frame.
 
     The first frame is normally it; when it fails the frame checks (or has no WCS), the
-    following files are read one by one until one passes (a calibrated folder only).
+    following files are read one by one until one passes (a calibrated folder only), but
+    not past half of the folder: a folder with more unusable frames is refused anyway.
     """
     from .cache import check_frame
     from .ffi import read_ffi
-    candidates = [frame]
-    for candidate in _chain_frames(candidates, later_paths, read_ffi):
+    later_paths = later_paths[:(len(later_paths) + 1) // 2]
+    for candidate in _chain_frames([frame], later_paths, read_ffi):
         if candidate.wcs is not None and not check_frame(candidate.image):
             starid, col, row = kernel_star_candidates(catalog, candidate.wcs, candidate.time,
                                                       shape, pset, image=candidate.image)
             logger.info("movement kernel: %d stars (picked on %s)", starid.size,
                         candidate.path.name)
             return starid, col, row
-    logger.warning("%s: no usable frame with a WCS; the movement kernel is not measured",
-                   frame.path.parent)
+    logger.info("%s: no usable frame with a WCS among the first; the movement kernel is not "
+                "measured", frame.path.parent)
     return np.empty(0, np.int64), np.empty(0), np.empty(0)
 
 
