@@ -179,3 +179,75 @@ def test_damaged_cache_bytes_are_detected(no_uncert_cache, tmp_path):
         cache.stamp("images", slice(0, 8), slice(0, 8))  # other chunks still read
         with pytest.raises(InputError, match=r"dataset 'images' is damaged"):
             cache.stamp("images", slice(38, 50), slice(44, 60))
+
+
+REAL = __import__("pathlib").Path(__file__).parent / "data" / \
+    "tess2018206192942-s0001-1-4-0120-s_ffic.fits"
+
+
+def test_real_ffi_stars_where_spoc_has_no_uncertainty_get_their_flux(tmp_path):
+    """Item 3: the real sector-1 cutout's uncertainty HDU covers only its first 84 science
+    columns. Before: stars in the other 45 got 1-pixel masks and 21-24 % of their flux, STATUS
+    OK. A small cache from copies of the frame at shifted times, a catalog of the stars found
+    in it, and the aperture flux against a large plain aperture."""
+    from astropy.table import Table
+    from scipy import ndimage
+
+    from photometry.ffi import read_ffi
+    from photometry.utilities import mag2flux
+
+    ffi = tmp_path / "ffi"
+    ffi.mkdir()
+    for i in range(6):
+        with fits.open(REAL) as hdul:
+            for hdu in hdul[1:]:
+                hdu.header["TSTART"] += i / 48
+                hdu.header["TSTOP"] += i / 48
+            hdul.writeto(ffi / f"tess2018206{i:02d}2942-s0001-1-4-0120-s_ffic.fits")
+    frame = read_ffi(REAL)
+    image = frame.image.astype(float)
+    sky = np.median(image)
+    peaks = (image == ndimage.maximum_filter(image, 7)) & (image > sky + 300)
+    rows, cols = np.nonzero(peaks)
+    keep = (rows >= 5) & (rows < image.shape[0] - 5) & (cols >= 5) & (cols < image.shape[1] - 5)
+    rows, cols = rows[keep], cols[keep]
+    box = np.array([image[r - 3:r + 4, c - 3:c + 4].sum() - 49 * sky for r, c in zip(rows, cols)])
+    ra, dec = frame.wcs.all_pix2world(cols.astype(float), rows.astype(float), 0)
+    tmag = 20.451 - 2.5 * np.log10(np.clip(box, 1, None))
+    Table({"starid": np.arange(1, rows.size + 1), "ra": ra, "dec": dec,
+           "tmag": tmag}).write(tmp_path / "catalog.csv")
+    path, _ = prepare(ffi, tmp_path / "catalog.csv", tmp_path / "cache", load_settings(),
+                      progress=False)
+    uncovered = (cols >= 84 + 4) & (tmag < 12.5) & (box > 0)
+    covered = (cols < 84 - 4) & (tmag < 12.5) & (box > 0)
+    settings = load_settings(assignments=["aperture.contamination_correction=false"])
+    ratios = {}
+    with FFICache(path) as cache:
+        assert 0.3 < cache.errors_estimated < 0.4  # 45 of 129 columns
+        for k in np.flatnonzero(uncovered | covered):
+            phot = AperturePhotometry(int(k + 1), cache, settings=settings)
+            status = phot.photometry()
+            flux = np.nanmedian(phot.lightcurve["flux"])
+            mask = int(np.count_nonzero(phot.final_phot_mask))
+            # large plain aperture on the same background-subtracted pixels: r = 4 px disc
+            yy, xx = np.mgrid[:phot.images_cube.shape[1], :phot.images_cube.shape[2]]
+            disc = np.hypot(yy - phot.target_pos_row_stamp,
+                            xx - phot.target_pos_column_stamp) <= 4.0
+            plain = np.nanmedian(np.nansum(phot.images_cube[:, disc], axis=1))
+            ratios[k] = flux / plain
+            print(f"star {k + 1} Tmag {tmag[k]:.1f} {'covered' if covered[k] else 'estimated'}:"
+                  f" mask {mask} px, flux {flux:.0f} vs r=4 aperture {plain:.0f} "
+                  f"({flux / plain:.3f}), {status.name}")
+            assert status in (STATUS.OK, STATUS.WARNING)
+            if uncovered[k]:
+                assert mask >= 4  # before: 1 px
+    est = [ratios[k] for k in np.flatnonzero(uncovered)]
+    ref = [ratios[k] for k in np.flatnonzero(covered)]
+    assert len(est) >= 2 and len(ref) >= 2
+    # the stars whose uncertainties were estimated now fare like those with SPOC's (before:
+    # 21-24 % of their flux). Both groups keep only 0.6-0.7 of the r = 4 px aperture on this
+    # crowded real frame with a catalog found in the image: that deficit is common to both
+    # (aperture masks, not uncertainties) and is reported to the aperture/checks owners.
+    print("median flux / plain aperture: estimated", np.median(est), "SPOC", np.median(ref))
+    assert np.median(est) > 0.5, est
+    assert abs(np.median(est) - np.median(ref)) < 0.1, (est, ref)
