@@ -38,6 +38,11 @@ COMMANDS = {
     "plugins": ("photometry.plugins_cmd", "list installed plugins and their hooks"),
 }
 
+#: commands that log more than WARNING on stderr without -v: ``star`` is the command for
+#: debugging one star, so its plugins' INFO messages (a fallback to the analytic PRF, the
+#: stamp chosen ...) are shown; ``-v`` adds DEBUG
+BASE_VERBOSITY = {"star": 1}
+
 EXIT_USAGE = 2
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
@@ -310,7 +315,8 @@ def main(argv=None):
     argv = [str(a) for a in argv]
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    verbosity = args.verbose + BASE_VERBOSITY.get(args.command, 0)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbosity, 2)]
     configure_logging(level)
     logger = logging.getLogger(__name__)
     logger.info("tessphot %s: %s", __version__, " ".join(argv), extra=_FILE_ONLY)

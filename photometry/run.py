@@ -395,14 +395,15 @@ class LocalBackend:
     def inflight(self):
         return [t for w in self.workers for t in w.inflight]
 
-    def _retire(self, worker, reason, attempt_used=True):
-        """Worker gone: events for its running task (attempt used) and queued ones."""
+    def _retire(self, worker, reason):
+        """Worker gone: its running task failed (one attempt charged, ``reason``); the tasks
+        only queued on it go back to the queue uncharged, and so do all of them if it died
+        before it was ready (none had started)."""
         events = []
-        if worker.inflight:
-            head = worker.inflight.popleft()
-            events.append(("failed", head, reason, attempt_used))
-            events.extend(("requeue", t) for t in worker.inflight)
-            worker.inflight.clear()
+        if worker.inflight and worker.ready:
+            events.append(("failed", worker.inflight.popleft(), reason))
+        events.extend(("requeue", t) for t in worker.inflight)
+        worker.inflight.clear()
         try:
             worker.conn.close()
         except OSError:
@@ -410,9 +411,9 @@ class LocalBackend:
         self.workers.remove(worker)
         if not worker.ready:
             self._startup_deaths += 1
-            if self._startup_deaths > 3:
-                raise ConfigurationError("worker processes die at start-up "
-                                         f"(last exit code {worker.proc.exitcode})")
+            if self._startup_deaths > 3:  # after the requeues: the run stops, nothing charged
+                events.append(("fatal", None, "worker processes die at start-up (last exit "
+                                              f"code {worker.proc.exitcode})"))
         return events
 
     def _drain(self, worker, events):
@@ -457,6 +458,8 @@ class LocalBackend:
                 code = worker.proc.exitcode
                 events.extend(self._retire(
                     worker, f"worker process died (exit code {code}) while running the task"))
+                if any(e[0] == "fatal" for e in events):
+                    return events
                 self._spawn()
                 continue
             if (worker.inflight and worker.head_started is not None
@@ -589,14 +592,14 @@ class DaskBackend:
             elif _disk_full(exc):
                 events.append(("fatal", task, _disk_full_message(exc, self.config["output"])))
             else:
-                events.append(("failed", task, f"{type(exc).__name__}: {exc}", True))
+                events.append(("failed", task, f"{type(exc).__name__}: {exc}"))
         now = time.monotonic()
         for fut, (task, deadline) in list(self.futures.items()):
             if now > deadline:
                 fut.cancel()
                 self.futures.pop(fut)
                 events.append(("failed", task, f"timed out after {self.timeout:g} s "
-                                                "(Dask future cancelled)", True))
+                                                "(Dask future cancelled)"))
         return events
 
     def stop(self, graceful=True):
@@ -760,7 +763,7 @@ class _Coordinator:
                     m = s["mean_elaptime"]
                     s["mean_elaptime"] = el if m is None else 0.9 * m + 0.1 * el
                 self.bar.update(1)
-            elif kind == "requeue":  # queued on a worker that died: still ours
+            elif kind == "requeue":  # not started on a worker that died: still ours, uncharged
                 self.local.appendleft(event[1])
             elif kind == "failed":
                 task, reason = event[1], event[2]
@@ -993,8 +996,7 @@ def add_arguments(parser):
     group.add_argument("--retry-failed", action="store_true",
                        help="also redo results that ended ERROR or ABORT")
     parser.add_argument("--timeout", type=float, default=None, metavar="S",
-                        help="per-task timeout in seconds (default: 600.0, setting "
-                             "scheduler.task_timeout)")
+                        dest="task_timeout", help="per-task timeout in seconds")
     parser.add_argument("--plot", action="store_true", help="also write diagnostic plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_settings_arguments(parser)
@@ -1025,8 +1027,8 @@ def _finite_float(text):
 
 def run(args):
     extra = {}
-    if args.timeout is not None:
-        extra["scheduler"] = {"task_timeout": args.timeout}
+    if args.task_timeout is not None:
+        extra["scheduler"] = {"task_timeout": args.task_timeout}
     settings = load_settings(args.settings, args.assignments, extra=extra,
                              extra_origin="--timeout")
     filters = {"starid": args.starid, "tmag_min": args.tmag_min, "tmag_max": args.tmag_max,
@@ -1042,6 +1044,9 @@ def run(args):
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())) or "nothing"
     print(f"{summary['tasks_run']} tasks in {summary['elapsed']:.1f} s "
           f"({summary['tasks_per_second']:.1f}/s): {counts}")
+    if summary["status_all"] != summary["counts"]:  # earlier runs, or skipped without running
+        every = ", ".join(f"{k} {v}" for k, v in sorted(summary["status_all"].items()))
+        print(f"all results of {', '.join(sorted(summary['methods']))}: {every}")
     if summary["last_error"]:
         print(f"last error: {one_line(summary['last_error'])}")
     return 1 if summary["failed"] else 0

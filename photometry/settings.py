@@ -116,7 +116,8 @@ LIMITS = {
     # prepare
     "prepare.time_chunk": _ONE_OR_MORE,
     "prepare.spatial_chunk": at_least(1, scalar_or_list=True, length=2),
-    "prepare.compression": one_of("none", "lzf", "gzip"),
+    "prepare.compression": one_of("none", "bitshuffle-lz4", "bitshuffle-zstd"),
+    "prepare.precision": between(0.0, 1.0),
     "prepare.catalog_margin": _COUNT,
     "prepare.kernel_stars": _ONE_OR_MORE,
     "prepare.kernel_box": at_least(3),

@@ -32,6 +32,9 @@ def add_arguments(parser):
     parser.add_argument("--tmag", type=float,
                         help="with --tpf: TESS magnitude when the file has none (TESScut)")
     parser.add_argument("--plot", action="store_true", help="write the diagnostic plots")
+    parser.add_argument("--json", action="store_true",
+                        help="print the outcome as one JSON document (status, method, files, "
+                             "details) instead of the text report")
     add_settings_arguments(parser)
 
 
@@ -79,7 +82,6 @@ def run(args):
 
     settings = load_settings(args.settings, args.assignments)
     output_folder(args.output)
-    logging.getLogger("photometry").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
     pm = get_plugin_manager()
     if args.tpf is not None:
         from .tpf import TPFSource
@@ -103,6 +105,15 @@ def run(args):
         if hasattr(source, "close"):
             source.close()
     status = STATUS(result["status"])
+    code = 0 if status in (STATUS.OK, STATUS.WARNING) else 1
+    if args.json:  # one document, so that ``star ... --json > star.json`` is valid JSON
+        plots = (Path(result["lightcurve"]).parent / "plots" / f"{args.starid:011d}"
+                 if result["lightcurve"] and args.plot else None)
+        print(json.dumps({"starid": args.starid, "status": status.name, "method": method,
+                          "elapsed": result["elapsed"], "lightcurve": result["lightcurve"],
+                          "plots": plots, "error": result["error"],
+                          "details": result["details"]}, indent=1, default=str))
+        return code
     print(f"TIC {args.starid}: {status.name} ({method}, {result['elapsed']:.2f} s)")
     if result["lightcurve"]:
         print(f"light curve: {result['lightcurve']}")
@@ -111,4 +122,4 @@ def run(args):
     if result["error"]:
         print(f"error: {result['error']}")
     print(json.dumps(result["details"], indent=1, default=str))
-    return 0 if status in (STATUS.OK, STATUS.WARNING) else 1
+    return code

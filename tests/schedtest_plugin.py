@@ -8,11 +8,13 @@ Behaviour per star from the environment variable ``SCHEDTEST_RULES`` (JSON
 ``{starid: rule}``): "raise" (every time), "hang", "kill_once" (SIGKILL its own worker process
 the first time, mid-task; marker files in ``SCHEDTEST_MARKERS``), "config" (a
 ConfigurationError), "skip:<starid>[,<starid>...]", "sleep:<s>"; ``SCHEDTEST_SLEEP``
-seconds before every task. Its light curve is a text file written atomically whose content is
+seconds before every task. ``SCHEDTEST_DIE_AT_START``: a worker process SIGKILLs itself while
+it loads this plugin (before it is ready): "always", or a marker file (only the first time). Its light curve is a text file written atomically whose content is
 fixed by the starid and the method. A second algorithm, "schedtest_b", behaves the same (for
 results of several methods side by side).
 """
 import json
+import multiprocessing
 import os
 import signal
 import time
@@ -21,6 +23,20 @@ from pathlib import Path
 from photometry import hookimpl
 from photometry.base import STATUS, BasePhotometry
 from photometry.errors import ConfigurationError
+
+
+def _die_at_start():
+    rule = os.environ.get("SCHEDTEST_DIE_AT_START")
+    if not rule or multiprocessing.parent_process() is None:  # workers only
+        return
+    if rule != "always":
+        if Path(rule).exists():
+            return
+        Path(rule).touch()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+_die_at_start()
 
 
 class SchedTestPhotometry(BasePhotometry):

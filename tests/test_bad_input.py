@@ -374,6 +374,21 @@ def test_status_into_a_closed_pipe(w):
     assert proc.returncode in (0, 141)
 
 
+def test_star_json_is_one_document_and_shows_info(w, capsys, tmp_path):
+    """``tessphot star ... --json > star.json`` is valid JSON (make demo's debug_star.json);
+    the plugins' INFO messages reach stderr without -v."""
+    import json
+    capsys.readouterr()
+    code = cli.main(["star", str(w.star), "--cache", str(w.cache), "--output",
+                     str(tmp_path / "star"), "--json"])
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert code == (0 if report["status"] in ("OK", "WARNING") else 1)
+    assert report["starid"] == w.star and report["method"] == "aperture"
+    assert report["lightcurve"] and Path(report["lightcurve"]).is_file()
+    assert f"INFO photometry.star: TIC {w.star}: method aperture" in err
+
+
 def test_full_disk_is_one_line(w, tmp_path):
     """A real run of the aperture photometry onto a 300 kB file system: one line, exit 2,
     the light curves written before it filled up are kept and recorded."""

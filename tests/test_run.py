@@ -283,6 +283,27 @@ def test_faults_raise_hang_and_killed_worker(sector, tmp_path, monkeypatch, caps
     assert "boom 1002" in report and "timed out" in report
 
 
+def test_worker_dying_at_start_up_charges_nothing(sector, tmp_path, monkeypatch, capsys):
+    """A worker that dies while it starts (tasks already sent to it, none started): they go
+    back to the queue uncharged and a new worker runs them; workers that always die stop the
+    run (exit 2, one line) with every task pending and uncharged."""
+    monkeypatch.setenv("SCHEDTEST_DIE_AT_START", str(tmp_path / "died-once"))
+    out = tmp_path / "lc"
+    assert cli("run", sector, "--output", out, "--no-progress", "--workers", "1") == 0
+    assert (tmp_path / "died-once").exists()
+    rows = check_outputs(sector, out)
+    assert {r["attempts"] for r in rows.values()} == {0}
+    assert {s for s, r in rows.items() if r["status"] == 5} == SKIPPED_STARS
+    monkeypatch.setenv("SCHEDTEST_DIE_AT_START", "always")
+    capsys.readouterr()
+    assert cli("run", sector, "--output", out, "--no-progress", "--workers", "1",
+               "--overwrite") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "worker processes die at start-up" in err[0], err
+    rows = db_rows(sector)
+    assert all(r["status"] is None and r["attempts"] == 0 for r in rows.values())
+
+
 def test_three_kills_then_resume(tmp_path, monkeypatch):
     """``kill -9`` of ``run --workers 2`` three times in a row at random moments (during
     start-up, mid-run, between commits), then a plain resume: the workers die with their

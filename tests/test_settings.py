@@ -80,6 +80,14 @@ def test_file_origin_and_new_keys_typed_from_their_default(tmp_path, monkeypatch
         settings.load_settings(assignments=["scheduler.new_knob=x"])
 
 
+def test_compression_choices_are_the_cache_filters():
+    """The names the settings accept are the filters ``photometry.cache`` can write."""
+    from photometry import cache
+    limit = settings.LIMITS["prepare.compression"]
+    assert all(limit.test(name) for name in cache._FILTERS)
+    assert limit.text == "one of " + ", ".join(repr(name) for name in cache._FILTERS)
+
+
 def test_limits_table_is_documented():
     rows = dict(re.findall(r"^\| `([a-z_.]+)` \| ([^|]+) \|", DOC.read_text(), flags=re.M))
     assert {k: v.strip() for k, v in rows.items()} == \
@@ -98,15 +106,29 @@ def test_help_shows_defaults(capsys):
 
 @pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_verbose_after_every_command(command):
-    required = {"simulate": ["out"], "prepare": ["ffi", "--catalog", "c", "--cache", "d"],
-                "todo": ["cache"], "run": ["cache", "--output", "o"],
-                "star": ["1", "--cache", "c", "--output", "o"], "status": ["cache"],
-                "plugins": []}[command]
+    """-v is accepted after every command (also ones added later), and before it."""
+    parser = cli.build_parser([command])
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert "-v" in sub.choices[command]._option_string_actions
+    required = {"run": ["cache", "--output", "o"], "star": ["1", "--cache", "c", "--output", "o"],
+                "status": ["cache"], "plugins": []}.get(command)
+    if required is None:
+        return
     argv = [command, *required, "-vv"]
-    args = cli.build_parser(argv).parse_args(argv)
-    assert args.verbose == 2
+    assert cli.build_parser(argv).parse_args(argv).verbose == 2
     argv = ["-v", command, *required]
     assert cli.build_parser(argv).parse_args(argv).verbose == 1
+
+
+def test_star_logs_info_without_v(monkeypatch, capsys):
+    """``star`` (debugging one star) shows INFO on stderr; other commands WARNING and up."""
+    seen = {}
+    for argv in (["star", "1", "--cache", "nowhere", "--output", "o"], ["status", "nowhere"],
+                 ["star", "-v", "1", "--cache", "nowhere", "--output", "o"]):
+        monkeypatch.setattr(cli, "configure_logging", lambda level: seen.setdefault(
+            " ".join(argv), level))
+        assert cli.main(argv) == 2
+    assert list(seen.values()) == [20, 30, 10]
 
 
 def test_tic_id_type():
