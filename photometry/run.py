@@ -680,6 +680,8 @@ class _Coordinator:
         self.lease = float(self.sched["lease"])
         self.buffered, self.local = [], collections.deque()
         self.claimed = 0
+        self.seen_skipped = store.pending_skipped  # those of planning are not in the total
+        self.seen_unskipped = store.unskipped
         self.prefer = None
         self.exhausted = False
         self.backend = None
@@ -697,11 +699,14 @@ class _Coordinator:
                 name = STATUS_NAMES.get(status, str(status))
                 self.summary["counts"][name] = self.summary["counts"].get(name, 0) + 1
             self.store.apply_file_ops()
-            if self.limit is None and self.bar is not None:
+            if self.store.unskipped != self.seen_unskipped:  # pending again: claim them
+                self.seen_unskipped = self.store.unskipped
+                self.exhausted = False
+            skipped = self.store.pending_skipped - self.seen_skipped
+            if skipped and self.limit is None and self.bar is not None:
                 # tasks a kept light curve holds are SKIPPED without running: less to do
-                pending = self.store.wanted_counts().get("PENDING", 0)
-                self.bar.total = self.bar.n + pending + len(self.local) + \
-                    len(self.backend.inflight() if self.backend else [])
+                self.seen_skipped = self.store.pending_skipped
+                self.bar.total -= skipped
                 self.bar.refresh()
         self.t_commit = time.monotonic()
 
@@ -744,7 +749,11 @@ class _Coordinator:
                 cache = batch[-1]["cache"]
             if batch:
                 self.backend.submit(slot, batch)
-        return not (self.exhausted and not self.local and not self.backend.inflight())
+        done = self.exhausted and not self.local and not self.backend.inflight()
+        if done and self.buffered:  # the last results may give work back (see flush)
+            self.flush()
+            done = self.exhausted
+        return not done
 
     # ---------------------------------------------------------------- collect
     def collect(self, events):

@@ -251,7 +251,7 @@ def test_same_results_whatever_workers_or_claim_order(local_reference, tmp_path,
     rev = make_sector(tmp_path / "rev")
     summary = run_tasks(rev, tmp_path / "lc_rev", workers=2, progress=False,
                         settings=load_settings(assignments=["scheduler.commit_every=1"]))
-    assert summary["tasks_run"] == 16                        # all ran: held ones withdrawn
+    assert summary["tasks_run"] >= 16     # all ran (1005 twice: withdrawn by 1002, then freed)
     assert outcome(rev, tmp_path / "lc_rev") == reference
     check_outputs(rev, tmp_path / "lc_rev")
 

@@ -133,7 +133,7 @@ def test_plan_filters_claim_order_and_cache_preference(tmp_path):
 def test_claim_order_is_one_setting(store, monkeypatch):
     import photometry.taskstore as taskstore
     monkeypatch.setattr(taskstore, "CLAIM_ORDER", "r.priority DESC")
-    assert [t["priority"] for t in store.claim("me", n=3)] == [18, 19, 20]  # sorted by cache
+    assert [t["priority"] for t in store.claim("me", n=3)] == [20, 19, 18]  # in that order
 
 
 def test_release_attempts_and_limit(store):
