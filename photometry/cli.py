@@ -24,7 +24,8 @@ from pathlib import Path
 from . import __version__
 from .errors import InputError
 
-__all__ = ["main", "build_parser", "add_settings_arguments", "tic_id", "output_folder", "log_path",
+__all__ = ["main", "build_parser", "add_settings_arguments", "tic_id", "at_least", "finite_float",
+           "output_folder", "log_path",
            "use_log_file", "configure_logging", "one_line", "EXIT_USAGE", "EXIT_INTERNAL"]
 
 #: sub-command -> (module implementing it, one-line help)
@@ -122,6 +123,32 @@ def tic_id(text):
         raise argparse.ArgumentTypeError(f"TIC id {text!r} is not an integer") from None
     if not 0 < value < 2 ** 63:
         raise argparse.ArgumentTypeError(f"TIC id {text} must be between 1 and 2^63 - 1")
+    return value
+
+
+def at_least(minimum):
+    """argparse type of an integer option >= ``minimum`` (a count, a limit)."""
+    def integer(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {minimum}")
+        return value
+    integer.__name__ = f"integer >= {minimum}"
+    return integer
+
+
+def finite_float(text):
+    """argparse type of a finite number (a magnitude: nan and inf are refused)."""
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     return value
 
 

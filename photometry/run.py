@@ -46,8 +46,8 @@ import threading
 import time
 from pathlib import Path
 
-from .cli import (DISK_FULL, add_settings_arguments, one_line, output_folder, tic_id,
-                  use_log_file)
+from .cli import (DISK_FULL, add_settings_arguments, at_least, finite_float, one_line,
+                  output_folder, tic_id, use_log_file)
 from .errors import ConfigurationError, InputError
 from .settings import load_settings
 from .taskstore import ERROR, FAILED, STATUS_NAMES, TODO_NAME, TaskStore, owner_alive, owner_id
@@ -979,7 +979,7 @@ def add_arguments(parser):
                         "the caches")
     parser.add_argument("--output", "-o", required=True, metavar="DIR",
                         help="folder for the light curves, summary.json and tessphot.log")
-    parser.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--workers", type=at_least(1), default=None, metavar="N",
                         help="local worker processes (setting 0: one per core)")
     parser.add_argument("--method", default=None, metavar="NAME",
                         help="this algorithm for every target; its results are added beside "
@@ -990,13 +990,13 @@ def add_arguments(parser):
                              "processes")
     parser.add_argument("--starid", type=tic_id, action="append", default=None,
                         metavar="TIC", help="only this TIC (repeatable)")
-    parser.add_argument("--tmag-min", type=_finite_float, default=None, metavar="MAG",
+    parser.add_argument("--tmag-min", type=finite_float, default=None, metavar="MAG",
                         help="only Tmag >= this")
-    parser.add_argument("--tmag-max", type=_finite_float, default=None, metavar="MAG",
+    parser.add_argument("--tmag-max", type=finite_float, default=None, metavar="MAG",
                         help="only Tmag <= this")
     parser.add_argument("--camera", type=int, default=None, choices=[1, 2, 3, 4])
     parser.add_argument("--ccd", type=int, default=None, choices=[1, 2, 3, 4])
-    parser.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--limit", type=at_least(1), default=None, metavar="N",
                         help="run at most N tasks")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true",
@@ -1009,29 +1009,6 @@ def add_arguments(parser):
     parser.add_argument("--plot", action="store_true", help="also write diagnostic plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_settings_arguments(parser)
-
-
-def _positive_int(text):
-    import argparse
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
-def _finite_float(text):
-    import argparse
-    import math
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
 
 
 def run(args):

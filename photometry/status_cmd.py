@@ -4,11 +4,11 @@ Read-only (once the file has the current schema), so it can be run while ``tessp
 works on the same database (WAL mode lets readers through). Results are shown per method:
 several methods' results of the same tasks live side by side.
 """
-import argparse
 import datetime
 import json
 from pathlib import Path
 
+from .cli import at_least
 from .errors import InputError
 from .taskstore import FAILED, STATUS_NAMES, TODO_NAME, TaskStore
 
@@ -18,19 +18,9 @@ __all__ = ["add_arguments", "run", "status_report"]
 ORDER = ("OK", "WARNING", "SKIPPED", "ERROR", "ABORT", "STARTED", "PENDING")
 
 
-def _count(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
-    return value
-
-
 def add_arguments(parser):
     parser.add_argument("cache_dir", metavar="CACHE_DIR", help="folder with todo.sqlite")
-    parser.add_argument("--failures", type=_count, default=20, metavar="N",
+    parser.add_argument("--failures", type=at_least(0), default=20, metavar="N",
                         help="list at most N failed results")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
