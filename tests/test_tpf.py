@@ -35,7 +35,7 @@ def test_spoc_tpf_geometry_and_time():
     assert dx == 0 and dy == 0
     assert src.stamp("images", slice(None), slice(None)).shape == (5, 11, 11)
     with pytest.raises(KeyError):
-        src.stamp("pixel_flags", slice(None), slice(None))
+        src.stamp("no_such_cube", slice(None), slice(None))
 
 
 def test_tesscut_needs_target_and_reads_offset():
