@@ -24,8 +24,8 @@ from . import __version__, hookimpl
 from .settings import settings_hash
 from .utilities import BTJD_TIME_CARDS
 
-__all__ = ["lightcurve_path", "write_lightcurve", "build_hdulist", "write_atomic",
-           "FILE_VERSION"]
+__all__ = ["lightcurve_path", "write_lightcurve", "build_hdulist", "primary_cards",
+           "write_atomic", "FILE_VERSION"]
 
 FILE_VERSION = "1.0"
 
@@ -87,34 +87,27 @@ def _stamp_wcs_header(phot):
     return header
 
 
-def build_hdulist(phot):
-    """The light-curve FITS file of a BasePhotometry object after :meth:`photometry`."""
+def primary_cards(phot):
+    """(keyword, value, comment) of the primary header that every file of a target shares
+    (light curve, TPF export): provenance, target and CCD, as SPOC writes them."""
     target = phot.target
-    lc = phot.lightcurve
-    source = phot.source
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-
-    primary = fits.PrimaryHDU()
-    h = primary.header
-    cards = [
+    return [
         ("ORIGIN", "tessphot", "institution/software that created this file"),
         ("DATE", now, "file creation date (UTC)"),
         ("TELESCOP", "TESS", "telescope"),
         ("INSTRUME", "TESS Photometer", "detector type"),
-        ("FILTER", "TESS", "photometric bandpass"),
-        ("FILEVER", FILE_VERSION, "file format version"),
         ("PROCVER", __version__, "photometry package version"),
         ("PHOTMET", phot.name, "photometry method"),
         ("METHVER", str(phot.version), "photometry method version"),
         ("SETHASH", settings_hash(phot.settings), "hash of the settings used"),
         ("DATASRC", phot.datasource, "data source: ffi (cache) or tpf"),
-        ("DATA_REL", _card_value(getattr(source, "data_rel", None)), "SPOC data release"),
+        ("DATA_REL", _card_value(getattr(phot.source, "data_rel", None)), "SPOC data release"),
         ("OBJECT", f"TIC {phot.starid}", "string version of target id"),
         ("TICID", phot.starid, "unique TESS target identifier"),
         ("SECTOR", phot.sector, "observing sector"),
         ("CAMERA", phot.camera, "camera number"),
         ("CCD", phot.ccd, "CCD chip number"),
-        ("CADENCE", phot.cadence, "[s] cadence"),
         ("RADESYS", "ICRS", "reference frame of celestial coordinates"),
         ("EQUINOX", 2000.0, "equinox of celestial coordinate system"),
         ("RA_OBJ", _card_value(target.get("ra_J2000")), "[deg] right ascension (J2000)"),
@@ -123,6 +116,19 @@ def build_hdulist(phot):
         ("PMDEC", _card_value(target.get("pmdec")), "[mas/yr] Dec proper motion"),
         ("TESSMAG", _card_value(target.get("tmag")), "[mag] TESS magnitude"),
         ("TEFF", _card_value(target.get("teff")), "[K] effective temperature"),
+    ]
+
+
+def build_hdulist(phot):
+    """The light-curve FITS file of a BasePhotometry object after :meth:`photometry`."""
+    lc = phot.lightcurve
+
+    primary = fits.PrimaryHDU()
+    h = primary.header
+    cards = primary_cards(phot) + [
+        ("FILTER", "TESS", "photometric bandpass"),
+        ("FILEVER", FILE_VERSION, "file format version"),
+        ("CADENCE", phot.cadence, "[s] cadence"),
     ]
     for key, value, comment in cards:
         h[key] = (value, comment)

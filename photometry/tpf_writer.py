@@ -24,14 +24,11 @@ FLUX is ``BasePhotometry.images_cube`` after the method ran, i.e. the pixels it 
 over bit 2 is the method's plain aperture sum. Light-curve level corrections (the aperture
 method's motion and contamination corrections, PDC) are not pixel data and are not in it.
 """
-import datetime
-
 import numpy as np
 from astropy.io import fits
 
-from . import __version__, hookimpl
-from .lightcurve_io import _card_value, _stamp_wcs_header, lightcurve_path, write_atomic
-from .settings import settings_hash
+from . import hookimpl
+from .lightcurve_io import _stamp_wcs_header, lightcurve_path, primary_cards, write_atomic
 from .utilities import BTJD_TIME_CARDS
 
 __all__ = ["tpf_path", "build_tpf_hdulist", "write_tpf", "TargetPixelFileWriter"]
@@ -122,35 +119,9 @@ def _column_wcs_cards(phot, n):
 
 def build_tpf_hdulist(phot):
     """The Target Pixel File of a BasePhotometry object after :meth:`photometry`."""
-    target = phot.target
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     primary = fits.PrimaryHDU()
-    for key, value, comment in [
-        ("TELESCOP", "TESS", "telescope"),
-        ("INSTRUME", "TESS Photometer", "detector type"),
-        ("CREATOR", CREATOR, "software that created this file"),
-        ("ORIGIN", "tessphot", "institution/software that created this file"),
-        ("DATE", now, "file creation date (UTC)"),
-        ("PROCVER", __version__, "photometry package version"),
-        ("DATA_REL", _card_value(getattr(phot.source, "data_rel", None)), "data release"),
-        ("PHOTMET", phot.name, "photometry method whose stamp this is"),
-        ("METHVER", str(phot.version), "photometry method version"),
-        ("SETHASH", settings_hash(phot.settings), "hash of the settings used"),
-        ("DATASRC", phot.datasource, "data source: ffi (cache) or tpf"),
-        ("OBJECT", f"TIC {phot.starid}", "string version of target id"),
-        ("TICID", phot.starid, "unique tess target identifier"),
-        ("SECTOR", phot.sector, "Observing sector"),
-        ("CAMERA", phot.camera, "Camera number"),
-        ("CCD", phot.ccd, "CCD chip number"),
-        ("RADESYS", "ICRS", "reference frame of celestial coordinates"),
-        ("EQUINOX", 2000.0, "equinox of celestial coordinate system"),
-        ("RA_OBJ", _card_value(target.get("ra_J2000")), "[deg] right ascension (J2000)"),
-        ("DEC_OBJ", _card_value(target.get("dec_J2000")), "[deg] declination (J2000)"),
-        ("PMRA", _card_value(target.get("pmra")), "[mas/yr] RA proper motion"),
-        ("PMDEC", _card_value(target.get("pmdec")), "[mas/yr] Dec proper motion"),
-        ("TESSMAG", _card_value(target.get("tmag")), "[mag] TESS magnitude"),
-        ("TEFF", _card_value(target.get("teff")), "[K] Effective temperature"),
-    ]:
+    for key, value, comment in [("CREATOR", CREATOR, "software that created this file"),
+                                *primary_cards(phot)]:
         primary.header[key] = (value, comment)
 
     images = {"RAW_CNTS": _raw_counts(phot), "FLUX": phot.images_cube,
