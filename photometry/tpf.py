@@ -194,6 +194,7 @@ class TPFSource:
 
     # ------------------------------------------------------------------ reading
     def _read_file(self):
+        """Headers, time axis, cubes (images with the sky), RAW_CNTS, POS_CORR, APERTURE."""
         with open_fits(self.path) as hdul:
             names = [h.name for h in hdul]
             if "PIXELS" not in names or "APERTURE" not in names:
@@ -247,6 +248,8 @@ class TPFSource:
         self.data_rel = _header_value(self.header, "DATA_REL")
 
     def _set_ids(self, sector, camera, ccd):
+        """Sector, camera, CCD: header, else file name, else the caller's; contradictions are
+        InputErrors."""
         from_name = _ids_from_name(self.path)
         given = {"sector": sector, "camera": camera, "ccd": ccd}
         for (key, value), named in zip(given.items(), from_name):
@@ -299,6 +302,9 @@ class TPFSource:
                     "WCS is wrong")
 
     def _set_reference_and_motion(self):
+        """Reference cadence (as the cache chooses it; also the proper-motion epoch), the
+        POS_CORR translation kernel re-zeroed there, and the sum image."""
+        from .cache import choose_reference_frame
         good = TESSQualityFlags.filter(self.quality)
         if not np.any(good):
             good = np.ones(self.n_frames, dtype=bool)
@@ -306,14 +312,10 @@ class TPFSource:
         finite = np.all(np.isfinite(pos), axis=1)
         # pos_corr as in the file (NaN kept, it goes to POS_CORR1/2); the kernel has no NaN
         self.pos_corr = pos if np.isfinite(pos).any() else None
-        cand = np.flatnonzero(good & finite) if self.pos_corr is not None else np.array([])
-        if cand.size == 0:
-            cand = np.flatnonzero(good)
-        #: the reference cadence: the good one nearest the middle (proper motion epoch too)
-        self.ref_frame = int(cand[np.argmin(np.abs(self.time[cand] - np.median(self.time[cand])))])
+        self.ref_frame = choose_reference_frame(
+            self.time, self.quality, usable=finite if self.pos_corr is not None else None)
         if self.pos_corr is not None:
-            ref = self.ref_frame if finite[self.ref_frame] else np.flatnonzero(finite)[0]
-            shift = np.nan_to_num(pos - pos[ref], nan=0.0)
+            shift = np.nan_to_num(pos - pos[self.ref_frame], nan=0.0)
             self.movement_kernel = TranslationKernel(shift[:, 0], shift[:, 1])
         else:
             self.movement_kernel = None
@@ -323,6 +325,7 @@ class TPFSource:
         self._good = good
 
     def _set_pixel_flags(self, prepare_settings):
+        """Saturated (and bleed) pixels per frame, by the cache's rule and settings."""
         from .cache import pixel_flags_for
         level = float(prepare_settings["saturation_level"])
         pad = int(prepare_settings["saturation_bleed_pad"])

@@ -19,8 +19,9 @@ Method, per target:
    again, at most ``max_resizes`` times (WARNING if it still touches or cannot grow).
 4. Light curve: residual sky surface fitted per cadence on the stamp's empty pixels
    (``residual_background``; cache data only, a TPF's sky is final), sum over the mask,
-   errors with the background error correlated, flux-weighted centroid (0-based CCD column, row), division by the PRF-predicted fraction
-   of flux kept at each frame's position (``motion_correction``).
+   errors with the background error correlated, flux-weighted centroid (0-based CCD column,
+   row), division by the PRF-predicted fraction of flux kept at each frame's position
+   (``motion_correction``).
 5. Contamination ``AP_CONT`` = catalog-expected flux of other stars in the mask / all
    expected flux in it. With ``contamination_correction`` (default) the flux is
    ``flux - AP_CONT x median(flux)``, i.e. the neighbours' mean share is removed so that
