@@ -655,12 +655,7 @@ class BasePhotometry:
             if not isinstance(status, STATUS) or status == STATUS.UNKNOWN:
                 raise AlgorithmFailure(
                     f"{type(self).__name__}.do_photometry returned {status!r}, not a STATUS")
-            # what the data source could not do well (a TESScut sky it could not separate
-            # from the stars) makes any result at best a WARNING, with its reason
-            for message in getattr(self.source, "warnings", ()):
-                logger.warning("TIC %d: %s", self.starid, message)
-                if status == STATUS.OK:
-                    status = STATUS.WARNING
+            status = self._source_warnings(status)
             if status in (STATUS.OK, STATUS.WARNING):
                 self._post_process()
         finally:
@@ -668,6 +663,16 @@ class BasePhotometry:
                 log.removeHandler(handler)
             self.details["errors"].extend(handler.messages)
         self._status = status
+        return status
+
+    def _source_warnings(self, status):
+        """What the data source could not do well (``source.warnings``: (code, text), e.g. a
+        TESScut sky it could not separate from the stars) makes any result at best a
+        WARNING: each is logged with its code, so it is stored with the result."""
+        for code, text in getattr(self.source, "warnings", ()):
+            logger.warning("TIC %d: WARNING %s: %s", self.starid, code, text)
+            if status == STATUS.OK:
+                status = STATUS.WARNING
         return status
 
     def _post_process(self):

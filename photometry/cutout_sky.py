@@ -3,7 +3,7 @@ together, per cadence.
 
 Why a joint fit: TESScut (astrocut) cuts calibrated FFIs, which are not background-subtracted
 (FLUX_BKG is 0). A sky taken from the "empty" pixels of a small cutout is mostly the wings of
-the stars that fill it (the aperture plugin's per-stamp plane took 5170 e-/s per pixel from the
+the stars that fill it (the aperture plugin's per-stamp plane took 5070 e-/s per pixel from the
 6x6 Pi Men cutout). Fitting the catalog stars' PRFs with free fluxes beside the sky attributes
 the wings to the stars. On the real SPOC TPF of TIC 25155310 (11x11 px, FLUX + FLUX_BKG) this
 gives 86.0 e-/s per pixel against SPOC's FLUX_BKG of 84.7-84.9.

@@ -24,7 +24,7 @@ from . import __version__, hookimpl
 from .settings import settings_hash
 from .utilities import BTJD_TIME_CARDS
 
-__all__ = ["lightcurve_path", "write_lightcurve", "build_hdulist", "primary_cards",
+__all__ = ["lightcurve_path", "write_lightcurve", "build_hdulist", "primary_header",
            "write_atomic", "FILE_VERSION"]
 
 FILE_VERSION = "1.0"
@@ -87,16 +87,24 @@ def _stamp_wcs_header(phot):
     return header
 
 
-def primary_cards(phot):
-    """(keyword, value, comment) of the primary header that every file of a target shares
-    (light curve, TPF export): provenance, target and CCD, as SPOC writes them."""
+def primary_header(phot, creator=None, filever=FILE_VERSION):
+    """The primary header every file of one BasePhotometry object shares (light curve, TPF
+    export): provenance, target and CCD, with SPOC's keywords.
+
+    ``creator`` (CREATOR) decides how lightkurve reads the file: the TPF export gives
+    "...TargetPixelExporter"; None leaves CREATOR out (the light curve, read by lightkurve's
+    generic reader). ``filever`` is the FILEVER of that product.
+    """
     target = phot.target
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    return [
+    cards = [
         ("ORIGIN", "tessphot", "institution/software that created this file"),
         ("DATE", now, "file creation date (UTC)"),
+        ("CREATOR", creator, "software that created this file"),
         ("TELESCOP", "TESS", "telescope"),
         ("INSTRUME", "TESS Photometer", "detector type"),
+        ("FILTER", "TESS", "photometric bandpass"),
+        ("FILEVER", filever, "file format version"),
         ("PROCVER", __version__, "photometry package version"),
         ("PHOTMET", phot.name, "photometry method"),
         ("METHVER", str(phot.version), "photometry method version"),
@@ -108,6 +116,7 @@ def primary_cards(phot):
         ("SECTOR", phot.sector, "observing sector"),
         ("CAMERA", phot.camera, "camera number"),
         ("CCD", phot.ccd, "CCD chip number"),
+        ("CADENCE", phot.cadence, "[s] cadence"),
         ("RADESYS", "ICRS", "reference frame of celestial coordinates"),
         ("EQUINOX", 2000.0, "equinox of celestial coordinate system"),
         ("RA_OBJ", _card_value(target.get("ra_J2000")), "[deg] right ascension (J2000)"),
@@ -117,21 +126,19 @@ def primary_cards(phot):
         ("TESSMAG", _card_value(target.get("tmag")), "[mag] TESS magnitude"),
         ("TEFF", _card_value(target.get("teff")), "[K] effective temperature"),
     ]
+    header = fits.Header()
+    for key, value, comment in cards:
+        if key != "CREATOR" or value is not None:
+            header[key] = (value, comment)
+    return header
 
 
 def build_hdulist(phot):
     """The light-curve FITS file of a BasePhotometry object after :meth:`photometry`."""
     lc = phot.lightcurve
 
-    primary = fits.PrimaryHDU()
+    primary = fits.PrimaryHDU(header=primary_header(phot))
     h = primary.header
-    cards = primary_cards(phot) + [
-        ("FILTER", "TESS", "photometric bandpass"),
-        ("FILEVER", FILE_VERSION, "file format version"),
-        ("CADENCE", phot.cadence, "[s] cadence"),
-    ]
-    for key, value, comment in cards:
-        h[key] = (value, comment)
     for key, (value, comment) in phot.additional_headers.items():
         h[key] = (_card_value(value), comment)
 

@@ -172,6 +172,8 @@ class TPFSource:
             from .settings import default_settings
             settings = default_settings()
         self.path = Path(path)
+        #: (reason code, text) of what this source could not do well; every result from it
+        #: is then at best a WARNING (BasePhotometry)
         self.warnings = []
         self._read_file()
         self._set_ids(sector, camera, ccd)
@@ -282,6 +284,14 @@ class TPFSource:
             raise InputError(f"{self.path}: no physical WCS (CRVAL1P/CRVAL2P) for the CCD offset")
         self.column_offset = int(c1) - 1
         self.row_offset = int(r1) - 1
+        from .simulate import FRAME_COLS, FRAME_ROWS       # the full 2078 x 2136 frame
+        nrow, ncol = self.shape
+        if (self.row_offset + nrow <= 0 or self.row_offset >= FRAME_ROWS
+                or self.column_offset + ncol <= 0 or self.column_offset >= FRAME_COLS):
+            raise InputError(
+                f"{self.path}: the physical WCS puts the {nrow}x{ncol} stamp at CCD row "
+                f"{self.row_offset}, column {self.column_offset} (0-based), off the "
+                f"{FRAME_ROWS}x{FRAME_COLS} frame: the file's geometry is wrong")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FITSFixedWarning)
@@ -457,11 +467,12 @@ class TPFSource:
         self._cubes["background_errors"] = fit.sky_err
         if not fit.determined:
             nrow, ncol = self.shape
-            self.warnings.append(
+            self.warnings.append((
+                "SKY_UNDETERMINED",
                 f"{self.path.name}: the sky is not separable from the stars on this "
                 f"{nrow}x{ncol} cutout ({fit.n_sky_pixels} sky-dominated pixels; fitted "
                 f"{fit.level:.0f} e-/s per pixel, which includes starlight the PRF model "
-                "lacks): the flux level is uncertain, use a larger cutout")
+                "lacks): the flux level is uncertain, use a larger cutout"))
 
     @property
     def background_pixels(self):

@@ -10,9 +10,10 @@ redo or check the photometry with lightkurve:
 
 Layout (``docs/coordinates_and_formats.md``, TPF export), as SPOC writes it:
 
-- PRIMARY: TELESCOP, INSTRUME, CREATOR (contains "TargetPixelExporter", which is how lightkurve
-  recognises a TPF), ORIGIN 'tessphot', OBJECT, TICID, SECTOR, CAMERA, CCD, RA_OBJ/DEC_OBJ
-  (J2000), PMRA, PMDEC, TESSMAG, TEFF, DATA_REL, PROCVER, our method and settings hash.
+- PRIMARY: the light curve's :func:`photometry.lightcurve_io.primary_header` (TELESCOP,
+  OBJECT, TICID, SECTOR, CAMERA, CCD, RA_OBJ/DEC_OBJ J2000, PMRA, PMDEC, TESSMAG, TEFF,
+  DATA_REL, our method and settings hash, ...) with CREATOR containing "TargetPixelExporter",
+  which is how lightkurve recognises a TPF.
 - PIXELS: TIME, TIMECORR, CADENCENO, RAW_CNTS (the file's for TPF input, else -1 = TNULL),
   FLUX (background-subtracted, e-/s), FLUX_ERR, FLUX_BKG, FLUX_BKG_ERR, QUALITY (SPOC's cadence
   bits as read), POS_CORR1/2; per image column the stamp WCS (``1CTYPn``...) and the physical
@@ -28,13 +29,16 @@ import numpy as np
 from astropy.io import fits
 
 from . import hookimpl
-from .lightcurve_io import _stamp_wcs_header, lightcurve_path, primary_cards, write_atomic
+from .lightcurve_io import _stamp_wcs_header, lightcurve_path, primary_header, write_atomic
 from .utilities import BTJD_TIME_CARDS
 
 __all__ = ["tpf_path", "build_tpf_hdulist", "write_tpf", "TargetPixelFileWriter"]
 
 #: lightkurve's detect_filetype looks for "targetpixel" in CREATOR
 CREATOR = "tessphot TargetPixelExporter"
+
+#: FILEVER of the export (its own layout, independent of the light curve's)
+FILE_VERSION = "1.0"
 
 #: (column, TFORM letter, unit) of the image columns, in SPOC's order (RAW_CNTS is 4th)
 _IMAGE_COLUMNS = (("RAW_CNTS", "J", "count"), ("FLUX", "E", "e-/s"),
@@ -119,10 +123,7 @@ def _column_wcs_cards(phot, n):
 
 def build_tpf_hdulist(phot):
     """The Target Pixel File of a BasePhotometry object after :meth:`photometry`."""
-    primary = fits.PrimaryHDU()
-    for key, value, comment in [("CREATOR", CREATOR, "software that created this file"),
-                                *primary_cards(phot)]:
-        primary.header[key] = (value, comment)
+    primary = fits.PrimaryHDU(header=primary_header(phot, CREATOR, filever=FILE_VERSION))
 
     images = {"RAW_CNTS": _raw_counts(phot), "FLUX": phot.images_cube,
               "FLUX_ERR": phot.images_err_cube, "FLUX_BKG": phot.backgrounds_cube,
@@ -184,7 +185,7 @@ class TargetPixelFileWriter:
     """The stamp as a SPOC-layout Target Pixel File (``photometry.writers`` name "tpf")."""
 
     name = "tpf"
-    version = "1.0"
+    version = FILE_VERSION
 
     def write(self, phot, output_folder):
         return write_tpf(phot, output_folder)

@@ -55,6 +55,15 @@ def _copy(path, tmp_path, name=None, primary=None, times=None):
     return out
 
 
+def _sap(lc):
+    """(aperture flux, background in the mask) columns of our light curve: FLUX_RAW/FLUX_BKG
+    in file version 1, SAP_FLUX/SAP_BKG in the SPOC layout."""
+    names = lc.columns.names
+    if "SAP_FLUX" in names:
+        return lc["SAP_FLUX"], lc["SAP_BKG"]
+    return lc["FLUX_RAW"], lc["FLUX_BKG"]
+
+
 def _cli(capsys, *args):
     code = cli.main([str(a) for a in args])
     return code, capsys.readouterr()
@@ -189,9 +198,21 @@ def test_sector_camera_ccd_checked_against_the_file(tmp_path, capsys):
     with pytest.raises(InputError, match="file name says sector 2 but the header says"):
         TPFSource(other, starid=PIMEN, tmag=5.1)
     # the 2018 5x5 TESScut without SECTOR gets past the sector (from its name) and stops at
-    # its WCS, which places its own centre 974 px off the cutout
-    with pytest.raises(InputError, match="off the 5x5 stamp: the WCS is wrong"):
+    # its geometry: its physical WCS puts it at CCD row -857 (and its celestial WCS places
+    # its own centre 974 px off the cutout)
+    with pytest.raises(InputError, match=r"CCD row -857, column 118 \(0-based\), off the "
+                                         "2078x2136 frame"):
         TPFSource(BLANK, starid=1, tmag=12)
+
+
+def test_wcs_that_misplaces_the_files_own_target_is_refused(tmp_path):
+    path = tmp_path / "shifted.fits"
+    with fits.open(TESSCUT) as hdul:
+        hdul["APERTURE"].header["CRPIX2"] += 900.0        # as the 2018 5x5 TESScut's 977
+        hdul.writeto(path)
+    with pytest.raises(InputError, match=r"RA_OBJ/DEC_OBJ at stamp pixel \(row 903, "
+                                         r"column 3\), off the 6x6 stamp: the WCS is wrong"):
+        TPFSource(path, starid=PIMEN, tmag=5.1)
 
 
 @pytest.mark.skipif(not ONE_PIXEL.exists(), reason="../shared/data/real not available")
@@ -327,7 +348,7 @@ def test_blank_tesscut_sky_is_its_pixels():
 
 def test_pi_men_tesscut_sky_is_fitted_and_flagged(tmp_path):
     """TESScut FLUX holds the sky. Before: taken as sky-free, the aperture's plane took
-    5170 e-/s per mask pixel (sky plus Pi Men's halo) and 6.7 % of the flux. Now: the sky is
+    5070 e-/s per mask pixel (sky plus Pi Men's halo) and 6.5 % of the flux. Now: the sky is
     fitted with Pi Men's SPOC PRF, 592 e-/s per pixel, and the flux is within 0.7 % of what
     SPOC's sky (87-95) gives. The 6x6 cutout has no pixel where the sky outshines the star, so
     the level rests on the PRF's far wings: WARNING, with the reason."""
@@ -336,7 +357,8 @@ def test_pi_men_tesscut_sky_is_fitted_and_flagged(tmp_path):
     fit = src.sky_fit
     assert not fit.determined and fit.n_sky_pixels == 0
     assert SPOC_PIMEN_SKY[1] < fit.level < 800                   # measured 592
-    assert len(src.warnings) == 1 and "not separable" in src.warnings[0]
+    assert [code for code, _ in src.warnings] == ["SKY_UNDETERMINED"]
+    assert "not separable" in src.warnings[0][1]
     result = run_target(AperturePhotometry, PIMEN, src, _settings(), tmp_path, plot=True)
     assert result["status"] == STATUS.WARNING
     assert any("sky is not separable" in e for e in result["details"]["errors"])
@@ -345,12 +367,13 @@ def test_pi_men_tesscut_sky_is_fitted_and_flagged(tmp_path):
         lc = hdul["LIGHTCURVE"].data
         npix = np.count_nonzero(hdul["APERTURE"].data & 2)
         assert npix == 15 and np.count_nonzero(hdul["APERTURE"].data & 4) == 0
-    # the background column is the sky under the mask, not the old 5170 e-/s per pixel
-    per_pixel = np.median(lc["FLUX_BKG"]) / npix
+    # the background column is the sky under the mask, not the old 5070 e-/s per pixel
+    sap, sap_bkg = _sap(lc)
+    per_pixel = np.median(sap_bkg) / npix
     assert per_pixel == pytest.approx(fit.level, rel=0.01)
-    # the flux against what SPOC's sky would give (the old plane: 6.7 % low)
-    with_spoc_sky = lc["FLUX_RAW"] + lc["FLUX_BKG"] - np.mean(SPOC_PIMEN_SKY) * npix
-    assert np.all(np.abs(lc["FLUX_RAW"] / with_spoc_sky - 1) < 0.01)
+    # the flux against what SPOC's sky would give (the old plane: 6.5 % low)
+    with_spoc_sky = sap + sap_bkg - np.mean(SPOC_PIMEN_SKY) * npix
+    assert np.all(np.abs(sap / with_spoc_sky - 1) < 0.01)
     # the sky is in the plots
     assert (Path(result["lightcurve"]).parent / "plots" / f"{PIMEN:011d}" /
             "background.png").stat().st_size > 1000
@@ -401,11 +424,12 @@ def _check_export(lc_path, tp_path, exact=True):
     sap = tpf.to_lightcurve(aperture_mask="pipeline")
     index = np.searchsorted(lc["TIME"], sap.time.value)       # TESScut's CADENCENO are 0
     np.testing.assert_allclose(lc["TIME"][index], sap.time.value, rtol=0, atol=1e-9)
-    ratio = sap.flux.value / lc["FLUX_RAW"][index]
+    ours, ours_bkg = _sap(lc)
+    ratio = sap.flux.value / ours[index]
     if exact:
         np.testing.assert_allclose(ratio, 1.0, rtol=2e-7)
     bkg = tpf.get_bkg_lightcurve(aperture_mask=mask)
-    np.testing.assert_allclose(bkg.flux.value, lc["FLUX_BKG"][index], rtol=1e-6)
+    np.testing.assert_allclose(bkg.flux.value, ours_bkg[index], rtol=1e-6)
     return ratio
 
 
