@@ -130,8 +130,8 @@ def primary_header(phot, creator=None, filever=FILE_VERSION):
     for key, value, comment in cards:
         if key != "CREATOR" or value is not None:
             header[key] = (value, comment)
-    # data layer (photometry.cache.FFICache.errors_estimated): pixel uncertainties the FFIs
-    # lacked and prepare estimated from the pixels (noise model); absent for TPF sources
+    # pixel uncertainties the input lacked and that were estimated from the pixels (noise
+    # model): FFICache.errors_estimated (prepare), TPFSource.errors_estimated
     err_est = getattr(phot.source, "errors_estimated", None)
     if err_est is not None:
         header["ERR_EST"] = (round(float(err_est), 6), "fraction of pixel errors estimated")

@@ -22,6 +22,8 @@ stamp(name, row_slice, col_slice)``. As in the cache, ``stamp("images")`` holds 
   nearest the middle): the header's PMRA/PMDEC, or a catalog's.
 - **Motion**: POS_CORR1/2 (when present and finite) as a translation re-zeroed at the
   reference cadence. Cadences with NaN TIME are dropped when the file is read.
+- **Noise and errors**: ``noise`` is the CCDNoise of one cadence (the header's read noise,
+  exposure = cadence x DEADC); FLUX_ERR the file lacks is estimated from the pixels with it.
 - **Pixel flags**: Saturated where a frame exceeds ``prepare.saturation_level`` (with the
   bleed pad), as the cache flags them; NonFinite is added by BasePhotometry.
 """
@@ -180,6 +182,7 @@ class TPFSource:
         self.cadence = nominal_cadence(self.time, _header_value(self._pixhead, "TIMEDEL"),
                                        where=str(self.path))
         self._set_geometry()
+        self._set_noise_and_errors()
         self._set_reference_and_motion()
         self._set_pixel_flags(settings["prepare"])
 
@@ -310,6 +313,41 @@ class TPFSource:
                     f"{self.path}: the WCS places the file's own RA_OBJ/DEC_OBJ at stamp pixel "
                     f"(row {y[0]:.0f}, column {x[0]:.0f}), off the {nrow}x{ncol} stamp: the "
                     "WCS is wrong")
+
+    def _set_noise_and_errors(self):
+        """``noise`` (:class:`photometry.noise.CCDNoise` of one cadence) and FLUX_ERR where the
+        file lacks it.
+
+        The read noise and NREADOUT of the PIXELS header are per cadence, but a SPOC TPF's
+        EXPOSURE is the whole sector's time on source (21.2 d in the real TPF), so the
+        exposure is the cadence x DEADC. Pixel errors absent, NaN or not positive where FLUX
+        is finite (TICA cutouts, hand-made files) are estimated as prepare estimates an FFI's
+        (``photometry.ffi.estimate_missing_uncert``): photons of the pixel's flux, sky
+        included, plus its output's read noise; ``errors_estimated`` is their fraction (the
+        ERR_EST card).
+        """
+        from .noise import CCDNoise
+        header = self.header.copy()
+        header.extend(self._pixhead, update=True)
+        deadc = _header_value(header, "DEADC")
+        if deadc is not None and float(deadc) > 0:
+            header["EXPOSURE"] = self.cadence * float(deadc) / 86400.0
+        else:
+            header.remove("EXPOSURE", ignore_missing=True)
+        self.noise = CCDNoise.from_header(header, self.cadence)
+        images = self._cubes["images"]
+        errors = self._cubes.get("errors")
+        if errors is None:
+            errors = np.full(images.shape, np.nan)
+        finite = np.isfinite(images)
+        with np.errstate(invalid="ignore"):
+            missing = finite & ~(np.isfinite(errors) & (errors > 0))
+        self.errors_estimated = float(np.count_nonzero(missing) / max(finite.sum(), 1))
+        if missing.any():
+            columns = self.column_offset + np.arange(self.shape[1])
+            estimate = np.sqrt(self.noise.pixel_variance(images, columns[None, None, :]))
+            errors = np.where(missing, estimate, errors)
+        self._cubes["errors"] = errors
 
     def _set_reference_and_motion(self):
         """Reference cadence (as the cache chooses it; also the proper-motion epoch), the

@@ -308,6 +308,40 @@ def test_catalog_neighbours_reach_the_method(tmp_path):
         TPFSource(TPF, catalog=bad)
 
 
+# ---------------------------------------------------------------- noise and pixel errors
+@pytest.mark.parametrize("path, kwargs, exposure", [
+    (TPF, {}, 95.04),                                      # 120 s x DEADC 0.792
+    (TESSCUT, {"starid": PIMEN, "tmag": 5.1}, 1425.6),    # 1800 s x 0.792
+])
+def test_missing_pixel_errors_are_estimated(tmp_path, path, kwargs, exposure):
+    """A cutout without FLUX_ERR (TICA cutouts, hand-made files): estimated from the pixels
+    with the header's read noise, 0.95-0.97 x SPOC's FLUX_ERR (prepare's FFI estimate: 0.965);
+    ERR_EST says so. The per-cadence exposure is the cadence x DEADC, not the TPF's EXPOSURE
+    (21.2 d, the whole sector)."""
+    src = TPFSource(path, settings=_settings(), **kwargs)
+    assert src.errors_estimated == 0.0 and src.noise.defaulted == ()
+    assert src.noise.exposure == pytest.approx(exposure)
+    bare = tmp_path / Path(path).name
+    with fits.open(path) as hdul:
+        real = np.array(hdul["PIXELS"].data["FLUX_ERR"], dtype=float)
+        hdul["PIXELS"].data["FLUX_ERR"][:] = 0.0
+        hdul.writeto(bare)
+    est = TPFSource(bare, settings=_settings(), **kwargs)
+    assert est.errors_estimated == 1.0
+    ratio = est.stamp("errors", slice(None), slice(None)) / real
+    assert 0.94 < np.nanmedian(ratio) < 0.99 and np.nanstd(ratio) < 0.02
+    # the light curve says its errors were estimated, and they are about SPOC's
+    results = [run_target(AperturePhotometry, est.target["starid"], source, _settings(),
+                          tmp_path / name) for name, source in
+               (("real", TPFSource(path, settings=_settings(), **kwargs)), ("bare", est))]
+    errs = []
+    for result, err_est in zip(results, (0.0, 1.0)):
+        with fits.open(result["lightcurve"]) as hdul:
+            assert hdul[0].header["ERR_EST"] == err_est
+            errs.append(np.median(hdul["LIGHTCURVE"].data["FLUX_ERR"]))
+    assert errs[1] / errs[0] == pytest.approx(1.0, abs=0.05)
+
+
 # ---------------------------------------------------------------- sky
 def test_sky_fit_reproduces_spocs_flux_bkg():
     """On the real SPOC TPF (FLUX + FLUX_BKG, 11x11 px, Tmag 10.6 target) the joint fit finds
