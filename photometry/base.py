@@ -23,7 +23,6 @@ and, for the catalog, either ``catalog_path`` (the catalog SQLite, see ``docs/ar
 or ``catalog_table()`` (an astropy Table with the SQLite's columns).
 """
 import enum
-import errno
 import logging
 import os
 import sqlite3
@@ -36,7 +35,7 @@ import numpy as np
 from astropy.table import Table
 
 from .errors import (AlgorithmFailure, ConfigurationError, InputError, SkipTarget,
-                     UnprocessableTarget)
+                     UnprocessableTarget, disk_full)
 from .quality import LightCurveQualityFlags, PixelQualityFlags, TESSQualityFlags
 from .stamps import default_stamp_size, clip_stamp
 
@@ -856,10 +855,6 @@ def _evaluate_where(table, where, params):
     return (row >= params[0]) & (row <= params[1]) & (col >= params[2]) & (col <= params[3])
 
 
-#: errno values of a full disk (run_target re-raises them)
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
 def run_target(method_cls, starid, source, settings, output_folder, plot=False):
     """Run one target: the ONE place where exceptions become a STATUS.
 
@@ -921,7 +916,7 @@ def run_target(method_cls, starid, source, settings, output_folder, plot=False):
     except InputError as exc:
         result["status"], result["error"] = STATUS.ABORT, str(exc)
     except OSError as exc:
-        if exc.errno in _DISK_FULL:
+        if disk_full(exc):
             raise
         logger.exception("TIC %s: %s failed", starid, result["method"])
         result["status"], result["error"] = STATUS.ERROR, f"{type(exc).__name__}: {exc}"

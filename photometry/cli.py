@@ -14,7 +14,6 @@ The contract (``docs/bad_input.md`` lists the cases, ``tests/test_bad_input.py``
   error names it.
 """
 import argparse
-import errno
 import importlib
 import logging
 import os
@@ -22,7 +21,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, disk_full
 
 __all__ = ["main", "build_parser", "add_settings_arguments", "tic_id", "at_least", "finite_float",
            "output_folder", "log_path",
@@ -50,11 +49,8 @@ EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 LOG_ENV = "TESSPHOT_LOG"
 LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
-STDERR_FORMAT = "%(levelname)s %(name)s: %(message)s"
 #: a log file larger than this is renamed to ``*.1`` when a command starts
 LOG_MAX_BYTES = 20_000_000
-#: errno values that mean "the disk is full", not "this input is bad"
-DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def one_line(text):
@@ -200,7 +196,7 @@ def output_folder(path, option="--output"):
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        reason = "no space left on device" if exc.errno in DISK_FULL else (exc.strerror or exc)
+        reason = "no space left on device" if disk_full(exc) else (exc.strerror or exc)
         raise InputError(f"{option} {path}: cannot write files there ({reason})") from None
     return path
 
@@ -328,7 +324,7 @@ def _user_error(command, message):
 def _os_error_message(exc):
     """One line for an OSError that names a file (a user or environment problem), or None."""
     name = exc.filename
-    if exc.errno in DISK_FULL:
+    if disk_full(exc):
         where = f"{name}: " if name else ""
         return f"{where}no space left on device; stopped (finished results are kept)"
     if name is None:

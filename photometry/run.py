@@ -46,9 +46,9 @@ import threading
 import time
 from pathlib import Path
 
-from .cli import (DISK_FULL, add_settings_arguments, at_least, finite_float, one_line,
-                  output_folder, tic_id, use_log_file)
-from .errors import ConfigurationError, InputError
+from .cli import (add_settings_arguments, at_least, finite_float, one_line, output_folder,
+                  tic_id, use_log_file)
+from .errors import ConfigurationError, InputError, disk_full
 from .settings import load_settings
 from .taskstore import ERROR, FAILED, STATUS_NAMES, TODO_NAME, TaskStore, owner_alive, owner_id
 
@@ -214,10 +214,6 @@ def execute_task(context, task):
             "details": res.get("details") or {}, "error": res.get("error")}
 
 
-def _disk_full(exc):
-    return isinstance(exc, OSError) and exc.errno in DISK_FULL
-
-
 def _die_with_parent(parent_pid):
     """Make this worker process end when its coordinator does: the kernel's parent-death
     signal on Linux (immediate), and a watchdog thread everywhere (within
@@ -287,7 +283,7 @@ def _worker_main(conn, config):
                 conn.send(("fatal", task["priority"], str(exc)))
                 return
             except Exception as exc:  # noqa: BLE001 - outside run_target: still a status
-                if _disk_full(exc):
+                if disk_full(exc):
                     conn.send(("fatal", task["priority"],
                                _disk_full_message(exc, context.output)))
                     return
@@ -589,7 +585,7 @@ class DaskBackend:
             exc = fut.exception()
             if isinstance(exc, ConfigurationError):
                 events.append(("fatal", task, str(exc)))
-            elif _disk_full(exc):
+            elif disk_full(exc):
                 events.append(("fatal", task, _disk_full_message(exc, self.config["output"])))
             else:
                 events.append(("failed", task, f"{type(exc).__name__}: {exc}"))
