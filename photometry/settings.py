@@ -142,6 +142,7 @@ LIMITS = {
     "scheduler.heartbeat": _POSITIVE,
     "scheduler.claim_batch": _ONE_OR_MORE,
     "scheduler.prefetch": _COUNT,
+    "scheduler.stamp_cache_mb": _COUNT,
     "scheduler.commit_every": _ONE_OR_MORE,
     "scheduler.commit_interval": _COUNT,
     "scheduler.busy_timeout": _POSITIVE,
