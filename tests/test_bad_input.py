@@ -454,3 +454,23 @@ def test_every_case_is_documented():
                 cells[-1] = SEEN[case].replace("|", "\\|") + " |"
             return " | ".join(cells)
         DOC.write_text(re.sub(r"^\| `[a-z0-9-]+` \|.*\|$", row, text, flags=re.M))
+
+
+def test_disk_full_seen_through_a_library_reraise():
+    """astropy's FITS writer re-raises ENOSPC as a bare OSError("Not enough space on disk ..."):
+    it must still stop the run rather than mark each later target ERROR."""
+    import errno
+
+    from photometry.errors import disk_full
+
+    def reraise():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise OSError("Not enough space on disk: requested 1440, available 0. " + str(exc))
+
+    with pytest.raises(OSError) as info:
+        reraise()
+    assert info.value.errno is None and disk_full(info.value)
+    assert not disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not disk_full(ValueError("No space"))
