@@ -16,7 +16,11 @@ Usage::
 
     python benchmarks/bench_sector.py [--workdir DIR] [--full-frames 200] [--small 128]
         [--small-frames 200 1282 11800] [--run-targets 2400] [--linpsf-targets 200]
-        [--write-docs] [--keep]
+        [--write-docs] [--keep] [--json FILE]
+    python benchmarks/bench_sector.py --merge A.json B.json [--write-docs]
+
+``--merge`` projects from the figures of earlier runs (``--json``), so the full-frame and the
+cut-down parts can be run one after the other (each within a few minutes on a shared machine).
 
 Disk: the full-frame part needs ~36 MB per frame of FITS plus ~12 MB per frame of cache
 (200 frames: ~10 GB); the FITS files are deleted as soon as each cache is written, and
@@ -198,6 +202,7 @@ def sector(work, label, n_frames, size, run_targets, linpsf_targets, progress=Tr
     a1, a2 = runs.get("aperture_1w"), runs.get("aperture_2w")
     if a1 and a2:
         res["speedup_1_to_2"] = a2["rate"] / a1["rate"]
+    res["load_average"] = os.getloadavg()[0]
     res["lc_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     res["lc_files"] = sum(1 for _ in out.rglob("*_lc.fits"))
     shutil.rmtree(cache)
@@ -215,60 +220,53 @@ def _fit(x, y):
     return float(a), float(b)
 
 
-def project(full, small, targets=TARGETS):
-    """Growth laws from the measured points and the full-sector projection."""
-    px_full = full[-1]["size"] ** 2
+def project(full, small, targets=TARGETS, cores=2):
+    """Growth laws from the measured points and the full-sector projection.
+
+    Times are projected from CPU seconds, not wall: on a shared machine the wall time of a
+    run says more about the other jobs than about ours. A run's CPU per target (its
+    coordinator and workers, start-up included) is taken at the largest full-frame point and
+    grown with the per-cadence slope of the cut-down sectors (frame size does not enter a
+    target's cost except through the catalog); the run's wall time on an idle machine is
+    that CPU over ``cores`` workers (the 1 -> 2 worker speedup measured here is printed
+    beside it). Prepare is one process: its CPU law is its wall time on an idle core.
+    """
     laws = {}
-    # prepare CPU and wall per frame grow with the pixels: per pixel-frame from the full
-    # frames, the fixed part (catalog, masks, factorisation) from the full frames too
     xs = [r["frames"] for r in full]
-    laws["prepare_wall"] = _fit(xs, [r["prepare"]["wall"] for r in full])
     laws["prepare_cpu"] = _fit(xs, [r["prepare"]["cpu"] for r in full])
+    laws["prepare_wall"] = _fit(xs, [r["prepare"]["wall"] for r in full])
     laws["prepare_rss_mb"] = _fit(xs, [r["prepare"]["maxrss_mb"] for r in full])
     laws["cache_bytes"] = _fit(xs, [r["cache_bytes"] for r in full])
-    # memory growth with frames is measured at the cut-down size, where N goes to 11 800
     sx = [r["frames"] for r in small]
-    small_prep_rss = _fit(sx, [r["prepare"]["maxrss_mb"] for r in small])
-    laws["prepare_rss_small_mb"] = small_prep_rss
-    # per target: a + b N from the cut-down sectors (frame size does not enter)
-    for name in ("aperture_2w", "linpsf_2w", "aperture_1w"):
-        pts = [(r["frames"], r["runs"][name]) for r in small if name in r["runs"]]
+    for name in ("aperture_1w", "aperture_2w", "linpsf_2w"):
+        pts = [(r["frames"], r["runs"][name]) for r in small if name in r.get("runs", {})]
         if len(pts) >= 2:
-            laws[f"{name}_elaptime"] = _fit([p[0] for p in pts],
-                                            [p[1]["elaptime_median"] for p in pts])
-            laws[f"{name}_cpu"] = _fit([p[0] for p in pts], [p[1]["cpu_per_target"]
-                                                             for p in pts])
-            laws[f"{name}_rss_mb"] = _fit([p[0] for p in pts], [p[1]["maxrss_mb"] for p in pts])
-            laws[f"{name}_rate"] = [(p[0], p[1]["rate"]) for p in pts]
+            laws[f"{name}_cpu"] = _fit([p[0] for p in pts],
+                                       [p[1]["cpu_per_target"] for p in pts])
+            laws[f"{name}_rss_mb"] = _fit([p[0] for p in pts],
+                                          [p[1]["maxrss_mb"] for p in pts])
+    if len(sx) >= 2 and all(np.isfinite(r["prepare"]["maxrss_mb"]) for r in small):
+        laws["prepare_rss_small_mb"] = _fit(sx, [r["prepare"]["maxrss_mb"] for r in small])
     out = {"laws": laws, "sectors": {}}
-    ref_full = full[-1]
+    ref = full[-1]
     for n in (1282, 11800):
-        a, b = laws["prepare_wall"]
+        a, b = laws["prepare_cpu"]
         prep = a + b * n
         a, b = laws["cache_bytes"]
-        disk = a + b * n
-        # run: the measured throughput at full size (2 workers) scaled by the per-target
-        # law's ratio between N and the full-frame point's frame count
-        proj = {"prepare_h": prep / 3600, "cache_gb": disk / 1e9,
-                "ffi_gb": ref_full["ffi_bytes"] / ref_full["frames"] * n / 1e9}
+        proj = {"prepare_h": prep / 3600, "cache_gb": (a + b * n) / 1e9,
+                "ffi_gb": ref["ffi_bytes"] / ref["frames"] * n / 1e9,
+                "todo_s": ref["todo"]["cpu"]}
         for name in ("aperture_2w", "linpsf_2w"):
-            law = laws.get(f"{name}_elaptime")
-            if law is None or name not in ref_full["runs"]:
+            law = laws.get(f"{name}_cpu")
+            if law is None or name not in ref["runs"]:
                 continue
-            per_target = law[0] + law[1] * n
-            at_full = law[0] + law[1] * ref_full["frames"]
-            rate_full = ref_full["runs"][name]["rate"]
-            rate = rate_full * at_full / per_target
+            per_target = ref["runs"][name]["cpu_per_target"] + law[1] * (n - ref["frames"])
             proj[f"{name}_per_target_ms"] = 1000 * per_target
-            proj[f"{name}_run_h"] = targets / rate / 3600
+            proj[f"{name}_run_h"] = targets * per_target / cores / 3600
             ra, rb = laws[f"{name}_rss_mb"]
-            proj[f"{name}_rss_mb"] = max(ra + rb * n, ref_full["runs"][name]["maxrss_mb"])
+            proj[f"{name}_rss_mb"] = ref["runs"][name]["maxrss_mb"] + rb * (n - ref["frames"])
         pa, pb = laws["prepare_rss_mb"]
-        sa, sb = small_prep_rss
-        # full-frame prepare memory: its measured level plus the cut-down growth per frame
-        proj["prepare_rss_mb"] = pa + pb * ref_full["frames"] + max(sb, 0) * (
-            n - ref_full["frames"]) * px_full / (small[0]["size"] ** 2)
-        proj["todo_s"] = ref_full["todo"]["wall"]
+        proj["prepare_rss_mb"] = pa + pb * n
         proj["total_aperture_h"] = proj["prepare_h"] + proj["todo_s"] / 3600 + proj.get(
             "aperture_2w_run_h", float("nan"))
         out["sectors"][n] = proj
@@ -283,8 +281,9 @@ def report(full, small, proj, machine):
              "| sector | frames | size | prepare wall / CPU (s) | prepare per frame | prepare peak RSS | "
              "backdrop setup + fit/frame | cache B/px/frame | todo (s) | tasks | "
              "aperture 1w / 2w rate (targets/s) | 1->2 | aperture elaptime median (ms) | "
-             "CPU/target (ms) | run peak RSS (MB) | linpsf rate, elaptime (ms), RSS (MB) |",
-             "|" + "---|" * 16]
+             "aperture CPU/target (ms) | run peak RSS (MB) | linpsf CPU/target (ms), RSS (MB) | "
+             "load average |",
+             "|" + "---|" * 17]
     for r in full + small:
         p = r["prepare"]
         runs = r["runs"]
@@ -300,14 +299,15 @@ def report(full, small, proj, machine):
             f"{1000 * a2.get('elaptime_median', float('nan')):.0f} | "
             f"{1000 * a2.get('cpu_per_target', float('nan')):.0f} | "
             f"{a2.get('maxrss_mb', float('nan')):.0f} | "
-            f"{lp.get('rate', float('nan')):.1f}, {1000 * lp.get('elaptime_median', float('nan')):.0f}, "
-            f"{lp.get('maxrss_mb', float('nan')):.0f} |")
+            f"{1000 * lp.get('cpu_per_target', float('nan')):.0f}, "
+            f"{lp.get('maxrss_mb', float('nan')):.0f} | {r.get('load_average', float('nan')):.0f} |")
     laws = proj["laws"]
     lines += ["", "Growth laws (least squares, N = frames):", ""]
     for key, (a, b) in ((k, v) for k, v in laws.items() if isinstance(v, tuple)):
         lines.append(f"- `{key}` = {a:.4g} + {b:.4g} N")
     lines += ["", "Projection for one CCD-sector, full 2048 x 2048 frames, 100 000 targets, "
-              "2 cores (aperture for every target; linpsf shown for what it would cost):", "",
+              "2 idle cores, from CPU seconds (see `project`; aperture for every target, "
+              "linpsf shown for what it would cost):", "",
               "| frames | prepare (h) | run, aperture (h) | end to end (h) | aperture per "
               "target (ms) | linpsf run (h) | peak RSS prepare / aperture worker / linpsf "
               "worker (MB) | cache (GB) | input FFIs (GB) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -337,19 +337,32 @@ def write_docs(text):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--full-frames", type=int, nargs="+", default=[100, 200],
+    ap.add_argument("--full-frames", type=int, nargs="*", default=[100, 200],
                     help="frame counts of the full-size sectors (>= 200 for the goal)")
     ap.add_argument("--full-size", type=int, default=FULL,
                     help="frame size of the 'full' part (smaller only to try the script)")
     ap.add_argument("--small", type=int, default=128, help="cut-down frame size (px)")
-    ap.add_argument("--small-frames", type=int, nargs="+", default=[200, 1282, 11800])
+    ap.add_argument("--small-frames", type=int, nargs="*", default=[200, 1282, 11800])
     ap.add_argument("--run-targets", type=int, default=2400,
                     help="aperture targets run with 2 workers (a third of them with 1)")
     ap.add_argument("--linpsf-targets", type=int, default=200)
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="also write the figures here (after every sector)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="project from these --json files instead of measuring")
     args = ap.parse_args(argv)
+    if args.merge:
+        full, small, machines = [], [], []
+        for path in args.merge:
+            figures = json.loads(path.read_text())
+            full += figures["full"]
+            small += figures["small"]
+            machines.append(figures.get("machine", ""))
+        full.sort(key=lambda r: r["frames"])
+        small.sort(key=lambda r: r["frames"])
+        return _finish(full, small, "; ".join(m for m in machines if m), args)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_sector_"))
     work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()[0]
@@ -360,22 +373,37 @@ def main(argv=None):
             full.append(sector(work, f"full{n}", n, args.full_size, args.run_targets,
                                args.linpsf_targets))
             print(json.dumps(full[-1], default=float), flush=True)
+            _save(args.json, full, small, _machine(load))
         for n in args.small_frames:
             print(f"== {args.small} px frames: {n}", flush=True)
             k = max(1, int(round(TARGETS * args.small ** 2 / FULL ** 2)))
             small.append(sector(work, f"small{n}", n, args.small, k, min(k, args.linpsf_targets)))
             print(json.dumps(small[-1], default=float), flush=True)
+            _save(args.json, full, small, _machine(load))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    if not full or not small:
+        print("projection needs full-frame and cut-down sectors (see --merge)")
+        return 0
+    return _finish(full, small, _machine(load), args)
+
+
+def _machine(load):
+    return (f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}, load average "
+            f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+
+
+def _save(path, full, small, machine):
+    if path is not None:
+        path.write_text(json.dumps({"full": full, "small": small, "machine": machine},
+                                   default=float, indent=1))
+
+
+def _finish(full, small, machine, args):
     proj = project(full, small)
-    machine = (f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, load average "
-               f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     text = report(full, small, proj, machine)
     print(text)
-    if args.json:
-        args.json.write_text(json.dumps({"full": full, "small": small, "projection": proj},
-                                        default=float, indent=1))
     if args.write_docs:
         write_docs(text)
     return 0

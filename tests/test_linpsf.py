@@ -261,9 +261,11 @@ def test_designs_in_blocks_of_cadences_give_the_same_light_curve(crowded, monkey
     whole = LinPSFPhotometry(k + 1, source, settings=_settings())
     whole.photometry()
     assert whole.details["linpsf"]["moving"]
-    monkeypatch.setattr(linpsf, "DESIGN_BLOCK_BYTES", 2 * 1024 ** 2)   # blocks of ~7 cadences
+    assert whole.details["linpsf"]["design_blocks"] == 1
+    monkeypatch.setattr(linpsf, "DESIGN_BLOCK_BYTES", 2 * 1024 ** 2)
     blocked = LinPSFPhotometry(k + 1, source, settings=_settings())
     blocked.photometry()
+    assert blocked.details["linpsf"]["design_blocks"] == 10      # 120 cadences, 12 a block
     for col in ("flux", "flux_err", "flux_background", "pos_centroid"):
         np.testing.assert_allclose(np.asarray(blocked.lightcurve[col]),
                                    np.asarray(whole.lightcurve[col]), rtol=1e-12, atol=0)

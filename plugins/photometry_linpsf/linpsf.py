@@ -770,6 +770,7 @@ class LinPSFPhotometry(BasePhotometry):
             nb = np.array([j for j in range(nfit) if j != t])
             held = held_fluxes(x[:, nb], err[:, nb], good, window, float(cfg["neighbour_clip"]))
         target_col = np.empty((N, R * C))
+        n_blocks = len(blocks)
         for idx, A, fixed in designs():
             if second:
                 x[idx], err[idx] = target_pass(A, data[idx] - fixed - static[None], weights,
@@ -826,6 +827,7 @@ class LinPSFPhotometry(BasePhotometry):
         self.details["linpsf"] = {"model": model_name, "n_sources": int(nfit),
                                   "n_subtracted": int(rest.size), "moving": bool(moving),
                                   "time_model": time_model is not None,
+                                  "design_blocks": int(n_blocks),
                                   "chi2": chi2, "residual_rms": rrms}
         if tflux <= 0:
             logger.warning("TIC %d: fitted target flux is not positive", self.starid)
