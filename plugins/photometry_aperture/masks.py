@@ -434,9 +434,10 @@ def _masked_fits(A, y, keep):
     conditioned); cadences whose system is singular or badly conditioned (too few pixels
     kept) get ``lstsq``'s minimum-norm solution as before.
     """
+    k = A.shape[1]
     w = keep.astype(float)
-    normal = np.einsum("pa,pi,pb->iab", A, w, A)                  # (N, k, k)
-    rhs = np.einsum("pa,pi->ia", A, w * np.where(keep, y, 0.0))   # (N, k)
+    normal = (w.T @ (A[:, :, None] * A[:, None, :]).reshape(len(A), k * k)).reshape(-1, k, k)
+    rhs = np.where(keep, y, 0.0).T @ A                             # (N, k)
     with np.errstate(divide="ignore", invalid="ignore"):
         cond = np.linalg.cond(normal)
     ok = np.isfinite(cond) & (cond < 1e8)
@@ -444,8 +445,8 @@ def _masked_fits(A, y, keep):
     if ok.any():
         coef[:, ok] = np.linalg.solve(normal[ok], rhs[ok][..., None])[..., 0].T
     for i in np.flatnonzero(~ok):
-        k = keep[:, i]
-        coef[:, i] = np.linalg.lstsq(A[k], y[k, i], rcond=None)[0]
+        rows = keep[:, i]
+        coef[:, i] = np.linalg.lstsq(A[rows], y[rows, i], rcond=None)[0]
     return coef
 
 
