@@ -131,14 +131,15 @@ def robust_scatter(flux, good=None, window=7):
 
 
 # --------------------------------------------------------------------------- core data
-def saturated_target_pixels(phot, level=None):
+def saturated_target_pixels(phot, level=None, raw=None):
     """(r, c) bool: the target's saturated pixels (its core and bleed columns), or None.
 
     Saturated pixels are those flagged ``Saturated`` on any good cadence (prepare flags the
     cache) or, for sources without pixel flags (TPFs, TESScut), whose median calibrated flux
     (sky included) reaches ``level`` (default ``prepare.saturation_level``, e-/s: the full
     well of a 2-s read). The target's are the 8-connected groups with a pixel within 2 px of
-    its position. None when the target has none.
+    its position. None when the target has none. ``raw``: the median calibrated image, if
+    already computed.
     """
     if level is None:
         cfg = getattr(phot.source, "settings", None) or phot.settings
@@ -146,10 +147,7 @@ def saturated_target_pixels(phot, level=None):
     good = _good_cadences(phot)
     flags = np.asarray(phot.pixelflags_cube)[good]
     saturated = np.any((flags & int(PixelQualityFlags.Saturated)) != 0, axis=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        raw = np.nanmedian(np.asarray(phot.images_cube)[good]
-                           + np.asarray(phot.backgrounds_cube)[good], axis=0)
+    raw = _raw_median(phot, good) if raw is None else raw
     saturated |= np.nan_to_num(raw, nan=0.0) >= level
     if not saturated.any():
         return None
@@ -160,6 +158,23 @@ def saturated_target_pixels(phot, level=None):
     if ids.size == 0:
         return None
     return np.isin(labels, ids)
+
+
+def _median0(values):
+    """Median over axis 0 (cadences), NaN ignored; ``np.median`` when all are finite (the
+    usual case: ``np.nanmedian`` goes through masked arrays and was half of the checks'
+    time)."""
+    values = np.asarray(values, dtype=float)
+    if np.isfinite(values).all():
+        return np.median(values, axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(values, axis=0)
+
+
+def _raw_median(phot, good):
+    """(r, c) median calibrated flux (sky included) over the good cadences."""
+    return _median0(np.asarray(phot.images_cube)[good] + np.asarray(phot.backgrounds_cube)[good])
 
 
 def _good_cadences(phot):
@@ -204,23 +219,20 @@ def _noise_model(phot):
     return CCDNoise.from_header(header, phot.cadence)
 
 
-def _pixel_variances(phot, good):
-    """((r, c) per-pixel variance, (r, c) background sigma, (r, c) bool missing).
+def _pixel_variances(phot, good, raw):
+    """((r, c) per-pixel variance, (r, c) bool missing).
 
-    The median over good cadences of the pixel error cube squared; where that is not finite
-    and positive, the CCD noise model of the calibrated flux (``missing`` marks those).
+    The median over good cadences of the pixel error cube squared (the pixels alone: the
+    background model's error would cost an evaluation of its own for a term the allowances
+    below swamp); where that is not finite and positive, the CCD noise model of the
+    calibrated flux ``raw`` (``missing`` marks those).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        var = np.nanmedian(np.asarray(phot.pixel_err_cube, float)[good] ** 2, axis=0)
-        bkg = np.nanmedian(np.asarray(phot.backgrounds_err_cube, float)[good], axis=0)
-        raw = np.nanmedian(np.asarray(phot.images_cube)[good]
-                           + np.asarray(phot.backgrounds_cube)[good], axis=0)
+    var = _median0(np.asarray(phot.pixel_err_cube, float)[good] ** 2)
     missing = ~(np.isfinite(var) & (var > 0))
     if missing.any():
         cols, _ = phot.get_pixel_grid()
         var = np.where(missing, _noise_model(phot).pixel_variance(raw, cols), var)
-    return var, np.where(np.isfinite(bkg), bkg, 0.0), missing
+    return var, missing
 
 
 # --------------------------------------------------------------------------- the checks
@@ -328,7 +340,8 @@ def _check_pixels(phot, good, use, flux, F, scatter, mask, cfg, flag, m):
     """Noise against the pixel errors, flux against the reference aperture and the catalog,
     mask size against the PRF, bleed coverage."""
     images = np.asarray(phot.images_cube, dtype=float)
-    var, bkg_sigma, missing = _pixel_variances(phot, good)
+    raw = _raw_median(phot, good)
+    var, missing = _pixel_variances(phot, good, raw)
     npix = int(mask.sum())
     m["mask_pixels"] = npix
 
@@ -353,7 +366,7 @@ def _check_pixels(phot, good, use, flux, F, scatter, mask, cfg, flag, m):
     m["prf_fraction"] = c_mask
     m["neighbour_flux"] = Nb
 
-    saturated = saturated_target_pixels(phot)
+    saturated = saturated_target_pixels(phot, raw=raw)
     truncated = False
     if saturated is not None:
         edge = np.zeros_like(saturated)
@@ -392,7 +405,7 @@ def _check_pixels(phot, good, use, flux, F, scatter, mask, cfg, flag, m):
     if ref_ok.any() and F != 0:
         Rc, Nc = float(np.median(ref[ref_ok])), float(neighbours[core].sum())
         sky = _sky_offset(images[good], phot.sumimage, target_prf * F_cat + neighbours, var)
-        sigma_core = np.sqrt(np.sum(var[core]) + np.sum(bkg_sigma[core]) ** 2)
+        sigma_core = np.sqrt(np.sum(var[core]))
         allowance = (float(cfg["flux_nsigma"]) * 1.253 * sigma_core / np.sqrt(ref_ok.sum())
                      + float(cfg["neighbour_tolerance"]) * Nc + core.sum() * abs(sky))
         bounds = sorted((lo * F, hi * F))
