@@ -94,7 +94,7 @@ class _ForwardHandler(logging.Handler):
 @contextlib.contextmanager
 def _collect_warnings(names):
     """Every WARNING and ERROR logged under the loggers ``names`` meanwhile, whatever the log
-    level: a list of "LEVEL: message" lines (filled when the block ends).
+    level: the list of "LEVEL: message" lines, filled as they are logged.
 
     Why: the reasons of a WARNING must reach the todo diagnostics and the light-curve header
     even when the console shows errors only (``tessphot run`` without ``-v``). A logger
@@ -716,7 +716,7 @@ class BasePhotometry:
     def _check(self, status, messages):
         """The core's result checks (:mod:`photometry.checks`) and the algorithm's flags:
         the worse of their level and the algorithm's status."""
-        from .checks import Flag, check_result
+        from .checks import LEVELS, Flag, check_result
         report = check_result(self)
         if status == STATUS.WARNING and not any(f.level == "WARNING" for f in self._flags):
             # the algorithm said WARNING without a reason code: its logged warnings are it
@@ -726,8 +726,7 @@ class BasePhotometry:
         self._check_report = report
         for item in report.flags:
             logger.warning("TIC %d: %s %s: %s", self.starid, item.level, item.code, item.text)
-        level = max([report.status] + [f.level for f in self._flags],
-                    key=("OK", "WARNING", "ERROR").index)
+        level = max([report.status] + [f.level for f in self._flags], key=LEVELS.index)
         return max(status, STATUS[level], key=_SEVERITY.index)
 
     def _store_flags(self):
