@@ -126,6 +126,11 @@ def build_hdulist(phot):
     ]
     for key, value, comment in cards:
         h[key] = (value, comment)
+    # data layer (photometry.cache.FFICache.errors_estimated): pixel uncertainties the FFIs
+    # lacked and prepare estimated from the pixels (noise model); absent for TPF sources
+    err_est = getattr(source, "errors_estimated", None)
+    if err_est is not None:
+        h["ERR_EST"] = (round(float(err_est), 6), "fraction of pixel errors estimated")
     for key, (value, comment) in phot.additional_headers.items():
         h[key] = (_card_value(value), comment)
     add_check_cards(h, phot)
