@@ -1028,5 +1028,10 @@ def run_target(method_cls, starid, source, settings, output_folder, plot=False):
         result["details"] = dict(phot.details)
     if result["error"]:
         result["details"].setdefault("errors", []).append(result["error"])
+    if result["status"] == STATUS.ERROR and not (result["details"].get("checks") or {}).get("codes"):
+        # an algorithm that failed without a reason code: every ERROR carries one
+        from .checks import CheckReport, Flag
+        result["details"]["checks"] = CheckReport(
+            [Flag("METHOD_ERROR", "ERROR", result["error"])]).to_details()
     result["elapsed"] = _time.perf_counter() - t0
     return result

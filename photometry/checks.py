@@ -30,6 +30,7 @@ BLEED_NOT_COVERED     E       saturated pixels of the target (core and bleed) ou
 BLEED_TRUNCATED       W       the target's saturated pixels run off the stamp
 KERNEL_INVALID        W       the movement kernel is not measured on enough good frames
 METHOD_WARNING        W       the algorithm returned WARNING itself (its logged reasons)
+METHOD_ERROR          E       the algorithm failed without a reason code of its own
 ===================== ======= ==========================================================
 
 Algorithms add their own codes with :meth:`BasePhotometry.report_flag` (e.g. linpsf's
@@ -506,8 +507,10 @@ def header_cards(checks):
     """
     if not checks:
         return []
+    codes = ",".join(checks["codes"])
+    # a comment only where it fits beside the value (a long value takes CONTINUE cards)
     cards = [("QCSTATUS", checks["status"], "core result checks (docs/checks.md)"),
-             ("QCCODES", ",".join(checks["codes"]), "reason codes of failed checks")]
+             ("QCCODES", codes, "reason codes of failed checks" if len(codes) <= 36 else "")]
     for k, item in enumerate(checks["flags"], start=1):
         # no comment: a long text takes CONTINUE cards, a comment would be cut with a warning
         cards.append((f"QCTXT{k}", f"{item['level']} {item['code']}: {item['text']}"[:400], ""))

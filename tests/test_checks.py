@@ -539,23 +539,63 @@ def test_real_tpf_and_tesscut_sweep(name, path, starid, tmag, method, tmp_path):
             assert res["status"] == STATUS.ERROR and "SATURATED" in res["error"]
 
 
+#: the SPOC PRF model of the real FFI cutout's corner of camera 1, CCD 4 (row 1, column 45)
+FFI_PRF = DATA / "prf_corner"
+
+
+def _prf_fractions(phot, prf, radius=4.0):
+    """(PRF fraction of the target in its mask, in an r = ``radius`` px disc, the disc)."""
+    image_shape = np.shape(phot.sumimage)
+    r0, c0 = phot.stamp[0], phot.stamp[2]
+    P = prf.evaluate(phot.target_pos_row_stamp + r0, phot.target_pos_column_stamp + c0,
+                     image_shape, origin=(r0, c0))
+    yy, xx = np.indices(image_shape)
+    disc = np.hypot(yy - phot.target_pos_row_stamp, xx - phot.target_pos_column_stamp) <= radius
+    return float(P[np.asarray(phot.final_phot_mask, bool)].sum()), float(P[disc].sum()), disc
+
+
+@pytest.mark.parametrize("prf", [None, FFI_PRF], ids=["analytic-prf", "spoc-prf"])
 @pytest.mark.parametrize("method", [AperturePhotometry, LinPSFPhotometry],
                          ids=["aperture", "linpsf"])
-def test_real_ffi_sweep(ffi_cache, method, tmp_path):
-    """Every star of the real sector-1 FFI cutout (its uncertainty image is NaN on 45 of 129
-    columns, where stars got 1-pixel masks and 21-24 % of their flux, STATUS OK)."""
+def test_real_ffi_sweep(ffi_cache, method, prf, tmp_path):
+    """Every star of the real sector-1 FFI cutout (before the estimated uncertainties its NaN
+    uncertainty columns gave 1-pixel masks and 21-24 % of the flux, STATUS OK), with the
+    checks' default analytic PRF and with the SPOC PRF model of that corner of the CCD.
+
+    An OK light curve has a right flux, judged with the SPOC PRF against a plain r = 4 px
+    aperture on the same pixels (the catalog is only the image's own 5x5 box sums): aperture
+    keeps the PRF fraction of its mask (an in-mask, SAP-like flux; "data" measured 0.6-0.7
+    of the r = 4 px sum and asked whether that is right: it is), linpsf the total flux.
+    """
     from photometry.base import open_source
     cache, cat = ffi_cache
     source = open_source(cache)
-    counts = {}
+    spoc = SpocPRF(FFI_PRF / "cam1_ccd4")
+    counts, scale = {}, []
+    kept = []
+
+    class Kept(method):                       # the instance run_target ran, for its pixels
+        def photometry(self):
+            kept.append(self)
+            return super().photometry()
     for row in cat:
-        res = run_target(method, int(row["starid"]), source, _settings(), tmp_path)
+        res = run_target(Kept, int(row["starid"]), source, _settings(prf), tmp_path)
+        phot = kept[-1]
         _judge_real(res)
         counts[STATUS(res["status"]).name] = counts.get(STATUS(res["status"]).name, 0) + 1
         if res["status"] != STATUS.OK:
             continue
-        # an OK light curve holds a fair part of the star's flux (catalog: 5x5 box sums), not a fifth
-        flux = res["details"]["checks"]["metrics"]["flux"]
-        assert 0.3 < flux / mag2flux(row["tmag"]) < 1.3, (row["starid"], flux)
         assert res["details"]["checks"]["metrics"]["pixel_errors_missing"] <= 0.1
-    assert counts.get("OK", 0) >= 20, counts
+        flux = float(np.nanmedian(phot.lightcurve["flux"]))
+        c_mask, c_disc, disc = _prf_fractions(phot, spoc)
+        plain = float(np.nansum(np.nanmedian(phot.images_cube, axis=0)[disc]))
+        # the PRF fraction the flux stands for: the mask's (aperture) or all of it (linpsf)
+        frac = c_mask if method is AperturePhotometry else 1.0
+        scale.append(flux / plain * c_disc / frac)
+        # never a fifth of the star (the catalog's box sums hold some neighbours' light)
+        assert 0.4 * frac < flux / mag2flux(row["tmag"]) < 1.3, (row["starid"], flux, frac)
+    print(method.name, prf, counts, "flux / (PRF fraction x r=4 sum / its PRF fraction):",
+          np.round(np.percentile(scale, [0, 10, 50, 90, 100]), 2))
+    assert counts.get("OK", 0) >= 30, counts
+    # the plain disc also holds uncatalogued neighbours and residual sky: a median below 1
+    assert 0.8 < np.median(scale) < 1.1, np.median(scale)
