@@ -43,7 +43,7 @@ from photometry.base import open_source
 from photometry.evaluation import score_lightcurve
 from photometry.settings import load_settings
 
-KEYS = ("noise_vs_stated", "noise_vs_limit", "mask_vs_optimal", "catalog_ratio",
+KEYS = ("noise_vs_stated", "noise_vs_limit", "mask_vs_optimal", "catalog_ratio", "reference_vs_expected",
         "reference_ratio")
 
 
