@@ -173,6 +173,10 @@ class BasePhotometry:
 
     name = "base"
     version = "0"
+    #: what the flux measures, for the core's checks (docs/checks.md): "total" (the star's
+    #: whole flux, e.g. a PRF fit), "aperture" (the light in ``final_phot_mask``, SAP-like)
+    #: or None (not said: the checks allow either reading)
+    flux_kind = None
 
     def __init__(self, starid, source, settings=None, plot=False, plot_folder=None):
         self.starid = int(starid)

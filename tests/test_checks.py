@@ -26,7 +26,7 @@ from astropy.table import Table
 from photometry import cli
 from photometry.base import STATUS, BasePhotometry, run_target
 from photometry.checks import check_result, robust_scatter
-from photometry.errors import InputError
+from photometry.errors import AlgorithmFailure, InputError
 from photometry.evaluation import score_lightcurve
 from photometry.memory_source import MemorySource
 from photometry.movement import MovementKernel
@@ -457,6 +457,25 @@ def test_warning_reasons_stored_without_verbose(scene, tmp_path, caplog):
     assert after == before                                           # restored
 
 
+class Broken(BasePhotometry):
+    """A third-party-like algorithm that fails without a reason code of its own."""
+
+    name = "broken"
+    version = "1"
+
+    def do_photometry(self):
+        raise AlgorithmFailure(f"TIC {self.starid}: the fit did not converge")
+
+
+def test_every_error_carries_a_reason_code(scene):
+    source, truth = scene
+    res = run_target(Broken, _bright_target(truth), source, _settings(), "/nonexistent")
+    assert res["status"] == STATUS.ERROR
+    checks = res["details"]["checks"]
+    assert checks["status"] == "ERROR" and checks["codes"] == ["METHOD_ERROR"]
+    assert "did not converge" in checks["flags"][0]["text"]
+
+
 def test_run_stores_codes_in_diagnostics(sector, tmp_path):
     """``tessphot run`` (worker processes, no -v): every WARNING/ERROR has its reason and
     codes in todo.sqlite; every light curve's header has QCSTATUS."""
@@ -481,6 +500,8 @@ def test_run_stores_codes_in_diagnostics(sector, tmp_path):
             assert json.loads(details)["checks"]["flags"]
         if status == 1:
             assert qc_status == "OK" and qc_codes is None
+        if status == 2:
+            assert qc_status == "ERROR" and qc_codes, errors
         if lc:
             with fits.open(tmp_path / lc) as hdul:
                 assert hdul[0].header["QCSTATUS"] == qc_status
@@ -595,15 +616,17 @@ def test_real_ffi_sweep(ffi_cache, method, prf, tmp_path):
     checks' default analytic PRF and with the SPOC PRF model of that corner of the CCD.
 
     An OK light curve has a right flux, judged with the SPOC PRF against a plain r = 4 px
-    aperture on the same pixels (the catalog is only the image's own 5x5 box sums): aperture
-    keeps the PRF fraction of its mask (an in-mask, SAP-like flux; "data" measured 0.6-0.7
-    of the r = 4 px sum and asked whether that is right: it is), linpsf the total flux.
+    aperture on the same pixels for the stars with little catalogued light near them (the
+    catalog is only the image's own 5x5 box sums): aperture keeps the PRF fraction of its mask
+    (an in-mask, SAP-like flux; "data" measured 0.6-0.7 of the r = 4 px sum and asked whether
+    that is right: it is), linpsf the total flux; linpsf's fluxes that fall short of the
+    plain aperture are WARNING FLUX_LOW.
     """
     from photometry.base import open_source
     cache, cat = ffi_cache
     source = open_source(cache)
     spoc = SpocPRF(FFI_PRF / "cam1_ccd4")
-    counts, scale = {}, []
+    counts, scale, low = {}, [], []
     kept = []
 
     class Kept(method):                       # the instance run_target ran, for its pixels
@@ -615,19 +638,31 @@ def test_real_ffi_sweep(ffi_cache, method, prf, tmp_path):
         phot = kept[-1]
         _judge_real(res)
         counts[STATUS(res["status"]).name] = counts.get(STATUS(res["status"]).name, 0) + 1
-        if res["status"] != STATUS.OK:
+        if res["lightcurve"] is None:
             continue
-        assert res["details"]["checks"]["metrics"]["pixel_errors_missing"] <= 0.1
         flux = float(np.nanmedian(phot.lightcurve["flux"]))
         c_mask, c_disc, disc = _prf_fractions(phot, spoc)
         plain = float(np.nansum(np.nanmedian(phot.images_cube, axis=0)[disc]))
         # the PRF fraction the flux stands for: the mask's (aperture) or all of it (linpsf)
         frac = c_mask if method is AperturePhotometry else 1.0
-        scale.append(flux / plain * c_disc / frac)
+        ratio = flux / plain * c_disc / frac
+        # the plain disc is a reference where the catalog puts little other light in the mask
+        m = res["details"]["checks"]["metrics"]
+        isolated = m.get("neighbour_flux", 0.0) < 0.02 * flux
+        if "FLUX_LOW" in codes(phot) and isolated:
+            low.append(ratio)
+        if res["status"] != STATUS.OK:
+            continue
+        if isolated:
+            scale.append(ratio)
+        assert res["details"]["checks"]["metrics"]["pixel_errors_missing"] <= 0.1
         # never a fifth of the star (the catalog's box sums hold some neighbours' light)
         assert 0.4 * frac < flux / mag2flux(row["tmag"]) < 1.3, (row["starid"], flux, frac)
-    print(method.name, prf, counts, "flux / (PRF fraction x r=4 sum / its PRF fraction):",
-          np.round(np.percentile(scale, [0, 10, 50, 90, 100]), 2))
-    assert counts.get("OK", 0) >= 30, counts
-    # the plain disc also holds uncatalogued neighbours and residual sky: a median below 1
-    assert 0.8 < np.median(scale) < 1.1, np.median(scale)
+    print(method.name, prf, counts, "OK flux / (PRF fraction x r=4 sum / its PRF fraction):",
+          np.round(np.percentile(scale, [0, 10, 50, 90, 100]), 2),
+          "FLUX_LOW:", np.round(np.percentile(low, [0, 50, 100]), 2) if low else None)
+    assert counts.get("OK", 0) >= 10, counts
+    # the disc also holds uncatalogued stars and residual sky: a median a little below 1
+    assert 0.85 < np.median(scale) < 1.1, np.median(scale)
+    if low:          # FLUX_LOW picks the fluxes that fall short of the plain aperture
+        assert np.median(low) < np.median(scale) - 0.04, (low, scale)

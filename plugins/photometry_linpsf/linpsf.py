@@ -546,6 +546,7 @@ class LinPSFPhotometry(BasePhotometry):
 
     name = "linpsf"
     version = "1.0"
+    flux_kind = "total"
 
     # ------------------------------------------------------------------ model
     def _shape_model(self):
