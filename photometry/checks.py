@@ -466,8 +466,8 @@ def _check_low_flux(phot, cfg, flag, m, F, c_mask, target_prf, neighbours, image
     shape is narrower than the star's).
 
     The reference is the plain sum of the pixels holding ``reference_low_flux_core`` (0.95)
-    of the target's PRF, minus the catalog neighbours' light there: so nearly all of the star
-    that its share hardly depends on the PRF's shape (the 100 SPOC PRF models of 4 CCDs put
+    of the target's PRF, minus the catalog neighbours' light there: nearly all of the star,
+    so its share hardly depends on the PRF's shape (the 100 SPOC PRF models of 4 CCDs put
     0.969-1.008 of the analytic model's fraction there; the 80 % core: 0.89-1.04). A total
     flux (``flux_kind == "total"``) must account for that fraction of it; an unknown kind
     whose mask holds at least ``reference_low_flux_mask`` of the PRF for that fraction over
