@@ -486,10 +486,10 @@ def test_run_stores_codes_in_diagnostics(sector, tmp_path):
                                  "--workers", "1", "--no-progress"],
                           capture_output=True, text=True)
     assert proc.returncode in (0, 1), proc.stderr
-    assert "WARNING" not in proc.stderr            # errors only on the console
     with sqlite3.connect(base / "cache" / "todo.sqlite") as conn:
-        rows = conn.execute("SELECT t.status, d.errors, d.qc_status, d.qc_codes, d.details, "
-                            "d.lightcurve FROM todolist t JOIN diagnostics d USING (priority)"
+        rows = conn.execute("SELECT r.status, d.errors, d.qc_status, d.qc_codes, d.details, "
+                            "d.lightcurve FROM results r JOIN diagnostics d "
+                            "USING (priority, method)"
                             ).fetchall()
     assert len(rows) > 50
     statuses = {r[0] for r in rows}
