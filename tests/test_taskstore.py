@@ -426,6 +426,8 @@ def test_migration_from_version_1(tmp_path):
         d = s.conn.execute("SELECT method, mean_flux FROM diagnostics WHERE priority = 1"
                            ).fetchone()
         assert d == ("aperture", 99.0)
+        diag_cols = {c[1] for c in s.conn.execute("PRAGMA table_info(diagnostics)")}
+        assert {"qc_status", "qc_codes"} <= diag_cols       # _m003_check_codes after it
         cols = [c[1] for c in s.conn.execute("PRAGMA table_info(todolist)")]
         assert "status" not in cols and "attempts" not in cols and "cache" in cols
         s.plan(method="aperture")
