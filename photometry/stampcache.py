@@ -26,7 +26,8 @@ __all__ = ["BlockCache", "DEFAULT_BLOCK_BYTES"]
 
 logger = logging.getLogger(__name__)
 
-#: bytes of one block (three cubes, all frames): 32 x 64 px at 1 282 frames, 16 x 16 at 11 800
+#: bytes of one block (three cubes, all frames): 48 x 48 px at 1 282 frames, 16 x 16 at
+#: 11 800 (chunks of 8 x 16 px)
 DEFAULT_BLOCK_BYTES = 24 * 1024 ** 2
 _CUBES = ("images", "errors", "pixel_flags")
 
