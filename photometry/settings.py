@@ -22,16 +22,31 @@ from pathlib import Path
 from .errors import ConfigurationError
 
 __all__ = ["load_settings", "settings_hash", "parse_assignment", "default_settings",
-           "LIMITS", "DEFAULTS_ORIGIN"]
+           "core_settings", "all_limits", "LIMITS", "DEFAULTS_ORIGIN"]
 
 #: how the defaults are named in error messages (a default that breaks its limit is a bug)
 DEFAULTS_ORIGIN = "settings/defaults.toml"
 
 
-def default_settings():
-    """The documented defaults, as a nested dict."""
+def core_settings():
+    """The core's documented defaults (``settings/defaults.toml``), as a nested dict."""
     text = resources.files("photometry._defaults").joinpath("defaults.toml").read_text()
     return tomllib.loads(text)
+
+
+def default_settings(pm=None):
+    """The documented defaults, as a nested dict: the core's and the sections the plugins of
+    ``pm`` own (hook ``register_settings``; default: this process's plugin manager)."""
+    from .plugins import default_plugin_manager, plugin_settings
+    settings = core_settings()
+    settings.update(plugin_settings(pm or default_plugin_manager())[0])
+    return settings
+
+
+def all_limits(pm=None):
+    """:data:`LIMITS` and the plugins' own (hook ``register_setting_limits``)."""
+    from .plugins import default_plugin_manager, plugin_settings
+    return {**LIMITS, **plugin_settings(pm or default_plugin_manager())[1]}
 
 
 # --------------------------------------------------------------------------- limits
@@ -222,16 +237,16 @@ def _check_scalar(value, kind, limit, allow_inf):
     return value, None
 
 
-def check_value(name, value, default):
+def check_value(name, value, default, limits=None):
     """The value of setting ``name`` normalised to the default's type (int -> float for a
-    float setting, so that equal values hash alike).
+    float setting, so that equal values hash alike); ``limits`` defaults to :data:`LIMITS`.
 
     Raises
     ------
     ValueError
         With what is wrong (the caller adds the key and where the value came from).
     """
-    limit = LIMITS.get(name)
+    limit = (LIMITS if limits is None else limits).get(name)
     allow_inf = bool(limit and limit.allow_inf)
     kind = _kind(default)
     if kind is list or (limit is not None and limit.scalar_or_list):
@@ -265,14 +280,14 @@ def check_value(name, value, default):
     return checked
 
 
-def _validate(settings, defaults, origins, prefix=""):
+def _validate(settings, defaults, origins, limits, prefix=""):
     for key, default in defaults.items():
         name = f"{prefix}{key}"
         if isinstance(default, dict):
-            _validate(settings[key], default, origins, prefix=name + ".")
+            _validate(settings[key], default, origins, limits, prefix=name + ".")
             continue
         try:
-            settings[key] = check_value(name, settings[key], default)
+            settings[key] = check_value(name, settings[key], default, limits)
         except ValueError as exc:
             origin = origins.get(name, DEFAULTS_ORIGIN)
             raise ConfigurationError(f"{origin}: {name} = {_show(settings[key])} {exc}") \
@@ -339,7 +354,7 @@ def _read_toml(path):
 
 
 def load_settings(files=(), assignments=(), extra=None, extra_origin="command-line options"):
-    """Defaults, then each TOML file, then ``section.key=value`` assignments, then ``extra``
+    """Defaults (the core's and the plugins' sections), then each TOML file, then ``section.key=value`` assignments, then ``extra``
     (a nested dict from command-line options, named ``extra_origin`` in messages); then every
     value is checked against its default's type and :data:`LIMITS`.
 
@@ -359,7 +374,7 @@ def load_settings(files=(), assignments=(), extra=None, extra_origin="command-li
         _merge(settings, parse_assignment(text), f"--set {text}", origins)
     if extra:
         _merge(settings, copy.deepcopy(extra), extra_origin, origins)
-    _validate(settings, default_settings(), origins)
+    _validate(settings, default_settings(), origins, all_limits())
     return settings
 
 
