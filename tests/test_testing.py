@@ -1,6 +1,8 @@
 """photometry.testing: the contract tests a plugin author runs on an algorithm. The built-in
 aperture and linpsf and a third-party-style plugin (tests/box_plugin.py) pass; each broken
 variant of the plugin fails with a message naming what is wrong."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -48,6 +50,15 @@ def test_builtin_algorithms_pass_the_contract(name, scene):
     # scene's elliptical Gaussian); amplitudes 0.998 and 1.003
     assert result["noise_ratio"] < 1.8
     assert abs(result["amplitude"] - 1) < 0.02
+
+
+def test_the_documented_example_plugin_passes(scene, monkeypatch):
+    """docs/writing_plugins.md §6, verbatim in spirit: the example package's own contract test."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "example_plugin"))
+    from photometry_prfweight.algorithm import PRFWeightedPhotometry
+    result = check_algorithm(PRFWeightedPhotometry, scene=scene)
+    assert result["noise_ratio"] < 1.8                          # measured 1.54
+    assert abs(result["amplitude"] - 1) < 0.03                  # measured 1.020
 
 
 def test_third_party_plugin_passes_with_its_own_settings(scene, settings):
