@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 def _names(value):
+    """A tuple of plugin names (or modules) from a comma-separated string or a sequence."""
     if value is None:
         return ()
     if isinstance(value, str):

@@ -26,8 +26,8 @@ committed, tasks in flight go back to pending uncharged.
 
 ``TESSPHOT_EXTRA_PLUGINS`` and ``TESSPHOT_BLOCK_PLUGINS`` (:mod:`photometry.plugins`) apply
 in the coordinator and every worker, Dask workers included: the workers get the coordinator's
-values. Debugging and testing aids: the fault tests run their
-own algorithm alone, so a worker does not import the whole science stack to start.
+values. Debugging and testing aids: the fault tests run their own algorithm alone, so a
+worker does not import the whole science stack to start.
 """
 import collections
 import contextlib

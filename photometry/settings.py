@@ -354,9 +354,10 @@ def _read_toml(path):
 
 
 def load_settings(files=(), assignments=(), extra=None, extra_origin="command-line options"):
-    """Defaults (the core's and the plugins' sections), then each TOML file, then ``section.key=value`` assignments, then ``extra``
-    (a nested dict from command-line options, named ``extra_origin`` in messages); then every
-    value is checked against its default's type and :data:`LIMITS`.
+    """Defaults (the core's and the loaded plugins' sections), then each TOML file, then
+    ``section.key=value`` assignments, then ``extra`` (a nested dict from command-line
+    options, named ``extra_origin`` in messages); then every value is checked against its
+    default's type and :data:`LIMITS` (and the plugins' limits).
 
     Raises
     ------
