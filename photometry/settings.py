@@ -22,7 +22,7 @@ from pathlib import Path
 from .errors import ConfigurationError
 
 __all__ = ["load_settings", "settings_hash", "parse_assignment", "default_settings",
-           "core_settings", "all_limits", "LIMITS", "DEFAULTS_ORIGIN"]
+           "core_settings", "LIMITS", "DEFAULTS_ORIGIN"]
 
 #: how the defaults are named in error messages (a default that breaks its limit is a bug)
 DEFAULTS_ORIGIN = "settings/defaults.toml"
@@ -41,12 +41,6 @@ def default_settings(pm=None):
     settings = core_settings()
     settings.update(plugin_settings(pm or default_plugin_manager())[0])
     return settings
-
-
-def all_limits(pm=None):
-    """:data:`LIMITS` and the plugins' own (hook ``register_setting_limits``)."""
-    from .plugins import default_plugin_manager, plugin_settings
-    return {**LIMITS, **plugin_settings(pm or default_plugin_manager())[1]}
 
 
 # --------------------------------------------------------------------------- limits
@@ -280,16 +274,18 @@ def check_value(name, value, default, limits=None):
     return checked
 
 
-def _validate(settings, defaults, origins, limits, prefix=""):
+def _validate(settings, defaults, origins, limits, default_origins, prefix=""):
     for key, default in defaults.items():
         name = f"{prefix}{key}"
         if isinstance(default, dict):
-            _validate(settings[key], default, origins, limits, prefix=name + ".")
+            _validate(settings[key], default, origins, limits, default_origins,
+                      prefix=name + ".")
             continue
         try:
             settings[key] = check_value(name, settings[key], default, limits)
         except ValueError as exc:
-            origin = origins.get(name, DEFAULTS_ORIGIN)
+            origin = origins.get(name) or default_origins.get(name.split(".")[0],
+                                                              DEFAULTS_ORIGIN)
             raise ConfigurationError(f"{origin}: {name} = {_show(settings[key])} {exc}") \
                 from None
 
@@ -366,6 +362,8 @@ def load_settings(files=(), assignments=(), extra=None, extra_origin="command-li
         unreadable, non-UTF-8 or malformed file, an unknown key, a value of the wrong type or
         out of its range.
     """
+    from .plugins import default_plugin_manager, plugin_settings
+    _, plugin_limits, owners = plugin_settings(default_plugin_manager())
     settings = default_settings()
     origins = {}
     for path in files:
@@ -375,7 +373,8 @@ def load_settings(files=(), assignments=(), extra=None, extra_origin="command-li
         _merge(settings, parse_assignment(text), f"--set {text}", origins)
     if extra:
         _merge(settings, copy.deepcopy(extra), extra_origin, origins)
-    _validate(settings, default_settings(), origins, all_limits())
+    _validate(settings, default_settings(), origins, {**LIMITS, **plugin_limits},
+              {section: f"plugin '{owner}' defaults" for section, owner in owners.items()})
     return settings
 
 

@@ -195,3 +195,16 @@ def test_a_plugin_cannot_take_a_core_or_another_plugins_section():
     with pytest.raises(ConfigurationError, match="section 'box' is already defined by"):
         plugin_settings(get_plugin_manager(blocked="*", extra_plugins=[box_plugin,
                                                                          grab("box")]))
+
+
+def test_a_plugin_default_outside_its_limit_names_the_plugin(monkeypatch):
+    from photometry.settings import at_least
+    plugin = type("wide_box", (), {
+        "register_settings": staticmethod(hookimpl(lambda: {"wide": {"width": 0}})),
+        "register_setting_limits": staticmethod(hookimpl(lambda: {"wide.width": at_least(1)}))})
+    monkeypatch.setattr("photometry.plugins._cached_plugin_manager",
+                        lambda blocked, extra: get_plugin_manager("*", [plugin]))
+    with pytest.raises(ConfigurationError, match=r"^plugin '.*wide_box.*' defaults: "
+                                                 r"wide.width = 0 must be >= 1$"):
+        load_settings()
+    assert load_settings(assignments=["wide.width=2"])["wide"] == {"width": 2}
