@@ -812,6 +812,8 @@ def run(args):
                         method=args.method, dask=args.dask, filters=filters, limit=args.limit,
                         mode=mode, plot=args.plot, progress=not args.no_progress,
                         command=" ".join(sys.argv))
+    from .correct import finish_run
+    finish_run(args.cache_dir, args.output, settings)   # co-trending and the CCD summaries
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())) or "nothing"
     print(f"{summary['tasks_run']} tasks in {summary['elapsed']:.1f} s "
           f"({summary['tasks_per_second']:.1f}/s): {counts}")

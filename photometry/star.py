@@ -104,7 +104,11 @@ def run(args):
     status = STATUS(result["status"])
     print(f"TIC {args.starid}: {status.name} ({method}, {result['elapsed']:.2f} s)")
     if result["lightcurve"]:
-        print(f"light curve: {result['lightcurve']}")
+        from .correct import correct_star
+        pdc = correct_star(result["lightcurve"], args.output, settings,
+                           target.get("row"), target.get("column"))
+        print(f"light curve: {result['lightcurve']} (PDCSAP_FLUX: "
+              f"{pdc or 'not corrected: no stored correction of this CCD in ' + str(args.output)})")
         if args.plot:
             print(f"plots: {Path(result['lightcurve']).parent / 'plots' / f'{args.starid:011d}'}")
     if result["error"]:

@@ -1,0 +1,337 @@
+"""Co-trending basis vectors from a CCD's own quiet stars, and the MAP fit to one star.
+
+Pure array functions (no I/O). The method follows SPOC's PDC-MAP (Smith et al. 2012, Stumpe
+et al. 2012) and the ensemble idea of TASOC's corrections, in one single-scale band:
+
+1. Every light curve becomes a relative flux ``y = flux / median - 1`` divided by its own
+   white-noise level (point-to-point scatter), so that each star counts by its information
+   and pure noise has unit variance.
+2. Basis stars: candidates whose scatter is not far above the others' (no large intrinsic
+   variability), then the ``correlated_fraction`` of them most correlated with the rest (the
+   stars systematics dominate), as PDC selects its stars.
+3. Robust SVD of that (stars x cadences) matrix: points more than ``clip_sigma`` off the
+   rank-k model are replaced by it and the SVD repeated (transits, flares and cosmic rays do
+   not become vectors). A vector is kept only if its singular value stands above the largest
+   one of pure noise (the Marchenko-Pastur edge ``sqrt(S) + sqrt(N)`` of a unit-variance S x N
+   matrix) by ``significance``; a vector that one star dominates (more than half of its
+   weight) is removed with that star and the SVD redone (PDC's entropy cleaning).
+4. Prior: every basis star's least-squares coefficients; a star's prior is a local linear
+   regression of them on CCD position over its nearest basis stars, with their scatter about
+   it (PDC-MAP builds its prior from the same quiet-star coefficients as a function of
+   position and magnitude).
+5. MAP fit per star with that Gaussian prior. The likelihood's noise is the star's residual
+   scatter about a least-squares fit times its red-noise factor (how much more the residual
+   varies on hours-to-days time-scales than white noise would): a star's own slow signal
+   (rotation, pulsation) counts as correlated noise, so its fit leans on the prior (what
+   PDC's variability-weighted prior does), while a quiet star is fitted by its own data;
+   residual outliers (transits, flares) are clipped from the fit.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["white_noise", "normalise", "Basis", "build_basis", "PriorModel", "map_fit",
+           "FitResult", "red_noise_factor"]
+
+
+def white_noise(y):
+    """Robust point-to-point noise of a series (its white-noise sigma), NaNs ignored."""
+    y = np.asarray(y, dtype=float)
+    y = y[np.isfinite(y)]
+    if y.size < 3:
+        return np.nan
+    return float(1.4826 * np.median(np.abs(np.diff(y))) / np.sqrt(2.0))
+
+
+def normalise(flux, good):
+    """(relative flux ``flux/median - 1`` with NaN where not good, its white noise, median)."""
+    flux = np.asarray(flux, dtype=float)
+    ok = np.asarray(good, dtype=bool) & np.isfinite(flux)
+    if np.count_nonzero(ok) < 3:
+        return np.full(flux.shape, np.nan), np.nan, np.nan
+    med = float(np.median(flux[ok]))
+    if not med > 0:
+        return np.full(flux.shape, np.nan), np.nan, med
+    y = np.where(ok, flux / med - 1.0, np.nan)
+    return y, white_noise(y[ok]), med
+
+
+def _fill(y, x):
+    """Linear interpolation in ``x`` over the NaNs of each row of ``y`` (ends held flat)."""
+    out = y.copy()
+    for row in out:
+        bad = ~np.isfinite(row)
+        if bad.any() and (~bad).sum() >= 2:
+            row[bad] = np.interp(x[bad], x[~bad], row[~bad])
+        elif bad.any():
+            row[bad] = 0.0
+    return out
+
+
+@dataclass
+class Basis:
+    """Co-trending basis vectors of one CCD and their provenance.
+
+    Attributes
+    ----------
+    vectors : (k, N) array
+        Unit-norm vectors over the cadences (all cadences, flagged ones too).
+    singular_values : (k,) array
+    basis_index : (B,) int
+        Indices (into the ensemble) of the stars the vectors were built from.
+    threshold : float
+        Singular value of pure noise the vectors had to exceed.
+    """
+
+    vectors: np.ndarray
+    singular_values: np.ndarray
+    basis_index: np.ndarray
+    threshold: float
+    notes: list = field(default_factory=list)
+
+
+def _select_quiet(z, max_scatter, fraction, min_stars):
+    """Indices of the rows of ``z`` (noise-normalised, gap-filled) that go into the SVD."""
+    scatter = np.std(z, axis=1)
+    quiet = np.flatnonzero(scatter <= max_scatter * np.median(scatter))
+    if quiet.size <= min_stars:
+        return quiet
+    sub = z[quiet] - z[quiet].mean(axis=1, keepdims=True)
+    sub /= np.linalg.norm(sub, axis=1, keepdims=True) + 1e-300
+    corr = np.abs(sub @ sub.T)
+    np.fill_diagonal(corr, np.nan)
+    score = np.nanmedian(corr, axis=1)
+    n_keep = max(min_stars, int(np.ceil(fraction * quiet.size)))
+    order = np.lexsort((quiet, -score))          # most correlated first, ties by index
+    return np.sort(quiet[order[:n_keep]])
+
+
+def build_basis(y, sigma, good_common, time, max_vectors=8, significance=1.2,
+                correlated_fraction=0.5, max_scatter=3.0, clip_sigma=4.0, iterations=5,
+                min_stars=10, dominance=0.5, ids=None):
+    """Co-trending basis vectors from candidate light curves (steps 1-3 of the module doc).
+
+    Parameters
+    ----------
+    y : (S, N) array
+        Relative fluxes (``normalise``), NaN at unusable cadences.
+    sigma : (S,) array
+        White noise of each row.
+    good_common : (N,) bool
+        Cadences the SVD uses (good for most stars); the vectors are extended to the others
+        by projecting the stars' fluxes there.
+    time : (N,) array
+        For filling gaps of single stars.
+    ids : (S,) array, optional
+        Star names for the notes (default: row numbers).
+
+    Returns
+    -------
+    Basis
+        With zero vectors when too few stars or nothing above the noise.
+    """
+    y = np.asarray(y, dtype=float)
+    S, N = y.shape
+    notes = []
+    usable = np.flatnonzero(np.isfinite(sigma) & (sigma > 0)
+                            & (np.mean(np.isfinite(y[:, good_common]), axis=1) > 0.9))
+    empty = Basis(np.zeros((0, N)), np.zeros(0), usable, np.nan, notes)
+    if usable.size < min_stars or np.count_nonzero(good_common) < 10:
+        notes.append(f"{usable.size} usable basis stars (need {min_stars})")
+        return empty
+    z_all = _fill(y[usable] / sigma[usable, None], time)
+    # each star's own level is not a systematic: centre the rows (the fit has a free offset)
+    z_all -= np.mean(z_all[:, good_common], axis=1, keepdims=True)
+    rows = _select_quiet(z_all[:, good_common], max_scatter, correlated_fraction, min_stars)
+    for _ in range(10):                  # dominance cleaning: at most 10 stars removed
+        if rows.size < min_stars:
+            notes.append(f"{rows.size} quiet basis stars (need {min_stars})")
+            return empty
+        z = z_all[rows][:, good_common].copy()
+        threshold = significance * (np.sqrt(z.shape[0]) + np.sqrt(z.shape[1]))
+        k = 0
+        for _ in range(iterations):
+            u, s, vt = np.linalg.svd(z, full_matrices=False)
+            k = int(min(max_vectors, np.count_nonzero(s > threshold)))
+            model = (u[:, :k] * s[:k]) @ vt[:k] if k else np.zeros_like(z)
+            resid = z_all[rows][:, good_common] - model
+            out = np.abs(resid) > clip_sigma
+            new = np.where(out, model, z_all[rows][:, good_common])
+            if np.array_equal(new, z):
+                break
+            z = new
+        if k == 0:
+            notes.append("no vector above the noise")
+            return Basis(np.zeros((0, N)), np.zeros(0), usable[rows], threshold, notes)
+        weight = u[:, :k] ** 2
+        worst = np.unravel_index(np.argmax(weight), weight.shape)
+        if weight[worst] <= dominance:
+            break
+        who = usable[rows][worst[0]]
+        notes.append(f"TIC {ids[who] if ids is not None else who} dominated vector "
+                     f"{worst[1] + 1}: left out")
+        rows = np.delete(rows, worst[0])
+    # extend to every cadence: project the (clipped) fluxes of the basis stars
+    z_full = z_all[rows].copy()
+    z_full[:, good_common] = z
+    vectors = (u[:, :k].T @ z_full) / s[:k, None]
+    vectors /= np.linalg.norm(vectors[:, good_common], axis=1, keepdims=True)
+    # a fixed sign (largest |value| positive) so the same stars give the same file
+    flip = np.sign(vectors[np.arange(k), np.argmax(np.abs(vectors[:, good_common]), axis=1)])
+    vectors *= np.where(flip == 0, 1.0, flip)[:, None]
+    return Basis(vectors, s[:k], usable[rows], float(threshold), notes)
+
+
+@dataclass
+class PriorModel:
+    """The basis stars' coefficients, for a Gaussian prior at any CCD position.
+
+    Attributes
+    ----------
+    rows, columns : (B,) arrays
+        CCD positions of the stars with coefficients.
+    coeffs : (B, k) array
+        Their least-squares coefficients on the vectors (relative-flux units).
+    starid : (B,) array
+        To leave a star's own coefficients out of its prior.
+    n_neighbours : int
+        Nearest stars whose coefficients make a prior.
+    """
+
+    rows: np.ndarray
+    columns: np.ndarray
+    coeffs: np.ndarray
+    starid: np.ndarray
+    n_neighbours: int = 20
+
+    def prior(self, row, column, starid=None):
+        """(mean (k,), variance (k,)) of the coefficients at (row, column).
+
+        A local linear regression of the coefficients on CCD row and column (coefficients
+        change smoothly over a CCD: focus grows to the corners, a pointing drift changes sign
+        across it), with Gaussian weights whose scale is the distance of the
+        ``n_neighbours``-th nearest star, the star itself left out. The variance is the
+        weighted scatter about the regression plus the error of its value here, so a prior
+        from few or discordant stars is wide.
+        """
+        keep = self.starid != starid if starid is not None else np.ones(len(self.starid), bool)
+        dr, dc = self.rows[keep] - row, self.columns[keep] - column
+        d2 = dr ** 2 + dc ** 2
+        c = self.coeffs[keep]
+        k = self.coeffs.shape[1]
+        n = min(self.n_neighbours, d2.size)
+        if n < 5:
+            return np.zeros(k), np.full(k, np.inf)
+        scale2 = max(np.partition(d2, n - 1)[n - 1], 1.0)
+        w = np.exp(-0.5 * d2 / scale2)
+        x = np.column_stack([np.ones_like(dr), dr / np.sqrt(scale2), dc / np.sqrt(scale2)])
+        xtw = x.T * w
+        try:
+            inv = np.linalg.inv(xtw @ x)
+        except np.linalg.LinAlgError:
+            return np.zeros(k), np.full(k, np.inf)
+        beta = inv @ (xtw @ c)                          # (3, k)
+        resid = c - x @ beta
+        n_eff = w.sum() ** 2 / np.sum(w ** 2)
+        scatter = (w @ resid ** 2) / w.sum() * n_eff / max(n_eff - 3.0, 1.0)
+        # error of the intercept: (X^T W X)^-1 X^T W^2 X (X^T W X)^-1, times the scatter
+        h = inv @ ((xtw * w) @ x) @ inv
+        return beta[0], scatter * (1.0 + h[0, 0])
+
+
+@dataclass
+class FitResult:
+    """MAP fit of one star: coefficients, their covariance and diagnostics."""
+
+    coeffs: np.ndarray
+    cov: np.ndarray
+    systematic: np.ndarray       # (N,) relative flux removed
+    residual_sigma: float        # scatter of the fit residual (relative), the likelihood noise
+    prior_weight: float          # mean over vectors of prior precision / posterior precision
+    prior_goodness: float        # exp(-max(0, chi2/k - 1)/2) of the coefficients against the prior
+    n_clipped: int
+    red_noise: float             # red-noise factor beta^2 of the least-squares residual
+
+
+def red_noise_factor(time, resid, use, bins_days=(0.25, 0.5, 1.0, 2.0)):
+    """beta^2 >= 1: how much more a residual varies on time-scales of hours to days than its
+    scatter says (Pont, Zucker & Queloz 2006: binned scatter over the white-noise prediction).
+
+    For each bin width the variance of the bin means is divided by what white noise of the
+    residual's variance would give; the largest ratio, less twice its own sampling error
+    ``sqrt(2 / n_bins)`` (so that white noise gives 1), is returned.
+    """
+    t, r = time[use], resid[use]
+    if r.size < 10:
+        return 1.0
+    var = np.var(r)
+    best = 1.0
+    for width in bins_days:
+        idx = np.floor((t - t[0]) / width).astype(int)
+        counts = np.bincount(idx)
+        sums = np.bincount(idx, weights=r)
+        ok = counts >= 3
+        if np.count_nonzero(ok) < 4:
+            continue
+        means = sums[ok] / counts[ok]
+        expected = var * np.mean(1.0 / counts[ok])
+        ratio = np.var(means) / expected - 2.0 * np.sqrt(2.0 / np.count_nonzero(ok))
+        best = max(best, float(ratio))
+    return best
+
+
+def map_fit(y, vectors, good, prior_mean=None, prior_var=None, time=None, clip_sigma=4.0,
+            iterations=5):
+    """Maximum a posteriori coefficients of ``vectors`` for one relative light curve ``y``.
+
+    ``prior_var`` None (or infinite) gives least squares. Outliers (transits, flares) are
+    clipped at ``clip_sigma`` robust sigma of the least-squares residual; the likelihood noise
+    is that residual's scatter times the red-noise factor of :func:`red_noise_factor` (with
+    ``time``): a star whose own signal is slow (a 10-d rotation) cannot tell it from the
+    vectors, so its fit leans on the prior, while white noise and clipped transits leave the
+    fit to the data (step 5 of the module docstring).
+    """
+    vectors = np.asarray(vectors, dtype=float)
+    k, N = vectors.shape
+    y = np.asarray(y, dtype=float)
+    use = np.asarray(good, dtype=bool) & np.isfinite(y)
+    if k == 0 or np.count_nonzero(use) <= k + 2:
+        return FitResult(np.zeros(k), np.zeros((k, k)), np.zeros(N), np.nan, np.nan, np.nan,
+                         0, np.nan)
+    # a free offset beside the vectors: the median normalisation leaves each star a level
+    # that the vectors must not absorb
+    design = np.vstack([vectors, np.full(N, 1.0 / np.sqrt(N))])
+    fit = use.copy()
+    for _ in range(iterations):
+        a = design[:, fit]
+        c_ls = np.linalg.solve(a @ a.T, a @ y[fit])
+        resid = y - c_ls @ design
+        r = resid[fit]
+        sig = 1.4826 * np.median(np.abs(r - np.median(r)))
+        new_fit = use & (np.abs(resid - np.median(r)) <= clip_sigma * sig)
+        if np.count_nonzero(new_fit) <= k + 3 or np.array_equal(new_fit, fit):
+            break
+        fit = new_fit
+    beta2 = red_noise_factor(time, resid, fit) if time is not None else 1.0
+    sig2 = float(np.var(resid[fit])) * beta2
+    if prior_mean is None:
+        prior_mean, prior_var = np.zeros(k), np.full(k, np.inf)
+    prior_var = np.asarray(prior_var, dtype=float)
+    finite = np.isfinite(prior_var)
+    prior_prec = np.where(finite, 1.0 / np.maximum(np.where(finite, prior_var, 1.0), 1e-30),
+                          0.0)
+    mean = np.where(finite, prior_mean, 0.0)
+    a = design[:, fit]
+    full_cov = np.linalg.inv(a @ a.T / sig2 + np.diag(np.append(prior_prec, 0.0)))
+    full = full_cov @ (a @ y[fit] / sig2 + np.append(prior_prec * mean, 0.0))
+    coeffs, cov = full[:k], full_cov[:k, :k]
+    post = 1.0 / np.diag(cov)
+    weight = float(np.mean(prior_prec / post))
+    if np.any(finite):
+        chi2 = np.sum((coeffs[finite] - prior_mean[finite]) ** 2 * prior_prec[finite])
+        goodness = float(np.exp(-0.5 * max(0.0, chi2 / np.count_nonzero(finite) - 1.0)))
+    else:
+        goodness = np.nan
+    sigma = float(np.sqrt(np.var((y - full @ design)[fit])))
+    return FitResult(coeffs, cov, coeffs @ vectors, sigma, weight, goodness,
+                     int(np.count_nonzero(use & ~fit)), float(beta2))
