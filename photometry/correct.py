@@ -38,7 +38,7 @@ from .lightcurve_io import read_lightcurve, update_lightcurve, write_atomic
 from .quality import LightCurveQualityFlags
 
 __all__ = ["Ensemble", "StarLightCurve", "Corrected", "finished_lightcurves",
-           "correct_lightcurves", "correct_star", "finish_run", "fit_cadences", "FIT_BITMASK",
+           "correct_lightcurves", "correct_star", "correct_ensemble", "finish_run", "fit_cadences", "FIT_BITMASK",
            "PRODUCTS", "add_arguments", "run"]
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,21 @@ class Ensemble:
     flux_err: np.ndarray
     quality: np.ndarray
     good: np.ndarray
+
+    def subset(self, index):
+        """The ensemble of the stars ``index`` (same cadence axis)."""
+        from dataclasses import replace
+        return replace(self, **{k: getattr(self, k)[index] for k in
+                                ("starid", "tmag", "row", "column", "flux", "flux_err",
+                                 "quality", "good")})
+
+    def table(self, contamination=None):
+        """The stars as the Table ``LightCurveCorrection.candidates`` takes."""
+        n = len(self.starid)
+        return Table({"starid": self.starid, "tmag": self.tmag, "row": self.row,
+                      "column": self.column, "variability": np.full(n, np.nan),
+                      "contamination": (np.zeros(n) if contamination is None
+                                        else np.asarray(contamination, float))})
 
     def star(self, i):
         return StarLightCurve(int(self.starid[i]), float(self.tmag[i]), float(self.row[i]),
@@ -193,6 +208,16 @@ def _read_ensemble(key, stars):
                     np.asarray(stars["tmag"], float), np.asarray(stars["row"], float),
                     np.asarray(stars["column"], float), flux, err, quality,
                     fit_cadences(quality, flux))
+
+
+def correct_ensemble(corr, ensemble, contamination=None):
+    """Fit a correction on its candidates of an in-memory :class:`Ensemble` and correct every
+    star of it (tests, benchmarks); the list of :class:`Corrected`, in the ensemble's order."""
+    from threadpoolctl import threadpool_limits
+    cand = np.asarray(corr.candidates(ensemble.table(contamination)), dtype=bool)
+    with threadpool_limits(1):
+        corr.fit(ensemble.subset(np.flatnonzero(cand)))
+        return [corr.correct(ensemble.star(i)) for i in range(len(ensemble.starid))]
 
 
 def correction_class(settings):

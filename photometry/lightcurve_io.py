@@ -436,7 +436,9 @@ def _same_card(old, new, rtol):
         old = None
     if old is None or new is None:
         return old is None and new is None
-    if isinstance(new, (bool, str)) or isinstance(old, (bool, str)):
+    if isinstance(new, str) or isinstance(old, str):
+        return str(old).rstrip() == str(new).rstrip()   # FITS drops trailing blanks
+    if isinstance(new, bool) or isinstance(old, bool):
         return old == new
     return bool(np.isclose(float(old), float(new), rtol=rtol, atol=0))
 

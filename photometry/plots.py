@@ -277,8 +277,13 @@ def plot_lightcurve_file(path):
 
 
 def plot_residuals(phot):
-    """Median data, model and residual images of a method with a pixel model (``model_cube``,
-    e.g. PRF fitting), in CCD coordinates and e-/s, the aperture drawn; None without one."""
+    """Median data, model and residual images of a method with a pixel model, in CCD
+    coordinates and e-/s, the aperture drawn; None without one.
+
+    A method that fits the pixels (PRF fitting) sets ``model_cube`` (N, r, c) in e-/s and, if
+    its data are not ``images_cube`` itself (e.g. fixed neighbours taken out), its own
+    ``residuals_cube``.
+    """
     model = getattr(phot, "model_cube", None)
     if model is None:
         return None
@@ -287,9 +292,12 @@ def plot_residuals(phot):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        data = np.nanmedian(np.asarray(phot.images_cube)[good], axis=0)
         mod = np.nanmedian(np.asarray(model)[good], axis=0)
-    resid = data - mod
+        resid_cube = getattr(phot, "residuals_cube", None)
+        if resid_cube is None:
+            resid_cube = np.asarray(phot.images_cube) - np.asarray(model)
+        resid = np.nanmedian(np.asarray(resid_cube)[good], axis=0)
+    data = mod + resid
     fig = Figure(figsize=(15, 4.6))
     axes = fig.subplots(1, 3)
     r1, _, c1, _ = phot.stamp

@@ -185,11 +185,11 @@ class CBVCorrection(LightCurveCorrection):
         good = star.good & np.all(np.isfinite(vectors), axis=0) if k else star.good
         y, sig_white, med = normalise(star.flux, good)
         if k == 0 or self.prior_model is None or not np.isfinite(sig_white):
-            reason = "; ".join(self.notes) or "no vectors"
+            reason = self.notes[-1] if self.notes else "no vectors"
             if k and not np.isfinite(sig_white):
                 reason = "too few good cadences"
             return Corrected(star.flux, star.flux_err, NONE,
-                             [("PDC_NOTE", reason[:60], "why no correction"),
+                             [("PDC_NOTE", reason[:48].strip(), "why no correction"),
                               ("PDC_NCBV", 0, "co-trending vectors fitted"),
                               *[(key, None, comment) for key, comment in _METRICS]])
         mean, var = self.prior_model.prior(star.row, star.column, star.starid)
