@@ -8,7 +8,7 @@ from photometry.lcsim import (inject_sinusoid, inject_transit, sinusoid_amplitud
                               synthetic_ensemble, systematic_rms, transit_depth)
 from photometry.settings import load_settings
 from photometry_cbv import CBVCorrection, cbv_hdulist, read_cbvs, vectors_on
-from photometry_cbv.basis import map_fit, red_noise_factor
+from photometry_cbv.basis import map_fit, red_noise_factors
 
 PERIODS = (0.5, 1.0, 2.0, 5.0, 10.0)
 DEPTHS = (1e-3, 3e-3, 1e-2)
@@ -141,14 +141,19 @@ def test_deterministic_whatever_the_order():
     np.testing.assert_array_equal(ra[17].flux, rb[17].flux)
 
 
-def test_red_noise_factor():
+def test_red_noise_factors():
     rng = np.random.default_rng(4)
     t = np.arange(1000) / 48.0
     use = np.ones(t.size, bool)
+    ramp = (t - t.mean()) / np.linalg.norm(t - t.mean())
+    fast = np.sin(2 * np.pi * t / 0.1)
+    design = np.array([ramp, fast / np.linalg.norm(fast)])
     white = rng.standard_normal(t.size)
-    assert red_noise_factor(t, white, use) < 1.5
+    assert np.all(red_noise_factors(design, white, use) < 1.6)
     slow = white + 3 * np.sin(2 * np.pi * t / 10.0)
-    assert red_noise_factor(t, slow, use) > 20
+    beta2 = red_noise_factors(design, slow, use)
+    # the 10-d signal projects on the ramp, hardly on a 2.4-h sinusoid
+    assert beta2[0] > 50 and beta2[1] < 3
 
 
 def test_spoc_cbv_file(tmp_path):

@@ -9,21 +9,23 @@ et al. 2012) and the ensemble idea of TASOC's corrections, in one single-scale b
 2. Basis stars: candidates whose scatter is not far above the others' (no large intrinsic
    variability), then the ``correlated_fraction`` of them most correlated with the rest (the
    stars systematics dominate), as PDC selects its stars.
-3. Robust SVD of that (stars x cadences) matrix: points more than ``clip_sigma`` off the
-   rank-k model are replaced by it and the SVD repeated (transits, flares and cosmic rays do
-   not become vectors). A vector is kept only if its singular value stands above the largest
+3. Robust SVD of that (stars x cadences) matrix: points, and runs of 1 to 8 hours, more
+   than ``clip_sigma`` off the rank-k model are replaced by it and the SVD repeated
+   (transits, flares and cosmic rays do not become vectors, where they would remove a basis
+   star's own transit). A vector is kept only if its singular value stands above the largest
    one of pure noise (the Marchenko-Pastur edge ``sqrt(S) + sqrt(N)`` of a unit-variance S x N
    matrix) by ``significance``; a vector that one star dominates (more than half of its
    weight) is removed with that star and the SVD redone (PDC's entropy cleaning).
 4. Prior: every basis star's least-squares coefficients; a star's prior is a local linear
-   regression of them on CCD position over its nearest basis stars, with their scatter about
-   it (PDC-MAP builds its prior from the same quiet-star coefficients as a function of
-   position and magnitude).
-5. MAP fit per star with that Gaussian prior. The likelihood's noise is the star's residual
-   scatter about a least-squares fit times its red-noise factor (how much more the residual
-   varies on hours-to-days time-scales than white noise would): a star's own slow signal
-   (rotation, pulsation) counts as correlated noise, so its fit leans on the prior (what
-   PDC's variability-weighted prior does), while a quiet star is fitted by its own data;
+   regression of them on CCD position and Tmag over its nearest basis stars, with their
+   scatter about it (PDC-MAP builds its prior from the same quiet-star coefficients as a
+   function of position and magnitude).
+5. MAP fit per star with that Gaussian prior. The likelihood is the least-squares fit with
+   each coefficient's variance inflated by how much the residual's own correlated
+   variability projects on that vector (its autocovariance seen through the vector): a
+   star's own slow signal (rotation, pulsation) counts as correlated noise along the slow
+   vectors, so those coefficients lean on the prior (what PDC's variability-weighted prior
+   does), while a quiet star is fitted by its own data;
    residual outliers (transits, flares) are clipped from the fit, point by point and as runs
    of 1 to 8 hours (a 1-mmag transit at 2 sigma per cadence stands out at 5 sigma over 3 h).
 """
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["white_noise", "normalise", "Basis", "build_basis", "PriorModel", "map_fit",
-           "FitResult", "red_noise_factor", "outliers"]
+           "FitResult", "red_noise_factors", "outliers", "clip_windows"]
 
 
 def white_noise(y):
@@ -141,6 +143,8 @@ def build_basis(y, sigma, good_common, time, max_vectors=8, significance=1.2,
         notes.append(f"{usable.size} usable basis stars (need {min_stars})")
         return empty
     z_all = _fill(y[usable] / sigma[usable, None], time)
+    windows = clip_windows(time[good_common], np.ones(np.count_nonzero(good_common), bool))
+    every = np.ones(np.count_nonzero(good_common), dtype=bool)
     # each star's own level is not a systematic: centre the rows (the fit has a free offset)
     z_all -= np.mean(z_all[:, good_common], axis=1, keepdims=True)
     rows = _select_quiet(z_all[:, good_common], max_scatter, correlated_fraction, min_stars)
@@ -156,7 +160,9 @@ def build_basis(y, sigma, good_common, time, max_vectors=8, significance=1.2,
             k = int(min(max_vectors, np.count_nonzero(s > threshold)))
             model = (u[:, :k] * s[:k]) @ vt[:k] if k else np.zeros_like(z)
             resid = z_all[rows][:, good_common] - model
-            out = np.abs(resid) > clip_sigma
+            # outliers point by point and as runs of hours (a transit of a basis star must
+            # not become part of a vector, or it would remove that star's own transit)
+            out = np.array([outliers(r, every, clip_sigma, windows) for r in resid])
             new = np.where(out, model, z_all[rows][:, good_common])
             if np.array_equal(new, z):
                 break
@@ -175,7 +181,7 @@ def build_basis(y, sigma, good_common, time, max_vectors=8, significance=1.2,
     # extend to every cadence: project the (clipped) fluxes of the basis stars
     z_full = z_all[rows].copy()
     z_full[:, good_common] = z
-    vectors = (u[:, :k].T @ z_full) / s[:k, None]
+    vectors = u[:, :k].T @ z_full
     vectors /= np.linalg.norm(vectors[:, good_common], axis=1, keepdims=True)
     # a fixed sign (largest |value| positive) so the same stars give the same file
     flip = np.sign(vectors[np.arange(k), np.argmax(np.abs(vectors[:, good_common]), axis=1)])
@@ -185,56 +191,65 @@ def build_basis(y, sigma, good_common, time, max_vectors=8, significance=1.2,
 
 @dataclass
 class PriorModel:
-    """The basis stars' coefficients, for a Gaussian prior at any CCD position.
+    """The basis stars' coefficients, for a Gaussian prior at any CCD position and Tmag.
 
     Attributes
     ----------
-    rows, columns : (B,) arrays
-        CCD positions of the stars with coefficients.
+    rows, columns, tmag : (B,) arrays
+        CCD positions and magnitudes of the stars with coefficients.
     coeffs : (B, k) array
         Their least-squares coefficients on the vectors (relative-flux units).
     starid : (B,) array
         To leave a star's own coefficients out of its prior.
     n_neighbours : int
         Nearest stars whose coefficients make a prior.
+    mag_px : float
+        Pixels that one magnitude counts as in the neighbour distance: a systematic's
+        coefficient depends on the aperture (so on Tmag) as much as on the place on the CCD.
     """
 
     rows: np.ndarray
     columns: np.ndarray
+    tmag: np.ndarray
     coeffs: np.ndarray
     starid: np.ndarray
-    n_neighbours: int = 20
+    n_neighbours: int = 30
+    mag_px: float = 500.0
 
-    def prior(self, row, column, starid=None):
-        """(mean (k,), variance (k,)) of the coefficients at (row, column).
+    def prior(self, row, column, tmag, starid=None):
+        """(mean (k,), variance (k,)) of the coefficients at (row, column, tmag).
 
-        A local linear regression of the coefficients on CCD row and column (coefficients
-        change smoothly over a CCD: focus grows to the corners, a pointing drift changes sign
-        across it), with Gaussian weights whose scale is the distance of the
+        A local linear regression of the coefficients on CCD row, column and Tmag (a focus
+        change costs a faint star's small aperture more than a bright star's; a pointing drift
+        changes sign across the CCD), with Gaussian weights in the distance
+        ``sqrt(drow^2 + dcol^2 + (mag_px dTmag)^2)`` whose scale is that of the
         ``n_neighbours``-th nearest star, the star itself left out. The variance is the
         weighted scatter about the regression plus the error of its value here, so a prior
         from few or discordant stars is wide.
         """
         keep = self.starid != starid if starid is not None else np.ones(len(self.starid), bool)
         dr, dc = self.rows[keep] - row, self.columns[keep] - column
-        d2 = dr ** 2 + dc ** 2
+        dm = (self.tmag[keep] - tmag) * self.mag_px if np.isfinite(tmag) else \
+            np.zeros(dr.size)
+        d2 = dr ** 2 + dc ** 2 + dm ** 2
         c = self.coeffs[keep]
         k = self.coeffs.shape[1]
         n = min(self.n_neighbours, d2.size)
-        if n < 5:
+        if n < 6:
             return np.zeros(k), np.full(k, np.inf)
         scale2 = max(np.partition(d2, n - 1)[n - 1], 1.0)
         w = np.exp(-0.5 * d2 / scale2)
-        x = np.column_stack([np.ones_like(dr), dr / np.sqrt(scale2), dc / np.sqrt(scale2)])
+        x = np.column_stack([np.ones_like(dr), dr, dc, dm]) / np.array(
+            [1.0, *[np.sqrt(scale2)] * 3])
         xtw = x.T * w
         try:
             inv = np.linalg.inv(xtw @ x)
         except np.linalg.LinAlgError:
             return np.zeros(k), np.full(k, np.inf)
-        beta = inv @ (xtw @ c)                          # (3, k)
+        beta = inv @ (xtw @ c)                          # (4, k)
         resid = c - x @ beta
         n_eff = w.sum() ** 2 / np.sum(w ** 2)
-        scatter = (w @ resid ** 2) / w.sum() * n_eff / max(n_eff - 3.0, 1.0)
+        scatter = (w @ resid ** 2) / w.sum() * n_eff / max(n_eff - 4.0, 1.0)
         # error of the intercept: (X^T W X)^-1 X^T W^2 X (X^T W X)^-1, times the scatter
         h = inv @ ((xtw * w) @ x) @ inv
         return beta[0], scatter * (1.0 + h[0, 0])
@@ -251,34 +266,43 @@ class FitResult:
     prior_weight: float          # mean over vectors of prior precision / posterior precision
     prior_goodness: float        # exp(-max(0, chi2/k - 1)/2) of the coefficients against the prior
     n_clipped: int
-    red_noise: float             # red-noise factor beta^2 of the least-squares residual
+    red_noise: float             # largest red-noise factor beta_k^2 of the least-squares fit
 
 
-def red_noise_factor(time, resid, use, bins_days=(0.25, 0.5, 1.0, 2.0)):
-    """beta^2 >= 1: how much more a residual varies on time-scales of hours to days than its
-    scatter says (Pont, Zucker & Queloz 2006: binned scatter over the white-noise prediction).
+def red_noise_factors(design, resid, use, max_lag=0.5):
+    """(K,) beta_k^2 >= 1: the variance of the residual's projection on each regressor over
+    what white noise of the residual's variance would give.
 
-    For each bin width the variance of the bin means is divided by what white noise of the
-    residual's variance would give; the largest ratio, less twice its own sampling error
-    ``sqrt(2 / n_bins)`` (so that white noise gives 1), is returned.
+    ``v^T C v`` with ``C`` the residual's autocovariance (the biased estimate, with a Bartlett
+    window out to ``max_lag`` of the series): a slow residual (a star's 10-d rotation)
+    projects on a slow vector as much as its amplitude allows, so the least-squares
+    coefficient of that vector is that uncertain; a white residual, or a fast one against a
+    slow vector, leaves beta^2 near 1 (values below 1 are noise and are raised to 1).
     """
-    t, r = time[use], resid[use]
-    if r.size < 10:
-        return 1.0
-    var = np.var(r)
-    best = 1.0
-    for width in bins_days:
-        idx = np.floor((t - t[0]) / width).astype(int)
-        counts = np.bincount(idx)
-        sums = np.bincount(idx, weights=r)
-        ok = counts >= 3
-        if np.count_nonzero(ok) < 4:
-            continue
-        means = sums[ok] / counts[ok]
-        expected = var * np.mean(1.0 / counts[ok])
-        ratio = np.var(means) / expected - 2.0 * np.sqrt(2.0 / np.count_nonzero(ok))
-        best = max(best, float(ratio))
-    return best
+    r = np.where(use, resid - np.mean(resid[use]), 0.0)
+    n = r.size
+    m = 1 << int(np.ceil(np.log2(2 * n)))
+    var = np.sum(r ** 2) / max(np.count_nonzero(use), 1)
+    if not var > 0:
+        return np.ones(design.shape[0])
+    acov = np.fft.irfft(np.abs(np.fft.rfft(r, m)) ** 2, m)[:n] / np.count_nonzero(use)
+    lags = np.arange(n)
+    window = np.clip(1.0 - lags / (max_lag * n), 0.0, None)
+    out = np.ones(design.shape[0])
+    for k, v in enumerate(design):
+        v = np.where(use, v, 0.0)
+        auto = np.fft.irfft(np.abs(np.fft.rfft(v, m)) ** 2, m)[:n]      # sum v(t) v(t+lag)
+        proj = auto[0] * acov[0] + 2.0 * np.sum((window * acov * auto)[1:])
+        out[k] = max(1.0, proj / (var * auto[0])) if auto[0] > 0 else 1.0
+    return out
+
+
+def clip_windows(time, use, hours=(0.0, 1.0, 2.0, 4.0, 8.0)):
+    """Run lengths (cadences) of :func:`outliers`: one cadence and 1 to 8 hours."""
+    if time is None or np.count_nonzero(use) < 2:
+        return (1,)
+    step = np.median(np.diff(np.asarray(time)[use])) * 24.0
+    return tuple(sorted({max(1, int(round(h / step))) for h in hours}))
 
 
 def outliers(resid, use, clip_sigma, windows=(1,)):
@@ -308,11 +332,12 @@ def map_fit(y, vectors, good, prior_mean=None, prior_var=None, time=None, clip_s
 
     ``prior_var`` None (or infinite) gives least squares. Outliers (transits, flares, cosmic
     rays) are clipped where the least-squares residual, or its running mean over 1 to 8 hours
-    (with ``time``), is beyond ``clip_sigma`` robust sigma (:func:`outliers`); the likelihood noise
-    is that residual's scatter times the red-noise factor of :func:`red_noise_factor` (with
-    ``time``): a star whose own signal is slow (a 10-d rotation) cannot tell it from the
-    vectors, so its fit leans on the prior, while white noise and clipped transits leave the
-    fit to the data (step 5 of the module docstring).
+    (with ``time``), is beyond ``clip_sigma`` robust sigma (:func:`outliers`); the
+    least-squares coefficients then carry that residual's scatter, each inflated by how much
+    the residual's own correlated variability projects on its vector
+    (:func:`red_noise_factors`): a star whose own signal is slow (a 10-d rotation) cannot
+    tell it from a slow vector, so that coefficient leans on the prior, while white noise and
+    clipped transits leave the fit to the data (step 5 of the module docstring).
     """
     vectors = np.asarray(vectors, dtype=float)
     k, N = vectors.shape
@@ -324,11 +349,7 @@ def map_fit(y, vectors, good, prior_mean=None, prior_var=None, time=None, clip_s
     # a free offset beside the vectors: the median normalisation leaves each star a level
     # that the vectors must not absorb
     design = np.vstack([vectors, np.full(N, 1.0 / np.sqrt(N))])
-    windows = (1,)
-    if time is not None and np.count_nonzero(use) > 1:
-        step = np.median(np.diff(time[use])) * 24.0
-        windows = tuple(sorted({max(1, int(round(h / step))) for h in (0.0, 1.0, 2.0, 4.0,
-                                                                         8.0)}))
+    windows = clip_windows(time, use)
     fit = use.copy()
     for _ in range(iterations):
         a = design[:, fit]
@@ -338,8 +359,15 @@ def map_fit(y, vectors, good, prior_mean=None, prior_var=None, time=None, clip_s
         if np.count_nonzero(new_fit) <= k + 3 or np.array_equal(new_fit, fit):
             break
         fit = new_fit
-    beta2 = red_noise_factor(time, resid, fit) if time is not None else 1.0
-    sig2 = float(np.var(resid[fit])) * beta2
+    # least-squares estimate and its covariance, each regressor's variance inflated by the
+    # residual's correlated variability along it (red_noise_factors)
+    sig2 = float(np.var(resid[fit]))
+    beta2 = red_noise_factors(design, resid, fit)
+    beta2[-1] = 1.0                                            # the free offset
+    a = design[:, fit]
+    half = np.sqrt(beta2)
+    ls_cov = sig2 * half[:, None] * np.linalg.inv(a @ a.T) * half[None, :]
+    ls_prec = np.linalg.inv(ls_cov)
     if prior_mean is None:
         prior_mean, prior_var = np.zeros(k), np.full(k, np.inf)
     prior_var = np.asarray(prior_var, dtype=float)
@@ -347,9 +375,9 @@ def map_fit(y, vectors, good, prior_mean=None, prior_var=None, time=None, clip_s
     prior_prec = np.where(finite, 1.0 / np.maximum(np.where(finite, prior_var, 1.0), 1e-30),
                           0.0)
     mean = np.where(finite, prior_mean, 0.0)
-    a = design[:, fit]
-    full_cov = np.linalg.inv(a @ a.T / sig2 + np.diag(np.append(prior_prec, 0.0)))
-    full = full_cov @ (a @ y[fit] / sig2 + np.append(prior_prec * mean, 0.0))
+    lam = np.diag(np.append(prior_prec, 0.0))
+    full_cov = np.linalg.inv(ls_prec + lam)
+    full = full_cov @ (ls_prec @ c_ls + lam @ np.append(mean, 0.0))
     coeffs, cov = full[:k], full_cov[:k, :k]
     post = 1.0 / np.diag(cov)
     weight = float(np.mean(prior_prec / post))
@@ -360,4 +388,4 @@ def map_fit(y, vectors, good, prior_mean=None, prior_var=None, time=None, clip_s
         goodness = np.nan
     sigma = float(np.sqrt(np.var((y - full @ design)[fit])))
     return FitResult(coeffs, cov, coeffs @ vectors, sigma, weight, goodness,
-                     int(np.count_nonzero(use & ~fit)), float(beta2))
+                     int(np.count_nonzero(use & ~fit)), float(np.max(beta2[:k])))

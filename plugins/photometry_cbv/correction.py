@@ -96,9 +96,10 @@ class CBVCorrection(LightCurveCorrection):
                            for i in basis_index]).reshape(-1, k)
         ok = np.all(np.isfinite(coeffs), axis=1)
         self.prior_model = PriorModel(ensemble.row[basis_index][ok],
-                                      ensemble.column[basis_index][ok], coeffs[ok],
+                                      ensemble.column[basis_index][ok],
+                                      ensemble.tmag[basis_index][ok], coeffs[ok],
                                       ensemble.starid[basis_index][ok],
-                                      int(cfg["prior_neighbours"]))
+                                      int(cfg["prior_neighbours"]), float(cfg["prior_mag_px"]))
         self.n_basis = int(ok.sum())
 
     def _spoc_vectors(self, ensemble):
@@ -141,8 +142,10 @@ class CBVCorrection(LightCurveCorrection):
         prior = fits.BinTableHDU.from_columns(
             [fits.Column("STARID", "K", array=pm.starid),
              fits.Column("ROW", "D", array=pm.rows), fits.Column("COLUMN", "D", array=pm.columns),
+             fits.Column("TMAG", "D", array=pm.tmag),
              fits.Column("COEFF", f"{pm.coeffs.shape[1]}D", array=pm.coeffs)], name="PRIOR")
         prior.header["NNEIGHB"] = (pm.n_neighbours, "neighbours of a prior")
+        prior.header["MAGPX"] = (pm.mag_px, "pixels per magnitude in the prior distance")
         hdul.append(prior)
         return {name: hdul}
 
@@ -158,10 +161,12 @@ class CBVCorrection(LightCurveCorrection):
             if "PRIOR" not in hdul:
                 return False
             d = hdul["PRIOR"].data
+            head = hdul["PRIOR"].header
             self.prior_model = PriorModel(np.array(d["ROW"], float), np.array(d["COLUMN"], float),
+                                          np.array(d["TMAG"], float),
                                           np.array(d["COEFF"], float).reshape(len(d), -1),
                                           np.array(d["STARID"], np.int64),
-                                          int(hdul["PRIOR"].header["NNEIGHB"]))
+                                          int(head["NNEIGHB"]), float(head["MAGPX"]))
             self.kind = str(hdul[0].header.get("CBVMETH", OWN))
         self.vectors = vectors
         self.n_basis = len(self.prior_model.starid)
@@ -192,7 +197,7 @@ class CBVCorrection(LightCurveCorrection):
                              [("PDC_NOTE", reason[:48].strip(), "why no correction"),
                               ("PDC_NCBV", 0, "co-trending vectors fitted"),
                               *[(key, None, comment) for key, comment in _METRICS]])
-        mean, var = self.prior_model.prior(star.row, star.column, star.starid)
+        mean, var = self.prior_model.prior(star.row, star.column, star.tmag, star.starid)
         fit = map_fit(y, np.nan_to_num(vectors), good, mean, var, time=star.time,
                       clip_sigma=float(cfg["clip_sigma"]))
         systematic = np.where(np.all(np.isfinite(vectors), axis=0), fit.systematic, np.nan)
