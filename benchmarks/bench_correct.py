@@ -204,7 +204,7 @@ def scene_part(workdir, quick=False, figure=None, peers=("lk_regression", "lk_cb
         variable = tr["stars/variable"][()]
         true = tr["flux"][()]
     files = sorted((workdir / "lc").rglob("*_lc.fits"))
-    rows, flux, err, quality, tmag, rc, ok_ids = [], [], [], [], [], [], []
+    rows, flux, err, quality, tmag, rc, ok_ids, ff = [], [], [], [], [], [], [], []
     for f in files:
         with fits.open(f) as hdul:
             d, h = hdul["LIGHTCURVE"].data, hdul[0].header
@@ -217,12 +217,14 @@ def scene_part(workdir, quick=False, figure=None, peers=("lk_regression", "lk_cb
             quality.append(np.array(d["QUALITY"], np.int64))
             tmag.append(h["TESSMAG"])
             rc.append((np.nanmedian(d["MOM_CENTR2"]) - 1, np.nanmedian(d["MOM_CENTR1"]) - 1))
+            ff.append(hdul["LIGHTCURVE"].header.get("FLFRCSAP") or np.nan)
             ok_ids.append(h["TICID"])
             t, cad = np.array(d["TIME"], float), np.array(d["CADENCENO"])
     flux, err, quality = np.array(flux), np.array(err), np.array(quality)
     rc = np.array(rc)
     ens = Ensemble(1, 1, 4, 1800, "aperture", t, cad, np.array(ok_ids), np.array(tmag),
-                   rc[:, 0], rc[:, 1], flux.copy(), err, quality, fit_cadences(quality, flux))
+                   rc[:, 0], rc[:, 1], flux.copy(), err, quality, fit_cadences(quality, flux),
+                   np.array(ff, float))
     truth_rel = {}
     for k, i in enumerate(rows):
         g = ens.good[k]

@@ -60,7 +60,11 @@ def fit_cadences(quality, flux):
 
 @dataclass
 class StarLightCurve:
-    """One star's SAP light curve on its CCD's cadence axis (NaN where it has no row)."""
+    """One star's SAP light curve on its CCD's cadence axis (NaN where it has no row).
+
+    ``flux_fraction`` is the file's FLFRCSAP (NaN if unknown): how much of the star's light
+    its aperture holds, which decides how much a focus or pointing change costs it.
+    """
 
     starid: int
     tmag: float
@@ -72,6 +76,7 @@ class StarLightCurve:
     flux_err: np.ndarray
     quality: np.ndarray
     good: np.ndarray
+    flux_fraction: float = np.nan
 
 
 @dataclass
@@ -96,13 +101,18 @@ class Ensemble:
     flux_err: np.ndarray
     quality: np.ndarray
     good: np.ndarray
+    flux_fraction: np.ndarray = None
+
+    def __post_init__(self):
+        if self.flux_fraction is None:
+            self.flux_fraction = np.full(len(self.starid), np.nan)
 
     def subset(self, index):
         """The ensemble of the stars ``index`` (same cadence axis)."""
         from dataclasses import replace
         return replace(self, **{k: getattr(self, k)[index] for k in
                                 ("starid", "tmag", "row", "column", "flux", "flux_err",
-                                 "quality", "good")})
+                                 "quality", "good", "flux_fraction")})
 
     def table(self, contamination=None):
         """The stars as the Table ``LightCurveCorrection.candidates`` takes."""
@@ -115,7 +125,8 @@ class Ensemble:
     def star(self, i):
         return StarLightCurve(int(self.starid[i]), float(self.tmag[i]), float(self.row[i]),
                               float(self.column[i]), self.time, self.cadenceno,
-                              self.flux[i], self.flux_err[i], self.quality[i], self.good[i])
+                              self.flux[i], self.flux_err[i], self.quality[i], self.good[i],
+                              float(self.flux_fraction[i]))
 
 
 @dataclass
@@ -180,6 +191,14 @@ def _on_axis(lc, cadenceno):
     return out, np.where(ok, idx, -1)
 
 
+def _flux_fraction(lc):
+    value = lc["header"].get("FLFRCSAP")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return np.nan
+
+
 def _read_ensemble(key, stars):
     """The light curves of ``stars`` (Table rows) on one axis; unreadable files are dropped."""
     sector, camera, ccd, cadence, method = key
@@ -200,6 +219,7 @@ def _read_ensemble(key, stars):
     for i, lc in enumerate(lcs):
         (t, flux[i], err[i], quality[i]), _ = _on_axis(lc, cadenceno)
         time = np.where(np.isfinite(time), time, t)
+    fraction = np.array([_flux_fraction(lc) for lc in lcs])
     if n and np.any(~np.isfinite(time)):
         known = np.isfinite(time)
         time[~known] = np.interp(cadenceno[~known], cadenceno[known], time[known])
@@ -207,7 +227,7 @@ def _read_ensemble(key, stars):
                     cadenceno, np.asarray(stars["starid"], dtype=np.int64),
                     np.asarray(stars["tmag"], float), np.asarray(stars["row"], float),
                     np.asarray(stars["column"], float), flux, err, quality,
-                    fit_cadences(quality, flux))
+                    fit_cadences(quality, flux), fraction)
 
 
 def correct_ensemble(corr, ensemble, contamination=None):
@@ -249,7 +269,7 @@ def _correct_file(corr, row, axis, time):
         (_, flux, err, quality), idx = _on_axis(lc, axis)
         star = StarLightCurve(int(row["starid"]), float(row["tmag"]), float(row["row"]),
                               float(row["column"]), time, axis, flux, err, quality,
-                              fit_cadences(quality, flux))
+                              fit_cadences(quality, flux), _flux_fraction(lc))
         res = corr.correct(star)
         # back from the CCD axis to the file's own rows (rows the axis lacks keep SAP)
         inside = idx >= 0

@@ -215,13 +215,15 @@ class PriorModel:
     starid: np.ndarray
     n_neighbours: int = 30
     mag_px: float = 500.0
+    flux_fraction: np.ndarray = None
 
-    def prior(self, row, column, tmag, starid=None):
+    def prior(self, row, column, tmag, starid=None, flux_fraction=np.nan):
         """(mean (k,), variance (k,)) of the coefficients at (row, column, tmag).
 
-        A local linear regression of the coefficients on CCD row, column and Tmag (a focus
-        change costs a faint star's small aperture more than a bright star's; a pointing drift
-        changes sign across the CCD), with Gaussian weights in the distance
+        A local linear regression of the coefficients on CCD row, column, Tmag and, where the
+        stars have one, the aperture's flux fraction FLFRCSAP (a focus change costs an
+        aperture holding less of the star's light more; a pointing drift changes sign across
+        the CCD), with Gaussian weights in the distance
         ``sqrt(drow^2 + dcol^2 + (mag_px dTmag)^2)`` whose scale is that of the
         ``n_neighbours``-th nearest star, the star itself left out. The variance is the
         weighted scatter about the regression plus the error of its value here, so a prior
@@ -239,17 +241,22 @@ class PriorModel:
             return np.zeros(k), np.full(k, np.inf)
         scale2 = max(np.partition(d2, n - 1)[n - 1], 1.0)
         w = np.exp(-0.5 * d2 / scale2)
-        x = np.column_stack([np.ones_like(dr), dr, dc, dm]) / np.array(
-            [1.0, *[np.sqrt(scale2)] * 3])
+        cols = [np.ones_like(dr), dr / np.sqrt(scale2), dc / np.sqrt(scale2),
+                dm / np.sqrt(scale2)]
+        ff = None if self.flux_fraction is None else self.flux_fraction[keep]
+        if ff is not None and np.isfinite(flux_fraction) and np.all(np.isfinite(ff)) \
+                and np.std(ff) > 0:
+            cols.append((ff - flux_fraction) / np.std(ff))
+        x = np.column_stack(cols)
         xtw = x.T * w
         try:
             inv = np.linalg.inv(xtw @ x)
         except np.linalg.LinAlgError:
             return np.zeros(k), np.full(k, np.inf)
-        beta = inv @ (xtw @ c)                          # (4, k)
+        beta = inv @ (xtw @ c)                          # (4 or 5, k)
         resid = c - x @ beta
         n_eff = w.sum() ** 2 / np.sum(w ** 2)
-        scatter = (w @ resid ** 2) / w.sum() * n_eff / max(n_eff - 4.0, 1.0)
+        scatter = (w @ resid ** 2) / w.sum() * n_eff / max(n_eff - x.shape[1], 1.0)
         # error of the intercept: (X^T W X)^-1 X^T W^2 X (X^T W X)^-1, times the scatter
         h = inv @ ((xtw * w) @ x) @ inv
         return beta[0], scatter * (1.0 + h[0, 0])

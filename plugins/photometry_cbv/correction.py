@@ -99,7 +99,8 @@ class CBVCorrection(LightCurveCorrection):
                                       ensemble.column[basis_index][ok],
                                       ensemble.tmag[basis_index][ok], coeffs[ok],
                                       ensemble.starid[basis_index][ok],
-                                      int(cfg["prior_neighbours"]), float(cfg["prior_mag_px"]))
+                                      int(cfg["prior_neighbours"]), float(cfg["prior_mag_px"]),
+                                      ensemble.flux_fraction[basis_index][ok])
         self.n_basis = int(ok.sum())
 
     def _spoc_vectors(self, ensemble):
@@ -143,6 +144,7 @@ class CBVCorrection(LightCurveCorrection):
             [fits.Column("STARID", "K", array=pm.starid),
              fits.Column("ROW", "D", array=pm.rows), fits.Column("COLUMN", "D", array=pm.columns),
              fits.Column("TMAG", "D", array=pm.tmag),
+             fits.Column("FLFRCSAP", "D", array=pm.flux_fraction),
              fits.Column("COEFF", f"{pm.coeffs.shape[1]}D", array=pm.coeffs)], name="PRIOR")
         prior.header["NNEIGHB"] = (pm.n_neighbours, "neighbours of a prior")
         prior.header["MAGPX"] = (pm.mag_px, "pixels per magnitude in the prior distance")
@@ -166,7 +168,8 @@ class CBVCorrection(LightCurveCorrection):
                                           np.array(d["TMAG"], float),
                                           np.array(d["COEFF"], float).reshape(len(d), -1),
                                           np.array(d["STARID"], np.int64),
-                                          int(head["NNEIGHB"]), float(head["MAGPX"]))
+                                          int(head["NNEIGHB"]), float(head["MAGPX"]),
+                                          np.array(d["FLFRCSAP"], float))
             self.kind = str(hdul[0].header.get("CBVMETH", OWN))
         self.vectors = vectors
         self.n_basis = len(self.prior_model.starid)
@@ -197,7 +200,8 @@ class CBVCorrection(LightCurveCorrection):
                              [("PDC_NOTE", reason[:48].strip(), "why no correction"),
                               ("PDC_NCBV", 0, "co-trending vectors fitted"),
                               *[(key, None, comment) for key, comment in _METRICS]])
-        mean, var = self.prior_model.prior(star.row, star.column, star.tmag, star.starid)
+        mean, var = self.prior_model.prior(star.row, star.column, star.tmag, star.starid,
+                                           star.flux_fraction)
         fit = map_fit(y, np.nan_to_num(vectors), good, mean, var, time=star.time,
                       clip_sigma=float(cfg["clip_sigma"]))
         systematic = np.where(np.all(np.isfinite(vectors), axis=0), fit.systematic, np.nan)
