@@ -142,12 +142,14 @@ def _source_release(source):
     return data_rel, (str(procver).strip() or None) if procver is not None else None
 
 
-def primary_header(phot, creator, filever=FILE_VERSION):
+def primary_header(phot, creator=None, filever=FILE_VERSION):
     """SPOC-style primary header of a product of one BasePhotometry object (light curve, TPF).
 
     SPOC's keywords in SPOC's order (ORIGIN, DATE, TSTART ... TEFF), then ours: PHOTMET,
-    METHVER, SETHASH, DATASRC, CADENCE, SPOCVER (the input's SPOC PROCVER). ``creator``
-    decides how lightkurve reads the file ("LightCurveExporter" or "TargetPixelExporter").
+    METHVER, SETHASH, DATASRC, CADENCE, SPOCVER (the input's SPOC PROCVER), ERR_EST.
+    ``creator`` (CREATOR, default the light curve's :data:`CREATOR`) decides how lightkurve
+    reads the file: "...LightCurveExporter" or "...TargetPixelExporter" (the TPF export).
+    ``filever`` is the FILEVER of that product.
     """
     target = phot.target
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
@@ -163,7 +165,7 @@ def primary_header(phot, creator, filever=FILE_VERSION):
         ("TSTOP", *tcards["TSTOP"]),
         ("DATE-OBS", *tcards["DATE-OBS"]),
         ("DATE-END", *tcards["DATE-END"]),
-        ("CREATOR", creator, "program used to produce this file"),
+        ("CREATOR", creator or CREATOR, "program used to produce this file"),
         ("PROCVER", f"tessphot-{__version__}", "SW version"),
         ("FILEVER", filever, "file format version"),
         ("TIMVERSN", "OGIP/93-003", "OGIP memo number for file format"),
@@ -192,6 +194,11 @@ def primary_header(phot, creator, filever=FILE_VERSION):
         ("CADENCE", phot.cadence, "[s] cadence"),
         ("SPOCVER", spoc_procver, "SPOC PROCVER of the input data"),
     ]
+    # pixel uncertainties the input lacked and that were estimated from the pixels (noise
+    # model): FFICache.errors_estimated (prepare), TPFSource.errors_estimated
+    err_est = getattr(phot.source, "errors_estimated", None)
+    if err_est is not None:
+        cards.append(("ERR_EST", round(float(err_est), 6), "fraction of pixel errors estimated"))
     header = fits.Header()
     for key, value, comment in cards:
         header[key] = (value, comment)
@@ -281,7 +288,7 @@ def _crowding_cards(phot):
 def build_hdulist(phot):
     """The light-curve FITS file of a BasePhotometry object after :meth:`photometry`."""
     lc = phot.lightcurve
-    primary = fits.PrimaryHDU(header=primary_header(phot, CREATOR))
+    primary = fits.PrimaryHDU(header=primary_header(phot))
     crowding, method_cards = _crowding_cards(phot)
     for key, (value, comment) in method_cards.items():
         primary.header[key] = (_card_value(value), comment)
