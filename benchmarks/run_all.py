@@ -20,6 +20,7 @@ BENCHMARKS = {
     "bench_linpsf.py": [],
     "bench_psfmachine.py": [],
     "bench_scheduler.py": [],
+    "bench_correct.py": [],
 }
 
 

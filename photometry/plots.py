@@ -83,7 +83,8 @@ def _label_stars(ax, phot, max_labels=15):
     for k in range(min(max_labels, len(cat))):          # catalog is sorted by Tmag
         is_target = int(cat["starid"][k]) == phot.starid
         ax.annotate(f"{tmag[k]:.1f}", (cat["column"][k], cat["row"][k]),
-                    xytext=(4, 4), textcoords="offset points", fontsize=8,
+                    xytext=(9, 9) if is_target else (4, 4), textcoords="offset points",
+                    fontsize=8,
                     color="yellow" if is_target else "white", fontweight="bold")
 
 
@@ -173,7 +174,7 @@ def plot_pixels(phot, max_size=15):
 def plot_background(phot):
     """Mean background image of the stamp (CCD coordinates) and the stamp-median background
     against time."""
-    fig = Figure(figsize=(11, 4.5))
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.4]})
     bkg = phot.backgrounds_cube
     im = ax1.imshow(np.nanmean(bkg, axis=0), origin="lower", extent=_extent(phot),
@@ -264,8 +265,10 @@ def plot_lightcurve_file(path):
                        f"goodness {h.get('PDC_TOT', float('nan')):.2f})")
         ax2.plot(t[~good], norm(pdc)[~good], "x", ms=4, color="red")
     else:
-        ax2.text(0.5, 0.5, "no correction yet (PDCMETHD 'none'): PDCSAP_FLUX = SAP_FLUX;\n"
-                 "it is made over the whole CCD by `tessphot run` / `tessphot correct`",
+        note = str(h.get("PDC_NOTE") or "").strip()
+        why = (f"not corrected: {note}" if note else "no correction yet: it is made over the "
+               "whole CCD by `tessphot run` / `tessphot correct`")
+        ax2.text(0.5, 0.5, f"PDCSAP_FLUX = SAP_FLUX (PDCMETHD 'none')\n{why}",
                  transform=ax2.transAxes, ha="center", va="center", fontsize=9)
     ax2.set_ylabel("PDCSAP / median")
     if method != "none":
@@ -298,7 +301,7 @@ def plot_residuals(phot):
             resid_cube = np.asarray(phot.images_cube) - np.asarray(model)
         resid = np.nanmedian(np.asarray(resid_cube)[good], axis=0)
     data = mod + resid
-    fig = Figure(figsize=(15, 4.6))
+    fig = Figure(figsize=(15, 4.6), layout="constrained")
     axes = fig.subplots(1, 3)
     r1, _, c1, _ = phot.stamp
     vmax = np.nanpercentile(data, 99.5)

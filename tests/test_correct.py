@@ -192,3 +192,36 @@ def test_spoc_cbv_file(tmp_path):
     (tmp_path / "x").mkdir()
     assert correct_ensemble(other, ens)[0].method == "cbvMAP"
     assert "no SPOC CBV file" in other.notes[0]
+
+
+def test_a_vector_few_stars_carry_is_no_systematic():
+    """Three variables whose slow signals look alike (no systematic common to the CCD) made a
+    vector before: none held half of its weight. A vector must rest on many stars."""
+    from photometry_cbv.basis import build_basis
+    rng = np.random.default_rng(8)
+    n_star, n = 30, 100
+    t = 1325.3 + np.arange(n) / 48.0
+    z = rng.standard_normal((n_star, n))
+    slow = np.sin(2 * np.pi * (t - t[0]) / 6.0)
+    z[3] += 6 * slow
+    z[17] += 5.5 * slow + 0.5 * rng.standard_normal(n)
+    z[25] += 5 * np.sin(2 * np.pi * (t - t[0]) / 5.0)
+    basis = build_basis(z, np.ones(n_star), np.ones(n, bool), t, ids=np.arange(n_star) + 100)
+    assert basis.vectors.shape[0] == 0, basis.notes
+    assert any("carried vector 1" in note for note in basis.notes)
+    # the same slow signal in every star is a systematic, and is found
+    common = build_basis(z + 3 * slow, np.ones(n_star), np.ones(n, bool), t)
+    assert common.vectors.shape[0] == 1
+    assert abs(np.corrcoef(common.vectors[0], slow)[0, 1]) > 0.95   # measured 0.98
+
+
+def test_a_correction_that_adds_noise_is_not_applied():
+    ens, _ = synthetic_ensemble(n_stars=300, n_cadences=400, seed=2)
+    # no correction can meet this: every star keeps SAP_FLUX and says why
+    corr = CBVCorrection(load_settings(assignments=["cbv.min_noise_goodness=1.01"]))
+    results = correct_ensemble(corr, ens)
+    assert corr.vectors.shape[0] >= 1
+    assert {r.method for r in results} == {"none"}
+    np.testing.assert_array_equal(results[3].flux, ens.flux[3])
+    note = dict((k, v) for k, v, _ in results[3].cards)["PDC_NOTE"]
+    assert note.startswith("correction adds noise (PDC_NOI")

@@ -13,9 +13,10 @@ et al. 2012) and the ensemble idea of TASOC's corrections, in one single-scale b
    than ``clip_sigma`` off the rank-k model are replaced by it and the SVD repeated
    (transits, flares and cosmic rays do not become vectors, where they would remove a basis
    star's own transit). A vector is kept only if its singular value stands above the largest
-   one of pure noise (the Marchenko-Pastur edge ``sqrt(S) + sqrt(N)`` of a unit-variance S x N
-   matrix) by ``significance``; a vector that one star dominates (more than half of its
-   weight) is removed with that star and the SVD redone (PDC's entropy cleaning).
+   one of noise by ``significance``: the Marchenko-Pastur edge ``sqrt(S) + sqrt(N)`` of a
+   unit-variance S x N matrix, or the stars' own red noise (:func:`red_noise_edge`) if higher;
+   a vector that one star dominates, or that rests on few stars (participation ratio), is
+   removed with the star holding most of it and the SVD redone (PDC's entropy cleaning).
 4. Prior: every basis star's least-squares coefficients; a star's prior is a local linear
    regression of them on CCD position and Tmag over its nearest basis stars, with their
    scatter about it (PDC-MAP builds its prior from the same quiet-star coefficients as a
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["white_noise", "normalise", "Basis", "build_basis", "PriorModel", "map_fit",
-           "FitResult", "red_noise_factors", "outliers", "clip_windows"]
+           "FitResult", "red_noise_factors", "red_noise_edge", "outliers", "clip_windows"]
 
 
 def white_noise(y):
@@ -109,9 +110,25 @@ def _select_quiet(z, max_scatter, fraction, min_stars):
     return np.sort(quiet[order[:n_keep]])
 
 
+def red_noise_edge(resid, trials=3, seed=0):
+    """Largest singular value of ``resid`` (stars x cadences) once each star's series is
+    circularly shifted by its own random lag (median of ``trials``; fixed seed, so the same
+    stars give the same number): each star keeps its own correlated noise, the stars lose
+    whatever they share. For white noise it is the Marchenko-Pastur edge."""
+    rng = np.random.default_rng(seed)
+    n = resid.shape[1]
+    top = []
+    for _ in range(trials):
+        lags = rng.integers(0, n, resid.shape[0])
+        idx = (np.arange(n)[None, :] + lags[:, None]) % n
+        top.append(np.linalg.svd(np.take_along_axis(resid, idx, axis=1), compute_uv=False)[0])
+    return float(np.median(top))
+
+
 def build_basis(y, sigma, good_common, time, max_vectors=8, significance=1.2,
                 correlated_fraction=0.5, max_scatter=3.0, clip_sigma=4.0, iterations=5,
-                min_stars=10, dominance=0.5, ids=None):
+                min_stars=10, dominance=0.5, min_carriers=5.0, carrier_fraction=0.05,
+                max_removed=20, ids=None):
     """Co-trending basis vectors from candidate light curves (steps 1-3 of the module doc).
 
     Parameters
@@ -125,6 +142,13 @@ def build_basis(y, sigma, good_common, time, max_vectors=8, significance=1.2,
         by projecting the stars' fluxes there.
     time : (N,) array
         For filling gaps of single stars.
+    dominance, min_carriers, carrier_fraction, max_removed : float, float, float, int
+        A vector must be carried by many stars, not one or a few (variables whose signals
+        happen to look alike): no star may hold more than ``dominance`` of its weight, and
+        its participation ratio ``1 / sum(u^4)`` (the number of stars it effectively rests on)
+        must be at least ``max(min_carriers, carrier_fraction * stars)``. Otherwise the star
+        holding most of it is left out and the SVD redone, at most ``max_removed`` times;
+        vectors still failing are dropped.
     ids : (S,) array, optional
         Star names for the notes (default: row numbers).
 
@@ -148,7 +172,7 @@ def build_basis(y, sigma, good_common, time, max_vectors=8, significance=1.2,
     # each star's own level is not a systematic: centre the rows (the fit has a free offset)
     z_all -= np.mean(z_all[:, good_common], axis=1, keepdims=True)
     rows = _select_quiet(z_all[:, good_common], max_scatter, correlated_fraction, min_stars)
-    for _ in range(10):                  # dominance cleaning: at most 10 stars removed
+    for n_removed in range(max_removed + 1):        # PDC's entropy cleaning
         if rows.size < min_stars:
             notes.append(f"{rows.size} quiet basis stars (need {min_stars})")
             return empty
@@ -167,26 +191,41 @@ def build_basis(y, sigma, good_common, time, max_vectors=8, significance=1.2,
             if np.array_equal(new, z):
                 break
             z = new
+        if k:
+            # the stars' own slow signals (rotation, pulsation) are red noise, which lifts
+            # singular values above the white-noise edge: the level that noise reaches
+            # without any common signal, from the residual with each star shifted in time
+            threshold = max(threshold, significance * red_noise_edge(z - model))
+            k = int(np.count_nonzero(s[:k] > threshold))
         if k == 0:
             notes.append("no vector above the noise")
             return Basis(np.zeros((0, N)), np.zeros(0), usable[rows], threshold, notes)
         weight = u[:, :k] ** 2
-        worst = np.unravel_index(np.argmax(weight), weight.shape)
-        if weight[worst] <= dominance:
+        carriers = 1.0 / np.sum(weight ** 2, axis=0)
+        few = (weight.max(axis=0) > dominance) | \
+            (carriers < max(min_carriers, carrier_fraction * rows.size))
+        if not few.any() or n_removed == max_removed:
             break
-        who = usable[rows][worst[0]]
-        notes.append(f"TIC {ids[who] if ids is not None else who} dominated vector "
-                     f"{worst[1] + 1}: left out")
-        rows = np.delete(rows, worst[0])
+        j = int(np.flatnonzero(few)[0])
+        worst = int(np.argmax(weight[:, j]))
+        who = usable[rows][worst]
+        notes.append(f"TIC {ids[who] if ids is not None else who} carried vector {j + 1} "
+                     f"({carriers[j]:.1f} stars): left out")
+        rows = np.delete(rows, worst)
+    keep = np.flatnonzero(~few)
+    if keep.size == 0:
+        notes.append("no vector common to the stars")
+        return Basis(np.zeros((0, N)), np.zeros(0), usable[rows], threshold, notes)
+    k = keep.size
     # extend to every cadence: project the (clipped) fluxes of the basis stars
     z_full = z_all[rows].copy()
     z_full[:, good_common] = z
-    vectors = u[:, :k].T @ z_full
+    vectors = u[:, keep].T @ z_full
     vectors /= np.linalg.norm(vectors[:, good_common], axis=1, keepdims=True)
     # a fixed sign (largest |value| positive) so the same stars give the same file
     flip = np.sign(vectors[np.arange(k), np.argmax(np.abs(vectors[:, good_common]), axis=1)])
     vectors *= np.where(flip == 0, 1.0, flip)[:, None]
-    return Basis(vectors, s[:k], usable[rows], float(threshold), notes)
+    return Basis(vectors, s[keep], usable[rows], float(threshold), notes)
 
 
 @dataclass

@@ -216,7 +216,15 @@ class CBVCorrection(LightCurveCorrection):
         total = float(np.sqrt(g_noise * g_prior)) if np.isfinite(g_prior) else g_noise
         values = [self.n_basis, total, g_noise, g_prior, fit.prior_weight,
                   float(fit.residual_sigma / sig_white), fit.n_clipped]
+        metrics = [(key, value, comment) for (key, comment), value in zip(_METRICS, values)]
+        if not g_noise >= float(cfg["min_noise_goodness"]):
+            # the vectors' own noise, times this star's coefficients, would swamp the star's
+            # noise (a bright star, or one whose own variability drives the fit): a
+            # correction that cannot be trusted is not applied, and the header says why
+            return Corrected(star.flux, star.flux_err, NONE,
+                             [("PDC_NOTE", f"correction adds noise (PDC_NOI {g_noise:.2f})",
+                               "why no correction"),
+                              ("PDC_NCBV", 0, "co-trending vectors fitted"), *metrics])
         cards = [("PDC_NOTE", "", "why no correction"),
-                 ("PDC_NCBV", int(k), "co-trending vectors fitted"),
-                 *[(key, value, comment) for (key, comment), value in zip(_METRICS, values)]]
+                 ("PDC_NCBV", int(k), "co-trending vectors fitted"), *metrics]
         return Corrected(flux, err, self.kind, cards)
