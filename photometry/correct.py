@@ -24,7 +24,6 @@ copy (``PDCMETHD = 'none'``); one bad light-curve file is skipped with a warning
 stops the run.
 """
 import logging
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +37,8 @@ from .lightcurve_io import read_lightcurve, update_lightcurve, write_atomic
 from .quality import LightCurveQualityFlags
 
 __all__ = ["Ensemble", "StarLightCurve", "Corrected", "finished_lightcurves",
-           "correct_lightcurves", "correct_star", "correct_ensemble", "finish_run", "fit_cadences", "FIT_BITMASK",
-           "PRODUCTS", "add_arguments", "run"]
+           "correct_lightcurves", "correct_star", "correct_ensemble", "finish_run",
+           "fit_cadences", "FIT_BITMASK", "PRODUCTS", "add_arguments", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -142,23 +141,26 @@ class Corrected:
 
 # --------------------------------------------------------------------------- inputs
 def finished_lightcurves(cache_dir, output):
-    """Table of the finished tasks (OK, WARNING) with a light-curve file, sorted by TIC.
+    """Table of the finished results (OK, WARNING) with a light-curve file in ``output``,
+    sorted by CCD, method and TIC; one row per (task, method), so several methods' light
+    curves of a star stand side by side.
 
     Columns: ``starid, tmag, row, column, sector, camera, ccd, cadence, method, status,
-    variability, contamination, path`` (absolute).
+    variability, contamination, path`` (absolute). Results of another run's output folder are
+    left out (a migrated result, which has no recorded folder, counts as this one's).
     """
-    from .taskstore import OK, TODO_NAME, WARNING
-    todo = Path(cache_dir) / TODO_NAME
-    if not todo.exists():
-        raise InputError(f"{todo}: no task list (run `tessphot todo` and `tessphot run` first)")
-    with sqlite3.connect(f"file:{todo}?mode=ro", uri=True) as conn:
-        rows = conn.execute(
+    from .taskstore import OK, TODO_NAME, WARNING, TaskStore
+    output = Path(output).resolve()
+    with TaskStore(Path(cache_dir) / TODO_NAME) as store:
+        rows = store.conn.execute(
             'SELECT t.starid, t.tmag, t."row", t."column", t.sector, t.camera, t.ccd, '
-            "t.cadence, d.method_used, t.status, d.variability, d.contamination, d.lightcurve "
-            "FROM todolist t JOIN diagnostics d USING (priority) "
-            "WHERE t.status IN (?, ?) AND d.lightcurve IS NOT NULL "
-            "ORDER BY t.sector, t.camera, t.ccd, t.cadence, d.method_used, t.starid",
-            (OK, WARNING)).fetchall()
+            "t.cadence, r.method, r.status, d.variability, d.contamination, d.lightcurve "
+            "FROM results r JOIN todolist t USING (priority) "
+            "JOIN diagnostics d USING (priority, method) "
+            "WHERE r.status IN (?, ?) AND d.lightcurve IS NOT NULL "
+            "AND (r.output = ? OR r.output IS NULL) "
+            "ORDER BY t.sector, t.camera, t.ccd, t.cadence, r.method, t.starid",
+            (OK, WARNING, str(output))).fetchall()
     names = ["starid", "tmag", "row", "column", "sector", "camera", "ccd", "cadence",
              "method", "status", "variability", "contamination", "path"]
     if not rows:
@@ -166,7 +168,7 @@ def finished_lightcurves(cache_dir, output):
                                          int, float, float, str])
     table = Table(rows=[tuple(np.nan if v is None else v for v in r) for r in rows],
                   names=names)
-    table["path"] = [str(Path(output) / p) for p in table["path"]]
+    table["path"] = [str(output / p) for p in table["path"]]
     return table
 
 

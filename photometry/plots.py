@@ -354,8 +354,15 @@ def plot_cdpp_summary(table, key):
     exp = np.asarray(table["cdpp_expected"], dtype=float)
     sap = np.asarray(table["cdpp_sap"], dtype=float)
     pdc = np.asarray(table["cdpp_pdcsap"], dtype=float)
+    methods = np.asarray(table["method"]).astype(str)
+    names = sorted(set(methods[np.isfinite(pdc)]))
     ax.plot(tmag, sap, ".", color="0.6", ms=4, label="measured SAP_FLUX")
-    ax.plot(tmag, pdc, "k.", ms=5, label="measured PDCSAP_FLUX")
+    for name, marker in zip(names, ".xs^v<>"):  # several methods' results side by side
+        sel = methods == name
+        ax.plot(tmag[sel], pdc[sel], marker, color="k", ms=5 if marker == "." else 4,
+                mfc="k" if marker == "." else "none",
+                label=f"measured PDCSAP_FLUX ({name})" if len(names) > 1
+                else "measured PDCSAP_FLUX")
     ax.plot(tmag, exp, "+", color="tab:blue", ms=5, alpha=0.7,
             label="expected (each star's aperture)")
     ok = np.isfinite(exp) & np.isfinite(tmag)
@@ -377,10 +384,14 @@ def plot_cdpp_summary(table, key):
     ax.set_xlabel("TESS magnitude")
     ax.set_ylabel("1-hour CDPP [ppm]")
     ratio = np.asarray(table["ratio_pdcsap"], dtype=float)
-    ratio = ratio[np.isfinite(ratio)]
-    text = f", median measured/expected {np.median(ratio):.2f}" if ratio.size else ""
-    ax.set_title("Sector {} camera {} CCD {} ({} s): {} stars{}".format(
-        *key, int(np.count_nonzero(np.isfinite(pdc))), text))
+    medians = [(name, np.median(ratio[(methods == name) & np.isfinite(ratio)]))
+               for name in names if np.any((methods == name) & np.isfinite(ratio))]
+    text = ""
+    if medians:
+        text = ", median measured/expected " + ", ".join(
+            f"{v:.2f}" if len(names) == 1 else f"{name} {v:.2f}" for name, v in medians)
+    stars = len(set(np.asarray(table["starid"])[np.isfinite(pdc)]))
+    ax.set_title("Sector {} camera {} CCD {} ({} s): {} stars{}".format(*key, stars, text))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     return fig

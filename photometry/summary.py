@@ -4,11 +4,10 @@ CDPP-versus-Tmag figure (as in the TASOC and QLP papers).
 Written at the end of ``tessphot run`` and by ``tessphot status CACHE_DIR --output LC_DIR``
 into ``LC_DIR/summary/``: ``s{sector:04d}-{camera}-{ccd}-c{cadence:04d}_summary.fits`` and
 ``.csv`` (the same table) and ``..._cdpp.png``. The table is built from ``todo.sqlite``
-(status, reason, method) and the LIGHTCURVE header of each light curve (CDPP, noise model,
+(one row per task and method: status, reason) and the LIGHTCURVE header of each light curve (CDPP, noise model,
 crowding, PDC keywords), so it always describes the files as they are.
 """
 import logging
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +29,22 @@ SUMMARY_COLUMNS = ("starid", "tmag", "method", "status", "reason", "contaminatio
                    *(c for c, _ in _HEADER_COLUMNS), "lightcurve")
 
 
-def _tasks(cache_dir):
-    from .taskstore import STATUS_NAMES, TODO_NAME
-    todo = Path(cache_dir) / TODO_NAME
-    with sqlite3.connect(f"file:{todo}?mode=ro", uri=True) as conn:
-        rows = conn.execute(
+def _tasks(cache_dir, output):
+    """One row per (task, method) of ``output``'s results, and one per task without any
+    (PENDING, its todolist method): ``((sector, camera, ccd, cadence), starid, tmag, method,
+    status, reason, contamination, lightcurve)``. Results of another run's output folder are
+    left out (a planned or migrated result, which has no folder yet, counts as this one's)."""
+    from .taskstore import STATUS_NAMES, TODO_NAME, TaskStore
+    with TaskStore(Path(cache_dir) / TODO_NAME) as store:
+        rows = store.conn.execute(
             "SELECT t.sector, t.camera, t.ccd, t.cadence, t.starid, t.tmag, "
-            "COALESCE(d.method_used, t.method, ''), t.status, "
-            "COALESCE(t.error, d.errors, ''), d.contamination, d.lightcurve "
-            "FROM todolist t LEFT JOIN diagnostics d USING (priority) "
-            "ORDER BY t.sector, t.camera, t.ccd, t.cadence, t.tmag, t.starid").fetchall()
+            "COALESCE(r.method, t.method, ''), r.status, "
+            "COALESCE(r.error, d.errors, ''), d.contamination, d.lightcurve "
+            "FROM todolist t LEFT JOIN results r ON r.priority = t.priority "
+            "AND (r.output = ? OR r.output IS NULL) "
+            "LEFT JOIN diagnostics d ON d.priority = r.priority AND d.method = r.method "
+            "ORDER BY t.sector, t.camera, t.ccd, t.cadence, t.tmag, t.starid, r.method",
+            (str(Path(output).resolve()),)).fetchall()
     out = []
     for r in rows:
         reason = "; ".join(dict.fromkeys(line.strip() for line in (r[8] or "").splitlines()
@@ -94,7 +99,7 @@ def write_summaries(cache_dir, output):
     """Write the summary table (FITS, CSV) and CDPP plot of every CCD; the paths written."""
     from .lightcurve_io import write_atomic
     from .plots import plot_cdpp_summary, save_figure
-    tasks = _tasks(cache_dir)
+    tasks = _tasks(cache_dir, output)
     folder = Path(output) / "summary"
     paths = []
     for key in sorted({t[0] for t in tasks}):

@@ -3,6 +3,7 @@ ensembles (known truth), SPOC CBV files, determinism, and the pieces of the meth
 import numpy as np
 import pytest
 
+from photometry.errors import ConfigurationError
 from photometry.correct import correct_ensemble
 from photometry.lcsim import (inject_sinusoid, inject_transit, sinusoid_amplitude,
                               synthetic_ensemble, systematic_rms, transit_depth)
@@ -189,7 +190,10 @@ def test_spoc_cbv_file(tmp_path):
     assert np.percentile(before / np.maximum(after, 1e-12), 10) > 5.0
     # no file for this CCD: our own vectors, and a note saying so
     other = CBVCorrection(load_settings(assignments=[f'cbv.spoc_cbv_dir="{tmp_path / "x"}"']))
+    with pytest.raises(ConfigurationError, match="cbv.spoc_cbv_dir = .*no such folder"):
+        correct_ensemble(other, ens)        # a mistyped folder is no silent fallback
     (tmp_path / "x").mkdir()
+    other = CBVCorrection(other.settings)
     assert correct_ensemble(other, ens)[0].method == "cbvMAP"
     assert "no SPOC CBV file" in other.notes[0]
 

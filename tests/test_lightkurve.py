@@ -22,6 +22,8 @@ SPOC_2MIN = (Path(__file__).parents[2] / "shared" / "data" / "real" / "lightcurv
              / "tess2018206045859-s0001-0000000025155310-0120-s_lc.fits")
 
 lk = pytest.importorskip("lightkurve")
+#: one worker builds the module's run (``make test`` distributes with ``--dist loadgroup``)
+pytestmark = pytest.mark.xdist_group("lightkurve_run")
 
 
 def tessphot(*args):
@@ -60,6 +62,8 @@ def _bright_file(run, tmag=(9.5, 11.0)):
 
 def test_every_file_is_corrected_also_the_stars_added_later(run):
     assert "correction s0001-1-4-c1800-aperture" in run["first"]
+    # the last step of run, after the photometry
+    assert run["first"].index(" tasks in ") < run["first"].index("correction s0001")
     assert "summary: " in run["later"]
     assert len(run["files"]) > 100
     faint_done = 0
@@ -238,3 +242,34 @@ def test_hlsp_file_names(run, tmp_path):
     assert [p.name for p in found] == [
         f"hlsp_demo_tess_ffi_s0001-{sid:016d}-1-4-c1800-aperture_tess_v2.0_lc.fits"]
     assert isinstance(lk.read(str(found[0])), lk.TessLightCurve)
+
+
+def test_several_methods_side_by_side(run):
+    """A later run of another method on the same output: its light curves are corrected as
+    their own CCD group, the first method's files are left as they were, and the summary
+    holds one row per (task, method). Last in the module: it adds files to the run."""
+    def digest():
+        return {f: hashlib.md5(f.read_bytes()).hexdigest() for f in run["files"]}
+    before = digest()
+    out = tessphot("run", run["root"] / "cache", "--output", run["root"] / "lc", "--workers",
+                   2, "--method", "linpsf", "--tmag-max", 11.5, "--no-progress")
+    n = len(run["files"])
+    assert f"correction s0001-1-4-c1800-aperture: {n} light curves (cbvMAP {n}), " \
+           f"0 rewritten, {n} unchanged" in out
+    line = next(x for x in out.splitlines() if "correction s0001-1-4-c1800-linpsf" in x)
+    done = int(line.split(": ")[1].split()[0])
+    assert done >= 10 and f"{done} rewritten" in line and "(cbvMAP" in line
+    assert digest() == before
+    linpsf = sorted((run["root"] / "lc").rglob("*-linpsf_lc.fits"))
+    assert len(linpsf) == done
+    for f in linpsf:
+        h = fits.getheader(f, "LIGHTCURVE")
+        assert h["PDCMETHD"] in ("cbvMAP", "none") and h["PDC_NOTE"] is not None
+    assert (run["root"] / "lc" / "cbv" / "tessphot-s0001-1-4-c1800-linpsf_cbv.fits").exists()
+    table = Table.read(run["root"] / "lc" / "summary" / "s0001-1-4-c1800_summary.fits")
+    methods = np.asarray(table["method"]).astype(str)
+    assert np.count_nonzero(methods == "linpsf") == done
+    assert np.count_nonzero(methods == "aperture") == n + np.count_nonzero(
+        np.asarray(table["status"]).astype(str) == "SKIPPED")
+    both = set(table["starid"][methods == "linpsf"]) & set(table["starid"][methods == "aperture"])
+    assert len(both) == done

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from photometry.errors import ConfigurationError
+
 __all__ = ["find_cbv_file", "read_cbvs", "cbv_hdulist", "vectors_on"]
 
 
@@ -22,7 +24,10 @@ def _extname(camera, ccd):
 
 def find_cbv_file(folder, sector, camera, ccd):
     """The CBV file of a CCD in ``folder`` (name containing ``-s{sector:04d}-{camera}-{ccd}-``,
-    as SPOC's and lightkurve's), or None."""
+    as SPOC's and lightkurve's), or None. A ``folder`` that does not exist is a
+    ConfigurationError (a mistyped setting must not fall back to our own vectors silently)."""
+    if not Path(folder).is_dir():
+        raise ConfigurationError(f"cbv.spoc_cbv_dir = {str(folder)!r}: no such folder")
     key = f"s{int(sector):04d}-{int(camera)}-{int(ccd)}-"
     found = sorted(p for p in Path(folder).glob("*.fits*") if key in p.name)
     return found[0] if found else None
