@@ -292,6 +292,7 @@ def build_hdulist(phot):
     crowding, method_cards = _crowding_cards(phot)
     for key, (value, comment) in method_cards.items():
         primary.header[key] = (_card_value(value), comment)
+    add_check_cards(primary.header, phot)
 
     n = len(lc)
     pos_c = np.asarray(lc["pos_centroid"], dtype=float).reshape(n, 2)
@@ -367,6 +368,14 @@ def build_hdulist(phot):
                            name="SUMIMAGE")
     sumimg.header["INHERIT"] = True
     return fits.HDUList([primary, table, aperture, sumimg])
+
+
+def add_check_cards(header, phot):
+    """The core's result checks in the primary header: QCSTATUS, QCCODES and one QCTXTn card
+    per reason (:func:`photometry.checks.header_cards`, docs/checks.md)."""
+    from .checks import header_cards
+    for key, value, comment in header_cards(phot.details.get("checks")):
+        header[key] = (value, comment)
 
 
 def write_lightcurve(phot, output_folder):
