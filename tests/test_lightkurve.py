@@ -251,8 +251,12 @@ def test_several_methods_side_by_side(run):
     def digest():
         return {f: hashlib.md5(f.read_bytes()).hexdigest() for f in run["files"]}
     before = digest()
-    out = tessphot("run", run["root"] / "cache", "--output", run["root"] / "lc", "--workers",
-                   2, "--method", "linpsf", "--tmag-max", 11.5, "--no-progress")
+    res = subprocess.run([sys.executable, "-m", "photometry.cli", "run", str(run["root"] / "cache"),
+                          "--output", str(run["root"] / "lc"), "--workers", "2", "--method",
+                          "linpsf", "--tmag-max", "11.5", "--no-progress"],
+                         capture_output=True, text=True)
+    assert res.returncode in (0, 1), res.stderr[-2000:]   # 1: a linpsf fit the checks refused
+    out = res.stdout
     n = len(run["files"])
     assert f"correction s0001-1-4-c1800-aperture: {n} light curves (cbvMAP {n}), " \
            f"0 rewritten, {n} unchanged" in out
@@ -268,8 +272,10 @@ def test_several_methods_side_by_side(run):
     assert (run["root"] / "lc" / "cbv" / "tessphot-s0001-1-4-c1800-linpsf_cbv.fits").exists()
     table = Table.read(run["root"] / "lc" / "summary" / "s0001-1-4-c1800_summary.fits")
     methods = np.asarray(table["method"]).astype(str)
-    assert np.count_nonzero(methods == "linpsf") == done
+    finished = np.isin(np.asarray(table["status"]).astype(str), ["OK", "WARNING"])
+    assert np.count_nonzero((methods == "linpsf") & finished) == done
     assert np.count_nonzero(methods == "aperture") == n + np.count_nonzero(
         np.asarray(table["status"]).astype(str) == "SKIPPED")
-    both = set(table["starid"][methods == "linpsf"]) & set(table["starid"][methods == "aperture"])
+    both = set(table["starid"][(methods == "linpsf") & finished]) & \
+        set(table["starid"][methods == "aperture"])
     assert len(both) == done
