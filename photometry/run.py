@@ -1034,13 +1034,17 @@ def run(args):
                         command=" ".join(sys.argv))
     if summary["message"]:
         print(f"nothing to do: {summary['message']}")
-        return 1 if summary["failed"] else 0
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())) or "nothing"
-    print(f"{summary['tasks_run']} tasks in {summary['elapsed']:.1f} s "
-          f"({summary['tasks_per_second']:.1f}/s): {counts}")
-    if summary["status_all"] != summary["counts"]:  # earlier runs, or skipped without running
-        every = ", ".join(f"{k} {v}" for k, v in sorted(summary["status_all"].items()))
-        print(f"all results of {', '.join(sorted(summary['methods']))}: {every}")
-    if summary["last_error"]:
-        print(f"last error: {one_line(summary['last_error'])}")
+    else:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())) or "nothing"
+        print(f"{summary['tasks_run']} tasks in {summary['elapsed']:.1f} s "
+              f"({summary['tasks_per_second']:.1f}/s): {counts}")
+        if summary["status_all"] != summary["counts"]:  # earlier runs, or skipped without running
+            every = ", ".join(f"{k} {v}" for k, v in sorted(summary["status_all"].items()))
+            print(f"all results of {', '.join(sorted(summary['methods']))}: {every}")
+        if summary["last_error"]:
+            print(f"last error: {one_line(summary['last_error'])}")
+    # co-trending and the CCD summaries, also after a run with nothing to do: a correction
+    # an earlier run did not finish is finished, and one already done is left as it is
+    from .correct import finish_run
+    finish_run(args.cache_dir, args.output, settings)
     return 1 if summary["failed"] else 0

@@ -142,6 +142,11 @@ LIMITS = {
     "photometry.stamp_min_size": _ONE_OR_MORE,
     "photometry.stamp_scale": _POSITIVE,
     "photometry.catalog_buffer": _COUNT,
+    "photometry.lightcurve_correction": any_value(),
+    "photometry.file_names": one_of("tessphot", "hlsp"),
+    "photometry.hlsp_project": Limit("lower-case letters, digits, '-'",
+                                     lambda v: bool(v) and all(c.islower() or c.isdigit()
+                                                               or c == "-" for c in v)),
     # checks (the core's result checks, docs/checks.md)
     "checks.finite_fraction_warning": _FRACTION,
     "checks.finite_fraction_error": _FRACTION,
@@ -231,6 +236,21 @@ LIMITS = {
     "linpsf.scene_block": _ONE_OR_MORE,
     "linpsf.residual_iterations": _COUNT,
     "linpsf.neighbour_smoothing": _COUNT,
+    # cbv light-curve correction
+    "cbv.tmag_min": between(-5.0, 25.0),
+    "cbv.tmag_max": between(-5.0, 25.0),
+    "cbv.max_contamination": _FRACTION,
+    "cbv.max_basis_stars": _ONE_OR_MORE,
+    "cbv.max_scatter": _POSITIVE,
+    "cbv.correlated_fraction": Limit("in (0, 1]", lambda v: 0 < v <= 1),
+    "cbv.min_stars": at_least(2),
+    "cbv.max_vectors": _ONE_OR_MORE,
+    "cbv.significance": _POSITIVE,
+    "cbv.clip_sigma": _POSITIVE,
+    "cbv.min_noise_goodness": _COUNT,
+    "cbv.prior_neighbours": _ONE_OR_MORE,
+    "cbv.prior_mag_px": _COUNT,
+    "cbv.spoc_cbv_vectors": _ONE_OR_MORE,
     "linpsf.max_chi2": _POSITIVE,
     "linpsf.max_misfit": _COUNT,
 }

@@ -875,40 +875,6 @@ class LinPSFPhotometry(BasePhotometry):
         })
         return status
 
-    def save_plots(self, folder=None):
-        """The core's plots plus ``residuals.png`` (data, model, residual of the median cadence)."""
-        paths = super().save_plots(folder)
-        resid = getattr(self, "residuals_cube", None)
-        if resid is None:
-            return paths
-        from pathlib import Path
-
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        folder = Path(folder) if folder is not None else self.plot_folder
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            model = np.nanmedian(self.model_cube, axis=0)
-            res = np.nanmedian(resid, axis=0)
-        fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-        for ax, img, title in zip(axes, (model + res, model, res),
-                                  ("data (median)", "model", "residual")):
-            im = ax.imshow(img, origin="lower", cmap="viridis")
-            ax.set_title(title)
-            fig.colorbar(im, ax=ax, shrink=0.8)
-            if self.final_phot_mask is not None:
-                ax.contour(self.final_phot_mask, levels=[0.5], colors="w", linewidths=0.8)
-        fig.suptitle(f"TIC {self.starid} linpsf")
-        path = folder / "residuals.png"
-        tmp = path.with_name(".residuals.png.tmp.png")
-        folder.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=80)
-        plt.close(fig)
-        tmp.replace(path)
-        return list(paths) + [path]
-
 
 def _prf_aperture(target, tflux, others, bad, n_levels=40):
     """Aperture maximising completeness + crowding over isophotes of the target PRF.
