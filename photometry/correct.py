@@ -302,6 +302,9 @@ def correct_star(path, output, settings, row=None, column=None):
     cls = correction_class(settings)
     if cls is None:
         return None
+    with fits.open(path) as hdul:  # the first writer's file may be a TPF (writers = ["tpf"])
+        if "LIGHTCURVE" not in hdul:
+            return None
     lc = read_lightcurve(path)
     p = lc["primary"]
     key = (int(p["SECTOR"]), int(p["CAMERA"]), int(p["CCD"]), int(p["CADENCE"]),

@@ -1028,6 +1028,8 @@ def run(args):
     filters = {"starid": args.starid, "tmag_min": args.tmag_min, "tmag_max": args.tmag_max,
                "camera": args.camera, "ccd": args.ccd}
     mode = "all" if args.overwrite else ("failed" if args.retry_failed else "pending")
+    from .correct import correction_class, finish_run
+    correction_class(settings)   # an unknown or blocked correction is refused before the run
     summary = run_tasks(args.cache_dir, args.output, settings=settings, workers=args.workers,
                         method=args.method, dask=args.dask, filters=filters, limit=args.limit,
                         mode=mode, plot=args.plot, progress=not args.no_progress,
@@ -1045,6 +1047,5 @@ def run(args):
             print(f"last error: {one_line(summary['last_error'])}")
     # co-trending and the CCD summaries, also after a run with nothing to do: a correction
     # an earlier run did not finish is finished, and one already done is left as it is
-    from .correct import finish_run
     finish_run(args.cache_dir, args.output, settings)
     return 1 if summary["failed"] else 0

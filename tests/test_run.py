@@ -126,15 +126,22 @@ def outcome(cache, output):
 LAUNCHER = "import sys, photometry.cli as c; sys.exit(c.main())"
 
 
+#: the test plugin's light curves are text files: no co-trending after the run (the
+#: installed correction plugin is blocked with the rest, and ``run`` refuses a blocked one)
+NO_CORRECTION = ("--set", "photometry.lightcurve_correction=")
+
+
 def cli_process(cache, output, *extra):
     """``tessphot run`` as a separate process (to be SIGKILLed or interrupted)."""
     cmd = [sys.executable, "-c", LAUNCHER, "run", str(cache), "--output", str(output),
-           "--no-progress", *extra]
+           "--no-progress", *NO_CORRECTION, *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def cli(*args):
     """``tessphot ARGS`` in this process: its exit code (output through capsys)."""
+    if args and args[0] == "run":
+        args = (*args, *NO_CORRECTION)
     return tessphot_cli.main([str(a) for a in args])
 
 
@@ -311,7 +318,7 @@ def test_three_kills_then_resume(tmp_path, monkeypatch):
     result is the uninterrupted run's: same statuses, byte-identical light curves, no ERROR."""
     ref_cache, ref_out = make_sector(tmp_path / "ref", n=40), tmp_path / "lc_ref"
     run_tasks(ref_cache, ref_out, workers=2, progress=False)
-    monkeypatch.setenv("SCHEDTEST_SLEEP", "0.05")
+    monkeypatch.setenv("SCHEDTEST_SLEEP", "0.1")   # 2 s a run: killed before its end, under load too
     cache, out = make_sector(tmp_path / "cache", n=40), tmp_path / "lc"
     rng = random.Random(13)
     progress = []
@@ -335,7 +342,7 @@ def test_three_kills_then_resume(tmp_path, monkeypatch):
         time.sleep(0.6)                                      # > a task, > the watchdog
         assert snapshot(out) == before, "files written after the coordinator died"
         progress.append(count_status(cache))
-    assert progress[-1] < 30, progress                       # it was really interrupted
+    assert progress[-1] < 40, progress                       # it was really interrupted
     monkeypatch.delenv("SCHEDTEST_SLEEP")
     summary = run_tasks(cache, out, workers=2, progress=False)
     assert summary["failed"] == 0 and "ERROR" not in summary["status_all"]
