@@ -6,10 +6,14 @@ Part ``stamp``: 15x15 stamps over all cadences of a 512x512, 1000-cadence cache 
 CacheWriter from synthetic arrays: time per stamp with a fresh file handle and the read
 amplification (chunks touched x chunk bytes / stamp bytes; goal <= 4, < 20 ms).
 
+Part ``compression``: one simulated scene prepared with each ``prepare.compression`` and
+``prepare.precision``: bytes per pixel per frame of the whole cache, and the aperture
+light-curve noise of the isolated 8-13 mag stars against the lossless cache of the same scene.
+
 Usage::
 
-    python benchmarks/bench_prepare.py [--part stamp|throughput|all] [--workdir DIR]
-        [--frames 20] [--keep]
+    python benchmarks/bench_prepare.py [--part stamp|throughput|compression|all]
+        [--workdir DIR] [--frames 20] [--keep]
 """
 import argparse
 import math
@@ -156,12 +160,11 @@ def bench_throughput(workdir, n_frames=20):
     print(f"  prepare in-process:                    wall {t_prep:.2f} s, CPU {c_prep:.2f} s "
           f"-> ratio to astropy wall {t_prep / t_read:.1f}, CPU {c_prep / c_read:.1f}")
     print(f"  tessphot prepare (CLI, incl. start-up): wall {t_cli:.2f} s")
-    for direct_io in (False, True):
-        bench_steady_state(files, c_read / n, direct_io=direct_io)
+    bench_steady_state(files, c_read / n)
     return t_read, t_prep
 
 
-def bench_steady_state(files, astropy_cpu, n_frames=96, direct_io=False, warmup=64):
+def bench_steady_state(files, astropy_cpu, n_frames=96, warmup=64):
     """Per-frame CPU of ingest in a long sector, where the fixed costs (catalog, kernel-star
     selection, imports) vanish: ``read_ffi`` + ``CacheWriter.add_frame`` over ``n_frames``
     full frames (the files cycled), against the bare astropy read.
@@ -179,7 +182,7 @@ def bench_steady_state(files, astropy_cpu, n_frames=96, direct_io=False, warmup=
         first = read_ffi(files[0], wcs=False)
         meta = dict(sector=1, camera=1, ccd=1, cadence=1800.0, data_rel=1, procver="bench",
                     row_offset=0, column_offset=44)
-        settings = load_settings(assignments=[f"prepare.direct_io={str(direct_io).lower()}"])
+        settings = load_settings()
         w = CacheWriter(Path(tmp) / "sector0001_camera1_ccd1.hdf5", settings,
                         ffi_files=[f"f{i:05d}_ffic.fits" for i in range(warmup + n_frames)],
                         shape=first.shape, meta=meta)
@@ -214,16 +217,71 @@ def bench_steady_state(files, astropy_cpu, n_frames=96, direct_io=False, warmup=
         wall = time.perf_counter() - t0
     # process_time counts the writer thread too, so only the total is a clean figure
     print(f"  steady state, {n_frames} frames after {warmup} ({n_stars} kernel stars), "
-          f"direct_io={direct_io}: "
+          f"{settings['prepare']['compression']}, precision {settings['prepare']['precision']}: "
           f"read_ffi + add_frame {c_all / n_frames * 1000:.0f} ms CPU/frame "
           f"({wall / n_frames * 1000:.0f} ms wall; main thread alone {c_main / n_frames * 1000:.0f} "
           f"ms CPU, the rest is the writer thread) -> ratio to astropy CPU "
           f"{c_all / n_frames / astropy_cpu:.1f}")
 
 
+def bench_compression(workdir, size=128, cadences=100, seed=5):
+    """Cache size and light-curve noise for each compression / precision (one scene)."""
+    import h5py
+
+    from photometry.base import STATUS
+    from photometry.evaluation import score_lightcurve
+    from photometry.prepare import prepare
+    from photometry.simulate import simulate
+    from photometry_aperture.aperture import AperturePhotometry
+
+    sim = Path(workdir) / "compression_scene"
+    if not (sim / "ffi").exists():
+        simulate(sim, load_settings(extra={"simulate": {"cadences": cadences, "rows": size,
+                                                         "cols": size, "seed": seed}}),
+                 progress=False)
+    with h5py.File(sim / "truth.h5") as t:
+        stars = {k: t["stars"][k][()] for k in ("starid", "tmag", "ideal_noise", "isolated",
+                                                "row", "column")}
+        flux = t["flux"][()]
+    pick = np.flatnonzero(stars["isolated"] & (stars["tmag"] >= 8) & (stars["tmag"] <= 13)
+                          & np.isfinite(stars["ideal_noise"]))
+    rows = []
+    base = None
+    for comp, prec in (("none", 0.0), ("bitshuffle-lz4", 0.0), ("bitshuffle-zstd", 0.0),
+                       ("bitshuffle-lz4", 0.1), ("bitshuffle-lz4", 0.25),
+                       ("bitshuffle-zstd", 0.25), ("bitshuffle-lz4", 0.5)):
+        settings = load_settings(assignments=[f'prepare.compression="{comp}"',
+                                              f"prepare.precision={prec}"])
+        out = Path(workdir) / f"cache_{comp}_{prec}"
+        shutil.rmtree(out, ignore_errors=True)
+        c0 = time.process_time()
+        path, _ = prepare(sim / "ffi", sim / "catalog.csv", out, settings, progress=False)
+        cpu = time.process_time() - c0
+        with FFICache(path) as cache:
+            n, r, c = cache._file["images"].shape
+            ratios = {}
+            for k in pick:
+                phot = AperturePhotometry(int(stars["starid"][k]), cache, settings=settings)
+                if phot.photometry() in (STATUS.OK, STATUS.WARNING):
+                    ratios[k] = score_lightcurve(phot.lightcurve, flux[k],
+                                                 stars["ideal_noise"][k])[0]
+        bpp = path.stat().st_size / (n * r * c)
+        if base is None:
+            base = ratios
+        common = [k for k in ratios if k in base]
+        change = np.median([ratios[k] / base[k] for k in common]) - 1
+        worst = np.max(np.abs([ratios[k] / base[k] - 1 for k in common]))
+        rows.append((comp, prec, bpp, np.median(list(ratios.values())), change, worst, cpu))
+        print(f"{comp:16s} precision {prec:4.2f}: {bpp:5.2f} B/px/frame, noise/ideal median "
+              f"{rows[-1][3]:.4f}, change vs lossless median {100 * change:+.3f} % "
+              f"(worst star {100 * worst:.3f} %), prepare CPU {cpu:.1f} s ({len(common)} stars)")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["stamp", "throughput", "all"], default="all")
+    parser.add_argument("--part", choices=["stamp", "throughput", "compression", "all"],
+                        default="all")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -235,6 +293,8 @@ def main(argv=None):
             bench_stamps(workdir)
         if args.part in ("throughput", "all"):
             bench_throughput(workdir, args.frames)
+        if args.part in ("compression", "all"):
+            bench_compression(workdir)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -85,7 +85,8 @@ def _photometry_settings(settings):
 
 
 def open_source(path, **kwargs):
-    """The data source behind ``path``: an HDF5 cache (FFICache) or a TPF/TESScut file."""
+    """The data source behind ``path``: an HDF5 cache (FFICache) or a TPF/TESScut file
+    (``kwargs`` go to :class:`photometry.tpf.TPFSource`)."""
     path = Path(path)
     name = path.name.lower()
     if name.endswith((".fits", ".fits.gz", ".fit", ".fits.fz")):
@@ -400,20 +401,15 @@ class BasePhotometry:
     @cached_property
     def images_err_cube(self):
         """(N, r, c) 1-sigma uncertainty of ``images_cube`` (e-/s), background error added."""
-        err = self.pixel_err_cube
-        if self.datasource != "tpf":
-            err = np.sqrt(err ** 2 + self.backgrounds_err_cube ** 2)
-        return err
+        return np.sqrt(self.pixel_err_cube ** 2 + self.backgrounds_err_cube ** 2)
 
     @cached_property
     def images_cube(self):
         """(N, r, c) background-subtracted flux (e-/s) of the stamp.
 
-        SPOC TPF FLUX is already background-subtracted and is used as it is; cache images are
-        calibrated flux, from which ``backgrounds_cube`` is subtracted here.
+        Every source's images hold the sky (a SPOC TPF's FLUX + FLUX_BKG, see
+        ``photometry.tpf``), from which ``backgrounds_cube`` is subtracted here.
         """
-        if self.datasource == "tpf":
-            return self._raw_images
         return self._raw_images - self.backgrounds_cube
 
     @cached_property
@@ -489,10 +485,12 @@ class BasePhotometry:
     def backgrounds_cube(self):
         """(N, r, c) sky background (e-/s) under each stamp pixel.
 
-        TPF: FLUX_BKG. Cache: the ``photometry.background`` model if its state is in the cache
+        TPF: the source's sky (SPOC's FLUX_BKG, or the TESScut sky fit of ``photometry.tpf``).
+        Cache: the ``photometry.background`` model if its state is in the cache
         (``BackgroundModel.evaluate``), otherwise the local estimate (``_background_local``).
         """
         if self.datasource == "tpf":
+            self.details["background"] = getattr(self.source, "sky_source", "FLUX_BKG")
             return np.asarray(self._read(_TPF_BKG), dtype=np.float64)
         model = self._background_model()
         shape = self._raw_images.shape
@@ -529,7 +527,10 @@ class BasePhotometry:
     @property
     def background_pixels_used(self):
         """(r, c) bool: stamp pixels used to estimate the background (APERTURE bit 4)."""
-        if self.datasource == "tpf" or self._background_model() is not None:
+        if self.datasource == "tpf":
+            used = getattr(self.source, "background_pixels", None)
+            return None if used is None else np.asarray(used)[self._slices()]
+        if self._background_model() is not None:
             return None
         return self._background_local[2]
 
@@ -558,8 +559,8 @@ class BasePhotometry:
         """(r, c) mean background-subtracted image over good frames.
 
         Cache: the cached sum image minus the mean background of the good frames (so it is
-        on the same scale as ``images_cube``); TPF: computed from FLUX over frames passing
-        ``TESSQualityFlags.DEFAULT_BITMASK``.
+        on the same scale as ``images_cube``); TPF: the mean of ``images_cube`` over frames
+        passing ``TESSQualityFlags.DEFAULT_BITMASK``.
         """
         good = TESSQualityFlags.filter(self.quality)
         if not np.any(good):
@@ -654,6 +655,7 @@ class BasePhotometry:
             if not isinstance(status, STATUS) or status == STATUS.UNKNOWN:
                 raise AlgorithmFailure(
                     f"{type(self).__name__}.do_photometry returned {status!r}, not a STATUS")
+            status = self._source_warnings(status)
             if status in (STATUS.OK, STATUS.WARNING):
                 self._post_process()
         finally:
@@ -661,6 +663,16 @@ class BasePhotometry:
                 log.removeHandler(handler)
             self.details["errors"].extend(handler.messages)
         self._status = status
+        return status
+
+    def _source_warnings(self, status):
+        """What the data source could not do well (``source.warnings``: (code, text), e.g. a
+        TESScut sky it could not separate from the stars) makes any result at best a
+        WARNING: each is logged with its code, so it is stored with the result."""
+        for code, text in getattr(self.source, "warnings", ()):
+            logger.warning("TIC %d: WARNING %s: %s", self.starid, code, text)
+            if status == STATUS.OK:
+                status = STATUS.WARNING
         return status
 
     def _post_process(self):
@@ -877,7 +889,7 @@ def run_target(method_cls, starid, source, settings, output_folder, plot=False):
     phot = None
     try:
         if isinstance(source, (str, os.PathLike)):
-            source = open_source(source, starid=starid)
+            source = open_source(source, starid=starid, settings=settings)
         phot = method_cls(starid, source, settings=settings, plot=plot)
         status = phot.photometry()
         if status in (STATUS.OK, STATUS.WARNING):

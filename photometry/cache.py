@@ -15,14 +15,16 @@ import concurrent.futures
 import hashlib
 import json
 import logging
-import mmap
+import math
 import os
 import struct
 import warnings
+import zlib
 from functools import cached_property
 from pathlib import Path
 
 import h5py
+import hdf5plugin  # noqa: F401 - registers the compression filters for writers and readers
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
@@ -38,8 +40,9 @@ __all__ = ["SCHEMA_VERSION", "CacheWriter", "FFICache", "cache_filename", "catal
 
 logger = logging.getLogger(__name__)
 
-#: Bumped whenever the layout in docs/architecture.md changes incompatibly.
-SCHEMA_VERSION = 1
+#: Bumped whenever the layout in docs/architecture.md changes incompatibly (2: filtered and
+#: checksummed cubes, frame checks, estimated-uncertainty records).
+SCHEMA_VERSION = 2
 
 #: Chunk cache of the reader: a 15x15 stamp over 10 000 frames touches at most
 #: 6 x ceil(10000/32) chunks of 16 KB (float32, 32x8x16) = 31 MB; 64 MB holds one stamp's
@@ -48,13 +51,10 @@ READER_CACHE_BYTES = 64 * 1024 ** 2
 READER_CACHE_SLOTS = 100_003
 
 _CUBES = (("images", np.float32), ("errors", np.float32), ("pixel_flags", np.uint8))
-#: [prepare] keys that only change how the cache is written, not its content.
-_IO_KEYS = ("direct_io",)
-#: Alignment of chunk addresses, buffers and sizes for O_DIRECT writes.
-_DIRECT_ALIGN = 4096
 _FILL = {"images": np.float32(np.nan), "errors": np.float32(np.nan), "pixel_flags": 0}
 _SERIES = (("time", np.float64), ("time_start", np.float64), ("time_stop", np.float64),
-           ("timecorr", np.float32), ("cadenceno", np.int32), ("quality", np.int32))
+           ("timecorr", np.float32), ("cadenceno", np.int32), ("quality", np.int32),
+           ("errors_estimated", np.float32), ("frame_check", np.uint8))
 
 
 def cache_filename(sector, camera, ccd):
@@ -189,41 +189,101 @@ def clear_write_flag(path):
         return changed
 
 
-def _pwrite_all(fd, array, offset):
-    """Write a contiguous array at ``offset`` (pwrite may write less than asked)."""
-    view = memoryview(np.ascontiguousarray(array)).cast("B")
-    while view.nbytes:
-        done = os.pwrite(fd, view, offset)
-        view, offset = view[done:], offset + done
-
-
-def _aligned_zeros(shape, dtype):
-    """Zeroed array on page-aligned memory (an anonymous map), as O_DIRECT writes need."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if nbytes == 0:
-        return np.zeros(shape, dtype)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
-
-
 def _input_hash(ffi_files, prepare_hash):
     names = [Path(p).name for p in ffi_files]
     text = json.dumps({"files": names, "settings": prepare_hash}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+#: ``prepare.compression`` -> HDF5 filter of the cubes (hdf5plugin registers them for every
+#: reader that imports this module). Every cube also gets fletcher32 after the filter.
+_FILTERS = {"none": lambda: {},
+            "bitshuffle-lz4": lambda: dict(hdf5plugin.Bitshuffle(cname="lz4")),
+            "bitshuffle-zstd": lambda: dict(hdf5plugin.Bitshuffle(cname="zstd", clevel=1))}
+
+
 def _compression(settings):
     name = str(settings["prepare"]["compression"]).lower()
-    if name == "none":
-        return {}
-    if name == "lzf":
-        return {"compression": "lzf"}
-    if name == "gzip":
-        return {"compression": "gzip", "compression_opts": 4}
-    raise InputError(f"prepare.compression: unknown filter '{name}' (lzf, gzip or none)")
+    if name not in _FILTERS:
+        raise InputError(f"prepare.compression: unknown filter '{name}' "
+                         f"({', '.join(_FILTERS)})")
+    return _FILTERS[name]()
+
+
+#: Uncertainties keep this many mantissa bits when ``prepare.precision`` > 0 (relative
+#: rounding error <= 2^-9 = 0.2 %, far below the uncertainty's own uncertainty).
+ERROR_KEEP_BITS = 8
+
+
+def trim_precision(images, errors, fraction, error_bits=ERROR_KEEP_BITS):
+    """Noise-aware precision trim, in place: the low bits that hold only noise become zero.
+
+    Each image pixel is rounded to the nearest multiple of the largest power of two not above
+    ``fraction`` x its own uncertainty (the rounding adds at most ``fraction^2 / 12`` of the
+    pixel's variance, on average about half that; fpack-style quantisation, but exact in float
+    and per pixel); each uncertainty keeps ``error_bits`` mantissa bits. Pixels without a
+    finite positive uncertainty are left alone. Zeroed low bits are what the compression
+    filter then removes.
+    """
+    if fraction <= 0:
+        return
+    drop = 23 - int(error_bits)
+    for image, error in zip(images, errors):   # one frame at a time: small temporaries
+        step = np.multiply(error, np.float32(fraction)).view(np.uint32)
+        step &= np.uint32(0x7F800000)          # exponent only: a power of two <= the product
+        ok = (step != 0) & (step != 0x7F800000)
+        step = step.view(np.float32)
+        q = np.divide(image, step, where=ok, out=np.zeros_like(image))
+        np.rint(q, out=q)
+        np.multiply(q, step, out=image, where=ok)
+        if drop > 0:
+            u = error.view(np.uint32)
+            u += np.uint32(1 << (drop - 1))
+            u &= np.uint32((0xFFFFFFFF << drop) & 0xFFFFFFFF)
+
+
+#: Frame-check codes stored per frame in the cache's ``frame_check`` (0 = usable).
+FRAME_PROBLEMS = {1: "all NaN", 2: "all zero", 3: "constant", 4: "mostly non-finite",
+                  5: "absurd level"}
+#: A calibrated frame's median outside this range (e-/s) is "absurd": below it cannot be
+#: sky, above it is past the full well of every pixel (~1e5 e-/s).
+ABSURD_LEVEL = (-100.0, 2.0e5)
+
+
+def check_frame(image):
+    """Frame-check code of one calibrated image (0 = usable; see ``FRAME_PROBLEMS``).
+
+    Unusable: no finite pixel, every finite pixel zero, one constant value, fewer than half
+    the pixels finite, or a median level outside ``ABSURD_LEVEL``. Two passes (min, max) for
+    an ordinary frame.
+    """
+    lo, hi = float(np.min(image)), float(np.max(image))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        finite = np.isfinite(image)
+        n = int(np.count_nonzero(finite))
+        if n == 0:
+            return 1
+        values = image[finite]
+        lo, hi = float(values.min()), float(values.max())
+        if lo == hi:
+            return 2 if lo == 0 else 3
+        if n < 0.5 * image.size:
+            return 4
+    elif lo == hi:
+        return 2 if lo == 0 else 3
+    sample = image[::7, ::7]
+    level = float(np.nanmedian(sample)) if sample.size else lo
+    if not ABSURD_LEVEL[0] <= level <= ABSURD_LEVEL[1]:
+        return 5
+    return 0
+
+
+def _crc32_text(text):
+    return zlib.crc32(text.encode()) & 0xFFFFFFFF
 
 
 class CacheWriter:
-    """Builds (or resumes) one sector/camera/CCD cache, frame by frame.
+    """Builds (or resumes) one sector/camera/CCD cache, block by block.
 
     Usage::
 
@@ -237,8 +297,14 @@ class CacheWriter:
             writer.close(complete=True)           # renames .partial -> final
 
     Memory: two sets (one being filled, one being written by the writer thread) of three
-    buffers of ``time_chunk`` frames (images, errors, flags: 2 x 9 bytes per pixel per frame;
-    2.4 GB for 32 full 2048x2048 frames) and the sum-image accumulators; never the whole cube.
+    frame-ordered block buffers of ``time_chunk`` frames (images, errors, flags: 2 x 9 bytes
+    per pixel per frame; 2.4 GB for 32 full 2048x2048 frames) and the sum-image accumulators;
+    never the whole cube, whatever the number of frames.
+
+    Every frame is checked (:func:`check_frame`): an unusable one gets the private quality bit
+    ``TESSQualityFlags.UnusableFrame`` and no kernel centroids, so the sum image, the reference
+    frame, the movement kernel and the prepare stages leave it out; when more than half of all
+    frames are unusable, :meth:`add_frame` raises ``InputError`` naming them.
 
     Parameters
     ----------
@@ -271,10 +337,7 @@ class CacheWriter:
             raise InputError(f"{self.path}: no frames to write")
         self.shape = tuple(int(v) for v in shape)
         self.meta = dict(meta)
-        # how the bytes are written does not change them: not part of the cache identity
-        self.prepare_hash = settings_hash(
-            {"prepare": {k: v for k, v in settings["prepare"].items() if k not in _IO_KEYS}},
-            "prepare")
+        self.prepare_hash = settings_hash({"prepare": dict(settings["prepare"])}, "prepare")
         self.input_hash = _input_hash(self.ffi_files, self.prepare_hash)
         self.plugin_versions = plugin_versions or {}
         self.block = int(min(int(self.pset["time_chunk"]), self.n_frames))
@@ -284,13 +347,17 @@ class CacheWriter:
         self.saturation_level = float(self.pset["saturation_level"])
         self.bleed_pad = int(self.pset["saturation_bleed_pad"])
         self.kernel_box = int(self.pset["kernel_box"])
-        self.direct_io = bool(self.pset.get("direct_io", False))
+        self.precision = float(self.pset["precision"])
+        if not 0 <= self.precision <= 1:
+            raise InputError(f"prepare.precision: must be in [0, 1] (got {self.precision})")
         self._compression = _compression(settings)  # validated before any file is touched
         self._file = None
         self._buffer = None
+        self._spare = None
         self._n_buffered = 0
         self._pool = None
         self._pending = None
+        self._noise_defaulted = set()
         self.state = self._open(overwrite)
 
     # ------------------------------------------------------------------ opening
@@ -309,8 +376,8 @@ class CacheWriter:
                 return "complete"
             if not overwrite:
                 raise InputError(
-                    f"{self.path}: a cache made from other input files or settings exists "
-                    "(use --overwrite to replace it)")
+                    f"{self.path}: a cache made from other input files, settings or an older "
+                    "tessphot exists (use --overwrite to replace it)")
             logger.warning("%s: replacing the existing cache (--overwrite)", self.path)
         if self.partial.exists():
             try:
@@ -322,18 +389,13 @@ class CacheWriter:
             if same:
                 try:
                     self._file = h5py.File(self.partial, "r+", libver="latest")
-                    self._layout()
                     self.frames_done = int(self._file.attrs["frames_done"])
-                    # the block after frames_done may hold a killed run's bytes; later
-                    # slabs were never written
-                    self._fresh_from = self.frames_done + self.block
                     self._restore()
                     logger.warning("%s: resuming after %d of %d frames", self.partial,
                                    self.frames_done, self.n_frames)
                     return "resume"
                 except Exception as exc:  # noqa: BLE001 - a damaged partial is rebuilt
                     logger.warning("%s: cannot be resumed (%s); starting over", self.partial, exc)
-                    self._close_fd()
                     if self._file is not None:
                         try:
                             self._file.close()
@@ -356,40 +418,27 @@ class CacheWriter:
 
     def _create(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # "latest" format: fixed-size chunked datasets then get a fixed-array chunk index
-        # (O(1) lookup, no B-tree) and early allocation lays the chunks out back to back in
-        # chunk order, which is what lets flush() write a whole block with one pwrite. The
-        # superblock's "open for writing" flag a killed prepare leaves is reset on resume
-        # by clear_write_flag.
-        # chunks of >= 4 KiB start on 4 KiB boundaries: the block writes can then bypass the
-        # page cache (O_DIRECT), which costs a tenth of the CPU of a buffered write
-        f = h5py.File(self.partial, "w", libver="latest", alignment_threshold=_DIRECT_ALIGN,
-                      alignment_interval=_DIRECT_ALIGN)
+        # "latest" format: every metadata block (object headers, the fixed-array chunk index)
+        # carries a checksum; with fletcher32 on every dataset, damage anywhere is detected.
+        # Its superblock flags a file open for writing, which a killed prepare leaves set;
+        # clear_write_flag resets it on resume.
+        f = h5py.File(self.partial, "w", libver="latest")
         n, (nrow, ncol) = self.n_frames, self.shape
-        comp = self._compression
         for name, dtype in _CUBES:
-            fill = np.nan if dtype == np.float32 else 0
-            if comp and dtype == np.float32:
-                f.create_dataset(name, shape=(n, nrow, ncol), dtype=dtype, chunks=self.chunks,
-                                 fillvalue=fill, **comp)
-                continue
-            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-            dcpl.set_chunk(self.chunks)
-            dcpl.set_fill_value(np.array(fill, dtype))
-            # all chunks allocated now (in chunk order) and never pre-filled: every chunk of
-            # a complete cache is written exactly once, by flush()
-            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-            space = h5py.h5s.create_simple((n, nrow, ncol), (n, nrow, ncol))
-            h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)), space,
-                            dcpl=dcpl).close()
+            f.create_dataset(name, shape=(n, nrow, ncol), dtype=dtype, chunks=self.chunks,
+                             fillvalue=_FILL[name], fletcher32=True, **self._compression)
         for name, dtype in _SERIES:
             fill = np.nan if np.issubdtype(dtype, np.floating) else 0
-            f.create_dataset(name, shape=(n,), dtype=dtype, fillvalue=fill)
+            f.create_dataset(name, shape=(n,), dtype=dtype, fillvalue=fill, fletcher32=True,
+                             chunks=(min(n, 4096),))
         str_dt = h5py.string_dtype()
+        # variable-length strings cannot be filtered: a CRC32 of each string beside them
         f.create_dataset("wcs", shape=(n,), dtype=str_dt)
-        f.create_dataset("ffi_files", data=np.array([Path(p).name for p in self.ffi_files],
-                                                    dtype=object), dtype=str_dt)
+        f.create_dataset("wcs_crc32", shape=(n,), dtype=np.uint32, fletcher32=True,
+                         chunks=(min(n, 4096),))
+        names = [Path(p).name for p in self.ffi_files]
+        f.create_dataset("ffi_files", data=np.array(names, dtype=object), dtype=str_dt)
+        f["ffi_files"].attrs["crc32"] = _crc32_text("\n".join(names))
         attrs = f.attrs
         attrs["schema_version"] = SCHEMA_VERSION
         for key, value in self.meta.items():
@@ -406,11 +455,12 @@ class CacheWriter:
         attrs["complete"] = False
         attrs["time_chunk"] = self.chunks[0]
         attrs["spatial_chunk"] = self.chunks[1:]
+        attrs["compression"] = str(self.pset["compression"]).lower()
+        attrs["precision"] = self.precision
+        attrs["noise_defaulted"] = ""
         f.flush()
         self._file = f
-        self._layout()
         self.frames_done = 0
-        self._fresh_from = 0
         self._sum = np.zeros(self.shape, np.float64)
         self._count = np.zeros(self.shape, np.int32)
         self._stars = None
@@ -424,6 +474,8 @@ class CacheWriter:
         f = self._file
         if f.attrs["ingest_complete"]:
             self.frames_done = self.n_frames
+        self._noise_defaulted = {k for k in str(f.attrs.get("noise_defaulted", "")).split(",")
+                                 if k}
         self._sum = np.zeros(self.shape, np.float64)
         self._count = np.zeros(self.shape, np.int32)
         acc = f.get("_accumulators")
@@ -436,22 +488,16 @@ class CacheWriter:
         else:
             # killed between storing the accumulators and advancing frames_done: recompute
             quality = f["quality"][:self.frames_done]
-            self._stars = None
-            self._new_buffer()
             for start in range(0, self.frames_done, self.block):
                 stop = min(start + self.block, self.frames_done)
-                for j, frame in enumerate(self._read_block("images", start, stop)):
-                    self._put("images", j, frame)
-                self._accumulate(stop - start, quality[start:stop])
-            self._buffer = None
+                self._accumulate(f["images"][start:stop], quality[start:stop])
         self._stars = None
         if "movement/centroids" in f:
             g = f["movement"]
             self._stars = {"starid": g["starid"][:], "column": g["column"][:],
                            "row": g["row"][:]}
             cen = g["centroids"][:self.frames_done]
-            last = self._last_positions(cen)
-            self._guess = last
+            self._guess = self._last_positions(cen)
 
     @staticmethod
     def _last_positions(centroids):
@@ -475,188 +521,43 @@ class CacheWriter:
         """Declare the stars whose centroids measure the movement kernel (new caches only).
 
         ``column, row`` are first-guess cube-pixel positions (e.g. catalog through the first
-        frame's WCS); each later frame starts from the star's previous measured position.
+        usable frame's WCS); each later frame starts from the star's previous measured
+        position.
         """
-        if self.frames_done:
+        if self.frames_done or self._n_buffered:
             raise RuntimeError("kernel stars must be set before the first frame")
         f = self._file
         if "movement" in f:
             del f["movement"]
         g = f.create_group("movement")
         starid = np.asarray(starid, np.int64)
-        g.create_dataset("starid", data=starid)
-        g.create_dataset("column", data=np.asarray(column, float))
-        g.create_dataset("row", data=np.asarray(row, float))
         n = starid.size
+        kw = dict(fletcher32=True) if n else {}
+        g.create_dataset("starid", data=starid, **kw)
+        g.create_dataset("column", data=np.asarray(column, float), **kw)
+        g.create_dataset("row", data=np.asarray(row, float), **kw)
         g.create_dataset("centroids", shape=(self.n_frames, n, 2), dtype=np.float64,
-                         fillvalue=np.nan, chunks=(self.block, n, 2) if n else None)
+                         fillvalue=np.nan, chunks=(self.block, n, 2) if n else None, **kw)
         g.create_dataset("sigma", shape=(self.n_frames, n), dtype=np.float64,
-                         fillvalue=np.nan, chunks=(self.block, n) if n else None)
+                         fillvalue=np.nan, chunks=(self.block, n) if n else None, **kw)
         self._stars = {"starid": starid, "column": np.asarray(column, float),
                        "row": np.asarray(row, float)}
         self._guess = np.column_stack([self._stars["column"], self._stars["row"]])
 
-    # ------------------------------------------------------------------ block layout
-    def _layout(self):
-        """Where each cube's chunks are in the file, for the direct block writes.
-
-        ``self._direct[name]`` is the byte offset of the cube's first chunk when its chunks
-        are stored uncompressed, back to back in chunk order (what early allocation with a
-        fixed-array index gives), else None: that cube is written through h5py (compressed
-        float cubes, or an HDF5 that lays chunks out otherwise).
-        """
-        nrow, ncol = self.shape
-        t, cr, cc = self.chunks
-        self._grid = (-(-nrow // cr), -(-ncol // cc))
-        n_chunks = -(-self.n_frames // t) * self._grid[0] * self._grid[1]
-        self._direct = {}
-        for name, dtype in _CUBES:
-            ds = self._file[name]
-            base = None
-            if ds.compression is None and ds.chunks == self.chunks:
-                chunk_bytes = t * cr * cc * np.dtype(dtype).itemsize
-                try:
-                    if ds.id.get_num_chunks() == n_chunks:
-                        idx = sorted({0, min(1, n_chunks - 1), n_chunks // 2, n_chunks - 1})
-                        offs = [ds.id.get_chunk_info(i).byte_offset for i in idx]
-                        if all(o == offs[0] + i * chunk_bytes for i, o in zip(idx, offs)):
-                            base = int(offs[0])
-                except Exception:  # noqa: BLE001 - fall back to h5py writes
-                    base = None
-            if base is None:
-                logger.info("%s: cube %s is written through h5py (slow path)", self.partial,
-                            name)
-            self._direct[name] = base
-        self._close_fd()
-        if any(v is not None for v in self._direct.values()):
-            self._fd = os.open(self.partial, os.O_RDWR)
-            # HDF5 allocates the chunks' addresses but extends the file lazily: extend it
-            # (sparse) to the last chunk so the file always covers what the superblock says
-            end = max(base + n_chunks * t * cr * cc * np.dtype(dtype).itemsize
-                      for (name, dtype) in _CUBES
-                      if (base := self._direct[name]) is not None)
-            if os.fstat(self._fd).st_size < end:
-                os.ftruncate(self._fd, end)
-
-        self._dfd = None
-        if self.direct_io and self._fd is not None and hasattr(os, "O_DIRECT") and any(
-                base is not None and base % _DIRECT_ALIGN == 0 for base in self._direct.values()):
-            try:
-                self._dfd = os.open(self.partial, os.O_WRONLY | os.O_DIRECT)
-            except OSError:  # e.g. tmpfs: buffered writes only
-                self._dfd = None
-
-    def _close_fd(self):
-        for attr in ("_fd", "_dfd"):
-            fd = getattr(self, attr, None)
-            if fd is not None:
-                os.close(fd)
-            setattr(self, attr, None)
-
-    def _write(self, array, offset):
-        """pwrite a contiguous array at ``offset``: O_DIRECT when buffer, offset and size
-        are 4 KiB-aligned (no copy into the page cache), else buffered."""
-        if (self._dfd is not None and offset % _DIRECT_ALIGN == 0
-                and array.nbytes % _DIRECT_ALIGN == 0
-                and array.ctypes.data % _DIRECT_ALIGN == 0 and array.flags.c_contiguous):
-            try:
-                _pwrite_all(self._dfd, array, offset)
-                return
-            except OSError as exc:  # EINVAL: the file system refuses after all
-                logger.info("%s: O_DIRECT write failed (%s); buffered writes", self.partial,
-                            exc)
-                os.close(self._dfd)
-                self._dfd = None
-        _pwrite_all(self._fd, array, offset)
-
     def _new_buffer(self):
-        """Block buffers in chunk order: (chunk row, chunk column, frame, row, column).
-
-        Why chunk order: a block of ``time_chunk`` frames then *is* the byte image of one
-        time-slab of chunks in the file, written with one pwrite; copying each frame into its
-        strided slot is the only rearrangement and replaces the buffer copy anyway. The
-        buffers are allocated once and re-used (memory-mapping the slab instead was measured:
-        page faults on fresh file pages cost 3x the pwrite).
-        """
-        nrow, ncol = self.shape
-        t, cr, cc = self.chunks
-        gr, gc = self._grid
+        """One set of frame-ordered block buffers (allocated once and re-used: a fresh
+        17 MB array costs a page fault per 4 KiB on every frame)."""
         n_st = 0 if self._stars is None else self._stars["starid"].size
-        self._buffer = {name: _aligned_zeros((gr, gc, t, cr, cc), dtype)
-                        for name, dtype in _CUBES}
-        # a second set (allocated at the first swap) is filled while this one is written
-        self._spare = None
-        self._mapped_sets = any(base is not None for base in self._direct.values())
-        self._flags_dirty = False
-        self._pad = None
-        if (gr * cr, gc * cc) != (nrow, ncol):
-            # frames that do not fill whole chunks go through a padded copy; the padding
-            # is outside the dataset and never read back
-            self._pad = {name: np.full((gr * cr, gc * cc), _FILL[name], dtype)
-                         for name, dtype in _CUBES}
-        self._buffer.update({
-            "series": {name: np.empty(self.block, dtype) for name, dtype in _SERIES},
+        buf = {name: np.zeros((self.block,) + self.shape, dtype) for name, dtype in _CUBES}
+        buf.update({
+            "series": {name: np.zeros(self.block, dtype) for name, dtype in _SERIES},
             "wcs": [], "centroids": np.full((self.block, n_st, 2), np.nan),
-            "sigma": np.full((self.block, n_st), np.nan),
+            "sigma": np.full((self.block, n_st), np.nan), "flags_dirty": False,
         })
-        self._n_buffered = 0
-
-    def _reset_buffer(self):
-        """Re-use the block buffers (allocating them per block costs page faults)."""
-        self._buffer["wcs"] = []
-        self._buffer["centroids"][:] = np.nan
-        self._buffer["sigma"][:] = np.nan
-        if self._flags_dirty:
-            self._buffer["pixel_flags"][...] = 0
-        self._flags_dirty = False
-
-    def _put(self, name, k, frame):
-        """Copy one (R, C) frame into slot ``k`` of the chunk-ordered block buffer."""
-        buf = self._buffer[name]
-        gr, gc, _, cr, cc = buf.shape
-        if self._pad is not None:
-            pad = self._pad[name]
-            pad[:self.shape[0], :self.shape[1]] = frame
-            frame = pad
-        frame = np.ascontiguousarray(frame, dtype=buf.dtype)
-        # copy whole chunk-row runs (cc pixels) as single opaque items: numpy's strided copy
-        # then moves 64-byte items instead of looping over 16 floats (5 vs 8 ms per frame)
-        run = np.dtype((np.void, cc * buf.itemsize))
-        dst = buf.view(run)[..., 0][:, :, k]          # (gr, gc, cr)
-        np.copyto(dst.transpose(0, 2, 1), frame.view(run).reshape(gr, cr, gc))
-
-    def _to_frames(self, block):
-        """(gr, gc, k, cr, cc) chunk-ordered block -> (k, R, C) frames (a copy)."""
-        gr, gc, k, cr, cc = block.shape
-        out = block.transpose(2, 0, 3, 1, 4).reshape(k, gr * cr, gc * cc)
-        return out[:, :self.shape[0], :self.shape[1]]
-
-    def _to_image(self, plane):
-        """(gr, gc, cr, cc) chunk-ordered plane -> (R, C) image."""
-        gr, gc, cr, cc = plane.shape
-        return plane.transpose(0, 2, 1, 3).reshape(gr * cr, gc * cc)[:self.shape[0],
-                                                                     :self.shape[1]]
-
-    def _read_block(self, name, start, stop):
-        """(k, R, C) frames ``start:stop`` of a cube (``start`` on a block boundary)."""
-        base = self._direct.get(name)
-        if base is None:
-            return self._file[name][start:stop]
-        dtype = dict(_CUBES)[name]
-        t, cr, cc = self.chunks
-        gr, gc = self._grid
-        slab = np.empty((gr, gc, t, cr, cc), dtype)
-        view = memoryview(slab).cast("B")
-        offset = base + (start // t) * slab.nbytes
-        while view.nbytes:
-            got = os.preadv(self._fd, [view], offset)
-            if got <= 0:
-                raise OSError(f"{self.partial}: short read of cube {name}")
-            view, offset = view[got:], offset + got
-        return np.ascontiguousarray(self._to_frames(slab[:, :, :stop - start]))
+        return buf
 
     def add_frame(self, image, errors, *, time, time_start, time_stop, timecorr, cadenceno,
-                  quality, wcs_header=""):
+                  quality, wcs_header="", errors_estimated=0.0, noise_defaulted=()):
         """Append the next frame (in time order). Written to disk every ``time_chunk`` frames.
 
         Parameters
@@ -665,34 +566,45 @@ class CacheWriter:
             Calibrated flux and its uncertainty (e-/s), science region.
         wcs_header : str
             FITS header text of the frame's WCS (science-region pixels), "" if none.
+        errors_estimated : float
+            Fraction of the frame's finite pixels whose uncertainty was estimated
+            (``FFIFrame.uncert_estimated``); ``noise_defaulted`` the header keywords the
+            estimate took defaults for.
         """
-        if self.frames_done + self._n_buffered >= self.n_frames:
+        index = self.frames_done + self._n_buffered
+        if index >= self.n_frames:
             raise RuntimeError("more frames than declared")
         if image.shape != self.shape or errors.shape != self.shape:
-            raise InputError(f"{self.ffi_files[self.frames_done + self._n_buffered]}: image "
-                             f"shape {image.shape} differs from the first frame's {self.shape}")
+            raise InputError(f"{self.ffi_files[index]}: image shape {image.shape} differs "
+                             f"from the first frame's {self.shape}")
         if self._buffer is None:
-            self._new_buffer()
+            self._buffer = self._new_buffer()
         elif self._n_buffered == 0:
             self._reset_buffer()
         k = self._n_buffered
         buf = self._buffer
-        self._put("images", k, image)
-        self._put("errors", k, errors)
+        np.copyto(buf["images"][k], image)
+        np.copyto(buf["errors"][k], errors)
+        problem = check_frame(buf["images"][k])
+        if problem:
+            quality = int(quality) | int(TESSQualityFlags.UnusableFrame)
         # one comparison finds both NaN and saturated pixels; most frames of most CCDs
         # have neither, and their flags slot is already zero
         with np.errstate(invalid="ignore"):
             clean = bool(np.less_equal(image, self.saturation_level).all())
         if not clean:
-            self._put("pixel_flags", k, pixel_flags_for(image, self.saturation_level,
-                                                         self.bleed_pad))
-            self._flags_dirty = True
+            buf["pixel_flags"][k] = pixel_flags_for(image, self.saturation_level,
+                                                    self.bleed_pad)
+            buf["flags_dirty"] = True
         for name, value in (("time", time), ("time_start", time_start), ("time_stop", time_stop),
                             ("timecorr", timecorr), ("cadenceno", cadenceno),
-                            ("quality", quality)):
+                            ("quality", quality), ("errors_estimated", errors_estimated),
+                            ("frame_check", problem)):
             buf["series"][name][k] = value
+        if errors_estimated:
+            self._noise_defaulted.update(noise_defaulted)
         buf["wcs"].append(wcs_header or "")
-        if self._stars is not None and self._stars["starid"].size:
+        if self._stars is not None and self._stars["starid"].size and not problem:
             x, y, sig = fit_centroids(image, self._guess[:, 0], self._guess[:, 1],
                                       box=self.kernel_box, errors=errors,
                                       saturation=self.saturation_level)
@@ -703,106 +615,127 @@ class CacheWriter:
             self._guess[ok, 0] = x[ok]
             self._guess[ok, 1] = y[ok]
         self._n_buffered += 1
+        if problem:
+            self._refuse_if_mostly_unusable()
         if self._n_buffered == self.block or self.frames_done + self._n_buffered == self.n_frames:
             self.flush()
 
-    def _accumulate(self, k, quality):
-        """Add the good frames of the buffered block to the sum-image accumulators.
+    def _reset_buffer(self):
+        buf = self._buffer
+        buf["wcs"] = []
+        buf["centroids"][:] = np.nan
+        buf["sigma"][:] = np.nan
+        if buf["flags_dirty"]:
+            buf["pixel_flags"][...] = 0
+        buf["flags_dirty"] = False
 
-        The block is summed along time in float64 in one pass (sequentially, in frame order),
-        and only pixels whose block sum is not finite (a NaN or inf in some frame) are redone
-        excluding the non-finite values. A resumed prepare puts the stored frames through the
-        same buffer and the same sum, so it reproduces the accumulators bit for bit.
+    def unusable_frames(self):
+        """{frame index: problem text} of the frames stored or buffered so far."""
+        codes = np.zeros(self.n_frames, np.uint8)
+        if self.frames_done:
+            codes[:self.frames_done] = self._file["frame_check"][:self.frames_done]
+        if self._buffer is not None and self._n_buffered:
+            codes[self.frames_done:self.frames_done + self._n_buffered] = \
+                self._buffer["series"]["frame_check"][:self._n_buffered]
+        return {int(i): FRAME_PROBLEMS.get(int(codes[i]), "unusable")
+                for i in np.flatnonzero(codes)}
+
+    def _describe_frames(self, bad, limit=5):
+        """'all zero: a.fits, b.fits; all NaN: c.fits' (at most ``limit`` names)."""
+        by_problem = {}
+        for i, problem in bad.items():
+            by_problem.setdefault(problem, []).append(Path(self.ffi_files[i]).name)
+        parts, shown = [], 0
+        for problem, names in by_problem.items():
+            take = names[:max(limit - shown, 1)]
+            shown += len(take)
+            more = f" and {len(names) - len(take)} more" if len(names) > len(take) else ""
+            parts.append(f"{problem}: {', '.join(take)}{more}")
+        return "; ".join(parts)
+
+    def _refuse_if_mostly_unusable(self):
+        bad = self.unusable_frames()
+        if len(bad) > self.n_frames / 2:
+            raise InputError(
+                f"{Path(self.ffi_files[0]).parent}: {len(bad)} of {self.n_frames} frames are "
+                f"unusable ({self._describe_frames(bad)}); refusing to build a cache from them")
+
+    def _accumulate(self, block, quality):
+        """Add the good frames of a (k, R, C) block to the sum-image accumulators.
+
+        The block is summed along time in float64 in one pass (in frame order), and only
+        pixels whose block sum is not finite (a NaN or inf in some frame) are redone without
+        the non-finite values. A resumed prepare reads the stored frames back through the
+        same sum, so it reproduces the accumulators bit for bit.
         """
         good = np.asarray(TESSQualityFlags.filter(quality), bool)
         n_good = int(good.sum())
         if not n_good:
             return
-        block = self._buffer["images"][:, :, :k]
-        if n_good == k:
-            total = block.sum(axis=2, dtype=np.float64)
-        else:
-            total = block.sum(axis=2, dtype=np.float64, where=good[None, None, :, None, None])
-        total = self._to_image(total)
+        block = block[good] if n_good < len(good) else block
+        total = block.sum(axis=0, dtype=np.float64)
         finite = np.isfinite(total)
         if finite.all():
             self._sum += total
             self._count += n_good
             return
         rows, cols = np.nonzero(~finite)
-        _, cr, cc = self.chunks
-        values = block[rows // cr, cols // cc, :, rows % cr, cols % cc][:, good]
+        values = block[:, rows, cols]
         ok = np.isfinite(values)
-        total[rows, cols] = np.where(ok, values, 0).astype(np.float64).sum(axis=1)
+        total[rows, cols] = np.where(ok, values, 0).astype(np.float64).sum(axis=0)
         count = np.full(self.shape, n_good, np.int32)
-        count[rows, cols] = ok.sum(axis=1)
+        count[rows, cols] = ok.sum(axis=0)
         self._sum += total
         self._count += count
 
     def flush(self):
         """Hand the buffered block (one time-slab of whole chunks) to the writer thread.
 
-        The cube bytes are written by a background thread (pwrite releases the GIL) while
-        the caller reads and buffers the next block into the other buffer set; the block's
-        ``frames_done`` is committed only once its bytes are written (:meth:`_commit`, at
-        the next flush or at the end), so a kill at any point costs at most re-writing the
-        blocks not yet committed.
+        The precision trim (``prepare.precision``) is applied first, so the sum image and the
+        prepare stages see exactly the stored values. The cube bytes are compressed and
+        written by a background thread while the caller reads the next block into the other
+        buffer set; the block's ``frames_done`` is committed only once its bytes are written
+        (:meth:`_commit`, at the next flush or at the end), so a kill at any point costs at
+        most re-writing the blocks not yet committed.
         """
         if not self._n_buffered:
             return
         f = self._file
         start, k = self.frames_done, self._n_buffered
-        t = self.chunks[0]
-        if start % t:
+        if start % self.block:
             raise RuntimeError("blocks must start on a time-chunk boundary")
         sl = slice(start, start + k)
         buf = self._buffer
-        jobs = []
-        for name, _ in _CUBES:
-            block = buf[name]
-            base = self._direct[name]
-            if base is None:
-                f[name][sl] = self._to_frames(block[:, :, :k])
-                continue
-            if k < t:  # chunk padding past the last frame: fixed bytes, never read back
-                block[:, :, k:] = _FILL[name]
-            offset = base + (start // t) * block.nbytes
-            if name == "pixel_flags" and start >= self._fresh_from:
-                # the slab is still a hole in the (sparse) file, which reads as zeros: write
-                # only the runs of chunks holding a flag (a few saturated stars per CCD)
-                gr, gc = self._grid
-                per_chunk = block.nbytes // (gr * gc)
-                nonzero = block.reshape(gr * gc, -1).any(axis=1)
-                edges = np.flatnonzero(np.diff(np.r_[0, nonzero.view(np.int8), 0]))
-                for a, b in zip(edges[::2], edges[1::2]):
-                    jobs.append((block.reshape(gr * gc, -1)[a:b], offset + int(a) * per_chunk))
-            else:
-                jobs.append((block, offset))
+        trim_precision(buf["images"][:k], buf["errors"][:k], self.precision)
+        # the previous block is on disk before this one's series and frames enter the file
+        # and the accumulators, so the accumulators stored with a commit are exactly those
+        # of the committed frames
+        self._commit()
         for name, _ in _SERIES:
             f[name][sl] = buf["series"][name][:k]
         f["wcs"][sl] = np.array(buf["wcs"], dtype=object)
+        f["wcs_crc32"][sl] = np.array([_crc32_text(t) for t in buf["wcs"]], np.uint32)
         if self._stars is not None and self._stars["starid"].size:
             f["movement/centroids"][sl] = buf["centroids"][:k]
             f["movement/sigma"][sl] = buf["sigma"][:k]
-        # the previous block is on disk before this one's frames enter the accumulators, so
-        # the accumulators stored with the commit are exactly those of the committed frames
-        self._commit()
-        self._accumulate(k, buf["series"]["quality"][:k])
-        if jobs:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="cache-writer")
-            future = self._pool.submit(self._write_jobs, jobs)
-        else:
-            future = None
+        f.attrs["noise_defaulted"] = ",".join(sorted(self._noise_defaulted))
+        self._accumulate(buf["images"][:k], buf["series"]["quality"][:k])
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="cache-writer")
+        future = self._pool.submit(self._write_cubes, buf, sl)
         self._pending = (future, start + k)
         self.frames_done = start + k
         self._n_buffered = 0
-        self._swap_buffers()
+        # the other buffer set is filled while the writer thread writes this one
+        self._buffer, self._spare = self._spare, buf
 
-    def _write_jobs(self, jobs):
-        for array, offset in jobs:
-            self._write(array, offset)
+    def _write_cubes(self, buf, sl):
+        k = sl.stop - sl.start
+        for name, _ in _CUBES:
+            if name == "pixel_flags" and not buf["flags_dirty"]:
+                continue  # all-zero flags: unwritten chunks read as the fill value, 0
+            self._file[name][sl] = buf[name][:k]
 
     def _commit(self):
         """Wait for the block being written, then record it (accumulators, frames_done)."""
@@ -810,8 +743,7 @@ class CacheWriter:
             return
         future, frames = self._pending
         self._pending = None
-        if future is not None:
-            future.result()
+        future.result()
         f = self._file
         # sum-image accumulators with the number of frames they include, so a resumed
         # prepare does not have to read the whole stored cube again
@@ -827,30 +759,18 @@ class CacheWriter:
         f.flush()
         logger.info("%s: %d of %d frames stored", self.partial.name, frames, self.n_frames)
 
-    def _swap_buffers(self):
-        """Switch to the other set of cube buffers (the writer thread reads this one)."""
-        if not self._mapped_sets:
-            return
-        current = {name: self._buffer[name] for name, _ in _CUBES}
-        current["dirty"] = self._flags_dirty
-        other = self._spare
-        if other is None:
-            other = {name: _aligned_zeros(self._buffer[name].shape, dtype)
-                     for name, dtype in _CUBES}
-            other["dirty"] = False
-        self._spare = current
-        for name, _ in _CUBES:
-            self._buffer[name] = other[name]
-        self._flags_dirty = other["dirty"]
-
     # ------------------------------------------------------------------ after ingest
     def finish_ingest(self, usable=None):
         """Sum image, reference frame and movement kernel, once every frame is stored.
 
+        Unusable frames (frame checks) are named in one warning; they are already out of the
+        sum image, and here out of the reference-frame choice and the kernel (NaN rows).
+
         Parameters
         ----------
         usable : array of bool, optional
-            Frames allowed as reference (default: those with a WCS string).
+            Frames allowed as reference (default: those with a WCS string and passing the
+            frame checks).
         """
         f = self._file
         if f.attrs["ingest_complete"]:
@@ -859,17 +779,37 @@ class CacheWriter:
         self._commit()
         if self.frames_done != self.n_frames:
             raise RuntimeError(f"ingest stopped at {self.frames_done} of {self.n_frames} frames")
+        bad = self.unusable_frames()
+        if len(bad) > self.n_frames / 2:
+            self._refuse_if_mostly_unusable()
+        if bad:
+            logger.warning("%s: %d of %d frames unusable (%s): flagged with quality bit "
+                           "2^30 (UnusableFrame) and left out of the sum image, the movement "
+                           "kernel and the prepare-stage models", self.partial.name, len(bad),
+                           self.n_frames, self._describe_frames(bad, limit=20))
         with np.errstate(invalid="ignore", divide="ignore"):
             sumimage = np.where(self._count > 0, self._sum / np.maximum(self._count, 1), np.nan)
         if "_accumulators" in f:
             del f["_accumulators"]
         if "sumimage" in f:
             del f["sumimage"]
-        f.create_dataset("sumimage", data=sumimage, dtype=np.float64)
+        f.create_dataset("sumimage", data=sumimage, dtype=np.float64, fletcher32=True,
+                         chunks=True)
         f["sumimage"].attrs["n_frames"] = self._count.max() if self._count.size else 0
+        checked = f["frame_check"][:] == 0
         if usable is None:
             usable = np.array([bool(s) for s in f["wcs"].asstr()[:]])
+        usable = np.asarray(usable, bool) & checked
         ref = choose_reference_frame(f["time"][:], f["quality"][:], usable)
+        estimated = f["errors_estimated"][:]
+        f.attrs["errors_estimated"] = float(np.mean(estimated[checked])) if checked.any() \
+            else float(np.mean(estimated))
+        if f.attrs["errors_estimated"] > 0:
+            logger.warning("%s: %.1f%% of the pixel uncertainties estimated from the pixels "
+                           "(the FFIs lack them)%s", self.partial.name,
+                           100 * f.attrs["errors_estimated"],
+                           f"; defaults for {f.attrs['noise_defaulted']}"
+                           if f.attrs["noise_defaulted"] else "")
         nrow, ncol = self.shape
         x0, y0 = (ncol - 1) / 2.0, (nrow - 1) / 2.0
         pset = self.pset
@@ -877,6 +817,7 @@ class CacheWriter:
             kernel = fit_kernel(f["movement/centroids"][:], f["movement/sigma"][:], ref,
                                 x0=x0, y0=y0, min_stars=int(pset["kernel_min_affine_stars"]),
                                 clip=float(pset["kernel_clip"]))
+            kernel[~checked] = np.nan
             n_used = int(np.sum(np.all(np.isfinite(f["movement/centroids"][ref]), axis=1)))
         else:
             logger.warning("%s: no kernel stars; the movement kernel is zero", self.partial)
@@ -884,7 +825,7 @@ class CacheWriter:
             n_used = 0
         if "movement_kernel" in f:
             del f["movement_kernel"]
-        ds = f.create_dataset("movement_kernel", data=kernel)
+        ds = f.create_dataset("movement_kernel", data=kernel, fletcher32=True, chunks=True)
         ds.attrs["n_stars"] = n_used
         f.attrs["kernel_x0"] = x0
         f.attrs["kernel_y0"] = y0
@@ -895,12 +836,17 @@ class CacheWriter:
     def iter_frame_blocks(self):
         """Yield ``(frame_slice, images, errors, pixel_flags)`` blocks of whole time chunks.
 
-        For prepare stages: a block is one time-slab of whole chunks, read with one pread
-        per cube (or through h5py for compressed cubes).
+        For prepare stages; frames that failed the frame checks are in the blocks (so the
+        indices stay those of the cache) but flagged in ``usable_frames``.
         """
         for start in range(0, self.frames_done, self.block):
             sl = slice(start, min(start + self.block, self.frames_done))
-            yield sl, *(self._read_block(name, sl.start, sl.stop) for name, _ in _CUBES)
+            yield sl, *(self._file[name][sl] for name, _ in _CUBES)
+
+    @property
+    def usable_frames(self):
+        """(N,) bool: frames that passed the frame checks (prepare stages fit only these)."""
+        return self._file["frame_check"][:] == 0
 
     @property
     def file(self):
@@ -923,7 +869,9 @@ class CacheWriter:
         return g
 
     def mark_stage_complete(self, name):
+        """Checksum the stage's datasets (:func:`checksum_group`) and mark it complete."""
         g = self._file[f"models/{name}"]
+        checksum_group(g)
         g.attrs["complete"] = True
         self._file.flush()
 
@@ -937,7 +885,6 @@ class CacheWriter:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self._close_fd()
         if self._file is None:
             return
         if complete:
@@ -954,6 +901,34 @@ class CacheWriter:
 
     def __exit__(self, *exc):
         self.close(complete=False)
+
+
+def checksum_group(group):
+    """Give every numeric dataset under ``group`` a fletcher32 checksum, in place.
+
+    Why here: prepare stages are plugins that create their datasets with plain h5py calls;
+    rather than asking each to pass ``fletcher32=True``, the finished group's datasets are
+    re-created with it (same data, chunks, attributes). Scalar, empty and variable-length
+    datasets cannot be filtered in HDF5 and are left as they are.
+    """
+    items = []
+    group.visititems(lambda name, obj: items.append(name) if isinstance(obj, h5py.Dataset)
+                     else None)
+    for name in items:
+        ds = group[name]
+        if ds.fletcher32 or ds.shape in ((), None) or ds.size == 0 or ds.dtype.kind == "O" \
+                or h5py.check_vlen_dtype(ds.dtype) is not None:
+            continue
+        data, attrs = ds[()], dict(ds.attrs)
+        chunks, filters = ds.chunks, {}
+        if ds.compression:
+            filters = {"compression": ds.compression, "compression_opts": ds.compression_opts}
+        fill = ds.fillvalue
+        del group[name]
+        new = group.create_dataset(name, data=data, chunks=chunks or True, fletcher32=True,
+                                   fillvalue=fill, **filters)
+        for key, value in attrs.items():
+            new.attrs[key] = value
 
 
 class FFICache:
@@ -985,6 +960,11 @@ class FFICache:
         if "schema_version" not in attrs or "images" not in self._file:
             self.close()
             raise InputError(f"{self.path}: not a tessphot cache")
+        if int(attrs["schema_version"]) != SCHEMA_VERSION:
+            version = int(attrs["schema_version"])
+            self.close()
+            raise InputError(f"{self.path}: cache schema {version}, this tessphot reads "
+                             f"{SCHEMA_VERSION}; run prepare again with --overwrite")
         if not bool(attrs.get("complete", False)):
             self.close()
             raise InputError(f"{self.path}: cache is incomplete (prepare did not finish)")
@@ -1000,9 +980,30 @@ class FFICache:
         self.settings_hash = str(attrs["settings_hash"])
         self.shape = tuple(self._file["images"].shape[1:])
 
+    def _read(self, name, selection=()):
+        """``self._file[name][selection]``; damage (a failed checksum or filter) raises
+        ``InputError`` naming the file and the dataset."""
+        try:
+            return self._file[name][selection]
+        except OSError as exc:
+            raise InputError(f"{self.path}: dataset '{name}' is damaged (checksum or "
+                             f"decompression failed: {' '.join(str(exc).split())})") from None
+
     # 1-D arrays ---------------------------------------------------------------
     def _series(self, name):
-        return self._file[name][:]
+        return self._read(name)
+
+    @cached_property
+    def errors_estimated(self):
+        """Fraction of the pixel uncertainties estimated from the pixels (0: all from the
+        FFIs), over the usable frames; the light-curve header's ERR_EST."""
+        return float(self._file.attrs.get("errors_estimated", 0.0))
+
+    @cached_property
+    def noise_defaulted(self):
+        """Header keywords the uncertainty estimate took documented defaults for."""
+        return tuple(k for k in str(self._file.attrs.get("noise_defaulted", "")).split(",")
+                     if k)
 
     @cached_property
     def time(self):
@@ -1036,7 +1037,10 @@ class FFICache:
 
     @cached_property
     def ffi_files(self):
-        return list(self._file["ffi_files"].asstr()[:])
+        names = list(self._file["ffi_files"].asstr()[:])
+        if _crc32_text("\n".join(names)) != int(self._file["ffi_files"].attrs["crc32"]):
+            raise InputError(f"{self.path}: dataset 'ffi_files' is damaged (CRC32 mismatch)")
+        return names
 
     @property
     def attrs(self):
@@ -1050,11 +1054,15 @@ class FFICache:
     @cached_property
     def sumimage(self):
         """(R, C) mean of the good frames (float64)."""
-        return self._file["sumimage"][:]
+        return self._read("sumimage")
 
     def frame_wcs(self, index):
         """Astropy WCS of frame ``index`` (science-region pixels, 0-based), None if absent."""
-        text = self._file["wcs"].asstr()[int(index)]
+        index = int(index)
+        text = self._file["wcs"].asstr()[index]
+        if _crc32_text(text) != int(self._read("wcs_crc32", index)):
+            raise InputError(f"{self.path}: dataset 'wcs' is damaged at frame {index} "
+                             "(CRC32 mismatch)")
         if not text:
             return None
         header = fits.Header.fromstring(text, sep="\n")
@@ -1071,7 +1079,7 @@ class FFICache:
     def movement_kernel(self):
         """:class:`photometry.movement.MovementKernel` (cube pixel coordinates)."""
         attrs = self._file.attrs
-        return MovementKernel(self._file["movement_kernel"][:], self.time,
+        return MovementKernel(self._read("movement_kernel"), self.time,
                               attrs["kernel_x0"], attrs["kernel_y0"], self.ref_frame)
 
     def stamp(self, name, row_slice, col_slice, frames=slice(None)):
@@ -1082,7 +1090,7 @@ class FFICache:
         """
         if name not in ("images", "errors", "pixel_flags"):
             raise KeyError(f"unknown cube '{name}'")
-        return self._file[name][frames, row_slice, col_slice]
+        return self._read(name, (frames, row_slice, col_slice))
 
     def model_group(self, name):
         """The h5py group ``models/<name>`` written by a prepare stage, or None if absent or

@@ -19,10 +19,18 @@ Decisions (also in ``docs/architecture.md``):
   sector) as ``4697 + round((t_sc - 1325.3235172) * 86400 / cadence_s)``: the anchor time is the
   first FFI of sector 1 (``tess2018206192942``), the anchor number TASOC's 4697 (not checked
   against a SPOC FFIINDEX). The numbers are therefore the same whichever subset of frames is read.
-* The uncertainty HDU is mapped onto the image by its own physical WCS (``CRVAL1P/2P``) and shape:
-  science pixels it does not cover are NaN (the real sector-1 cutout has a 128x128 uncertainty
-  covering CCD columns 0-127, i.e. only the first 84 of its 129 science columns).
-* A file without an uncertainty HDU (e.g. a raw ``*_ffir`` frame) gets an all-NaN ``uncert``.
+* The uncertainty HDU is mapped onto the image by its own physical WCS (``CRVAL1P/2P``) and
+  shape; one without a physical WCS but with the image HDU's shape is taken as aligned with it;
+  one with neither cannot be placed and is ignored (the real sector-1 cutout has a 128x128
+  uncertainty covering CCD columns 0-127, i.e. only the first 84 of its 129 science columns).
+* Uncertainties are always real for a calibrated frame: where the file has none (no
+  uncertainty HDU, as in TICA frames and many third-party cutouts; pixels the HDU does not
+  cover; NaN values) they are estimated from the pixel values with
+  :class:`photometry.noise.CCDNoise` (the header's read noise per output, readouts and
+  exposure, documented defaults for what it lacks). ``uncert_estimated`` is the fraction of
+  finite image pixels so estimated and ``noise_defaulted`` the keywords that took a default;
+  the cache records both (docs/architecture.md). Raw frames get NaN (calibration computes
+  their uncertainty).
 * Uncompressed files in the usual layout are read without astropy's HDU list (headers block
   by block, only the science rows of the pixels; :func:`_plain_layout`), which makes
   ``read_ffi`` 1.3x instead of 2x the bare astropy read; everything else, and every damaged
@@ -45,7 +53,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from .errors import InputError
 
-__all__ = ["FFIFrame", "read_ffi", "wcs_header", "find_ffi_files", "scan_ffi_headers",
+__all__ = ["FFIFrame", "read_ffi", "estimate_missing_uncert", "wcs_header", "find_ffi_files", "scan_ffi_headers",
            "is_raw_ffi", "cadence_for_sector", "derive_cadenceno", "SCIENCE_ROWS",
            "SCIENCE_COLUMNS"]
 
@@ -93,6 +101,8 @@ class FFIFrame:
     quality: int
     data_rel: int
     procver: str
+    uncert_estimated: float = 0.0
+    noise_defaulted: tuple = ()
 
     @property
     def shape(self):
@@ -276,6 +286,70 @@ def _ccd_origin(header):
     return int(round(row - 1.0)), int(round(col - 1.0))
 
 
+def _uncert_origin(uncert_header, image_shape, image_origin):
+    """0-based CCD (row, column) of the uncertainty array's [0, 0], or None if unplaceable.
+
+    Placed by its own physical WCS; without one, taken as aligned with the image HDU (whole
+    array shape ``image_shape``, [0, 0] at CCD ``image_origin``) when the shapes agree
+    (TICA-like and hand-made files); otherwise None (ignored, then estimated).
+    """
+    if "CRVAL1P" in uncert_header and "CRVAL2P" in uncert_header:
+        return _ccd_origin(uncert_header)
+    shape = (int(uncert_header["NAXIS2"]), int(uncert_header["NAXIS1"]))
+    if shape == tuple(image_shape):
+        return tuple(image_origin)
+    return None
+
+
+def _uncert_overlap(uncert_header, image_header, rows, cols, row_offset, column_offset):
+    """(target, source) slice pairs of the science pixels an uncertainty HDU covers, or None.
+
+    ``rows, cols`` are the science slices of the image array, whose [rows.start, cols.start]
+    is CCD (row_offset, column_offset).
+    """
+    nr, nc = rows.stop - rows.start, cols.stop - cols.start
+    image_shape = (int(image_header["NAXIS2"]), int(image_header["NAXIS1"]))
+    origin = _uncert_origin(uncert_header, image_shape,
+                            (row_offset - rows.start, column_offset - cols.start))
+    if origin is None:
+        return None
+    u_row, u_col = origin
+    u_nr, u_nc = int(uncert_header["NAXIS2"]), int(uncert_header["NAXIS1"])
+    r0, r1 = max(row_offset, u_row), min(row_offset + nr, u_row + u_nr)
+    c0, c1 = max(column_offset, u_col), min(column_offset + nc, u_col + u_nc)
+    if r1 <= r0 or c1 <= c0:
+        return None
+    return ((slice(r0 - row_offset, r1 - row_offset), slice(c0 - column_offset, c1 - column_offset)),
+            (slice(r0 - u_row, r1 - u_row), slice(c0 - u_col, c1 - u_col)))
+
+
+def estimate_missing_uncert(frame):
+    """Fill the frame's missing uncertainties (NaN where the image is finite) from the pixels.
+
+    Uses :class:`photometry.noise.CCDNoise` of the frame header: photon noise of the pixel's
+    own flux plus the read noise of its output. Sets ``frame.uncert_estimated`` (fraction of
+    finite image pixels estimated) and ``frame.noise_defaulted``; returns the frame.
+    """
+    from .noise import CCDNoise
+
+    image, uncert = frame.image, frame.uncert
+    finite = np.isfinite(image)
+    missing = finite & ~(np.isfinite(uncert) & (uncert > 0))
+    n_missing = int(np.count_nonzero(missing))
+    if not n_missing:
+        return frame
+    noise = CCDNoise.from_header(frame.header, frame.cadence_s)
+    columns = frame.column_offset + np.arange(image.shape[1])
+    if n_missing == image.size:
+        uncert[...] = np.sqrt(noise.pixel_variance(image, columns[None, :]))
+    else:
+        rows, cols = np.nonzero(missing)
+        uncert[rows, cols] = np.sqrt(noise.pixel_variance(image[rows, cols], columns[cols]))
+    frame.uncert_estimated = n_missing / max(int(np.count_nonzero(finite)), 1)
+    frame.noise_defaulted = tuple(noise.defaulted)
+    return frame
+
+
 def _science_box(header):
     """0-based half-open CCD (row0, row1, col0, col1) of the science region."""
     starts = [header.get(f"SCCS{o}") for o in "ABCD"]
@@ -444,7 +518,14 @@ def read_ffi(path, header_only=False, wcs=True, science_only=True):
     for w in caught:  # pass on what the caller should see; the FITS fix-ups are noise
         if not issubclass(w.category, FITSFixedWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if frame.image is not None and not _is_raw_frame(frame):
+        estimate_missing_uncert(frame)
     return frame
+
+
+def _is_raw_frame(frame):
+    """A raw (uncalibrated) frame: by file name or IMAGTYPE."""
+    return is_raw_ffi(frame.path) or str(frame.header.get("IMAGTYPE", "")).strip().lower() == "raw"
 
 
 def _describe(path, primary, image_header, wcs, science_only=True):
@@ -621,21 +702,17 @@ def _read_plain_pixels(path, hdus, image, uncert, meta, rows, cols):
     nr, nc = rows.stop - rows.start, cols.stop - cols.start
     pixels = _read_plain_array(path, image_offset, image_header, rows, cols)
     errors = None
+    overlap = None
     if uncert is not None:
         uh, u_offset = hdus[uncert]
-        u_row, u_col = _ccd_origin(uh)
-        u_nr, u_nc = int(uh["NAXIS2"]), int(uh["NAXIS1"])
-        r0, r1 = max(row_offset, u_row), min(row_offset + nr, u_row + u_nr)
-        c0, c1 = max(column_offset, u_col), min(column_offset + nc, u_col + u_nc)
-        source = (slice(r0 - u_row, r1 - u_row), slice(c0 - u_col, c1 - u_col))
-        if (r0, r1, c0, c1) == (row_offset, row_offset + nr, column_offset, column_offset + nc):
+        overlap = _uncert_overlap(uh, image_header, rows, cols, row_offset, column_offset)
+    if overlap is not None:
+        target, source = overlap
+        if (target[0].stop - target[0].start, target[1].stop - target[1].start) == (nr, nc):
             errors = _read_plain_array(path, u_offset, uh, *source)  # covers it all: no NaN fill
         else:
             errors = np.full((nr, nc), np.nan, dtype=np.float32)
-            if r1 > r0 and c1 > c0:
-                _read_plain_array(path, u_offset, uh, *source,
-                                  out=errors[r0 - row_offset:r1 - row_offset,
-                                             c0 - column_offset:c1 - column_offset])
+            _read_plain_array(path, u_offset, uh, *source, out=errors[target])
     if errors is None:
         errors = np.full((nr, nc), np.nan, dtype=np.float32)
     return FFIFrame(image=pixels, uncert=errors, **meta)
@@ -693,17 +770,11 @@ def _read_ffi(path, header_only, wcs, science_only):
             if unc_index is not None:
                 unc_hdu = hdul[unc_index]
                 _check_size(unc_hdu, path, gzipped)
-                uh = unc_hdu.header
-                u_row, u_col = _ccd_origin(uh)
-                u_nr, u_nc = int(uh["NAXIS2"]), int(uh["NAXIS1"])
-                # overlap of the uncertainty array with the science box, in CCD coordinates
-                r0, r1 = max(row_offset, u_row), min(row_offset + nr, u_row + u_nr)
-                c0, c1 = max(column_offset, u_col), min(column_offset + nc, u_col + u_nc)
-                if r1 > r0 and c1 > c0:
-                    target = (slice(r0 - row_offset, r1 - row_offset),
-                              slice(c0 - column_offset, c1 - column_offset))
-                    uncert[target] = _read_array(unc_hdu, path, slice(r0 - u_row, r1 - u_row),
-                                                 slice(c0 - u_col, c1 - u_col))
+                overlap = _uncert_overlap(unc_hdu.header, image_header, rows, cols,
+                                          row_offset, column_offset)
+                if overlap is not None:
+                    target, source = overlap
+                    uncert[target] = _read_array(unc_hdu, path, *source)
     except InputError:
         raise
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:

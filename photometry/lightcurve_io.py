@@ -24,8 +24,8 @@ from . import __version__, hookimpl
 from .settings import settings_hash
 from .utilities import BTJD_TIME_CARDS
 
-__all__ = ["lightcurve_path", "write_lightcurve", "build_hdulist", "write_atomic",
-           "FILE_VERSION"]
+__all__ = ["lightcurve_path", "write_lightcurve", "build_hdulist", "primary_header",
+           "write_atomic", "FILE_VERSION"]
 
 FILE_VERSION = "1.0"
 
@@ -87,28 +87,30 @@ def _stamp_wcs_header(phot):
     return header
 
 
-def build_hdulist(phot):
-    """The light-curve FITS file of a BasePhotometry object after :meth:`photometry`."""
-    target = phot.target
-    lc = phot.lightcurve
-    source = phot.source
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+def primary_header(phot, creator=None, filever=FILE_VERSION):
+    """The primary header every file of one BasePhotometry object shares (light curve, TPF
+    export): provenance, target and CCD, with SPOC's keywords.
 
-    primary = fits.PrimaryHDU()
-    h = primary.header
+    ``creator`` (CREATOR) decides how lightkurve reads the file: the TPF export gives
+    "...TargetPixelExporter"; None leaves CREATOR out (the light curve, read by lightkurve's
+    generic reader). ``filever`` is the FILEVER of that product.
+    """
+    target = phot.target
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     cards = [
         ("ORIGIN", "tessphot", "institution/software that created this file"),
         ("DATE", now, "file creation date (UTC)"),
+        ("CREATOR", creator, "software that created this file"),
         ("TELESCOP", "TESS", "telescope"),
         ("INSTRUME", "TESS Photometer", "detector type"),
         ("FILTER", "TESS", "photometric bandpass"),
-        ("FILEVER", FILE_VERSION, "file format version"),
+        ("FILEVER", filever, "file format version"),
         ("PROCVER", __version__, "photometry package version"),
         ("PHOTMET", phot.name, "photometry method"),
         ("METHVER", str(phot.version), "photometry method version"),
         ("SETHASH", settings_hash(phot.settings), "hash of the settings used"),
         ("DATASRC", phot.datasource, "data source: ffi (cache) or tpf"),
-        ("DATA_REL", _card_value(getattr(source, "data_rel", None)), "SPOC data release"),
+        ("DATA_REL", _card_value(getattr(phot.source, "data_rel", None)), "SPOC data release"),
         ("OBJECT", f"TIC {phot.starid}", "string version of target id"),
         ("TICID", phot.starid, "unique TESS target identifier"),
         ("SECTOR", phot.sector, "observing sector"),
@@ -124,8 +126,24 @@ def build_hdulist(phot):
         ("TESSMAG", _card_value(target.get("tmag")), "[mag] TESS magnitude"),
         ("TEFF", _card_value(target.get("teff")), "[K] effective temperature"),
     ]
+    header = fits.Header()
     for key, value, comment in cards:
-        h[key] = (value, comment)
+        if key != "CREATOR" or value is not None:
+            header[key] = (value, comment)
+    # pixel uncertainties the input lacked and that were estimated from the pixels (noise
+    # model): FFICache.errors_estimated (prepare), TPFSource.errors_estimated
+    err_est = getattr(phot.source, "errors_estimated", None)
+    if err_est is not None:
+        header["ERR_EST"] = (round(float(err_est), 6), "fraction of pixel errors estimated")
+    return header
+
+
+def build_hdulist(phot):
+    """The light-curve FITS file of a BasePhotometry object after :meth:`photometry`."""
+    lc = phot.lightcurve
+
+    primary = fits.PrimaryHDU(header=primary_header(phot))
+    h = primary.header
     for key, (value, comment) in phot.additional_headers.items():
         h[key] = (_card_value(value), comment)
 

@@ -113,6 +113,37 @@ def _sep(ra1, dec1, ra2, dec2):
     return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0, 1))))
 
 
+def _kernel_stars(frame, later_paths, catalog, shape, pset):
+    """(starid, column, row) of the movement-kernel stars, picked on the first usable frame.
+
+    The first frame is normally it; when it fails the frame checks (or has no WCS), the
+    following files are read one by one until one passes (a calibrated folder only), but
+    not past half of the folder: a folder with more unusable frames is refused anyway.
+    """
+    from .cache import check_frame
+    from .ffi import read_ffi
+    later_paths = later_paths[:(len(later_paths) + 1) // 2]
+    for candidate in _chain_frames([frame], later_paths, read_ffi):
+        if candidate.wcs is not None and not check_frame(candidate.image):
+            starid, col, row = kernel_star_candidates(catalog, candidate.wcs, candidate.time,
+                                                      shape, pset, image=candidate.image)
+            logger.info("movement kernel: %d stars (picked on %s)", starid.size,
+                        candidate.path.name)
+            return starid, col, row
+    logger.info("%s: no usable frame with a WCS among the first; the movement kernel is not "
+                "measured", frame.path.parent)
+    return np.empty(0, np.int64), np.empty(0), np.empty(0)
+
+
+def _chain_frames(first, later_paths, read_ffi):
+    yield from first
+    for path in later_paths:
+        try:
+            yield read_ffi(path)
+        except InputError:
+            continue
+
+
 def _wcs_text(wcs):
     if wcs is None:
         return ""
@@ -201,18 +232,14 @@ def prepare(ffi_dir, catalog_path, cache_dir, settings=None, *, overwrite=False,
             if frame.time != expected.time or frame.shape != shape:
                 raise InputError(f"{frame.path}: changed while prepare was reading the folder")
             if writer.kernel_stars is None:
-                if frame.wcs is None:
-                    logger.warning("%s: no WCS; the movement kernel is not measured", frame.path)
-                    starid, col, row = np.empty(0, np.int64), np.empty(0), np.empty(0)
-                else:
-                    starid, col, row = kernel_star_candidates(catalog, frame.wcs, frame.time,
-                                                              shape, pset, image=frame.image)
-                logger.info("movement kernel: %d stars", starid.size)
-                writer.set_kernel_stars(starid, col, row)
+                later = [] if raw else paths[index + 1:]
+                writer.set_kernel_stars(*_kernel_stars(frame, later, catalog, shape, pset))
             writer.add_frame(frame.image, frame.uncert, time=frame.time,
                              time_start=frame.tstart, time_stop=frame.tstop,
                              timecorr=frame.timecorr, cadenceno=frame.cadenceno,
-                             quality=frame.quality, wcs_header=_wcs_text(frame.wcs))
+                             quality=frame.quality, wcs_header=_wcs_text(frame.wcs),
+                             errors_estimated=frame.uncert_estimated,
+                             noise_defaulted=frame.noise_defaulted)
             bar.update(1)
             if delay:
                 _time.sleep(delay)

@@ -41,10 +41,16 @@ class TESSQualityFlags(_Flags):
     PlanetSearchExclude = 8192
     BadCalibrationExclude = 16384
     InsufficientTargets = 32768
+    #: Private bit set by ``prepare`` (never by SPOC, whose bits end far below it; 2^30 still
+    #: fits the int32 ``quality`` of the cache and the light curve): the frame failed the
+    #: frame checks (all NaN, all zero, constant, mostly non-finite or absurd level; see
+    #: ``photometry.cache.FRAME_PROBLEMS``) and is left out of the sum image, the reference
+    #: frame, the movement kernel and every prepare-stage model.
+    UnusableFrame = 1 << 30
 
 
 #: Cadences we never use for sum images, references or photometry statistics.
-TESSQualityFlags.DEFAULT_BITMASK = (1 | 2 | 4 | 8 | 32 | 128)
+TESSQualityFlags.DEFAULT_BITMASK = (1 | 2 | 4 | 8 | 32 | 128 | TESSQualityFlags.UnusableFrame)
 
 
 class PixelQualityFlags(_Flags):

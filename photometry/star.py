@@ -26,12 +26,20 @@ def add_arguments(parser):
                         help="where the light curve (and plots) go")
     parser.add_argument("--method", default=None,
                         help="algorithm name (default: the choose_method policy)")
-    parser.add_argument("--sector", type=int, help="pick this sector if several caches hold the star")
+    parser.add_argument("--sector", type=int,
+                        help="pick this sector if several caches hold the star; with --tpf: "
+                             "checked against the file, used where it does not say")
     parser.add_argument("--camera", type=int)
     parser.add_argument("--ccd", type=int)
     parser.add_argument("--tmag", type=float,
                         help="with --tpf: TESS magnitude when the file has none (TESScut)")
+    parser.add_argument("--catalog", type=Path, metavar="FILE",
+                        help="with --tpf: star catalog (starid, ra, dec, tmag[, pmra, pmdec, "
+                             "teff]) for the target's position and the neighbours")
     parser.add_argument("--plot", action="store_true", help="write the diagnostic plots")
+    parser.add_argument("--tpf-out", action="store_true",
+                        help="also write the stamp as a SPOC-layout Target Pixel File "
+                             "(output writer 'tpf', next to the light curve)")
     add_settings_arguments(parser)
 
 
@@ -78,11 +86,18 @@ def run(args):
     from .settings import load_settings
 
     settings = load_settings(args.settings, args.assignments)
+    if args.tpf_out and "tpf" not in settings["photometry"]["writers"]:
+        settings["photometry"]["writers"] = list(settings["photometry"]["writers"]) + ["tpf"]
     logging.getLogger("photometry").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
     pm = get_plugin_manager()
+    if args.tpf is None and (args.catalog is not None or args.tmag is not None):
+        raise InputError(f"{'--catalog' if args.catalog is not None else '--tmag'} is for "
+                         "--tpf input (a cache has its own catalog)")
     if args.tpf is not None:
         from .tpf import TPFSource
-        source = TPFSource(args.tpf, starid=args.starid, tmag=args.tmag)
+        source = TPFSource(args.tpf, starid=args.starid, tmag=args.tmag, catalog=args.catalog,
+                           sector=args.sector, camera=args.camera, ccd=args.ccd,
+                           settings=settings)
         target = dict(source.target, sector=source.sector, camera=source.camera,
                       ccd=source.ccd, datasource="tpf")
     else:
@@ -105,6 +120,8 @@ def run(args):
     print(f"TIC {args.starid}: {status.name} ({method}, {result['elapsed']:.2f} s)")
     if result["lightcurve"]:
         print(f"light curve: {result['lightcurve']}")
+        if result["details"].get("filepath_tpf"):
+            print(f"target pixel file: {result['details']['filepath_tpf']}")
         if args.plot:
             print(f"plots: {Path(result['lightcurve']).parent / 'plots' / f'{args.starid:011d}'}")
     if result["error"]:

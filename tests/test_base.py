@@ -309,7 +309,8 @@ def test_real_ffi_cache_gives_the_cached_pixels(tmp_path, settings):
     meta = {"sector": 1, "camera": 1, "ccd": 1, "cadence": 1800, "data_rel": 0,
             "procver": "test", "row_offset": 0, "column_offset": 44}
     path = tmp_path / cache.cache_filename(1, 1, 1)
-    writer = cache.CacheWriter(path, settings, ffi_files=[f"f{i}.fits" for i in range(6)],
+    lossless = dict(settings, prepare=dict(settings["prepare"], precision=0.0))  # exact pixels
+    writer = cache.CacheWriter(path, lossless, ffi_files=[f"f{i}.fits" for i in range(6)],
                                shape=fake.shape, meta=meta)
     wcs_text = fake.reference_wcs.to_header().tostring(sep="\n")
     for i in range(6):

@@ -10,6 +10,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from photometry.errors import InputError
+from photometry.noise import CCDNoise
 from photometry.ffi import (derive_cadenceno, find_ffi_files, is_raw_ffi, read_ffi,
                             scan_ffi_headers)
 
@@ -50,9 +51,14 @@ def test_real_cutout_science_region_and_metadata():
     assert (frame.row_offset, frame.column_offset) == (0, 44)
     np.testing.assert_array_equal(frame.image, raw[:, 44:])
     # The 128x128 uncertainty HDU starts at CCD column 0 (its own CRVAL1P = 1): it covers the
-    # first 84 science columns; the rest is NaN. Its values follow the image (corr > 0.99).
+    # first 84 science columns; the rest is estimated from the pixels (CCDNoise of the
+    # header) and marked so. Its values follow the image (corr > 0.99).
     np.testing.assert_array_equal(frame.uncert[:, :84], unc[:, 44:])
-    assert np.all(np.isnan(frame.uncert[:, 84:]))
+    expected = np.sqrt(CCDNoise.from_header(frame.header, 1800.0).pixel_variance(
+        frame.image[:, 84:], np.arange(128, 173)[None, :]))
+    np.testing.assert_allclose(frame.uncert[:, 84:], expected, rtol=1e-6)
+    assert frame.uncert_estimated == pytest.approx(45 / 129)
+    assert frame.noise_defaulted == ()  # the real header has READNOIA-D, NREADOUT, EXPOSURE
     assert np.corrcoef(frame.image[:, :84].ravel(), frame.uncert[:, :84].ravel() ** 2)[0, 1] > 0.99
     assert frame.time == pytest.approx((1325.318778691997 + 1325.339612017777) / 2, abs=1e-12)
     assert (frame.tstart, frame.tstop) == (h1["TSTART"], h1["TSTOP"])
@@ -144,7 +150,8 @@ def test_cutout_offset_from_physical_wcs(tmp_path):
     frame = read_ffi(_variant(tmp_path, "tess2018206192942-s0001-1-4-0120-s_ffic.fits", edit))
     assert frame.image.shape == (128, 173)
     assert (frame.row_offset, frame.column_offset) == (100, 500)
-    assert np.isfinite(frame.uncert[:, :128]).all() and np.isnan(frame.uncert[:, 128:]).all()
+    assert np.isfinite(frame.uncert).all()
+    assert frame.uncert_estimated == pytest.approx(45 / 173)  # columns the HDU does not cover
 
 
 def _truncate(tmp_path, nbytes):
@@ -327,3 +334,47 @@ def test_other_data_types_fall_back_to_astropy(tmp_path, monkeypatch):
     _astropy_path(monkeypatch)
     _same_frame(read_ffi(path), frame)
     np.testing.assert_array_equal(frame.image, read_ffi(REAL).image + np.float32(0.25))
+
+
+def test_missing_uncertainty_hdu_is_estimated_not_nan(tmp_path):
+    """Issue 13 item 1: a frame without an uncertainty HDU (TICA, third-party cutouts) gets
+    the noise model's uncertainty everywhere, marked as estimated; the defaults are named."""
+    def edit(hdul):
+        del hdul[2]
+        hdul[0].header["NEXTEND"] = 1
+        for key in ("NREADOUT", "READNOIA"):
+            hdul[1].header.remove(key, ignore_missing=True)
+            hdul[0].header.remove(key, ignore_missing=True)
+    frame = read_ffi(_variant(tmp_path, "no_uncert-s0001-1-4-0120-s_ffic.fits", edit))
+    assert np.isfinite(frame.uncert).all() and frame.uncert_estimated == 1.0
+    assert set(frame.noise_defaulted) == {"NREADOUT", "READNOIA"}
+    real = read_ffi(REAL)
+    # against SPOC's own uncertainty where it has one: the model is 3.5 % below (noise.py)
+    ratio = np.median(frame.uncert[:, :84] / real.uncert[:, :84])
+    assert 0.9 < ratio < 1.0, ratio
+
+
+def test_uncertainty_without_physical_wcs(tmp_path):
+    """An uncertainty HDU without CRVAL1P/2P: aligned with the image when the shapes agree,
+    ignored (estimated) when they do not."""
+    with fits.open(REAL) as hdul:
+        full_unc = hdul[2].data.astype(np.float32)
+
+    def same_shape(hdul):
+        h = hdul[2].header
+        for key in ("CRVAL1P", "CRVAL2P", "CRPIX1P", "CRPIX2P", "CDELT1P", "CDELT2P"):
+            h.remove(key, ignore_missing=True)
+        data = np.full(hdul[1].data.shape, 0.5, np.float32)
+        data[:, :128] = full_unc  # CCD columns 0-127, as the original's CRVAL1P = 1 says
+        hdul[2] = fits.ImageHDU(data, header=h)
+
+    frame = read_ffi(_variant(tmp_path, "aligned-s0001-1-4-0120-s_ffic.fits", same_shape))
+    np.testing.assert_array_equal(frame.uncert[:, :84], full_unc[:, 44:])
+    assert np.all(frame.uncert[:, 84:] == 0.5)
+    assert frame.uncert_estimated == 0.0
+
+    def other_shape(hdul):
+        for key in ("CRVAL1P", "CRVAL2P", "CRPIX1P", "CRPIX2P"):
+            hdul[2].header.remove(key, ignore_missing=True)
+    frame = read_ffi(_variant(tmp_path, "unplaced-s0001-1-4-0120-s_ffic.fits", other_shape))
+    assert np.isfinite(frame.uncert).all() and frame.uncert_estimated == 1.0

@@ -346,7 +346,8 @@ def test_tic25155310_tpf_ratio_to_aperture_stable():
 
 def test_pi_men_tesscut_finite_and_stable():
     phot = LinPSFPhotometry(261136679, TPFSource(PIMEN, starid=261136679, tmag=5.1))
-    assert phot.photometry() in (STATUS.OK, STATUS.WARNING)
+    # never OK: the TESScut sky is not separable from Pi Men's halo on 6x6 px
+    assert phot.photometry() == STATUS.WARNING
     aper = AperturePhotometry(261136679, TPFSource(PIMEN, starid=261136679, tmag=5.1))
     aper.photometry()
     f = np.asarray(phot.lightcurve["flux"])
@@ -354,9 +355,10 @@ def test_pi_men_tesscut_finite_and_stable():
     assert np.all(np.isfinite(phot.lightcurve["flux_err"]))
     good = np.asarray(phot.lightcurve["quality"]) == 0
     ratio = f[good] / np.asarray(aper.lightcurve["flux"])[good]
-    # saturated: the fit uses only the unsaturated wings, so the level is not the total
-    # flux, but it tracks the aperture flux to 0.2 %
-    assert np.std(ratio) / np.median(ratio) < 0.002
+    # saturated: the fit uses only the unsaturated wings (the saturated pixels are flagged),
+    # so the level is not the total flux and it drifts against the aperture flux by 2.4 %
+    # over the day (std 0.6 %; it was 0.2 % while the saturated pixels were fitted)
+    assert np.std(ratio) / np.median(ratio) < 0.01
 
 
 def test_scene_mode_matches_per_target_solve(crowded):

@@ -18,9 +18,10 @@ Method, per target:
 3. Stamp growth: a mask touching a stamp side grows that side by ``resize_step`` and starts
    again, at most ``max_resizes`` times (WARNING if it still touches or cannot grow).
 4. Light curve: residual sky surface fitted per cadence on the stamp's empty pixels
-   (``residual_background``), sum over the mask, errors with the background error correlated,
-   flux-weighted centroid (0-based CCD column, row), division by the PRF-predicted fraction
-   of flux kept at each frame's position (``motion_correction``).
+   (``residual_background``; cache data only, a TPF's sky is final), sum over the mask,
+   errors with the background error correlated, flux-weighted centroid (0-based CCD column,
+   row), division by the PRF-predicted fraction of flux kept at each frame's position
+   (``motion_correction``).
 5. Contamination ``AP_CONT`` = catalog-expected flux of other stars in the mask / all
    expected flux in it. With ``contamination_correction`` (default) the flux is
    ``flux - AP_CONT x median(flux)``, i.e. the neighbours' mean share is removed so that
@@ -251,7 +252,9 @@ class AperturePhotometry(BasePhotometry):
         bkg_err = self.backgrounds_err_cube
         errors = self.images_err_cube
         order = int(cfg["residual_background"])
-        if order >= 0:
+        # a TPF's sky (SPOC's FLUX_BKG, or the TESScut fit that models the stars' light) is
+        # final: a plane through the "empty" pixels of a small TPF is the stars' wings
+        if order >= 0 and self.datasource != "tpf":
             sky = (res.labels == 0) & np.isfinite(res.models_total) \
                 & (res.models_total < res.noise) & ~mask
             good = TESSQualityFlags.filter(self.quality)
@@ -261,10 +264,11 @@ class AperturePhotometry(BasePhotometry):
             resid, resid_err = masks.residual_background(images, sky, order,
                                                          reference=reference)
             if resid is not None:
-                images = images - resid
-                backgrounds = backgrounds + resid
-                bkg_err = np.sqrt(bkg_err ** 2 + resid_err ** 2)
-                errors = np.sqrt(errors ** 2 + resid_err ** 2)
+                # kept in the cubes, so what is written (the TPF export) is what was summed
+                self.images_cube = images = images - resid
+                self.backgrounds_cube = backgrounds = backgrounds + resid
+                self.backgrounds_err_cube = bkg_err = np.sqrt(bkg_err ** 2 + resid_err ** 2)
+                self.images_err_cube = errors = np.sqrt(errors ** 2 + resid_err ** 2)
         flux, flux_err, background, centroid = masks.aperture_sums(
             images, errors, bkg_err, mask, backgrounds=backgrounds,
             correlated_background=bool(cfg["correlated_background"]))

@@ -338,8 +338,7 @@ class ScatteredLightCorrection(StampCorrection):
     def apply(self, phot):
         cube, sl, sl_err, alt, static = self.model(phot)
         old_bkg = np.asarray(phot.backgrounds_cube, dtype=float)
-        ffi = phot.datasource != "tpf"
-        old_bkg_err = np.asarray(phot.backgrounds_err_cube, dtype=float) if ffi else 0.0
+        old_bkg_err = np.asarray(phot.backgrounds_err_cube, dtype=float)
         raw = np.asarray(phot.images_cube, dtype=float) + old_bkg
         base_var = np.maximum(np.asarray(phot.images_err_cube, dtype=float) ** 2
                               - np.asarray(old_bkg_err) ** 2, 0.0)
