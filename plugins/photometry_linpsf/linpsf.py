@@ -34,7 +34,7 @@ from photometry.quality import PixelQualityFlags, TESSQualityFlags
 from photometry.utilities import mag2flux
 
 from .model import design_matrices, single_thread_blas
-from .stage import load_shape_model
+from .stage import load_shape_model, shape_quality_problem
 from .timemodel import load_time_model, time_varying_images
 
 __all__ = ["LinPSFPhotometry", "solve_fluxes", "fit_scene", "fit_scene_two_pass",
@@ -638,6 +638,12 @@ class LinPSFPhotometry(BasePhotometry):
         self._grow_stamp(cfg)
         prf, model_name = self._shape_model()
         time_model = self._time_model(model_name)
+        quality = shape_quality_problem(self.source.model_group("linpsf_shape"), cfg) \
+            if model_name == "linpsf_shape" else None
+        if quality:
+            # the CCD's model failed its own check: the flux may be biased or noisy
+            logger.warning("TIC %d: %s", self.starid, quality)
+            status = STATUS.WARNING
         images = np.asarray(self.images_cube, dtype=float)
         N, R, C = images.shape
         origin = (self.stamp[0], self.stamp[2])
@@ -785,7 +791,8 @@ class LinPSFPhotometry(BasePhotometry):
         self.details["linpsf"] = {"model": model_name, "n_sources": int(nfit),
                                   "n_subtracted": int(rest.size), "moving": bool(moving),
                                   "time_model": time_model is not None,
-                                  "chi2": chi2, "residual_rms": rrms}
+                                  "chi2": chi2, "residual_rms": rrms,
+                                  "model_quality": quality or "ok"}
         if tflux <= 0:
             logger.warning("TIC %d: fitted target flux is not positive", self.starid)
             status = STATUS.WARNING
