@@ -175,7 +175,8 @@ def make_foreign_scene(prf, *, seed=0, shape=(64, 64), origin=(700, 900), n=60,
     amp[field_var] = np.where(rng.uniform(size=field_var.sum()) < 0.5,
                               rng.uniform(0.003, 0.03, field_var.sum()), 0.0)
     amp[isolated_variable] = rng.uniform(0.01, 0.03, isolated_variable.sum())
-    amp[blend] = [0.02, 0.03]
+    if blend:
+        amp[blend] = [0.02, 0.03]
     period = rng.uniform(0.4, 2.0, K)
     phase = rng.uniform(0, 2 * np.pi, K)
     true_flux = mag2flux(tmag)[:, None] * (

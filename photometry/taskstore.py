@@ -61,8 +61,12 @@ DIAGNOSTIC_COLUMNS = {
     "stamp_resizes": int,
 }
 
+#: task columns added by migrations after the first (optional in :meth:`TaskStore.add_tasks`)
+LATER_COLUMNS = ("crowding",)
+
 TODO_COLUMNS = ["priority", "starid", "sector", "camera", "ccd", "cadence", "datasource", "tmag",
-                "method", "row", "column", "edge_distance", "stamp_rows", "stamp_cols", "cache"]
+                "method", "row", "column", "edge_distance", "stamp_rows", "stamp_cols", "cache",
+                "crowding"]
 
 
 def owner_id():
@@ -123,7 +127,12 @@ def _m001_initial(db):
     }, pk="run_id")
 
 
-MIGRATIONS = [_m001_initial]
+def _m002_crowding(db):
+    """Per-target crowding (photometry/crowding.py) for the method policy (issue 16)."""
+    db["todolist"].add_column("crowding", float)
+
+
+MIGRATIONS = [_m001_initial, _m002_crowding]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -215,7 +224,9 @@ class TaskStore:
         constants = dict(constants or {})
         if not as_tuples:
             columns = [c for c in TODO_COLUMNS if c not in constants]
-            rows = ([r[c] for c in columns] for r in rows)
+            # a column added by a later migration may be absent (NULL)
+            rows = ([r[c] if c not in LATER_COLUMNS else r.get(c) for c in columns]
+                    for r in rows)
         self.add_task_groups([(constants, rows)], bulk=bulk)
 
     def add_task_groups(self, groups, bulk=False):
