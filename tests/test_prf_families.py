@@ -124,3 +124,20 @@ def test_crowding_from_catalog_and_prf():
     expect = np.interp(1.5, d, A) / (A[0] + np.interp(1.5, d, A))
     assert c[1] == pytest.approx(expect, rel=1e-6) and 0.1 < c[1] < 0.5
     assert 0 < c[2] < 0.02 * c[1]
+
+
+def test_simulate_with_a_family_and_its_focus_change(tmp_path):
+    """``tessphot simulate --prf moffat`` (+ [simulate] prf_* settings) writes that PRF and
+    changes its width with --focus-change; the truth file names the model."""
+    import h5py
+
+    from photometry.cli import main as cli_main
+    out = tmp_path / "sim"
+    assert cli_main(["simulate", str(out), "--size", "40", "40", "--cadences", "2", "--seed",
+                     "4", "--prf", "moffat", "--focus-change", "0.2", "--no-progress",
+                     "--set", "simulate.bright_star=false", "--set",
+                     "simulate.prf_ellipticity=0.2"]) == 0
+    with h5py.File(out / "truth.h5") as h5:
+        assert h5["prf"].attrs["name"] == "moffat"
+        assert "ellipticity=0.2" in h5["prf"].attrs["model"]
+        assert np.allclose(h5["focus_scale"][()], [0.9, 1.1])
