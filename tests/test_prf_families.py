@@ -141,3 +141,32 @@ def test_simulate_with_a_family_and_its_focus_change(tmp_path):
         assert h5["prf"].attrs["name"] == "moffat"
         assert "ellipticity=0.2" in h5["prf"].attrs["model"]
         assert np.allclose(h5["focus_scale"][()], [0.9, 1.1])
+
+
+def test_todo_stores_crowding_and_the_policy_routes_crowded_targets(tmp_path):
+    """``tessphot todo`` writes each task's crowding (catalog + PRF, fainter stars included);
+    the built-in policy then sends the crowded ones to ``policy_crowded_method``."""
+    from test_todo import make_fake_ccd
+
+    from photometry.settings import load_settings
+    from photometry.taskstore import TaskStore
+    from photometry.todo import make_todo
+    from photometry_aperture import choose_method
+    stars = [(1, 10.0, 20.0, 70.0), (2, 10.5, 21.5, 70.0),   # a 1.5 px pair
+             (3, 11.0, 40.0, 90.0),                          # isolated
+             (4, 12.0, 50.0, 60.0), (5, 16.5, 50.0, 62.0)]   # a faint (not a task) neighbour
+    make_fake_ccd(tmp_path, stars=stars)
+    path, n = make_todo(tmp_path, faint_limit=15)
+    assert n == 4
+    with TaskStore(path) as store:
+        tasks = {r["starid"]: r for r in store.db.query("SELECT * FROM todolist")}
+    s = np.array(stars, dtype=float)
+    expect = target_crowding(s[:, 2], s[:, 3], s[:, 1], [0, 1, 2, 3], load_prf("analytic"))
+    got = [tasks[i]["crowding"] for i in (1, 2, 3, 4)]
+    assert np.allclose(got, expect, rtol=1e-9)
+    assert got[2] == 0.0 and 0.2 < got[0] < got[1] < 0.5 and 0 < got[3] < 0.01
+    settings = load_settings(assignments=["aperture.policy_crowded_method=linpsf",
+                                          "aperture.policy_crowding_limit=0.05"])
+    assert [choose_method(tasks[i], settings) for i in (1, 2, 3, 4)] == \
+        ["linpsf", "linpsf", "aperture", "aperture"]
+    assert choose_method(tasks[1], load_settings()) == "aperture"   # the default: rule off
