@@ -89,6 +89,7 @@ def test_spoc_prf_scene_and_the_model_quality_gate():
     phot = LinPSFPhotometry(k + 1, src, settings=_settings())
     assert phot.photometry() == STATUS.WARNING
     assert "max_shape_residual" in phot.details["linpsf"]["model_quality"]
+    assert [f.level for f in phot.check_flags if f.code == "SHAPE_MODEL"] == ["WARNING"]
     auto, res = fit_source_shape(src, _settings())
     assert auto.attrs["basis"] == "cartesian" and res["shape_residual"] < 10
     src.models["linpsf_shape"] = auto
