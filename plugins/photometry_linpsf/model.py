@@ -360,7 +360,37 @@ def _periodic_cubic(phi, n):
     return np.where((d >= 1) & (d < 2), (2.0 - d) ** 3 / 6.0, out)
 
 
-class PolarBasis:
+class _FullPlaneTable:
+    """The model look-up table of every shape basis (:class:`PolarBasis`,
+    :class:`CartesianBasis`, :class:`HybridBasis`) from its ``model_values`` on full-plane
+    nodes, clipped at 0 and cached per weights and basis."""
+
+    def _key(self, oversample):
+        return tuple(sorted(self.to_attrs().items())), int(oversample)
+
+    def table(self, weights, oversample=None, prebuilt=None):
+        """The model of ``weights`` as a lookup table (:data:`_Table`, cached per weights;
+        ``prebuilt``: the table to cache for them, see :func:`normalise`).
+
+        Why: a table build is O(table size) (:func:`_pixel_mean`) and a look-up costs a few
+        operations per pixel, against n_sub**2 spline evaluations per pixel of every star.
+        The table covers the full plane to ``ceil(rmax) + 2`` px (zeros beyond the model's
+        reach, so that stamps and lattices of regular pixel grids fit in it,
+        :func:`_interp_grid`); a circular model is computed on a quadrant and mirrored (the
+        pixel-integrated model is even in both offsets). Negative values (far wings) are
+        clipped to 0.
+        """
+        os_ = 2 * ((int(oversample or self.table_oversample) + 1) // 2)
+        w = np.asarray(weights, dtype=float)
+
+        def build():
+            ext, v = self.model_values(w, os_)
+            return _make_table(np.clip(v, 0.0, None), os_, ext, False)
+        return _cache(("model", _weights_key(w)) + self._key(os_),
+                      build if prebuilt is None else (lambda: prebuilt))
+
+
+class PolarBasis(_FullPlaneTable):
     """The design-matrix columns of the polar spline model.
 
     Parameters
@@ -554,30 +584,6 @@ class PolarBasis:
             out[:n, :n, k] = _pixel_mean(f, oversample) if self.n_sub > 1 else f
         return ext, out
 
-    def _key(self, oversample):
-        return tuple(sorted(self.to_attrs().items())), int(oversample)
-
-    def table(self, weights, oversample=None, prebuilt=None):
-        """The model of ``weights`` as a lookup table (:data:`_Table`, cached per weights;
-        ``prebuilt``: the table to cache for them, see :func:`normalise`).
-
-        Why: a table build is O(table size) (:func:`_pixel_mean`) and a look-up costs a few
-        operations per pixel, against n_sub**2 spline evaluations per pixel of every star.
-        The table covers the full plane to ``ceil(rmax) + 2`` px (zeros beyond the model's
-        reach, so that stamps and lattices of regular pixel grids fit in it,
-        :func:`_interp_grid`); a circular model is computed on a quadrant and mirrored (the
-        pixel-integrated model is even in both offsets). Negative values (far wings) are
-        clipped to 0.
-        """
-        os_ = 2 * ((int(oversample or self.table_oversample) + 1) // 2)   # Simpson: even
-        w = np.asarray(weights, dtype=float)
-
-        def build():
-            ext, v = self.model_values(w, os_)
-            return _make_table(np.clip(v, 0.0, None), os_, ext, False)
-        return _cache(("model", _weights_key(w)) + self._key(os_),
-                      build if prebuilt is None else (lambda: prebuilt))
-
     def model_values(self, weights, oversample):
         """(extent, unclipped model on the full-plane table nodes to ``ceil(rmax) + 2`` px,
         ``oversample`` per px, even)."""
@@ -625,7 +631,7 @@ class PolarBasis:
         return np.clip(out, 0.0, None).reshape(drow.shape)
 
 
-class CartesianBasis:
+class CartesianBasis(_FullPlaneTable):
     """Tensor-product cubic B-splines of the PSF in (drow, dcol), integrated exactly over pixels.
 
     Why (issue 16): the polar basis is circular unless ``n_phi > 0``, and its angular terms
@@ -693,9 +699,6 @@ class CartesianBasis:
         return {"basis": self.kind, "rmax": self.rmax, "cart_step": self.step,
                 "cart_core": self.core, "cart_wing_step": self.wing_step}
 
-    def _key(self, oversample):
-        return tuple(sorted(self.to_attrs().items())), int(oversample)
-
     def integrated_1d(self, x):
         """(M, n1) integral of every 1-D function over the unit pixel centred at ``x``."""
         x = np.asarray(x, dtype=float).ravel()
@@ -718,18 +721,6 @@ class CartesianBasis:
         out = np.einsum("mi,ij,mj->m", self.integrated_1d(drow), W, self.integrated_1d(dcol))
         return np.clip(out, 0.0, None).reshape(drow.shape)
 
-    def table(self, weights, oversample=None, prebuilt=None):
-        """The (clipped) model as a full-plane lookup table to ``ceil(rmax) + 2`` px (cached
-        per weights, as :meth:`PolarBasis.table`): ``I_r W I_c^T`` on the nodes."""
-        os_ = 2 * ((int(oversample or self.table_oversample) + 1) // 2)
-        w = np.asarray(weights, dtype=float)
-
-        def build():
-            ext, v = self.model_values(w, os_)
-            return _make_table(np.clip(v, 0.0, None), os_, ext, False)
-        return _cache(("model", _weights_key(w)) + self._key(os_),
-                      build if prebuilt is None else (lambda: prebuilt))
-
     def model_values(self, weights, oversample, extent=None):
         """(extent, unclipped model on full-plane nodes ``oversample`` per px to ``extent``
         (default ``ceil(rmax) + 2``) px)."""
@@ -741,7 +732,7 @@ class CartesianBasis:
         return ext, ia @ w @ ia.T
 
 
-class HybridBasis:
+class HybridBasis(_FullPlaneTable):
     """A circular :class:`PolarBasis` PSF plus a :class:`CartesianBasis` core (issue 16).
 
     Why both: the circular part carries the wings, which hold little light and which, in a
@@ -774,9 +765,6 @@ class HybridBasis:
         return dict(self.polar.to_attrs(), basis=self.kind, cart_step=self.core.step,
                     cart_core=self.core.rmax)
 
-    def _key(self, oversample):
-        return tuple(sorted(self.to_attrs().items())), int(oversample)
-
     def design(self, drow, dcol):
         return np.hstack([self.polar.design(drow, dcol), self.core.design(drow, dcol)])
 
@@ -786,17 +774,6 @@ class HybridBasis:
         _, c = self.core.model_values(w[self._split:], oversample, extent=ext)
         return ext, v + c
 
-    def table(self, weights, oversample=None, prebuilt=None):
-        """The (clipped) model as a full-plane lookup table (as :meth:`PolarBasis.table`)."""
-        os_ = 2 * ((int(oversample or self.table_oversample) + 1) // 2)
-        w = np.asarray(weights, dtype=float)
-
-        def build():
-            ext, v = self.model_values(w, os_)
-            return _make_table(np.clip(v, 0.0, None), os_, ext, False)
-        return _cache(("model", _weights_key(w)) + self._key(os_),
-                      build if prebuilt is None else (lambda: prebuilt))
-
     def evaluate(self, weights, drow, dcol):
         drow, dcol = np.broadcast_arrays(np.asarray(drow, dtype=float),
                                          np.asarray(dcol, dtype=float))
@@ -805,9 +782,10 @@ class HybridBasis:
 
 
 def make_basis(attrs):
-    """The shape basis described by settings or stored attrs: ``basis = "hybrid"`` (the
-    default since issue 16), ``"polar"`` (caches written before it have no ``basis``) or
-    ``"cartesian"`` (tensor splines to ``rmax``)."""
+    """The shape basis described by settings or stored attrs: ``basis = "polar"`` (caches
+    written before issue 16 have no ``basis``), ``"cartesian"`` (tensor splines to ``rmax``)
+    or ``"hybrid"``; the stage resolves ``"auto"`` to one of the first two
+    (:func:`photometry_linpsf.stage.fit_shape_model`)."""
     kind = str(attrs.get("basis", "polar"))
     if kind not in ("hybrid", "polar", "cartesian"):
         raise ValueError(f"linpsf: unknown shape basis {kind!r} (hybrid, polar or cartesian)")
