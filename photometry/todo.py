@@ -18,10 +18,10 @@ import h5py
 import numpy as np
 
 from .cli import add_settings_arguments
+from .crowding import cache_crowding
 from .errors import InputError
 from .settings import load_settings
 from .stamps import STAMP_TABLE
-from .crowding import cache_crowding
 from .taskstore import TODO_COLUMNS, TODO_NAME, TaskStore
 
 __all__ = ["add_arguments", "run", "make_todo", "find_caches", "default_stamp_size",

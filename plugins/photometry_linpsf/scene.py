@@ -531,6 +531,6 @@ def scene_photometry(phot):
                                     phot.settings["linpsf"]) if model == "linpsf_shape" else None
     phot.details["linpsf"]["model_quality"] = quality or "ok"
     if quality:
-        logger.warning("TIC %d: %s", phot.starid, quality)
+        phot.report_flag("SHAPE_MODEL", quality)     # the CCD's model failed its check
         return STATUS.WARNING
     return STATUS.OK
