@@ -166,7 +166,7 @@ def test_todo_stores_crowding_and_the_policy_routes_crowded_targets(tmp_path):
     assert np.allclose(got, expect, rtol=1e-9)
     assert got[2] == 0.0 and 0.2 < got[0] < got[1] < 0.5 and 0 < got[3] < 0.01
     settings = load_settings(assignments=["aperture.policy_crowded_method=linpsf",
-                                          "aperture.policy_crowding_limit=0.05"])
+                                          "aperture.policy_crowding_limit=0.2"])   # docs/linpsf.md
     assert [choose_method(tasks[i], settings) for i in (1, 2, 3, 4)] == \
         ["linpsf", "linpsf", "aperture", "aperture"]
     assert choose_method(tasks[1], load_settings()) == "aperture"   # the default: rule off
