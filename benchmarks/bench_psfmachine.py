@@ -60,7 +60,8 @@ s = opt["arcsec_per_px"] / 4.0          # psfmachine's radii are in arcsec for 4
 deg = opt["arcsec_per_px"] / 3600.0
 nt, nr, nc = d["images"].shape
 R, C = np.mgrid[:nr, :nc]
-row, col = R.ravel().astype(float), C.ravel().astype(float) + d["column_offset"]
+row = R.ravel().astype(float) + (d["row_offset"] if "row_offset" in d.files else 0)
+col = C.ravel().astype(float) + d["column_offset"]
 flux = (d["images"] - d["sky"]).reshape(nt, -1)
 flux_err = d["errors"].reshape(nt, -1)
 # linear WCS at dec 0 (psfmachine has no cos(dec); at dec 0 that is exact)
@@ -85,7 +86,8 @@ for _ in range(opt["repeat"]):
         if m.normalized_shape_model:
             m.psf_w = m.psf_w / np.log10(m.mean_model_integral)
         m._get_mean_model()
-        inner = ((d["cat_row"] > 8) & (d["cat_row"] < nr - 9)
+        r0 = d["row_offset"] if "row_offset" in d.files else 0
+        inner = ((d["cat_row"] - r0 > 8) & (d["cat_row"] - r0 < nr - 9)
                  & (d["cat_col"] - d["column_offset"] > 8)
                  & (d["cat_col"] - d["column_offset"] < nc - 9))
         sums = np.asarray(m.mean_model.sum(axis=1)).ravel()
@@ -209,7 +211,7 @@ def run_psfmachine(source, truth, targets, python, arcsec_per_px, time_resolutio
         tmp = Path(tmp)
         np.savez(tmp / "scene.npz", images=source._cubes["images"],
                  errors=source._cubes["errors"], time=source.time, quality=source.quality,
-                 column_offset=source.column_offset, sky=sky,
+                 column_offset=source.column_offset, row_offset=source.row_offset, sky=sky,
                  cat_row=np.asarray(cat["row"], float), cat_col=np.asarray(cat["column"], float),
                  cat_flux=mag2flux(np.asarray(cat["tmag"], float)))
         (tmp / "pm.py").write_text(PM_SCRIPT)

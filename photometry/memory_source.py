@@ -6,7 +6,7 @@ without writing FITS files and a cache; this gives BasePhotometry exactly what
 """
 import numpy as np
 
-__all__ = ["MemorySource"]
+__all__ = ["MemorySource", "MemoryGroup"]
 
 
 class MemorySource:
@@ -56,3 +56,15 @@ class MemorySource:
 
     def model_group(self, name):
         return self.models.get(name)
+
+
+class MemoryGroup(dict):
+    """Stands in for an h5py group of prepare-stage state (``attrs``, ``[name][()]``, ``in``,
+    ``create_dataset``), so a stage's results can live in a :class:`MemorySource`."""
+
+    def __init__(self, data=None, attrs=None):
+        super().__init__(data or {})
+        self.attrs = dict(attrs or {})
+
+    def create_dataset(self, name, data):
+        self[name] = np.asarray(data)

@@ -801,17 +801,27 @@ def focus_scale(time, amplitude, period=0.0):
     return scale
 
 
+#: ``[simulate] prf_<key>`` settings passed to the PRF families (photometry.prf.FieldPRF)
+PRF_FAMILY_KEYS = ("fwhm", "beta", "ellipticity", "angle", "field_ellipticity", "field_width",
+                   "coma")
+
+
 def focused_prf(prf, scale):
     """``prf`` with its width multiplied by ``scale`` (the PRF of one frame of a focus change).
 
-    Only :class:`photometry.prf.AnalyticPRF` can be scaled (both Gaussian sigmas times
-    ``scale``; still integrated exactly over pixels, still of unit total). The SPOC models are
-    fixed pixel-integrated samples: widening them would need the PSF, which they do not give.
+    :class:`photometry.prf.AnalyticPRF` (both Gaussian sigmas times ``scale``; still integrated
+    exactly over pixels, still of unit total) and the families of
+    :class:`photometry.prf.FieldPRF` (:meth:`~photometry.prf.FieldPRF.focused`) can be scaled.
+    The SPOC models are fixed pixel-integrated samples: widening them would need the PSF,
+    which they do not give.
     """
     if scale == 1:
         return prf
+    if hasattr(prf, "focused"):                    # the analytic families (FieldPRF)
+        return prf.focused(scale)
     if not isinstance(prf, AnalyticPRF):
-        raise InputError(f"focus change: only the analytic PRF can change width, not {prf!r}")
+        raise InputError(f"focus change: only the analytic PRF and its families can change "
+                         f"width, not {prf!r}")
     return AnalyticPRF(sigma=prf.sigma * scale, wing_sigma=prf.wing_sigma * scale,
                        wing_fraction=prf.wing_fraction)
 
@@ -827,9 +837,11 @@ class _Renderer:
         #: relative PRF width of each frame (ones without a focus change)
         self.focus = focus_scale(scene.time, float(cfg["focus_change"]),
                                  float(cfg["focus_period"]))
-        if np.any(self.focus != 1) and not isinstance(prf, AnalyticPRF):
-            raise InputError("simulate.focus_change needs the analytic PRF (the SPOC PRF "
-                             "models are fixed samples that cannot change width)")
+        if np.any(self.focus != 1) and not (isinstance(prf, AnalyticPRF)
+                                            or hasattr(prf, "focused")):
+            raise InputError("simulate.focus_change needs the analytic PRF or one of its "
+                             "families (the SPOC PRF models are fixed samples that cannot "
+                             "change width)")
         g = scene.geometry
         self.shape = (g.rows, g.cols)
         self.origin = (g.row_offset, g.column_offset)
@@ -1156,7 +1168,8 @@ def simulate(outdir, settings, raw=False, overwrite=False, progress=True):
     prf_spec = cfg["prf"]
     prf = load_prf(prf_spec, camera=sc.camera, ccd=sc.ccd, sigma=float(cfg["prf_sigma"]),
                    wing_sigma=float(cfg["prf_wing_sigma"]),
-                   wing_fraction=float(cfg["prf_wing_fraction"]))
+                   wing_fraction=float(cfg["prf_wing_fraction"]),
+                   **{k: cfg[f"prf_{k}"] for k in PRF_FAMILY_KEYS if f"prf_{k}" in cfg})
     renderer = _Renderer(sc, prf)
     writer = _Writer(sc, outdir)
     n = sc.tstart.size
@@ -1344,10 +1357,11 @@ def add_arguments(parser):
     parser.add_argument("--sector", type=int, help="sector number (start time, default cadence)")
     parser.add_argument("--camera", type=int, help="camera 1..4")
     parser.add_argument("--ccd", type=int, help="CCD 1..4")
-    parser.add_argument("--prf", help="'analytic' or a folder of SPOC PRF files")
+    parser.add_argument("--prf", help="'analytic', a PRF family ('elliptical', 'moffat': "
+                        "settings simulate.prf_*) or a folder of SPOC PRF files")
     parser.add_argument("--focus-change", type=float, metavar="AMP", dest="focus_change",
                         help="peak-to-peak relative PRF width change over the frames "
-                             "(analytic PRF only; default 0 = none)")
+                             "(analytic PRF and families; default 0 = none)")
     parser.add_argument("--full-frame", action="store_true",
                         help="write the whole 2136x2078 frame with its collateral pixels")
     parser.add_argument("--raw", action="store_true", help="also write raw FFIs (photometry.rawsim)")

@@ -84,8 +84,12 @@ DIAGNOSTIC_COLUMNS = {
     "stamp_resizes": int,
 }
 
+#: task columns added by migrations after the first (optional in :meth:`TaskStore.add_tasks`)
+LATER_COLUMNS = ("crowding",)
+
 TODO_COLUMNS = ["priority", "starid", "sector", "camera", "ccd", "cadence", "datasource", "tmag",
-                "method", "row", "column", "edge_distance", "stamp_rows", "stamp_cols", "cache"]
+                "method", "row", "column", "edge_distance", "stamp_rows", "stamp_cols", "cache",
+                "crowding"]
 
 #: columns of todolist that say which tasks may skip one another (one CCD, cadence, source)
 _GROUP = ("sector", "camera", "ccd", "cadence", "datasource")
@@ -255,7 +259,12 @@ def _m003_check_codes(db):
     db["diagnostics"].add_column("qc_codes", str)
 
 
-MIGRATIONS = [_m001_initial, _m002_results_per_method, _m003_check_codes]
+def _m004_crowding(db):
+    """Per-target crowding (photometry/crowding.py) for the method policy (issue 16)."""
+    db["todolist"].add_column("crowding", float)
+
+
+MIGRATIONS = [_m001_initial, _m002_results_per_method, _m003_check_codes, _m004_crowding]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -380,7 +389,9 @@ class TaskStore:
         constants = dict(constants or {})
         if not as_tuples:
             columns = [c for c in TODO_COLUMNS if c not in constants]
-            rows = ([r[c] for c in columns] for r in rows)
+            # a column added by a later migration may be absent (NULL)
+            rows = ([r[c] if c not in LATER_COLUMNS else r.get(c) for c in columns]
+                    for r in rows)
         self.add_task_groups([(constants, rows)], bulk=bulk)
 
     def add_task_groups(self, groups, bulk=False):

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from .cli import add_settings_arguments
+from .crowding import cache_crowding
 from .errors import InputError
 from .settings import load_settings
 from .stamps import STAMP_TABLE
@@ -157,6 +158,8 @@ def make_todo(cache_dir, faint_limit=15.0, overwrite=False, settings=None):
     caches = find_caches(cache_dir)
     parts = [targets_for_cache(info, faint_limit, settings.get("photometry"))
              for info in caches]
+    for info, part in zip(caches, parts):   # for the method policy (photometry/crowding.py)
+        part["crowding"] = cache_crowding(info, part, settings)
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     which = np.concatenate([np.full(len(p["starid"]), i) for i, p in enumerate(parts)])
     n = len(cols["starid"])

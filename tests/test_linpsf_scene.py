@@ -177,3 +177,22 @@ def test_missing_stage_and_bad_mode_fail_clearly(sector, tmp_path, caplog):
     with pytest.raises(ConfigurationError, match="linpsf.mode = 'scenery'"):
         run_target(LinPSFPhotometry, sid, Path(cache),
                    load_settings(assignments=["linpsf.mode=scenery"]), tmp_path / "lc")
+
+
+def test_scene_mode_obeys_the_shape_model_gate(sector):
+    """A scene light curve is OK only if the CCD's shape model passes its quality limits: with
+    ``max_shape_residual`` below this model's residual the same target is WARNING, reason
+    code SHAPE_MODEL, and the stored flux is returned unchanged."""
+    cache, truth, output, sel = sector
+    sid = int(truth["starid"][sel[0]])
+    with FFICache(cache) as src:
+        resid = float(src.model_group("linpsf_shape").attrs["shape_residual"])
+        passing = LinPSFPhotometry(sid, src, settings=load_settings(assignments=SCENE))
+        assert passing.photometry() == STATUS.OK
+        assert passing.details["linpsf"]["model_quality"] == "ok"
+        strict = load_settings(assignments=SCENE + [f"linpsf.max_shape_residual={resid / 2}"])
+        phot = LinPSFPhotometry(sid, src, settings=strict)
+        assert phot.photometry() == STATUS.WARNING
+        assert [f.code for f in phot.check_flags] == ["SHAPE_MODEL"]
+        assert "max_shape_residual" in phot.details["linpsf"]["model_quality"]
+        np.testing.assert_array_equal(phot.lightcurve["flux"], passing.lightcurve["flux"])

@@ -430,5 +430,6 @@ def test_migration_from_version_1(tmp_path):
         assert {"qc_status", "qc_codes"} <= diag_cols       # _m003_check_codes after it
         cols = [c[1] for c in s.conn.execute("PRAGMA table_info(todolist)")]
         assert "status" not in cols and "attempts" not in cols and "cache" in cols
+        assert "crowding" in cols   # migration 4: NULL for tasks made before it
         s.plan(method="aperture")
         assert s.wanted_counts() == {"OK": 1, "SKIPPED": 2, "WARNING": 1, "PENDING": 2}

@@ -34,7 +34,7 @@ from photometry.quality import PixelQualityFlags, TESSQualityFlags
 from photometry.utilities import mag2flux
 
 from .model import design_matrices, single_thread_blas
-from .stage import load_shape_model
+from .stage import load_shape_model, shape_quality_problem
 from .timemodel import load_time_model, time_varying_images
 
 __all__ = ["LinPSFPhotometry", "solve_fluxes", "fit_scene", "fit_scene_two_pass",
@@ -660,6 +660,11 @@ class LinPSFPhotometry(BasePhotometry):
         self._grow_stamp(cfg)
         prf, model_name = self._shape_model()
         time_model = self._time_model(model_name)
+        quality = shape_quality_problem(self.source.model_group("linpsf_shape"), cfg) \
+            if model_name == "linpsf_shape" else None
+        if quality:
+            # the CCD's model failed its own check: the flux may be biased or noisy
+            self.report_flag("SHAPE_MODEL", quality)
         images = np.asarray(self.images_cube, dtype=float)
         N, R, C = images.shape
         origin = (self.stamp[0], self.stamp[2])
@@ -852,7 +857,8 @@ class LinPSFPhotometry(BasePhotometry):
                                   "time_model": time_model is not None,
                                   "design_blocks": int(n_blocks),
                                   "chi2": chi2, "chi2_aperture": chi2_ap,
-                                  "misfit": misfit, "residual_rms": rrms}
+                                  "misfit": misfit, "residual_rms": rrms,
+                                  "model_quality": quality or "ok"}
         if tflux <= 0:
             self.report_flag("FLUX_NOT_POSITIVE", "fitted target flux is not positive")
             status = STATUS.WARNING

@@ -47,7 +47,7 @@ from photometry.stages import PrepareStage
 from photometry.utilities import mag2flux
 
 from .linpsf import fit_scene, held_fluxes
-from .stage import load_shape_model
+from .stage import load_shape_model, shape_quality_problem
 from .timemodel import load_time_model
 
 __all__ = ["LinPSFScene", "SceneFitter", "tile_boxes", "scene_photometry"]
@@ -526,5 +526,11 @@ def scene_photometry(phot):
     })
     if not tflux > 0:
         logger.warning("TIC %d: scene flux of the target is not positive", phot.starid)
+        return STATUS.WARNING
+    quality = shape_quality_problem(phot.source.model_group("linpsf_shape"),
+                                    phot.settings["linpsf"]) if model == "linpsf_shape" else None
+    phot.details["linpsf"]["model_quality"] = quality or "ok"
+    if quality:
+        phot.report_flag("SHAPE_MODEL", quality)     # the CCD's model failed its check
         return STATUS.WARNING
     return STATUS.OK

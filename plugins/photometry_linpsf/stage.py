@@ -33,19 +33,28 @@ from photometry.quality import PixelQualityFlags, TESSQualityFlags
 from photometry.stages import PrepareStage
 from photometry.utilities import mag2flux
 
-from .model import (BlurredBasis, PolarBasis, SplinePRF, _cached_design, fit_weights,
+from .model import (BlurredBasis, SplinePRF, make_basis, _cached_design, fit_weights,
                     lattice_sum, normalise, release_tables, single_thread_blas)
 from .timemodel import cache_binner, fit_shape_time_model
 
 __all__ = ["LinPSFShapeModel", "fit_shape_model", "select_stars", "motion_samples",
-           "load_shape_model"]
+           "kernel_motion_samples", "fit_source_shape", "load_shape_model", "shape_quality_problem",
+           "add_shape_residual"]
+
+#: quality figures of a shape fit stored as attrs of ``models/linpsf_shape``
+_QUALITY_ATTRS = ("n_stars", "flux_captured", "residual_rms", "chi2_reduced", "lattice_spread",
+                  "shape_residual", "n_frames")
 
 logger = logging.getLogger(__name__)
 
 
 def _basis(cfg):
-    return PolarBasis(float(cfg["rmax"]), int(cfg["n_r_knots"]), int(cfg["n_phi"]),
-                      float(cfg["core_radius"]), int(cfg.get("n_sub", 1)))
+    return make_basis({"basis": cfg.get("basis", "polar"), "rmax": cfg["rmax"],
+                       "n_r_knots": cfg["n_r_knots"], "n_phi": cfg["n_phi"],
+                       "core_radius": cfg["core_radius"], "n_sub": cfg.get("n_sub", 1),
+                       "cart_step": cfg.get("cart_step", 0.5),
+                       "cart_core": cfg.get("cart_core", 3.0),
+                       "cart_wing_step": cfg.get("cart_wing_step", 1.0)})
 
 
 def select_stars(rows, cols, tmag, shape, cfg):
@@ -217,12 +226,44 @@ def _fit_shape(stars, basis, cfg, prior_mu=0.0, prior_sigma=None):
     return weights
 
 
+#: the bases ``basis = "auto"`` chooses between (docs/linpsf.md "Shape model")
+AUTO_BASES = ("polar", "cartesian")
+
+
 def fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad=None,
                     fit_sky=True, scene=None, shifts=None):
-    """Fit the shape model (see :func:`_fit_shape_model`), BLAS on one thread (small solves)."""
+    """Fit the shape model (see :func:`_fit_shape_model`), BLAS on one thread (small solves).
+
+    With ``basis = "auto"`` every basis of :data:`AUTO_BASES` is fitted and the one with the
+    lowest BIC (``chi2 + n_coeffs ln n_pixels`` over the used stars' boxes) is kept. Why: no
+    single basis was best on every scene (issue 16): the circular polar basis fits the
+    round test PRF best in a crowded field (a free 2-D shape there fitted the neighbours'
+    light: light curves 1.15 vs 1.06 x ideal, shape chi^2 1.8e5 vs 374), the tensor-product
+    (cartesian) basis every non-circular PRF (SPOC PRF: chi^2 1.5e3 vs 3.1e5, light curves
+    1.6-1.9 vs 4.7 x ideal). ``basis_bic_<name>`` and ``basis`` record the choice. Stars
+    with guessed positions (``refit_positions``) get the polar basis alone.
+    """
     with single_thread_blas():
-        return _fit_shape_model(image, variance, rows, cols, cfg, refit_positions, bad,
-                                fit_sky, scene, shifts)
+        if str(cfg.get("basis", "polar")) != "auto":
+            return _fit_shape_model(image, variance, rows, cols, cfg, refit_positions, bad,
+                                    fit_sky, scene, shifts)
+        fits = {}
+        # guessed positions (kernel stars) are refitted: a free 2-D shape would absorb a
+        # shift of every star (its centre is degenerate with theirs), a circular one cannot
+        for name in (AUTO_BASES[:1] if refit_positions else AUTO_BASES):
+            fits[name] = _fit_shape_model(image, variance, rows, cols, dict(cfg, basis=name),
+                                          refit_positions, bad, fit_sky, scene, shifts)
+        usable = {k: v for k, v in fits.items() if v["usable"]}
+        if not usable:
+            return fits[AUTO_BASES[0]]
+        bic = {k: v["chi2_total"] + v["basis"].n_coeffs * np.log(max(v["n_pixels"], 2))
+               for k, v in usable.items()}
+        best = min(bic, key=bic.get)
+        res = usable[best]
+        res["basis_bic"] = bic
+        logger.info("linpsf_shape: basis %s (BIC %s)", best,
+                    ", ".join(f"{k} {v:.4g}" for k, v in bic.items()))
+        return res
 
 
 def _fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, bad=None,
@@ -343,7 +384,10 @@ def _fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, ba
     table = np.array([(s.row, s.col, s.flux, s.sky, s.chi2, u) for s, u in zip(stars, used)],
                      dtype=[("row", "f8"), ("col", "f8"), ("flux", "f8"), ("sky", "f8"),
                             ("chi2", "f8"), ("used", "?")])
+    dof = np.array([max(np.count_nonzero(s.ivar) - 2, 1) for s in sel])
     result.update(weights=grid, cell_rows=cell_rows, cell_cols=cell_cols, stars=table,
+                  chi2_total=float(np.sum(np.array([s.chi2 for s in sel]) * dof)),
+                  n_pixels=int(np.sum(dof + 2)),
                   usable=True, n_stars=len(sel), flux_captured=float(np.median(captured)),
                   residual_rms=float(np.median(rms)),
                   chi2_reduced=float(np.median([s.chi2 for s in sel])),
@@ -401,13 +445,123 @@ def motion_samples(drow, dcol, good, k):
     return np.column_stack([drow[pick], dcol[pick]])
 
 
-def _motion_samples(f, good, k):
-    """Motion samples at the CCD centre from the cache's movement kernel, or None."""
-    if "movement_kernel" not in f or "kernel_x0" not in f.attrs:
+def kernel_motion_samples(kernel, good, k, rows, cols):
+    """:func:`motion_samples` of a movement kernel at the median position of the shape stars
+    ``rows, cols`` (cube pixels), or None without a kernel.
+
+    Why there and not at the kernel's centre: an affine kernel (rotation, plate scale about a
+    boresight off the cutout) moves stars differently across the image, and the smear the
+    shape fit removes is the one of its stars."""
+    if kernel is None or len(kernel) == 0 or not np.size(rows):
         return None
-    kernel = np.asarray(f["movement_kernel"][()], dtype=float)
-    dx, dy = kernel[:, 0], kernel[:, 1]     # shift at (kernel_x0, kernel_y0)
-    return motion_samples(dy, dx, np.asarray(good, bool)[:len(dx)], k)
+    n = min(len(kernel), len(good))
+    dx, dy = kernel.shift(np.atleast_1d(np.median(cols)), np.atleast_1d(np.median(rows)),
+                          np.arange(n))
+    return motion_samples(np.asarray(dy, float)[:, 0], np.asarray(dx, float)[:, 0],
+                          np.asarray(good, bool)[:n], k)
+
+
+def add_shape_residual(res, n_frames):
+    """Set ``res["shape_residual"]``: the shape model's residual on its stars in units of ONE
+    cadence's pixel noise, ``sqrt(chi2_reduced / n_frames)`` (the sum image is the mean of
+    ``n_frames`` frames, so its chi^2 grows with them for the same model error; this does
+    not). The per-CCD model-quality metric :func:`shape_quality_problem` checks."""
+    res["n_frames"] = int(n_frames)
+    res["shape_residual"] = float(np.sqrt(max(res["chi2_reduced"], 0.0) / max(n_frames, 1)))
+    return res
+
+
+def shape_quality_problem(group, cfg):
+    """A one-line reason why the ``linpsf_shape`` model in ``group`` cannot be trusted for an
+    OK light curve, or None.
+
+    Checked by the photometry before a target may be OK (issue 16). Limits (``[linpsf]``):
+    ``max_shape_residual`` (residual per cadence in pixel sigmas on the shape stars: 1.8 on
+    the round crowded test scene, 4-5 for the tensor basis on the SPOC PRF and Moffat scenes,
+    72 for a circular model of the SPOC PRF, whose light curves were 4.7x the ideal noise,
+    4000 for aliased 0.25 px knots), ``max_lattice_spread`` (flux scale changing with the
+    sub-pixel phase) and ``max_flux_loss`` (light within rmax the model misses or adds).
+    Caches written before the metric (no ``shape_residual``) are judged on the other two.
+    """
+    a = group.attrs
+    resid = a.get("shape_residual")
+    if resid is not None and float(resid) > float(cfg["max_shape_residual"]):
+        return (f"linpsf shape model residual {float(resid):.3g} sigma per cadence on its "
+                f"{int(a.get('n_stars', 0))} stars > max_shape_residual "
+                f"{float(cfg['max_shape_residual']):g}")
+    spread = a.get("lattice_spread")
+    if spread is not None and float(spread) > float(cfg["max_lattice_spread"]):
+        return (f"linpsf shape model flux scale varies by {float(spread):.2g} with the "
+                f"sub-pixel phase > max_lattice_spread {float(cfg['max_lattice_spread']):g}")
+    captured = a.get("flux_captured")
+    if captured is not None and abs(float(captured) - 1) > float(cfg["max_flux_loss"]):
+        return (f"linpsf shape model captures {float(captured):.3f} of its stars' light "
+                f"within rmax (max_flux_loss {float(cfg['max_flux_loss']):g})")
+    return None
+
+
+def _write_shape(group, res, row_off, col_off):
+    """Store a usable shape fit in a ``models/linpsf_shape`` group (CCD coordinates)."""
+    group.attrs.update(res["basis"].to_attrs())
+    for name, bic in res.get("basis_bic", {}).items():
+        group.attrs[f"basis_bic_{name}"] = float(bic)
+    group.create_dataset("weights", data=res["weights"])
+    group.create_dataset("cell_rows", data=res["cell_rows"] + row_off)
+    group.create_dataset("cell_cols", data=res["cell_cols"] + col_off)
+    stars = res["stars"].copy()
+    stars["row"] += row_off
+    stars["col"] += col_off
+    group.create_dataset("stars", data=stars)
+    for key in _QUALITY_ATTRS:
+        group.attrs[key] = res[key]
+
+
+def fit_source_shape(source, settings, time_model=True):
+    """The ``linpsf_shape`` stage's fit on an in-memory data source
+    (:class:`photometry.memory_source.MemorySource`): the group the photometry reads and the
+    fit's result dict.
+
+    As the stage on a cache: catalog stars selected by :func:`select_stars`, the others
+    subtracted at catalog flux, the sum image's variance from the ``errors`` cube, the smear
+    from the movement kernel, and the time model fitted on the cube when ``time_model``.
+    For tests, benchmarks and plugin authors' scenes.
+    """
+    from photometry.memory_source import MemoryGroup
+    from .timemodel import TimeBinner
+
+    cfg = settings["linpsf"]
+    cat = source.catalog_table()
+    row_off, col_off = float(source.row_offset), float(source.column_offset)
+    rows = np.asarray(cat["row"], float) - row_off
+    cols = np.asarray(cat["column"], float) - col_off
+    tmag = np.asarray(cat["tmag"], float)
+    image = np.asarray(source.sumimage, dtype=float)
+    good = TESSQualityFlags.filter(np.asarray(source.quality))
+    everything = (slice(None), slice(None))
+    errors = np.asarray(source.stamp("errors", *everything), float)
+    variance = np.mean(errors[good] ** 2, axis=0) / max(np.count_nonzero(good), 1)
+    keep = select_stars(rows, cols, tmag, image.shape, cfg)
+    others = np.setdiff1d(np.arange(len(rows)), keep)
+    others = others[tmag[others] <= float(cfg["scene_tmag_max"])]
+    scene = (rows[others], cols[others], mag2flux(tmag[others]))
+    kern = source.movement_kernel
+    shifts = kernel_motion_samples(kern, good, int(cfg["blur_samples"]), rows[keep],
+                                   cols[keep])
+    res = fit_shape_model(image, variance, rows[keep], cols[keep], cfg, scene=scene,
+                          shifts=shifts)
+    group = MemoryGroup(attrs=dict(usable=bool(res["usable"]), star_source="catalog"))
+    if not res["usable"]:
+        return group, res
+    add_shape_residual(res, np.count_nonzero(good))
+    _write_shape(group, res, row_off, col_off)
+    if time_model and int(cfg["time_degree"]) > 0:
+        binner = TimeBinner.for_shape(source.time, good, rows[keep], cols[keep], image.shape,
+                                      cfg)
+        binner.add(slice(None), np.asarray(source.stamp("images", *everything)), errors)
+        model = fit_shape_time_model(binner, res, scene, kern, cfg)
+        if model is not None:
+            model.write(group)
+    return group, res
 
 
 class LinPSFShapeModel(PrepareStage):
@@ -423,9 +577,11 @@ class LinPSFShapeModel(PrepareStage):
         f = cache.file
         image = np.asarray(f["sumimage"][()], dtype=float)
         quality = np.asarray(f["quality"][()])
-        good = TESSQualityFlags.filter(quality)
+        # frames that failed prepare's frame checks are not fitted (cache.usable_frames)
+        usable = np.asarray(getattr(cache, "usable_frames", np.ones(quality.size, bool)), bool)
+        good = TESSQualityFlags.filter(quality) & usable
         if not good.any():
-            good[:] = True
+            good = usable.copy()
         var_sum = np.zeros(image.shape)
         count = np.zeros(image.shape)
         saturated = np.zeros(image.shape, dtype=bool)
@@ -446,39 +602,31 @@ class LinPSFShapeModel(PrepareStage):
                            (np.asarray(flags) & PixelQualityFlags.PRF_FIT_BITMASK) != 0)
         with np.errstate(all="ignore"):
             variance = np.where(count > 0, var_sum / count ** 2, np.inf)
-        group.attrs.update(_basis(cfg).to_attrs())
         if found is None:
             logger.warning("linpsf_shape: no catalog and no kernel stars; no shape model")
             group.attrs["usable"] = False
             return
         rows, cols, refit, origin, scene = found
-        shifts = _motion_samples(f, good, int(cfg["blur_samples"]))
+        shifts = kernel_motion_samples(MovementKernel.from_file(f), good,
+                                       int(cfg["blur_samples"]), rows, cols)
         res = fit_shape_model(image, variance, rows, cols, cfg, refit_positions=refit,
                               bad=saturated, scene=scene, shifts=shifts)
         group.attrs["usable"] = bool(res["usable"])
         group.attrs["star_source"] = origin
         if not res["usable"]:
             return
-        row_off = float(f.attrs.get("row_offset", 0))
-        col_off = float(f.attrs.get("column_offset", 0))
-        group.create_dataset("weights", data=res["weights"])
-        group.create_dataset("cell_rows", data=res["cell_rows"] + row_off)
-        group.create_dataset("cell_cols", data=res["cell_cols"] + col_off)
-        stars = res["stars"].copy()
-        stars["row"] += row_off
-        stars["col"] += col_off
-        group.create_dataset("stars", data=stars)
-        for key in ("n_stars", "flux_captured", "residual_rms", "chi2_reduced",
-                    "lattice_spread"):
-            group.attrs[key] = res[key]
+        add_shape_residual(res, np.count_nonzero(good))
+        _write_shape(group, res, float(f.attrs.get("row_offset", 0)),
+                     float(f.attrs.get("column_offset", 0)))
         if binner is not None:
             time_model = fit_shape_time_model(binner, res, scene, MovementKernel.from_file(f),
                                               cfg)
             if time_model is not None:
                 time_model.write(group)
         logger.info("linpsf_shape: %d stars (%s), flux captured %.4f, residual rms %.2e, "
-                    "chi2 %.2f", res["n_stars"], origin, res["flux_captured"],
-                    res["residual_rms"], res["chi2_reduced"])
+                    "chi2 %.2f, residual %.2f sigma per cadence", res["n_stars"], origin,
+                    res["flux_captured"], res["residual_rms"], res["chi2_reduced"],
+                    res["shape_residual"])
 
 
 def load_shape_model(group):
