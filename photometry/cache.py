@@ -30,6 +30,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
 from . import __version__
+from .chunks import encoder_for, write_block
 from .errors import InputError
 from .movement import MovementKernel, fit_centroids, fit_kernel
 from .quality import PixelQualityFlags, TESSQualityFlags
@@ -356,7 +357,10 @@ class CacheWriter:
         self._spare = None
         self._n_buffered = 0
         self._pool = None
+        self._encode_pool = None
+        self._encoders = {}
         self._pending = None
+        self._consumers = []
         self._noise_defaulted = set()
         self.state = self._open(overwrite)
 
@@ -725,17 +729,55 @@ class CacheWriter:
                 max_workers=1, thread_name_prefix="cache-writer")
         future = self._pool.submit(self._write_cubes, buf, sl)
         self._pending = (future, start + k)
+        if self._consumers:
+            # streaming prepare stages fit the block while the writer thread stores it
+            usable = buf["series"]["frame_check"][:k] == 0
+            for consume in self._consumers:
+                consume(sl, buf["images"][:k], buf["errors"][:k], buf["pixel_flags"][:k],
+                        usable)
         self.frames_done = start + k
         self._n_buffered = 0
         # the other buffer set is filled while the writer thread writes this one
         self._buffer, self._spare = self._spare, buf
 
+    def add_block_consumer(self, consume):
+        """Call ``consume(frames, images, errors, pixel_flags, usable)`` with every block
+        from now on, as stored (trimmed), before its buffers are re-used (streaming prepare
+        stages; :class:`photometry.stages.StreamingStage`)."""
+        self._consumers.append(consume)
+
+    def replay_blocks(self, consume):
+        """Feed the blocks already stored (a resumed prepare) to ``consume``, as
+        :meth:`add_block_consumer` would have."""
+        usable = self.usable_frames
+        for sl, images, errors, flags in self.iter_frame_blocks():
+            consume(sl, images, errors, flags, usable[sl])
+
     def _write_cubes(self, buf, sl):
+        """Write one block of the three cubes (the writer thread's job).
+
+        Known filter pipelines (``photometry.chunks.encoder_for``: bitshuffle + LZ4/zstd +
+        fletcher32, or fletcher32 alone) are encoded outside HDF5 in a small thread pool,
+        with the GIL released, and stored with ``write_direct_chunk``: the same bytes HDF5
+        would write, without holding the GIL for the compression. All-zero flag chunks are
+        never written (they read as the fill value 0).
+        """
         k = sl.stop - sl.start
+        if self._encode_pool is None:
+            self._encode_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="cache-encode")
         for name, _ in _CUBES:
             if name == "pixel_flags" and not buf["flags_dirty"]:
                 continue  # all-zero flags: unwritten chunks read as the fill value, 0
-            self._file[name][sl] = buf[name][:k]
+            ds = self._file[name]
+            if name not in self._encoders:
+                self._encoders[name] = encoder_for(ds)
+            encoder = self._encoders[name]
+            if encoder is None:
+                ds[sl] = buf[name][:k]  # a pipeline we do not reproduce: HDF5's filters
+            else:
+                write_block(ds, encoder, buf[name][:k], sl.start, fill=_FILL[name],
+                            skip_zero=name == "pixel_flags", pool=self._encode_pool)
 
     def _commit(self):
         """Wait for the block being written, then record it (accumulators, frames_done)."""
@@ -882,9 +924,10 @@ class CacheWriter:
                 self._commit()  # a block whose bytes are written is worth keeping
         except Exception as exc:  # noqa: BLE001 - the block is simply not committed
             logger.warning("%s: last block not written (%s)", self.partial, exc)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in (self._pool, self._encode_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._encode_pool = None
         if self._file is None:
             return
         if complete:

@@ -28,7 +28,6 @@ Stored state (``models/backdrop`` group of the cache), far smaller than the imag
 Attributes: ``version``, ``complete``, ``n_rows``, ``n_cols``, ``poly_degree``,
 ``bin_rows``, ``pixel_noise``, ``settings`` (JSON of the ``[backdrop]`` section).
 """
-import itertools
 import json
 import logging
 import time
@@ -40,11 +39,11 @@ from tqdm import tqdm
 
 from photometry.errors import ConfigurationError, InputError
 from photometry.quality import PixelQualityFlags
-from photometry.stages import BackgroundModel
+from photometry.stages import BackgroundModel, StreamingStage
 
 from .basis import Axis
 from .fit import BackdropFitter, nanquantile_columns
-from .masks import build_mask, read_catalog, star_pixels
+from .masks import build_mask, star_pixels
 
 __all__ = ["Backdrop", "jitter_components"]
 
@@ -183,11 +182,13 @@ def strap_columns(fitter, nsigma):
     return free & has
 
 
-class Backdrop(BackgroundModel):
+class Backdrop(StreamingStage, BackgroundModel):
     """CCD-wide background: polynomial + tensor B-spline + one offset per column, per frame.
 
-    The fit is done at prepare time on the cache's full frames (see :mod:`.fit` for why it is
-    fast); ``evaluate`` rebuilds the separable bases on any stamp.
+    A streaming prepare stage (:class:`photometry.stages.StreamingStage`): the masks and the
+    factorisation are built once from the prepare preview, then every block of frames is
+    fitted while ingest has it in memory (see :mod:`.fit` for why it is fast); ``evaluate``
+    rebuilds the separable bases on any stamp.
     """
 
     name = "backdrop"
@@ -198,32 +199,29 @@ class Backdrop(BackgroundModel):
         self.options = _options(settings)
 
     # ------------------------------------------------------------------ prepare
-    def run(self, cache, group):
-        """Fit every frame of ``cache`` and store the model in ``group``."""
+    def begin(self, context, group):
+        """Masks, column gains, the factorised normal matrix and the output datasets.
+
+        Everything here comes from ``context`` (:class:`photometry.stages.StreamContext`):
+        its preview image (during prepare the mean of ``prepare.preview_frames`` frames
+        spread over the sector; the sum image in a second pass), the catalog, and the
+        flags of the frame nearest the middle.
+        """
         s = self.options
-        f = group.file
         t_start = time.perf_counter()
         for key in list(group.keys()):
             del group[key]
-        n_frames, R, C = f["images"].shape
-        if "sumimage" in f:
-            sumimage = f["sumimage"][()]
-        else:
-            sumimage = self._mean_image(cache, (R, C))
-        catalog = read_catalog(f)
-        usable, sat, exclude = build_mask(sumimage, s, catalog)
-        ref = int(f.attrs.get("ref_frame", 0))
-        if "pixel_flags" in f and n_frames:
-            ref_flags = f["pixel_flags"][ref]
-            sat |= (ref_flags & int(PixelQualityFlags.Saturated)) != 0
-            exclude |= sat | ((ref_flags & BAD_PIXEL_BITS) != 0)
-            usable &= ~exclude
-        blocks = iter(cache.iter_frame_blocks())
-        first = next(blocks, None)
-        if first is None:
-            raise InputError(f"{f.filename}: backdrop: the cache holds no frames")
-        noise = self._pixel_noise(first[2], usable)
-        fitter = self._fitter(usable, noise, f.filename)
+        n_frames, (R, C) = int(context.n_frames), tuple(context.shape)
+        if n_frames == 0:
+            raise InputError(f"{context.filename}: backdrop: the cache holds no frames")
+        sumimage = np.asarray(context.preview_image, dtype=float)
+        usable, sat, exclude = build_mask(sumimage, s, context.catalog)
+        ref_flags = np.asarray(context.preview_flags)
+        sat |= (ref_flags & int(PixelQualityFlags.Saturated)) != 0
+        exclude |= sat | ((ref_flags & BAD_PIXEL_BITS) != 0)
+        usable &= ~exclude
+        noise = self._pixel_noise(np.asarray(context.preview_errors)[None], usable)
+        fitter = self._fitter(usable, noise, context.filename)
         fitter.fit_gain(sumimage)
         for _ in range(int(s["mask_refine"])):
             # the star mask again, now against the full model of the sum image (the same
@@ -240,53 +238,65 @@ class Backdrop(BackgroundModel):
             if np.array_equal(new, usable):
                 break
             usable = new
-            fitter = self._fitter(usable, noise, f.filename)
+            fitter = self._fitter(usable, noise, context.filename)
             fitter.fit_gain(sumimage)
         fitter.constrain_columns(strap_columns(fitter, float(s["strap_nsigma"])))
         rng = np.random.default_rng(int(s["seed"]))
         cand = np.flatnonzero((~usable & ~sat & np.isfinite(sumimage)).ravel())
         npix = min(int(s["jitter_pixels"]), cand.size)
         pick = np.sort(rng.choice(cand, size=npix, replace=False)) if npix else cand[:0]
-        jr, jc = np.unravel_index(pick, (R, C))
-        t_setup = time.perf_counter() - t_start
         nt = len(fitter.pairs)
-        ds = {
-            "weights": group.create_dataset("weights", (n_frames, nt), "f4"),
-            "strap": group.create_dataset("strap", (n_frames, C), "f4"),
-            "noise": group.create_dataset("noise", (n_frames,), "f4"),
-            "n_clipped": group.create_dataset("n_clipped", (n_frames,), "i4"),
+        self._state = {
+            "fitter": fitter, "usable": usable, "sat": sat, "group": group,
+            "jitter_pixels": np.unravel_index(pick, (R, C)),
+            # residual series of the jitter pixels (float32, 8 kB per frame for 2000 pixels)
+            "jitter": np.full((n_frames, npix), np.nan, dtype=np.float32),
+            "ds": {"weights": group.create_dataset("weights", (n_frames, nt), "f4"),
+                   "strap": group.create_dataset("strap", (n_frames, C), "f4"),
+                   "noise": group.create_dataset("noise", (n_frames,), "f4"),
+                   "n_clipped": group.create_dataset("n_clipped", (n_frames,), "i4")},
+            "t_setup": time.perf_counter() - t_start, "t_fit": 0.0,
+            "bar": tqdm(total=n_frames, desc="backdrop", unit="frame", leave=False,
+                        disable=not bool(s.get("progress", True))),
         }
-        jitter = np.zeros((n_frames, npix), dtype=np.float32)
-        bar = tqdm(total=n_frames, desc="backdrop", unit="frame", leave=False,
-                   disable=not bool(s.get("progress", True)))
-        # frames that failed prepare's frame checks (all NaN, all zero, ...) are not fitted:
-        # their model is NaN, so their photometry is NaN rather than wrong
-        usable_frames = np.asarray(getattr(cache, "usable_frames", np.ones(n_frames, bool)))
-        for sl, images, errors, flags in itertools.chain([first], blocks):
-            ok = usable_frames[sl]
-            nan = np.float32(np.nan)
-            w, st, ns = (np.full((len(ok), nt), nan), np.full((len(ok), C), nan),
-                         np.full(len(ok), nan))
-            nc, jt = np.zeros(len(ok), np.int32), np.full((len(ok), npix), nan)
-            if ok.any():
-                res = fitter.fit(images[ok], flags[ok], BAD_PIXEL_BITS, (jr, jc))
-                w[ok], st[ok], ns[ok], nc[ok] = res.weights, res.strap, res.noise, res.n_clipped
-                if res.jitter is not None:
-                    jt[ok] = res.jitter
-            ds["weights"][sl] = w
-            ds["strap"][sl] = st
-            ds["noise"][sl] = ns
-            ds["n_clipped"][sl] = nc
-            jitter[sl] = jt
-            bar.update(sl.stop - sl.start)
-        bar.close()
-        t_fit = time.perf_counter() - t_start - t_setup
-        self._store(group, fitter, usable, sat, (jr, jc), jitter,
-                    f["time"][()] if "time" in f else None)
-        # wall-clock seconds, for benchmarks: masks + factorisation, and the frame loop
-        # (including reading the blocks from the cache)
-        group.attrs["time_setup"] = t_setup
-        group.attrs["time_fit"] = t_fit
+
+    def add_block(self, frames, images, errors, pixel_flags, usable):
+        """Fit one block of frames; frames that failed prepare's frame checks (all NaN, all
+        zero, ...) are not fitted: their model is NaN, so their photometry is NaN rather
+        than wrong."""
+        st = self._state
+        t0 = time.perf_counter()
+        fitter, ds = st["fitter"], st["ds"]
+        ok = np.asarray(usable, bool)
+        k = len(ok)
+        nt, C = len(fitter.pairs), fitter.shape[1]
+        nan = np.float32(np.nan)
+        w, strap, noise = np.full((k, nt), nan), np.full((k, C), nan), np.full(k, nan)
+        n_clipped = np.zeros(k, np.int32)
+        if ok.any():
+            res = fitter.fit(images[ok], pixel_flags[ok], BAD_PIXEL_BITS, st["jitter_pixels"])
+            w[ok], strap[ok], noise[ok], n_clipped[ok] = (res.weights, res.strap, res.noise,
+                                                          res.n_clipped)
+            if res.jitter is not None:
+                st["jitter"][frames][ok] = res.jitter
+        ds["weights"][frames] = w
+        ds["strap"][frames] = strap
+        ds["noise"][frames] = noise
+        ds["n_clipped"][frames] = n_clipped
+        st["bar"].update(k)
+        st["t_fit"] += time.perf_counter() - t0
+
+    def finish(self, cache, group):
+        """The fixed state (masks, factorisation, gains) and the jitter components."""
+        st = self._state
+        st["bar"].close()
+        f = group.file
+        self._store(group, st["fitter"], st["usable"], st["sat"], st["jitter_pixels"],
+                    st["jitter"], f["time"][()] if "time" in f else None)
+        # wall-clock seconds, for benchmarks: masks + factorisation, and the block fits
+        group.attrs["time_setup"] = st["t_setup"]
+        group.attrs["time_fit"] = st["t_fit"]
+        self._state = None
         return group
 
     def _fitter(self, usable, noise, filename):
@@ -300,17 +310,6 @@ class Backdrop(BackgroundModel):
         vals = np.asarray(errors)[:, usable]
         vals = vals[np.isfinite(vals) & (vals > 0)]
         return float(np.median(vals)) if vals.size else 1.0
-
-    @staticmethod
-    def _mean_image(cache, shape):
-        total = np.zeros(shape)
-        count = np.zeros(shape)
-        for _, images, _, _ in cache.iter_frame_blocks():
-            for img in images:
-                ok = np.isfinite(img)
-                total[ok] += img[ok]
-                count += ok
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
     def _store(self, group, fitter, usable, sat, jitter_pixels, jitter, time):
         s = self.options
