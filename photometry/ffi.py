@@ -36,6 +36,7 @@ Decisions (also in ``docs/architecture.md``):
   ``read_ffi`` 1.3x instead of 2x the bare astropy read; everything else, and every damaged
   file, goes through astropy, and both paths give bit-identical frames.
 """
+import dataclasses
 import gzip
 import io
 import math
@@ -103,10 +104,13 @@ class FFIFrame:
     procver: str
     uncert_estimated: float = 0.0
     noise_defaulted: tuple = ()
+    science_shape: tuple | None = None
 
     @property
     def shape(self):
         """(rows, columns) of the science region, known even for a header-only read."""
+        if self.science_shape is not None:
+            return self.science_shape
         return (int(self.header["PHOT_NR"]), int(self.header["PHOT_NC"]))
 
 
@@ -793,7 +797,8 @@ def scan_ffi_headers(paths, progress=True):
     Returns
     -------
     list of FFIFrame
-        Header-only frames (``image``, ``uncert`` and ``wcs`` are ``None``), by increasing time.
+        Header-only frames (``image``, ``uncert``, ``wcs`` and ``header`` are ``None``), by
+        increasing time.
 
     Raises
     ------
@@ -810,8 +815,12 @@ def scan_ffi_headers(paths, progress=True):
     paths = list(paths)
     if not paths:
         raise InputError("no FFI files given")
-    frames = [read_ffi(p, header_only=True, wcs=False)
-              for p in tqdm(paths, desc="FFI headers", unit="file", disable=not progress or None)]
+    # the merged headers are dropped (``header`` None, the shape kept): at ~100 kB of
+    # Python objects each they were 1.2 GB of a prepare's memory at 11 800 frames
+    frames = []
+    for p in tqdm(paths, desc="FFI headers", unit="file", disable=not progress or None):
+        frame = read_ffi(p, header_only=True, wcs=False)
+        frames.append(dataclasses.replace(frame, header=None, science_shape=frame.shape))
     first = frames[0]
     for frame in frames[1:]:
         for name, a, b in (("sector", first.sector, frame.sector),

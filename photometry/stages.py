@@ -38,8 +38,9 @@ class StreamContext:
 
     ``preview_*`` stand in for the full-sector sum image, which does not exist yet: the mean
     of up to ``prepare.preview_frames`` usable frames spread evenly over the sector (trimmed
-    as stored), the mean of their uncertainties, and the pixel flags of the one nearest the
-    middle (as the reference frame is). ``catalog`` is (row, column, tmag) in cube pixels
+    as stored), the mean of their uncertainties ((R, C); in a second pass the first block's
+    (k, R, C) uncertainties), and the pixel flags of the one nearest the middle (as the
+    reference frame is). ``catalog`` is (row, column, tmag) in cube pixels
     through the WCS of that frame (stars move < 1 px over a sector), or None.
     """
 
@@ -131,8 +132,10 @@ def context_from_cache(cache):
             total += np.where(ok, images, 0).sum(axis=0)
             count += ok.sum(axis=0)
         image = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    errors = np.nanmean(first[2], axis=0) if first is not None and len(first[2]) else \
-        np.full((nrow, ncol), np.nan)
+    # the first block's uncertainties themselves (k, R, C): the typical pixel noise is
+    # their median, as the stages measured it before there was a preview
+    errors = first[2] if first is not None and len(first[2]) else \
+        np.full((1, nrow, ncol), np.nan)
     flags = f["pixel_flags"][ref] if "pixel_flags" in f and n else \
         np.zeros((nrow, ncol), np.uint8)
     return StreamContext(

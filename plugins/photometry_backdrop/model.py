@@ -31,6 +31,7 @@ Attributes: ``version``, ``complete``, ``n_rows``, ``n_cols``, ``poly_degree``,
 import json
 import logging
 import time
+import warnings
 
 import numpy as np
 from scipy import linalg
@@ -78,13 +79,18 @@ def jitter_components(resid, time, settings):
     boxcar of ``jitter_short`` cadences separates short from medium time-scales and one of
     ``jitter_long`` cadences medium from long. Returns a dict band -> (N, k) array of the
     leading left singular vectors scaled by their singular values (e-/s units).
+
+    Memory: three float32 (N, pixels) arrays (the bands are made in place one after the
+    other), 24 kB per frame for 2000 pixels; ``resid`` is not modified.
     """
     n, npix = resid.shape
     k = int(settings["jitter_components"])
-    x = np.nan_to_num(resid - np.nanmedian(resid, axis=0), nan=0.0).astype(np.float64)
-    short = np.zeros_like(x)
-    medium = np.zeros_like(x)
-    long_ = np.zeros_like(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixel series
+        x = np.asarray(resid, np.float32) - np.nanmedian(resid, axis=0).astype(np.float32)
+    np.nan_to_num(x, copy=False, nan=0.0)
+    s1 = np.empty_like(x)
+    s2 = np.empty_like(x)
     t = np.asarray(time, float) if time is not None else np.arange(n, dtype=float)
     bounds = [0, n]
     finite = np.isfinite(t)
@@ -94,15 +100,15 @@ def jitter_components(resid, time, settings):
         if med > 0:
             bounds = [0] + list(np.flatnonzero(dt > 10 * med) + 1) + [n]
     for a, b in zip(bounds[:-1], bounds[1:]):
-        seg = x[a:b]
-        ws = min(int(settings["jitter_short"]), len(seg))
-        wl = min(int(settings["jitter_long"]), len(seg))
-        s1 = uniform_filter1d(seg, max(ws, 1), axis=0, mode="nearest")
-        s2 = uniform_filter1d(s1, max(wl, 1), axis=0, mode="nearest")
-        short[a:b], medium[a:b], long_[a:b] = seg - s1, s1 - s2, s2
+        ws = min(int(settings["jitter_short"]), b - a)
+        wl = min(int(settings["jitter_long"]), b - a)
+        uniform_filter1d(x[a:b], max(ws, 1), axis=0, mode="nearest", output=s1[a:b])
+        uniform_filter1d(s1[a:b], max(wl, 1), axis=0, mode="nearest", output=s2[a:b])
+    x -= s1    # short = x - s1
+    s1 -= s2   # medium = s1 - s2; long = s2
     out = {}
     rng = np.random.default_rng(int(settings.get("seed", 0)))
-    for name, band in (("short", short), ("medium", medium), ("long", long_)):
+    for name, band in (("short", x), ("medium", s1), ("long", s2)):
         u, sv = _leading_svd(band, k, rng)
         out[name] = (u * sv).astype(np.float32)
     return out
@@ -125,7 +131,8 @@ def _leading_svd(a, k, rng, oversample=10, power=3):
     if m >= min(n, p):  # small: the exact SVD is as cheap
         u, sv, _ = np.linalg.svd(a, full_matrices=False)
         return u[:, :kk], sv[:kk]
-    q, _ = np.linalg.qr(a @ rng.standard_normal((p, m)))
+    # in the precision of ``a`` (float32 bands: no float64 copy of the (n, p) matrix)
+    q, _ = np.linalg.qr(a @ rng.standard_normal((p, m)).astype(a.dtype))
     for _ in range(power):
         z, _ = np.linalg.qr(a.T @ q)
         q, _ = np.linalg.qr(a @ z)
@@ -220,7 +227,8 @@ class Backdrop(StreamingStage, BackgroundModel):
         sat |= (ref_flags & int(PixelQualityFlags.Saturated)) != 0
         exclude |= sat | ((ref_flags & BAD_PIXEL_BITS) != 0)
         usable &= ~exclude
-        noise = self._pixel_noise(np.asarray(context.preview_errors)[None], usable)
+        errors = np.asarray(context.preview_errors)
+        noise = self._pixel_noise(errors if errors.ndim == 3 else errors[None], usable)
         fitter = self._fitter(usable, noise, context.filename)
         fitter.fit_gain(sumimage)
         for _ in range(int(s["mask_refine"])):
