@@ -375,6 +375,62 @@ def bench_memory(workdir, small=(1282, 4000, 11800), small_size=64, full=(100, 3
     return results
 
 
+def bench_rate(workdir, counts=(64, 192), template=None):
+    """Prepare per full frame against the bare astropy read of the same files, in one run.
+
+    Full 2136 x 2078 frames (``clone_series`` of a 12-frame simulated template) at two
+    frame counts; for each: the astropy floor (``fits.open`` + data of both image HDUs,
+    every file, page cache warm), ``tessphot prepare`` ingest only (``prepare.stages=[]``)
+    and with the default stages, each as its own process (CPU from ``wait4``, so every
+    thread counts). The per-frame figures are the differences between the two counts
+    divided by the difference in frames: the fixed per-CCD costs (imports, catalog,
+    kernel-star selection, the stages' set-up) cancel, as in a sector of thousands of frames.
+    """
+    from astropy.io import fits
+    tpl = Path(template or Path(workdir) / "mem_template_full")
+    if not (tpl / "ffi").exists():
+        subprocess.run([sys.executable, "-m", "photometry.cli", "simulate", str(tpl),
+                        "--cadences", "12", "--full-frame", "--cadence", "200", "--sector",
+                        "60", "--seed", "3", "--no-progress"], check=True)
+    rows = {}
+    for n in counts:
+        ffi = clone_series(tpl / "ffi", Path(workdir) / f"mem_2048x2048_{n}", n)
+        files = sorted(ffi.glob("*_ffic.fits"))
+        for p in files:
+            p.read_bytes()   # page cache warm for every reader
+        w0, c0 = time.perf_counter(), time.process_time()
+        for p in files:
+            with fits.open(p, memmap=False) as hdul:
+                a, b = hdul[1].data, hdul[2].data
+                float(a[0, 0]) + float(b[0, 0])
+        floor = (time.perf_counter() - w0, time.process_time() - c0)
+        runs = {}
+        for label, extra in (("ingest", ["--set", "prepare.stages=[]"]), ("default", [])):
+            cache = Path(workdir) / f"rate_cache_{n}_{label}"
+            shutil.rmtree(cache, ignore_errors=True)
+            runs[label] = _run_measured(
+                [sys.executable, "-m", "photometry.cli", "prepare", str(ffi), "--catalog",
+                 str(tpl / "catalog.csv"), "--cache", str(cache), "--no-progress",
+                 "--set", "backdrop.progress=false", *extra])
+            shutil.rmtree(cache, ignore_errors=True)
+        rows[n] = (floor, runs)
+        print(f"  {n} full frames: astropy floor CPU {floor[1]:.2f} s (wall {floor[0]:.2f}); "
+              + "; ".join(f"prepare {k}: CPU {v[1]:.1f} s, wall {v[0]:.1f} s, peak RSS "
+                          f"{v[2]:.2f} GiB" for k, v in runs.items()), flush=True)
+    a, b = counts[0], counts[-1]
+    dn = b - a
+    floor_cpu = (rows[b][0][1] - rows[a][0][1]) / dn
+    floor_wall = (rows[b][0][0] - rows[a][0][0]) / dn
+    print(f"  per frame (frames {a} -> {b}): astropy floor {1000 * floor_cpu:.1f} ms CPU, "
+          f"{1000 * floor_wall:.1f} ms wall")
+    for label in ("ingest", "default"):
+        cpu = (rows[b][1][label][1] - rows[a][1][label][1]) / dn
+        wall = (rows[b][1][label][0] - rows[a][1][label][0]) / dn
+        print(f"  prepare {label:7s}: {1000 * cpu:.0f} ms CPU ({cpu / floor_cpu:.1f}x the floor), "
+              f"{1000 * wall:.0f} ms wall ({wall / floor_wall:.1f}x)")
+    return rows
+
+
 def bench_trim_masks(workdir, size=128, cadences=100, seeds=(5, 11, 17), precision=0.1):
     """What the precision trim does to aperture photometry, with the mask choice held fixed.
 
@@ -548,7 +604,7 @@ def bench_onepass(workdir, size=128, cadences=200, seeds=(5, 11), previews=(32, 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["stamp", "throughput", "compression", "onepass",
-                                           "trim", "memory", "all"],
+                                           "trim", "memory", "rate", "all"],
                         default="all")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--frames", type=int, default=20)
@@ -563,6 +619,8 @@ def main(argv=None):
             bench_throughput(workdir, args.frames)
         if args.part in ("compression", "all"):
             bench_compression(workdir)
+        if args.part in ("rate", "all"):
+            bench_rate(workdir)
         if args.part in ("memory", "all"):
             bench_memory(workdir)
         if args.part in ("trim", "all"):

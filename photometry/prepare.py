@@ -154,6 +154,8 @@ def preview_context(paths, catalog, shape, settings, time, *, raw=False,
     any usable one if none passes), trimmed exactly as the cache stores them, the mean of
     their uncertainties, the pixel flags of the one nearest the middle of the sector and
     the catalog through that frame's WCS. Deterministic, so a resumed prepare gets the same.
+    None when no preview frame is usable (ingest then refuses a mostly unusable folder, or
+    the streaming stages run as a second pass).
     """
     from .cache import check_frame, pixel_flags_for, trim_precision
     from .ffi import read_ffi
@@ -194,8 +196,7 @@ def preview_context(paths, catalog, shape, settings, time, *, raw=False,
                                     int(pset["saturation_bleed_pad"]))
             middle = (frame.wcs, frame.time, flags)
     if not used:
-        raise InputError(f"{Path(paths[0]).parent}: no usable frame among the {len(pick)} "
-                         "preview frames")
+        return None
     total, count = sums[True] if sums[True][1].any() else sums[False]
     with np.errstate(invalid="ignore", divide="ignore"):
         image = np.where(count > 0, total / np.maximum(count, 1), np.nan)
@@ -304,6 +305,10 @@ def prepare(ffi_dir, catalog_path, cache_dir, settings=None, *, overwrite=False,
             context = preview_context(paths, catalog, shape, settings,
                                       [h.time for h in headers], raw=raw,
                                       calibration_models=calibration_models)
+            if context is None:
+                logger.info("%s: no usable frame among the preview frames; the streaming "
+                            "stages run as a second pass after ingest", ffi_dir)
+                streaming = []
             for name, stage in streaming:
                 logger.info("prepare stage %s (streaming, preview of %d frames)", name,
                             context.n_preview)
@@ -353,8 +358,9 @@ def prepare(ffi_dir, catalog_path, cache_dir, settings=None, *, overwrite=False,
         for name, stage in streaming:
             stage.finish(writer, writer.file[f"models/{name}"])
             writer.mark_stage_complete(name)
+        streamed = {name for name, _ in streaming}
         for name, stage in pending:
-            if stage.streaming:
+            if name in streamed:
                 continue
             logger.info("prepare stage %s", name)
             group = writer.stage_group(name, stage.version)
