@@ -72,7 +72,39 @@ def _options(settings):
     return s
 
 
-def jitter_components(resid, time, settings):
+def _segments(time, n):
+    """Bounds of the segments between gaps longer than ten median cadences."""
+    t = np.asarray(time, float) if time is not None else np.arange(n, dtype=float)
+    bounds = [0, n]
+    if np.isfinite(t).sum() > 2:
+        med = np.nanmedian(np.diff(t))
+        if med > 0:
+            bounds = [0] + list(np.flatnonzero(np.diff(t) > 10 * med) + 1) + [n]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _bands(resid, segments, settings):
+    """(short, medium, long) float32 band series of residual series (n, pixels)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixel series
+        x = np.asarray(resid, np.float32) - np.nanmedian(resid, axis=0).astype(np.float32)
+    np.nan_to_num(x, copy=False, nan=0.0)
+    s1 = np.empty_like(x)
+    s2 = np.empty_like(x)
+    for a, b in segments:
+        ws = max(min(int(settings["jitter_short"]), b - a), 1)
+        wl = max(min(int(settings["jitter_long"]), b - a), 1)
+        uniform_filter1d(x[a:b], ws, axis=0, mode="nearest", output=s1[a:b])
+        uniform_filter1d(s1[a:b], wl, axis=0, mode="nearest", output=s2[a:b])
+    x -= s1    # short = x - s1
+    s1 -= s2   # medium = s1 - s2; long = s2
+    return x, s1, s2
+
+
+BANDS = ("short", "medium", "long")
+
+
+def jitter_components(resid, time, settings, group_pixels=256, oversample=10, power=3):
     """Principal components of pixel residual series in three time-scale bands.
 
     The residuals are split at gaps longer than ten median cadences; within each segment a
@@ -80,64 +112,59 @@ def jitter_components(resid, time, settings):
     ``jitter_long`` cadences medium from long. Returns a dict band -> (N, k) array of the
     leading left singular vectors scaled by their singular values (e-/s units).
 
-    Memory: three float32 (N, pixels) arrays (the bands are made in place one after the
-    other), 24 kB per frame for 2000 pixels; ``resid`` is not modified.
+    The components come from a randomized SVD (Halko, Martinsson & Tropp 2011: a Gaussian
+    sketch of k + ``oversample`` columns, ``power`` power iterations, an exact SVD of the
+    small projection), O(N pixels k) time. ``resid`` (N, pixels) may be an h5py dataset:
+    every product with a band matrix is summed over groups of ``group_pixels`` pixels, whose
+    bands are recomputed in each of the 2 ``power`` + 2 passes, so the memory is a few
+    (N, ``group_pixels``) arrays and (N, k) sketches whatever the number of frames.
     """
     n, npix = resid.shape
     k = int(settings["jitter_components"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixel series
-        x = np.asarray(resid, np.float32) - np.nanmedian(resid, axis=0).astype(np.float32)
-    np.nan_to_num(x, copy=False, nan=0.0)
-    s1 = np.empty_like(x)
-    s2 = np.empty_like(x)
-    t = np.asarray(time, float) if time is not None else np.arange(n, dtype=float)
-    bounds = [0, n]
-    finite = np.isfinite(t)
-    if finite.sum() > 2:
-        dt = np.diff(t)
-        med = np.nanmedian(dt)
-        if med > 0:
-            bounds = [0] + list(np.flatnonzero(dt > 10 * med) + 1) + [n]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        ws = min(int(settings["jitter_short"]), b - a)
-        wl = min(int(settings["jitter_long"]), b - a)
-        uniform_filter1d(x[a:b], max(ws, 1), axis=0, mode="nearest", output=s1[a:b])
-        uniform_filter1d(s1[a:b], max(wl, 1), axis=0, mode="nearest", output=s2[a:b])
-    x -= s1    # short = x - s1
-    s1 -= s2   # medium = s1 - s2; long = s2
-    out = {}
-    rng = np.random.default_rng(int(settings.get("seed", 0)))
-    for name, band in (("short", x), ("medium", s1), ("long", s2)):
-        u, sv = _leading_svd(band, k, rng)
-        out[name] = (u * sv).astype(np.float32)
-    return out
-
-
-def _leading_svd(a, k, rng, oversample=10, power=3):
-    """Leading ``k`` left singular vectors and values of ``a`` (n x p), randomized.
-
-    Halko, Martinsson & Tropp (2011): a Gaussian sketch of ``k + oversample`` columns, a few
-    power iterations (re-orthonormalised), then an exact SVD of the small projected matrix.
-    O(n p k) time and O(n k) extra memory, linear in the number of frames ``n`` (the full
-    SVD was O(n^2 p)); on backdrop residuals the components agree with the full SVD to
-    ~1e-6 of the leading singular value.
-    """
-    n, p = a.shape
-    kk = min(k, n, p)
+    segments = _segments(time, n)
+    kk = min(k, n, npix)
     if kk == 0:
-        return np.zeros((n, 0)), np.zeros(0)
-    m = min(kk + oversample, n, p)
-    if m >= min(n, p):  # small: the exact SVD is as cheap
-        u, sv, _ = np.linalg.svd(a, full_matrices=False)
-        return u[:, :kk], sv[:kk]
-    # in the precision of ``a`` (float32 bands: no float64 copy of the (n, p) matrix)
-    q, _ = np.linalg.qr(a @ rng.standard_normal((p, m)).astype(a.dtype))
+        return {band: np.zeros((n, 0), np.float32) for band in BANDS}
+    m = min(kk + oversample, n, npix)
+    groups = [slice(a, min(a + int(group_pixels), npix)) for a in range(0, npix, group_pixels)]
+
+    def each_group():
+        for g in groups:
+            yield g, _bands(resid[:, g], segments, settings)
+
+    out = {}
+    if m >= min(n, npix):  # small: the exact SVD of the whole bands is as cheap
+        full = [np.concatenate(parts, axis=1) for parts in
+                zip(*(bands for _, bands in each_group()))]
+        for band, a in zip(BANDS, full):
+            u, sv, _ = np.linalg.svd(a, full_matrices=False)
+            out[band] = (u[:, :kk] * sv[:kk]).astype(np.float32)
+        return out
+    rng = np.random.default_rng(int(settings.get("seed", 0)))
+    sketch = [rng.standard_normal((npix, m)).astype(np.float32) for _ in BANDS]
+
+    def times_right(right):   # band @ right, right (npix, m) -> (n, m)
+        acc = [np.zeros((n, m), np.float32) for _ in BANDS]
+        for g, bands in each_group():
+            for j, a in enumerate(bands):
+                acc[j] += a @ right[j][g]
+        return acc
+
+    def times_left(left):     # left.T @ band, left (n, m) -> (m, npix)
+        acc = [np.zeros((m, npix), np.float32) for _ in BANDS]
+        for g, bands in each_group():
+            for j, a in enumerate(bands):
+                acc[j][:, g] = left[j].T @ a
+        return acc
+
+    q = [np.linalg.qr(y)[0] for y in times_right(sketch)]
     for _ in range(power):
-        z, _ = np.linalg.qr(a.T @ q)
-        q, _ = np.linalg.qr(a @ z)
-    ub, sv, _ = np.linalg.svd(q.T @ a, full_matrices=False)
-    return (q @ ub)[:, :kk], sv[:kk]
+        z = [np.linalg.qr(t.T)[0] for t in times_left(q)]
+        q = [np.linalg.qr(y)[0] for y in times_right(z)]
+    for band, qj, bj in zip(BANDS, q, times_left(q)):
+        ub, sv, _ = np.linalg.svd(bj, full_matrices=False)
+        out[band] = ((qj @ ub)[:, :kk] * sv[:kk]).astype(np.float32)
+    return out
 
 
 def _frame_index(frames, n):
@@ -257,8 +284,11 @@ class Backdrop(StreamingStage, BackgroundModel):
         self._state = {
             "fitter": fitter, "usable": usable, "sat": sat, "group": group,
             "jitter_pixels": np.unravel_index(pick, (R, C)),
-            # residual series of the jitter pixels (float32, 8 kB per frame for 2000 pixels)
-            "jitter": np.full((n_frames, npix), np.nan, dtype=np.float32),
+            # residual series of the jitter pixels, kept in the file (not in memory) until
+            # finish turns them into components: 8 kB per frame for 2000 pixels
+            "jitter": group.create_dataset(
+                "_jitter_residuals", (n_frames, npix), "f4", fillvalue=np.nan,
+                chunks=(min(context.time_chunk, n_frames), min(256, npix))) if npix else None,
             "ds": {"weights": group.create_dataset("weights", (n_frames, nt), "f4"),
                    "strap": group.create_dataset("strap", (n_frames, C), "f4"),
                    "noise": group.create_dataset("noise", (n_frames,), "f4"),
@@ -281,12 +311,17 @@ class Backdrop(StreamingStage, BackgroundModel):
         nan = np.float32(np.nan)
         w, strap, noise = np.full((k, nt), nan), np.full((k, C), nan), np.full(k, nan)
         n_clipped = np.zeros(k, np.int32)
+        jitter = None
+        if st["jitter"] is not None:
+            jitter = np.full((k, st["jitter"].shape[1]), nan, np.float32)
         if ok.any():
             res = fitter.fit(images[ok], pixel_flags[ok], BAD_PIXEL_BITS, st["jitter_pixels"])
             w[ok], strap[ok], noise[ok], n_clipped[ok] = (res.weights, res.strap, res.noise,
                                                           res.n_clipped)
-            if res.jitter is not None:
-                st["jitter"][frames][ok] = res.jitter
+            if res.jitter is not None and jitter is not None:
+                jitter[ok] = res.jitter
+        if jitter is not None:
+            st["jitter"][frames] = jitter
         ds["weights"][frames] = w
         ds["strap"][frames] = strap
         ds["noise"][frames] = noise
@@ -301,6 +336,8 @@ class Backdrop(StreamingStage, BackgroundModel):
         f = group.file
         self._store(group, st["fitter"], st["usable"], st["sat"], st["jitter_pixels"],
                     st["jitter"], f["time"][()] if "time" in f else None)
+        if "_jitter_residuals" in group:
+            del group["_jitter_residuals"]
         # wall-clock seconds, for benchmarks: masks + factorisation, and the block fits
         group.attrs["time_setup"] = st["t_setup"]
         group.attrs["time_fit"] = st["t_fit"]
@@ -334,7 +371,7 @@ class Backdrop(StreamingStage, BackgroundModel):
         group.create_dataset("free_columns", data=fitter.free_columns.astype(np.uint8))
         jg = group.create_group("jitter")
         jg.create_dataset("pixels", data=np.stack(jitter_pixels, axis=1).astype(np.int32))
-        if jitter.shape[1] and jitter.shape[0] > 2:
+        if jitter is not None and jitter.shape[1] and jitter.shape[0] > 2:
             for band, comps in jitter_components(jitter, time, s).items():
                 jg.create_dataset(band, data=comps)
         group.attrs.update({
