@@ -324,14 +324,15 @@ def _run_measured(cmd):
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024 ** 2
 
 
-def bench_memory(workdir, small=(1282, 4000, 11800), small_size=64, full=(100, 300),
+def bench_memory(workdir, small=(1282, 4000, 11800), small_size=64, full=(),
                  stages=None):
     """Peak RSS of ``tessphot prepare`` (default stages) against the number of frames.
 
     Cut-down frames (``small_size`` px square) at 1 282, 4 000 and 11 800 frames (200-s
-    cadence) and full 2048 x 2048 frames at a few hundred: each prepare runs as its own
-    process, its peak RSS from ``wait4``; a straight line through the points gives the
-    fixed part and the growth per frame.
+    cadence), and full 2048 x 2048 frames at the counts in ``full`` (``--part rate``
+    measures those too, beside the read floor): each prepare runs as its own process, its
+    peak RSS from ``wait4``; a straight line through the points gives the fixed part and the
+    growth per frame.
     """
     results = []
     sets = []
@@ -375,7 +376,7 @@ def bench_memory(workdir, small=(1282, 4000, 11800), small_size=64, full=(100, 3
     return results
 
 
-def bench_rate(workdir, counts=(64, 192), template=None):
+def bench_rate(workdir, counts=(100, 300), template=None):
     """Prepare per full frame against the bare astropy read of the same files, in one run.
 
     Full 2136 x 2078 frames (``clone_series`` of a 12-frame simulated template) at two

@@ -229,14 +229,23 @@ def trim_precision(images, errors, fraction, error_bits=ERROR_KEEP_BITS):
     if fraction <= 0:
         return
     drop = 23 - int(error_bits)
+    exponent = np.uint32(0x7F800000)
     for image, error in zip(images, errors):   # one frame at a time: small temporaries
-        step = np.multiply(error, np.float32(fraction)).view(np.uint32)
-        step &= np.uint32(0x7F800000)          # exponent only: a power of two <= the product
-        ok = (step != 0) & (step != 0x7F800000)
-        step = step.view(np.float32)
-        q = np.divide(image, step, where=ok, out=np.zeros_like(image))
-        np.rint(q, out=q)
-        np.multiply(q, step, out=image, where=ok)
+        bits = np.multiply(error, np.float32(fraction)).view(np.uint32)
+        bits &= exponent                       # exponent only: a power of two <= the product
+        if bits.min() > 0 and bits.max() < exponent:
+            # every step a normal power of two: x / step is x times the exact reciprocal
+            # (exponent 254 - e), the same correctly rounded value, without masked ufuncs
+            inv = np.subtract(np.uint32(254 << 23), bits).view(np.float32)
+            np.multiply(image, inv, out=inv)
+            np.rint(inv, out=inv)
+            np.multiply(inv, bits.view(np.float32), out=image)
+        else:   # zero, subnormal, NaN or infinite uncertainties: those pixels stay as they are
+            ok = (bits != 0) & (bits != exponent)
+            step = bits.view(np.float32)
+            q = np.divide(image, step, where=ok, out=np.zeros_like(image))
+            np.rint(q, out=q)
+            np.multiply(q, step, out=image, where=ok)
         if drop > 0:
             u = error.view(np.uint32)
             u += np.uint32(1 << (drop - 1))
