@@ -260,14 +260,19 @@ FRAME_PROBLEMS = {1: "all NaN", 2: "all zero", 3: "constant", 4: "mostly non-fin
 ABSURD_LEVEL = (-100.0, 2.0e5)
 
 
-def check_frame(image):
+def _extrema(image):
+    """(min, max) of an image as floats (NaN if any pixel is NaN)."""
+    return float(np.min(image)), float(np.max(image))
+
+
+def check_frame(image, extrema=None):
     """Frame-check code of one calibrated image (0 = usable; see ``FRAME_PROBLEMS``).
 
     Unusable: no finite pixel, every finite pixel zero, one constant value, fewer than half
     the pixels finite, or a median level outside ``ABSURD_LEVEL``. Two passes (min, max) for
-    an ordinary frame.
+    an ordinary frame, none when the caller has them (``extrema``).
     """
-    lo, hi = float(np.min(image)), float(np.max(image))
+    lo, hi = extrema if extrema is not None else _extrema(image)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         finite = np.isfinite(image)
         n = int(np.count_nonzero(finite))
@@ -556,6 +561,10 @@ class CacheWriter:
         self._stars = {"starid": starid, "column": np.asarray(column, float),
                        "row": np.asarray(row, float)}
         self._guess = np.column_stack([self._stars["column"], self._stars["row"]])
+        for buf in (self._buffer, self._spare):  # allocated by next_frame_buffers already
+            if buf is not None:
+                buf["centroids"] = np.full((self.block, n, 2), np.nan)
+                buf["sigma"] = np.full((self.block, n), np.nan)
 
     def _new_buffer(self):
         """One set of frame-ordered block buffers (allocated once and re-used: a fresh
@@ -568,6 +577,15 @@ class CacheWriter:
             "sigma": np.full((self.block, n_st), np.nan), "flags_dirty": False,
         })
         return buf
+
+    def next_frame_buffers(self):
+        """(image, errors): the block-buffer slots the next :meth:`add_frame` fills. A reader
+        that writes the frame straight into them (``read_ffi(..., out=...)``) saves the copy;
+        they are re-used once the block is written, so nothing may keep them."""
+        if self._buffer is None:
+            self._buffer = self._new_buffer()
+        k = self._n_buffered
+        return self._buffer["images"][k], self._buffer["errors"][k]
 
     def add_frame(self, image, errors, *, time, time_start, time_stop, timecorr, cadenceno,
                   quality, wcs_header="", errors_estimated=0.0, noise_defaulted=()):
@@ -596,15 +614,18 @@ class CacheWriter:
             self._reset_buffer()
         k = self._n_buffered
         buf = self._buffer
-        np.copyto(buf["images"][k], image)
-        np.copyto(buf["errors"][k], errors)
-        problem = check_frame(buf["images"][k])
+        for name, array in (("images", image), ("errors", errors)):
+            slot = buf[name][k]
+            if array.__array_interface__["data"][0] != slot.__array_interface__["data"][0]:
+                np.copyto(slot, array)   # not read into the slot (next_frame_buffers)
+        image = buf["images"][k]
+        extrema = _extrema(image)
+        problem = check_frame(image, extrema)
         if problem:
             quality = int(quality) | int(TESSQualityFlags.UnusableFrame)
-        # one comparison finds both NaN and saturated pixels; most frames of most CCDs
-        # have neither, and their flags slot is already zero
-        with np.errstate(invalid="ignore"):
-            clean = bool(np.less_equal(image, self.saturation_level).all())
+        # the maximum finds both NaN (it propagates) and saturated pixels; most frames of
+        # most CCDs have neither, and their flags slot is already zero
+        clean = extrema[1] <= self.saturation_level
         if not clean:
             buf["pixel_flags"][k] = pixel_flags_for(image, self.saturation_level,
                                                     self.bleed_pad)

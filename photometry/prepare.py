@@ -321,7 +321,8 @@ def prepare(ffi_dir, catalog_path, cache_dir, settings=None, *, overwrite=False,
             from .calibration import calibrate_frames
             frames = calibrate_frames(todo, calibration_models, settings)
         else:
-            frames = (read_ffi(p) for p in todo)
+            # each frame read straight into the cache writer's block buffer
+            frames = (read_ffi(p, out=writer.next_frame_buffers()) for p in todo)
         delay = float(os.environ.get("TESSPHOT_PREPARE_FRAME_DELAY", 0) or 0)
         bar = tqdm(total=len(paths), initial=done, desc="prepare", unit="frame",
                    disable=not progress or None)
