@@ -22,7 +22,7 @@ demo: $(INSTALLED)
 	$(BIN)/tessphot run $(DEMO_DIR)/cache --output $(DEMO_DIR)/lightcurves
 	$(BIN)/tessphot status $(DEMO_DIR)/cache
 	$(BIN)/tessphot star $$($(BIN)/python -c "import sqlite3; print(sqlite3.connect('$(DEMO_DIR)/cache/todo.sqlite').execute('SELECT starid FROM todolist WHERE tmag > 9 ORDER BY priority LIMIT 1').fetchone()[0])") \
-		--cache $(DEMO_DIR)/cache --output $(DEMO_DIR)/debug_star --plot > $(DEMO_DIR)/debug_star.json
+		--cache $(DEMO_DIR)/cache --output $(DEMO_DIR)/debug_star --plot --json > $(DEMO_DIR)/debug_star.json
 	@echo
 	@echo "Simulated FFIs and truth:  $(DEMO_DIR)/sim"
 	@echo "FFI cache and todo list:   $(DEMO_DIR)/cache"

@@ -5,6 +5,7 @@
 Prints one line per figure; the latest results are recorded in docs/benchmarks.md.
 
 - todo: ``make_todo`` on one CCD whose catalog has 200 000 stars (fake cache attributes).
+- plan: ``TaskStore.plan`` over that CCD (once per run: which (task, method) results it wants).
 - overhead: tasks/s of ``run_tasks`` with 2 local workers and a task function that does
   nothing, so what is measured is claiming, dispatch, result batching and commits. Reported
   both over the whole run (with worker start-up) and in steady state (from the per-task
@@ -50,17 +51,38 @@ def bench_todo(tmp):
 def _steady_rate(cache):
     con = sqlite3.connect(cache / "todo.sqlite")
     t = np.array([r[0] for r in con.execute(
-        "SELECT finished_at FROM todolist WHERE finished_at IS NOT NULL ORDER BY 1")])
+        "SELECT finished_at FROM results WHERE finished_at IS NOT NULL ORDER BY 1")])
     con.close()
     lo, hi = np.searchsorted(t, [t[0] + 0.0, t[-1]])  # whole span between first/last commit
     return (hi - lo) / (t[-1] - t[0]) if t[-1] > t[0] else float("nan")
+
+
+def bench_plan(cache):
+    """Planning a run over the whole CCD: results rows made pending (first run), then again
+    (a resumed run), with one method and with the choose_method policy of the plugins."""
+    import functools
+    from photometry.run import _choose_method, plugin_manager
+    from photometry.settings import load_settings
+    from photometry.taskstore import TaskStore
+    policy = functools.partial(_choose_method, plugin_manager("", ""), load_settings())
+    times = []
+    with TaskStore(cache / "todo.sqlite") as store:
+        n = store.count()
+        for kwargs in ({"method": "noop"}, {"method": "noop"}, {"policy": policy}):
+            c0 = time.process_time()
+            store.plan(output=cache / "out", **kwargs)
+            times.append(time.process_time() - c0)
+        store.conn.execute("DELETE FROM results")
+    print(f"plan: {n} tasks: first run {times[0]:.2f} s CPU, resumed run {times[1]:.2f} s, "
+          f"with the choose_method policy {times[2]:.2f} s ({1e6 * times[2] / n:.1f} us/task)")
 
 
 def bench_overhead(cache, n_tasks, workers=2):
     from photometry.run import run_tasks
     from photometry.settings import load_settings
     con = sqlite3.connect(cache / "todo.sqlite")
-    con.execute("UPDATE todolist SET status = NULL, attempts = 0, finished_at = NULL")
+    con.execute("DELETE FROM diagnostics")
+    con.execute("DELETE FROM results")
     con.commit()
     con.close()
     settings = load_settings(assignments=["scheduler.prefetch=16", "scheduler.claim_batch=256",
@@ -69,7 +91,7 @@ def bench_overhead(cache, n_tasks, workers=2):
     c0, w0 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     summary = run_tasks(cache, cache / "out", settings=settings, workers=workers,
                         limit=n_tasks, task_function="bench_scheduler:noop_task",
-                        progress=False)
+                        method="noop", progress=False)
     cpu, w1 = time.process_time() - c0, resource.getrusage(resource.RUSAGE_CHILDREN)
     wcpu = (w1.ru_utime - w0.ru_utime) + (w1.ru_stime - w0.ru_stime)
     rate = _steady_rate(cache)
@@ -103,7 +125,7 @@ def bench_aperture(tmp, cadences=60, size=128):
                             mode="all", progress=False)
         cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         con = sqlite3.connect(cache / "todo.sqlite")
-        t = [r[0] for r in con.execute("SELECT finished_at FROM todolist ORDER BY 1")]
+        t = [r[0] for r in con.execute("SELECT finished_at FROM results ORDER BY 1")]
         elapsed = sum(r[0] for r in con.execute("SELECT elaptime FROM diagnostics"))
         con.close()
         times[workers] = summary["elapsed"]
@@ -128,6 +150,7 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         if not args.only_aperture:
             cache = bench_todo(Path(d) / "todo")
+            bench_plan(cache)
             bench_overhead(cache, args.tasks)
         if not args.skip_aperture:
             bench_aperture(Path(d) / "aperture")

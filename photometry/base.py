@@ -35,7 +35,7 @@ import numpy as np
 from astropy.table import Table
 
 from .errors import (AlgorithmFailure, ConfigurationError, InputError, SkipTarget,
-                     UnprocessableTarget)
+                     UnprocessableTarget, disk_full)
 from .quality import LightCurveQualityFlags, PixelQualityFlags, TESSQualityFlags
 from .stamps import default_stamp_size, clip_stamp
 
@@ -880,6 +880,9 @@ def run_target(method_cls, starid, source, settings, output_folder, plot=False):
     ------
     ConfigurationError
         Re-raised: a settings or plugin problem must stop the whole run.
+    OSError
+        Re-raised when the disk is full (ENOSPC, EDQUOT): not the target's fault, and every
+        target after it would fail the same way; the scheduler stops the run.
     """
     t0 = _time.perf_counter()
     result = {"starid": int(starid), "method": getattr(method_cls, "name", None),
@@ -912,6 +915,11 @@ def run_target(method_cls, starid, source, settings, output_folder, plot=False):
         result["status"], result["error"] = STATUS.ERROR, str(exc)
     except InputError as exc:
         result["status"], result["error"] = STATUS.ABORT, str(exc)
+    except OSError as exc:
+        if disk_full(exc):
+            raise
+        logger.exception("TIC %s: %s failed", starid, result["method"])
+        result["status"], result["error"] = STATUS.ERROR, f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # noqa: BLE001 - the worker must survive any algorithm bug
         logger.exception("TIC %s: %s failed", starid, result["method"])
         result["status"] = STATUS.ERROR

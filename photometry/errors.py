@@ -4,8 +4,31 @@ The command line maps :class:`InputError` to exit code 2 with its one-line messa
 worker maps the per-target exceptions to a STATUS (see ``photometry.status``).
 """
 
+import errno
+
 __all__ = ["InputError", "ConfigurationError", "SkipTarget", "UnprocessableTarget",
-           "AlgorithmFailure"]
+           "AlgorithmFailure", "disk_full"]
+
+#: errno values that mean "the disk is full", not "this input is bad"
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def disk_full(exc):
+    """True for an OSError of a full disk or quota (ENOSPC, EDQUOT): not one target's fault,
+    every target after it would fail the same way, so a run stops (exit 2, results kept).
+
+    Libraries re-raise it without its errno (astropy's FITS writer raises a fresh
+    ``OSError("Not enough space on disk ...")`` from the original), so the chain of causes is
+    followed too.
+    """
+    seen = set()
+    while isinstance(exc, BaseException) and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and (exc.errno in _DISK_FULL
+                                         or str(exc).startswith("Not enough space on disk")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class InputError(Exception):

@@ -9,14 +9,14 @@ import logging
 import sqlite3
 from pathlib import Path
 
-from .cli import add_settings_arguments
+from .cli import add_settings_arguments, output_folder, tic_id
 from .errors import ConfigurationError, InputError
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser):
-    parser.add_argument("starid", type=int, help="TIC id of the star")
+    parser.add_argument("starid", type=tic_id, help="TIC id of the star")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--cache", type=Path, metavar="CACHE_DIR",
                        help="folder of prepared caches (sectorSSSS_cameraC_ccdD.hdf5 + catalogs)")
@@ -40,6 +40,9 @@ def add_arguments(parser):
     parser.add_argument("--tpf-out", action="store_true",
                         help="also write the stamp as a SPOC-layout Target Pixel File "
                              "(output writer 'tpf', next to the light curve)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the outcome as one JSON document (status, method, files, "
+                             "details) instead of the text report")
     add_settings_arguments(parser)
 
 
@@ -86,9 +89,9 @@ def run(args):
     from .settings import load_settings
 
     settings = load_settings(args.settings, args.assignments)
+    output_folder(args.output)
     if args.tpf_out and "tpf" not in settings["photometry"]["writers"]:
         settings["photometry"]["writers"] = list(settings["photometry"]["writers"]) + ["tpf"]
-    logging.getLogger("photometry").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
     pm = get_plugin_manager()
     if args.tpf is None and (args.catalog is not None or args.tmag is not None):
         raise InputError(f"{'--catalog' if args.catalog is not None else '--tmag'} is for "
@@ -117,6 +120,15 @@ def run(args):
         if hasattr(source, "close"):
             source.close()
     status = STATUS(result["status"])
+    code = 0 if status in (STATUS.OK, STATUS.WARNING) else 1
+    if args.json:  # one document, so that ``star ... --json > star.json`` is valid JSON
+        plots = (Path(result["lightcurve"]).parent / "plots" / f"{args.starid:011d}"
+                 if result["lightcurve"] and args.plot else None)
+        print(json.dumps({"starid": args.starid, "status": status.name, "method": method,
+                          "elapsed": result["elapsed"], "lightcurve": result["lightcurve"],
+                          "plots": plots, "error": result["error"],
+                          "details": result["details"]}, indent=1, default=str))
+        return code
     print(f"TIC {args.starid}: {status.name} ({method}, {result['elapsed']:.2f} s)")
     if result["lightcurve"]:
         print(f"light curve: {result['lightcurve']}")
@@ -127,4 +139,4 @@ def run(args):
     if result["error"]:
         print(f"error: {result['error']}")
     print(json.dumps(result["details"], indent=1, default=str))
-    return 0 if status in (STATUS.OK, STATUS.WARNING) else 1
+    return code

@@ -47,15 +47,17 @@ def default_stamp_size(tmag, settings=None):
 def add_arguments(parser):
     parser.add_argument("cache_dir", metavar="CACHE_DIR", help="folder of prepared caches")
     parser.add_argument("--faint-limit", type=float, default=None, metavar="MAG",
-                        help="faintest Tmag to include (default: scheduler.faint_limit)")
+                        help="faintest Tmag to include")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing todo.sqlite (its results are lost)")
     add_settings_arguments(parser)
 
 
 def run(args):
-    settings = load_settings(args.settings, args.assignments)
-    limit = settings["scheduler"]["faint_limit"] if args.faint_limit is None else args.faint_limit
+    extra = {} if args.faint_limit is None else {"scheduler": {"faint_limit": args.faint_limit}}
+    settings = load_settings(args.settings, args.assignments, extra=extra,
+                             extra_origin="--faint-limit")
+    limit = settings["scheduler"]["faint_limit"]
     t0 = time.perf_counter()
     path, n = make_todo(args.cache_dir, faint_limit=limit, overwrite=args.overwrite,
                         settings=settings)
@@ -67,7 +69,8 @@ def find_caches(cache_dir):
     """The complete caches in ``cache_dir``: list of (path, attributes dict)."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
-        raise InputError(f"{cache_dir}: not a folder")
+        raise InputError(f"{cache_dir}: not a folder" if cache_dir.exists()
+                         else f"{cache_dir}: cache folder not found")
     caches = []
     for path in sorted(cache_dir.iterdir()):
         if not CACHE_PATTERN.match(path.name):
@@ -81,14 +84,18 @@ def find_caches(cache_dir):
         if not attrs.get("complete", False):
             logger.warning("%s: cache is incomplete (prepare did not finish); skipped", path)
             continue
-        if shape is None:
-            raise InputError(f"{path}: cache has no 'images' dataset")
-        info = {"path": path, "name": path.name, "sector": int(attrs["sector"]),
-                "camera": int(attrs["camera"]), "ccd": int(attrs["ccd"]),
-                "cadence": int(round(float(attrs["cadence"]))),
-                "row_offset": int(attrs.get("row_offset", 0)),
-                "column_offset": int(attrs.get("column_offset", 44)),
-                "rows": int(shape[1]), "cols": int(shape[2])}
+        if shape is None or len(shape) != 3:
+            raise InputError(f"{path}: cache has no 'images' cube")
+        try:
+            info = {"path": path, "name": path.name, "sector": int(attrs["sector"]),
+                    "camera": int(attrs["camera"]), "ccd": int(attrs["ccd"]),
+                    "cadence": int(round(float(attrs["cadence"]))),
+                    "row_offset": int(attrs.get("row_offset", 0)),
+                    "column_offset": int(attrs.get("column_offset", 44)),
+                    "rows": int(shape[1]), "cols": int(shape[2])}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}: cache attribute {exc} missing or not a number "
+                             "(not made by 'tessphot prepare'?)") from None
         caches.append(info)
     if not caches:
         raise InputError(f"{cache_dir}: no complete cache sectorSSSS_cameraC_ccdD.hdf5 "

@@ -7,10 +7,14 @@ scheduler tests start imports it, and a test module would bring pytest and h5py 
 Behaviour per star from the environment variable ``SCHEDTEST_RULES`` (JSON
 ``{starid: rule}``): "raise" (every time), "hang", "kill_once" (SIGKILL its own worker process
 the first time, mid-task; marker files in ``SCHEDTEST_MARKERS``), "config" (a
-ConfigurationError), "skip:<starid>", "sleep:<s>"; ``SCHEDTEST_SLEEP`` seconds before every
-task. Its light curve is a text file written atomically whose content is fixed by the starid.
+ConfigurationError), "skip:<starid>[,<starid>...]", "sleep:<s>"; ``SCHEDTEST_SLEEP``
+seconds before every task. ``SCHEDTEST_DIE_AT_START``: a worker process SIGKILLs itself while
+it loads this plugin (before it is ready): "always", or a marker file (only the first time). Its light curve is a text file written atomically whose content is
+fixed by the starid and the method. A second algorithm, "schedtest_b", behaves the same (for
+results of several methods side by side).
 """
 import json
+import multiprocessing
 import os
 import signal
 import time
@@ -19,6 +23,20 @@ from pathlib import Path
 from photometry import hookimpl
 from photometry.base import STATUS, BasePhotometry
 from photometry.errors import ConfigurationError
+
+
+def _die_at_start():
+    rule = os.environ.get("SCHEDTEST_DIE_AT_START")
+    if not rule or multiprocessing.parent_process() is None:  # workers only
+        return
+    if rule != "always":
+        if Path(rule).exists():
+            return
+        Path(rule).touch()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+_die_at_start()
 
 
 class SchedTestPhotometry(BasePhotometry):
@@ -47,7 +65,7 @@ class SchedTestPhotometry(BasePhotometry):
                 marker.touch()
                 os.kill(os.getpid(), signal.SIGKILL)
         if rule.startswith("skip:"):
-            self.report_details(skip_targets=[int(rule[5:])])
+            self.report_details(skip_targets=[int(s) for s in rule[5:].split(",")])
         if rule.startswith("sleep:"):
             time.sleep(float(rule[6:]))
         self.details["mean_flux"] = float(self.starid)
@@ -55,20 +73,28 @@ class SchedTestPhotometry(BasePhotometry):
         return STATUS.OK
 
     def save_lightcurve(self, output_folder):
-        path = Path(output_folder) / f"tess{self.starid:011d}-schedtest_lc.txt"
+        path = Path(output_folder) / lc_name(self.starid, self.name)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(lc_content(self.starid))
+        tmp.write_text(lc_content(self.starid, self.name))
         os.replace(tmp, path)
         return path
 
 
-def lc_content(starid):
-    return f"{starid}\n" + "x" * 2000 + "\nEND\n"
+class SchedTestB(SchedTestPhotometry):
+    name = "schedtest_b"
+
+
+def lc_name(starid, method="schedtest"):
+    return f"tess{starid:011d}-{method}_lc.txt"
+
+
+def lc_content(starid, method="schedtest"):
+    return f"{starid} {method}\n" + "x" * 2000 + "\nEND\n"
 
 
 @hookimpl
 def register_algorithms():
-    return [SchedTestPhotometry]
+    return [SchedTestPhotometry, SchedTestB]
 
 
 @hookimpl
