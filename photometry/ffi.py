@@ -726,12 +726,12 @@ def _read_plain_pixels(path, hdus, image, uncert, meta, rows, cols, out=None):
             errors = _read_plain_array(path, u_offset, uh, *source,
                                        out=None if out is None else out[1])
         else:
-            errors = np.full((nr, nc), np.nan, dtype=np.float32) if out is None else out[1]
+            errors = np.empty((nr, nc), np.float32) if out is None else out[1]
             errors.fill(np.nan)
             _read_plain_array(path, u_offset, uh, *source, out=errors[target])
     if errors is None:
-        errors = np.full((nr, nc), np.nan, dtype=np.float32) if out is None else out[1]
-        errors.fill(np.nan)
+            errors = np.empty((nr, nc), np.float32) if out is None else out[1]
+            errors.fill(np.nan)
     return FFIFrame(image=pixels, uncert=errors, **meta)
 
 

@@ -133,6 +133,43 @@ def test_resume_equals_uninterrupted_and_damaged_partial_restarts(tmp_path, sett
                               equal_nan=True)
 
 
+def test_frames_read_into_the_block_buffers_give_the_same_cache(tmp_path, settings):
+    """Frames written straight into ``next_frame_buffers`` (prepare's reader does) give the
+    cache a copying writer gives, dataset for dataset, with kernel stars declared after the
+    first slot was handed out and several blocks through both buffer sets."""
+    images, errors, quality = _frames()
+    star = dict(starid=[7], column=[12.0], row=[9.0])
+    images[:, 8:11, 11:14] += 500.0
+    paths = []
+    for direct in (False, True):
+        path = tmp_path / str(direct) / "sector0003_camera2_ccd1.hdf5"
+        w = CacheWriter(path, settings, ffi_files=[f"f{i:03d}_ffic.fits" for i in range(N)],
+                        shape=(R, C), meta=META)
+        for i in range(N):
+            image, error = images[i], errors[i]
+            if direct:
+                slot_image, slot_error = w.next_frame_buffers()
+                slot_image[...], slot_error[...] = image, error
+                image, error = slot_image, slot_error
+            if i == 0:
+                w.set_kernel_stars(star["starid"], star["column"], star["row"])
+            w.add_frame(image, error, time=2000 + i / 144, time_start=2000, time_stop=2000,
+                        timecorr=0.0, cadenceno=100 + i, quality=quality[i])
+        w.finish_ingest(usable=np.ones(N, bool))
+        w.close(complete=True)
+        paths.append(path)
+    with h5py.File(paths[0]) as fa, h5py.File(paths[1]) as fb:
+        names = []
+        fa.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        assert "movement/centroids" in names and np.isfinite(fa["movement/centroids"][()]).any()
+        for name in names:
+            assert np.array_equal(fa[name][()], fb[name][()],
+                                  equal_nan=fa[name].dtype.kind == "f"), name
+    with FFICache(paths[1]) as cache:
+        assert np.array_equal(cache.stamp("images", slice(None), slice(None)), images,
+                              equal_nan=True)
+
+
 def test_complete_cache_is_kept_or_overwritten(tmp_path, settings):
     images, errors, quality = _frames()
     path = tmp_path / "sector0003_camera2_ccd1.hdf5"
