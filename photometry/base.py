@@ -22,6 +22,7 @@ stamp(name, row_slice, col_slice) -> (N, r, c), model_group(name)``
 and, for the catalog, either ``catalog_path`` (the catalog SQLite, see ``docs/architecture.md``)
 or ``catalog_table()`` (an astropy Table with the SQLite's columns).
 """
+import contextlib
 import enum
 import logging
 import os
@@ -56,6 +57,9 @@ class STATUS(enum.IntEnum):
     STARTED = 6
 
 
+#: STATUS of a finished result in increasing severity (the checks can only make it worse)
+_SEVERITY = (STATUS.OK, STATUS.WARNING, STATUS.ERROR)
+
 #: Cube names of the data sources (cache datasets / TPF columns behind them).
 _IMAGES, _ERRORS, _FLAGS = "images", "errors", "pixel_flags"
 _TPF_BKG, _TPF_BKG_ERR = "backgrounds", "background_errors"
@@ -73,6 +77,53 @@ class _ListHandler(logging.Handler):
 
     def emit(self, record):
         self.messages.append(f"{record.levelname}: {record.getMessage()}")
+
+
+class _ForwardHandler(logging.Handler):
+    """Passes on to a logger's ancestors the records they would have shown (``level`` up)."""
+
+    def __init__(self, logger, level):
+        super().__init__(level=level)
+        self.parent = logger.parent
+
+    def emit(self, record):
+        if self.parent is not None:
+            self.parent.handle(record)
+
+
+@contextlib.contextmanager
+def _collect_warnings(names):
+    """Every WARNING and ERROR logged under the loggers ``names`` meanwhile, whatever the log
+    level: the list of "LEVEL: message" lines, filled as they are logged.
+
+    Why: the reasons of a WARNING must reach the todo diagnostics and the light-curve header
+    even when the console shows errors only (``tessphot run`` without ``-v``). A logger
+    whose level hides warnings is lowered to WARNING for the block and kept from its
+    ancestors' handlers, to which only what they would have shown before is passed on.
+    """
+    handler = _ListHandler()
+    saved = []
+    for name in names:
+        log = logging.getLogger(name)
+        saved.append((log, log.level, log.propagate, None))
+        log.addHandler(handler)
+        shown = log.getEffectiveLevel()
+        if shown > logging.WARNING:
+            forward = _ForwardHandler(log, shown) if log.propagate else None
+            log.setLevel(logging.WARNING)
+            log.propagate = False
+            if forward is not None:
+                log.addHandler(forward)
+            saved[-1] = (log, saved[-1][1], saved[-1][2], forward)
+    try:
+        yield handler.messages
+    finally:
+        for log, level, propagate, forward in saved:
+            log.removeHandler(handler)
+            if forward is not None:
+                log.removeHandler(forward)
+            log.setLevel(level)
+            log.propagate = propagate
 
 
 def _photometry_settings(settings):
@@ -122,6 +173,10 @@ class BasePhotometry:
 
     name = "base"
     version = "0"
+    #: what the flux measures, for the core's checks (docs/checks.md): "total" (the star's
+    #: whole flux, e.g. a PRF fit), "aperture" (the light in ``final_phot_mask``, SAP-like)
+    #: or None (not said: the checks allow either reading)
+    flux_kind = None
 
     def __init__(self, starid, source, settings=None, plot=False, plot_folder=None):
         self.starid = int(starid)
@@ -138,6 +193,8 @@ class BasePhotometry:
         self.details = {"stamp": None, "stamp_resizes": 0, "errors": [], "skip_targets": []}
         self.additional_headers = {}
         self.final_phot_mask = None
+        self._flags = []
+        self._check_report = None
         self._status = STATUS.UNKNOWN
         self._stamp = None
         self._corrections = _load_corrections(self.settings)
@@ -642,47 +699,109 @@ class BasePhotometry:
         -------
         STATUS
         """
-        handler = _ListHandler()
         # The core's loggers and the algorithm's own package (plugins log under their name).
-        names = {"photometry", type(self).__module__.split(".")[0]}
-        loggers = [logging.getLogger(name) for name in names]
-        for log in loggers:
-            log.addHandler(handler)
-        try:
-            self._corrections_active = True
-            self._apply_corrections()
-            status = self.do_photometry()
-            if not isinstance(status, STATUS) or status == STATUS.UNKNOWN:
-                raise AlgorithmFailure(
-                    f"{type(self).__name__}.do_photometry returned {status!r}, not a STATUS")
-            status = self._source_warnings(status)
-            if status in (STATUS.OK, STATUS.WARNING):
-                self._post_process()
-        finally:
-            for log in loggers:
-                log.removeHandler(handler)
-            self.details["errors"].extend(handler.messages)
+        names = sorted({"photometry", type(self).__module__.split(".")[0]})
+        with _collect_warnings(names) as messages:
+            try:
+                self._corrections_active = True
+                self._apply_corrections()
+                status = self.do_photometry()
+                if not isinstance(status, STATUS) or status == STATUS.UNKNOWN:
+                    raise AlgorithmFailure(
+                        f"{type(self).__name__}.do_photometry returned {status!r}, not a STATUS")
+                if status in (STATUS.OK, STATUS.WARNING):
+                    self._post_process()
+                    status = self._check(status, messages)
+            finally:
+                self._store_flags()
+        self.details["errors"].extend(messages)
         self._status = status
         return status
 
-    def _source_warnings(self, status):
+    def _check(self, status, messages):
+        """The core's result checks (:mod:`photometry.checks`) and the algorithm's flags:
+        the worse of their level and the algorithm's status."""
+        from .checks import LEVELS, Flag, check_result
+        report = check_result(self)
+        if status == STATUS.WARNING and not any(f.level == "WARNING" for f in self._flags):
+            # the algorithm said WARNING without a reason code: its logged warnings are it
+            said = [m.split(": ", 1)[-1] for m in messages if m.startswith("WARNING: ")]
+            self._flags.append(Flag("METHOD_WARNING", "WARNING",
+                                    "; ".join(said) or f"{self.name} returned WARNING"))
+        self._source_warnings()
+        self._check_report = report
+        for item in report.flags:
+            logger.warning("TIC %d: %s %s: %s", self.starid, item.level, item.code, item.text)
+        level = max([report.status] + [f.level for f in self._flags], key=LEVELS.index)
+        return max(status, STATUS[level], key=_SEVERITY.index)
+
+    def _source_warnings(self):
         """What the data source could not do well (``source.warnings``: (code, text), e.g. a
         TESScut sky it could not separate from the stars) makes any result at best a
-        WARNING: each is logged with its code, so it is stored with the result."""
+        WARNING: each is a flag with its code, stored with the result."""
         for code, text in getattr(self.source, "warnings", ()):
-            logger.warning("TIC %d: WARNING %s: %s", self.starid, code, text)
-            if status == STATUS.OK:
-                status = STATUS.WARNING
-        return status
+            self.report_flag(code, text)
+
+    def _store_flags(self):
+        """``details['checks']``: the algorithm's flags, then the core checks' (if they ran)."""
+        from .checks import CheckReport
+        report = self._check_report
+        if report is None and not self._flags:
+            return
+        combined = CheckReport(self._flags + (report.flags if report else []),
+                               report.metrics if report else {})
+        self.details["checks"] = combined.to_details()
+
+    def report_flag(self, code, text, level=STATUS.WARNING):
+        """Record a reason code of this result (an algorithm's own check, e.g. a fit's chi^2).
+
+        ``level`` STATUS.WARNING or STATUS.ERROR: the target's STATUS is at least that bad.
+        The code and ``text`` (one line) go to the todo diagnostics and the light-curve
+        header with the core's checks (``docs/checks.md``); the text is also logged.
+        """
+        from .checks import Flag
+        name = STATUS(level).name
+        self._flags.append(Flag(str(code), name, str(text)))
+        logger.warning("TIC %d: %s %s: %s", self.starid, name, code, text)
+
+    def decline(self, code, text):
+        """Refuse this target with a reason code (e.g. ``SATURATED``): raises
+        :class:`AlgorithmFailure`, so the target is ERROR with ``code: text`` as its error
+        and the code in the diagnostics. Why a method declines rather than guesses: a wrong
+        flux marked OK is the worst outcome (``docs/checks.md``)."""
+        from .checks import Flag
+        self._flags.append(Flag(str(code), "ERROR", str(text)))
+        raise AlgorithmFailure(f"TIC {self.starid}: {code}: {text}")
+
+    def failure_reason(self):
+        """One line: the ERROR reasons of the checks ("CODE: text; ..."), for the todo list."""
+        errors = [f"{f.code}: {f.text}" for f in self.check_flags if f.level == "ERROR"]
+        return f"TIC {self.starid}: " + "; ".join(errors) if errors else \
+            f"TIC {self.starid}: {self.name} returned ERROR"
+
+    @property
+    def check_flags(self):
+        """The reason codes recorded so far (algorithm's and, after the checks, the core's)."""
+        report = self._check_report
+        return list(self._flags) + (list(report.flags) if report is not None else [])
+
+    def saturated_target_pixels(self):
+        """(r, c) bool of the target's saturated pixels (core and bleed columns), or None.
+
+        From the ``Saturated`` pixel flags, or the calibrated flux at the saturation level
+        where a source has no flags (TPFs); see :func:`photometry.checks.saturated_target_pixels`.
+        """
+        from .checks import saturated_target_pixels
+        return saturated_target_pixels(self)
 
     def _post_process(self):
         lc = self.lightcurve
         flux = np.asarray(lc["flux"], dtype=float)
         err = np.asarray(lc["flux_err"], dtype=float)
         if not np.any(np.isfinite(flux)):
-            raise AlgorithmFailure(f"TIC {self.starid}: every flux value is NaN")
+            self.decline("FINITE_FRACTION", "every flux value is NaN")
         if not np.any(np.isfinite(err)):
-            raise AlgorithmFailure(f"TIC {self.starid}: every flux error is NaN")
+            self.decline("ERRORS_INVALID", "every flux error is NaN")
         good = TESSQualityFlags.filter(self.quality) & np.isfinite(flux)
         self.details.update(lightcurve_metrics(self.time[good], flux[good], err[good]))
         cen = np.asarray(lc["pos_centroid"], dtype=float)[good]
@@ -905,6 +1024,8 @@ def run_target(method_cls, starid, source, settings, output_folder, plot=False):
                     logger.warning("TIC %d: plots failed: %s", starid, exc)
                     phot.report_details(error=f"plots failed: {exc}")
         result["status"] = status
+        if status == STATUS.ERROR:
+            result["error"] = phot.failure_reason()
     except ConfigurationError:
         raise
     except SkipTarget as exc:
@@ -928,5 +1049,10 @@ def run_target(method_cls, starid, source, settings, output_folder, plot=False):
         result["details"] = dict(phot.details)
     if result["error"]:
         result["details"].setdefault("errors", []).append(result["error"])
+    if result["status"] == STATUS.ERROR and not (result["details"].get("checks") or {}).get("codes"):
+        # an algorithm that failed without a reason code: every ERROR carries one
+        from .checks import CheckReport, Flag
+        result["details"]["checks"] = CheckReport(
+            [Flag("METHOD_ERROR", "ERROR", result["error"])]).to_details()
     result["elapsed"] = _time.perf_counter() - t0
     return result

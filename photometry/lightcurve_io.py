@@ -146,6 +146,7 @@ def build_hdulist(phot):
     h = primary.header
     for key, (value, comment) in phot.additional_headers.items():
         h[key] = (_card_value(value), comment)
+    add_check_cards(h, phot)
 
     n = len(lc)
     pos_c = np.asarray(lc["pos_centroid"], dtype=float).reshape(n, 2)
@@ -201,6 +202,14 @@ def build_hdulist(phot):
     aperture.header["COMMENT"] = ("bits: 1 collected, 2 in mask, 4 background, 8 centroid, "
                                   "32/64/128/256 CCD output A/B/C/D")
     return fits.HDUList([primary, table, sumimg, aperture])
+
+
+def add_check_cards(header, phot):
+    """The core's result checks in the primary header: QCSTATUS, QCCODES and one QCTXTn card
+    per reason (:func:`photometry.checks.header_cards`, docs/checks.md)."""
+    from .checks import header_cards
+    for key, value, comment in header_cards(phot.details.get("checks")):
+        header[key] = (value, comment)
 
 
 def write_lightcurve(phot, output_folder):

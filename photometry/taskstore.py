@@ -241,7 +241,14 @@ def _m002_results_per_method(db):
     ex("ALTER TABLE runs ADD COLUMN method TEXT")
 
 
-MIGRATIONS = [_m001_initial, _m002_results_per_method]
+def _m003_check_codes(db):
+    """``diagnostics.qc_status`` / ``qc_codes``: the core's result checks (docs/checks.md),
+    so that ``WHERE qc_codes LIKE '%NOISE_EXCESS%'`` finds them without parsing JSON."""
+    db["diagnostics"].add_column("qc_status", str)
+    db["diagnostics"].add_column("qc_codes", str)
+
+
+MIGRATIONS = [_m001_initial, _m002_results_per_method, _m003_check_codes]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -929,7 +936,7 @@ def _q(name):
 
 
 _DIAGNOSTICS_COLUMNS = ["priority", "method", "lightcurve", "elaptime", "worker_wait_time",
-                        *DIAGNOSTIC_COLUMNS, "errors", "details"]
+                        *DIAGNOSTIC_COLUMNS, "errors", "details", "qc_status", "qc_codes"]
 _DIAGNOSTICS_SQL = (f"INSERT OR REPLACE INTO diagnostics "
                     f"({', '.join(map(_q, _DIAGNOSTICS_COLUMNS))}) "
                     f"VALUES ({', '.join('?' * len(_DIAGNOSTICS_COLUMNS))})")
@@ -960,7 +967,15 @@ def _diagnostics_row(result_key, res, details, errors, lightcurve):
             extra[key] = value
     return (*result_key, lightcurve, float(res.get("elaptime") or 0.0), res.get("worker_wait_time"),
             *values.values(), "\n".join(str(e) for e in errors) or None,
-            json.dumps(extra, default=_json_default) if extra else None)
+            json.dumps(extra, default=_json_default) if extra else None,
+            *_check_columns(details.get("checks")))
+
+
+def _check_columns(checks):
+    """(qc_status, qc_codes) of ``details['checks']`` (codes comma-separated), or Nones."""
+    if not checks:
+        return None, None
+    return checks.get("status"), ",".join(checks.get("codes") or []) or None
 
 
 def _literal(value):

@@ -235,16 +235,22 @@ def test_real_ffi_stars_where_spoc_has_no_uncertainty_get_their_flux(tmp_path):
             print(f"star {k + 1} Tmag {tmag[k]:.1f} {'covered' if covered[k] else 'estimated'}:"
                   f" mask {mask} px, flux {flux:.0f} vs r=4 aperture {plain:.0f} "
                   f"({flux / plain:.3f}), {status.name}")
+            if status == STATUS.ERROR:  # the core's checks refused a wrong flux, with its reason
+                assert "FLUX_VS_REFERENCE" in phot.details["checks"]["codes"]
+                del ratios[k]
+                continue
             assert status in (STATUS.OK, STATUS.WARNING)
             if uncovered[k]:
                 assert mask >= 4  # before: 1 px
-    est = [ratios[k] for k in np.flatnonzero(uncovered)]
-    ref = [ratios[k] for k in np.flatnonzero(covered)]
+    est = [ratios[k] for k in np.flatnonzero(uncovered) if k in ratios]
+    ref = [ratios[k] for k in np.flatnonzero(covered) if k in ratios]
     assert len(est) >= 2 and len(ref) >= 2
     # the stars whose uncertainties were estimated now fare like those with SPOC's (before:
     # 21-24 % of their flux). Both groups keep only 0.6-0.7 of the r = 4 px aperture on this
     # crowded real frame with a catalog found in the image: that deficit is common to both
-    # (aperture masks, not uncertainties) and is reported to the aperture/checks owners.
+    # (aperture masks, not uncertainties). It is right: an in-mask (SAP-like) flux keeps the
+    # PRF fraction of its 3-9 pixel mask (docs/checks.md, "Aperture against a plain r = 4 px
+    # aperture"); the one wrong flux here (star 2, 4x its pixels) is ERROR FLUX_VS_REFERENCE.
     print("median flux / plain aperture: estimated", np.median(est), "SPOC", np.median(ref))
     assert np.median(est) > 0.5, est
     assert abs(np.median(est) - np.median(ref)) < 0.1, (est, ref)

@@ -36,7 +36,8 @@ def sector(tmp_path_factory):
                      "--set", f"linpsf.scene_tile={TILE}"]) == 0
     assert cli.main(["todo", str(base / "cache")]) == 0
     assert cli.main(["run", str(base / "cache"), "--output", str(base / "lc"), "--method",
-                     "linpsf", "--workers", "1", "--tmag-max", "13", "--no-progress",
+                     "linpsf", "--workers", "1", "--tmag-min", "6.5", "--tmag-max", "13",
+                     "--no-progress",
                      "--set", SCENE[0]]) == 0
     cache = next((base / "cache").glob("sector*.hdf5"))
     with h5py.File(base / "sim" / "truth.h5", "r") as h:

@@ -412,7 +412,8 @@ def test_migration_from_version_1(tmp_path):
     conn.execute("INSERT INTO photometry_skipped VALUES (4, 3)")  # 4's aperture held 3
     conn.close()
     with TaskStore(path) as s:
-        assert s.conn.execute("SELECT version FROM schema_version").fetchone()[0] == 2
+        assert s.conn.execute("SELECT version FROM schema_version").fetchone()[0] \
+            == len(MIGRATIONS)
         rows = {p: (m, st, json.loads(f) if f else None) for p, m, st, f in s.conn.execute(
             "SELECT priority, method, status, files FROM results")}
         assert rows == {1: ("aperture", OK, ["c1800/a_lc.fits"]), 2: ("aperture", SKIPPED, None),
@@ -425,6 +426,8 @@ def test_migration_from_version_1(tmp_path):
         d = s.conn.execute("SELECT method, mean_flux FROM diagnostics WHERE priority = 1"
                            ).fetchone()
         assert d == ("aperture", 99.0)
+        diag_cols = {c[1] for c in s.conn.execute("PRAGMA table_info(diagnostics)")}
+        assert {"qc_status", "qc_codes"} <= diag_cols       # _m003_check_codes after it
         cols = [c[1] for c in s.conn.execute("PRAGMA table_info(todolist)")]
         assert "status" not in cols and "attempts" not in cols and "cache" in cols
         s.plan(method="aperture")

@@ -26,10 +26,12 @@ def choose_method(target, settings):
 
     1. ``tmag < policy_bright_tmag`` and ``policy_bright_method`` set: that method (e.g. a
        halo/TV-min algorithm for stars whose bleed columns outgrow any stamp).
-    2. ``target['crowding'] > policy_crowding_limit`` (the fraction of expected flux near the
+    2. ``tmag < saturation_tmag``: "aperture", whose saturated path keeps every saturated
+       pixel and the bleed columns (PRF fits decline saturated targets, docs/checks.md).
+    3. ``target['crowding'] > policy_crowding_limit`` (the fraction of expected flux near the
        target coming from other stars, when the task list provides it) and
        ``policy_crowded_method`` set: that method (e.g. a PRF-fitting plugin).
-    3. "aperture".
+    4. "aperture".
 
     Being ``trylast``, any other plugin's policy that returns a name takes precedence.
     """
@@ -38,6 +40,8 @@ def choose_method(target, settings):
     bright = cfg.get("policy_bright_method", "")
     if bright and tmag is not None and float(tmag) < float(cfg.get("policy_bright_tmag", 0.0)):
         return bright
+    if tmag is not None and float(tmag) < float(cfg.get("saturation_tmag", 6.5)):
+        return "aperture"
     crowded = cfg.get("policy_crowded_method", "")
     crowding = target.get("crowding") if hasattr(target, "get") else None
     if crowded and crowding is not None \

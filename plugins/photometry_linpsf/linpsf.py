@@ -546,6 +546,7 @@ class LinPSFPhotometry(BasePhotometry):
 
     name = "linpsf"
     version = "1.0"
+    flux_kind = "total"
 
     # ------------------------------------------------------------------ model
     def _shape_model(self):
@@ -628,9 +629,21 @@ class LinPSFPhotometry(BasePhotometry):
         rest = rest[in_stamp[rest] > 0]
         return np.asarray(fitted, dtype=int), rest, flux
 
+    def _decline_saturated(self):
+        """Refuse a saturated target (reason code SATURATED; the method policy gives those to
+        aperture). Why: the PRF model describes none of the charge that bled along the
+        columns, so a fit to the unsaturated wings returned about half the flux of the real
+        saturated Pi Men (0.485 x SPOC's SAP_FLUX), with a reduced chi^2 of 999."""
+        saturated = self.saturated_target_pixels()
+        if saturated is not None:
+            self.decline("SATURATED", f"{int(saturated.sum())} saturated pixels (core and "
+                         "bleed columns) that the PRF model does not describe; use the "
+                         "aperture method")
+
     # ------------------------------------------------------------------ algorithm
     def do_photometry(self):
         cfg = self.settings["linpsf"]
+        self._decline_saturated()
         if cfg.get("mode", "target") != "target":   # scene mode: read the prepare-time fit
             from .scene import scene_photometry
             return scene_photometry(self)
@@ -780,20 +793,39 @@ class LinPSFPhotometry(BasePhotometry):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             chi2 = float(np.nanmean((resid[good] ** 2) * weights.reshape(R, C)[None]))
+            # the same over the target's PRF aperture: what its flux rests on (a neighbour's
+            # bleed far from the target raises the stamp's chi^2, not the target's error)
+            chi2_ap = float(np.nanmean(((resid[good] ** 2) * weights.reshape(R, C)[None])
+                                       [:, aperture]))
             rrms = float(np.sqrt(np.nanmean(np.nanmean(resid[good], axis=0)[aperture] ** 2))
                          / max(tflux * target_img.max(), 1e-12))
+            # the misfit beyond the noise relative to the target's own model in the aperture:
+            # chi^2 - 1 = misfit^2 x mean(model^2 / var), so a bright star's percent-level
+            # shape error (chi^2 of tens) and a failed fit (the same chi^2 on a faint star,
+            # or hundreds on a bright one) are told apart
+            snr2 = float(np.mean(((tflux * target_img) ** 2 * weights.reshape(R, C))[aperture]))
+            misfit = float(np.sqrt(max(chi2_ap - 1.0, 0.0) / snr2)) if snr2 > 0 else np.inf
         self.details["linpsf"] = {"model": model_name, "n_sources": int(nfit),
                                   "n_subtracted": int(rest.size), "moving": bool(moving),
                                   "time_model": time_model is not None,
-                                  "chi2": chi2, "residual_rms": rrms}
+                                  "chi2": chi2, "chi2_aperture": chi2_ap,
+                                  "misfit": misfit, "residual_rms": rrms}
         if tflux <= 0:
-            logger.warning("TIC %d: fitted target flux is not positive", self.starid)
+            self.report_flag("FLUX_NOT_POSITIVE", "fitted target flux is not positive")
             status = STATUS.WARNING
+        if not (chi2_ap <= float(cfg["max_chi2"]) or misfit <= float(cfg["max_misfit"])):
+            # the model does not describe the target's pixels: its flux cannot be trusted
+            self.report_flag("FIT_CHI2", f"reduced chi^2 {chi2_ap:.4g} in the target's "
+                             f"aperture (misfit {misfit:.3g} of its model) above "
+                             f"linpsf.max_chi2 = {cfg['max_chi2']} and max_misfit = "
+                             f"{cfg['max_misfit']}", STATUS.ERROR)
         self.additional_headers.update({
             "PSF_NSRC": (int(nfit), "PSF stars fitted simultaneously"),
             "PSF_NSUB": (int(rest.size), "PSF faint stars subtracted at catalog flux"),
             "PSF_MODL": (model_name, "PSF shape model used"),
             "PSF_CHI2": (chi2, "PSF mean reduced chi^2 of the stamp fit"),
+            "PSF_CHIA": (chi2_ap, "PSF mean reduced chi^2 in the PRF aperture"),
+            "PSF_MISF": (misfit, "PSF rms misfit beyond noise / target model"),
             "PSF_RRMS": (rrms, "PSF mean residual RMS / target peak in aperture"),
             "PSF_MOVE": (bool(moving), "PSF positions follow the movement kernel"),
             "PSF_TIME": (time_model is not None, "PSF shape follows the time model"),
