@@ -315,7 +315,11 @@ class Backdrop(StreamingStage, BackgroundModel):
         if st["jitter"] is not None:
             jitter = np.full((k, st["jitter"].shape[1]), nan, np.float32)
         if ok.any():
-            res = fitter.fit(images[ok], pixel_flags[ok], BAD_PIXEL_BITS, st["jitter_pixels"])
+            # the block itself when every frame is usable (the fit only reads it): a copy
+            # of a full-frame block is 0.5 GB of images and 0.1 GB of flags
+            if not ok.all():
+                images, pixel_flags = images[ok], pixel_flags[ok]
+            res = fitter.fit(images, pixel_flags, BAD_PIXEL_BITS, st["jitter_pixels"])
             w[ok], strap[ok], noise[ok], n_clipped[ok] = (res.weights, res.strap, res.noise,
                                                           res.n_clipped)
             if res.jitter is not None and jitter is not None:
