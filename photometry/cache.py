@@ -509,6 +509,8 @@ class CacheWriter:
             for start in range(0, self.frames_done, self.block):
                 stop = min(start + self.block, self.frames_done)
                 self._accumulate(f["images"][start:stop], quality[start:stop])
+        if not f.attrs["ingest_complete"]:
+            self._drop_uncommitted_wcs()
         self._stars = None
         if "movement/centroids" in f:
             g = f["movement"]
@@ -516,6 +518,22 @@ class CacheWriter:
                            "row": g["row"][:]}
             cen = g["centroids"][:self.frames_done]
             self._guess = self._last_positions(cen)
+
+    def _drop_uncommitted_wcs(self):
+        """Re-create the ``wcs`` strings with only the committed frames' values.
+
+        Why: a block's strings enter the file before its commit; a kill then can leave
+        entries past ``frames_done`` pointing into a global-heap collection beyond the file's
+        recorded end, and overwriting a variable-length string first frees the old one, so
+        the resumed write failed ("address of object past end of allocation"). A fresh
+        dataset has no old strings to free.
+        """
+        f = self._file
+        kept = f["wcs"][:self.frames_done]
+        del f["wcs"]
+        f.create_dataset("wcs", shape=(self.n_frames,), dtype=h5py.string_dtype())
+        if self.frames_done:
+            f["wcs"][:self.frames_done] = kept
 
     @staticmethod
     def _last_positions(centroids):
