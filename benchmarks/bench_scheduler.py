@@ -61,10 +61,11 @@ def bench_plan(cache):
     """Planning a run over the whole CCD: results rows made pending (first run), then again
     (a resumed run), with one method and with the choose_method policy of the plugins."""
     import functools
-    from photometry.run import _choose_method, plugin_manager
+    from photometry.plugins import get_plugin_manager
+    from photometry.run import _choose_method
     from photometry.settings import load_settings
     from photometry.taskstore import TaskStore
-    policy = functools.partial(_choose_method, plugin_manager("", ""), load_settings())
+    policy = functools.partial(_choose_method, get_plugin_manager(), load_settings())
     times = []
     with TaskStore(cache / "todo.sqlite") as store:
         n = store.count()

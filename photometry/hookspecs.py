@@ -46,3 +46,21 @@ def choose_method(target, settings):
 
     ``target`` is a mapping with at least starid, tmag, row, column, sector, camera, ccd.
     """
+
+
+@hookspec
+def register_settings():
+    """Settings sections this plugin owns, next to its code: ``{section: {key: default}}``.
+
+    The sections join the core's defaults: a settings file or ``--set section.key=value``
+    may change them, every value is typed from its default and checked like a core setting,
+    and ``tessphot plugins`` shows them. A section may not reuse a core or another plugin's
+    section name (the error names both owners).
+    """
+
+
+@hookspec
+def register_setting_limits():
+    """Allowed values of this plugin's settings beyond their type: ``{"section.key": Limit}``
+    with the helpers of :mod:`photometry.settings` (``at_least``, ``between``, ``one_of``, ...).
+    Keys must belong to the plugin's own sections."""

@@ -24,10 +24,10 @@ elsewhere a watchdog thread polls the parent), so a killed run leaves no process
 Ctrl-C (or SIGTERM, as sent by SLURM at the time limit) stops cleanly: finished results are
 committed, tasks in flight go back to pending uncharged.
 
-``TESSPHOT_EXTRA_PLUGINS=module.a,module.b`` registers extra plugin modules in the coordinator
-and every worker, without an entry point; ``TESSPHOT_BLOCK_PLUGINS=name,name`` (``*`` = all)
-leaves out installed entry-point plugins. Debugging and testing aids: the fault tests run their
-own algorithm alone, so a worker does not import the whole science stack to start.
+``TESSPHOT_EXTRA_PLUGINS`` and ``TESSPHOT_BLOCK_PLUGINS`` (:mod:`photometry.plugins`) apply
+in the coordinator and every worker, Dask workers included: the workers get the coordinator's
+values. Debugging and testing aids: the fault tests run their own algorithm alone, so a
+worker does not import the whole science stack to start.
 """
 import collections
 import contextlib
@@ -52,12 +52,9 @@ from .errors import ConfigurationError, InputError, disk_full
 from .settings import load_settings
 from .taskstore import ERROR, FAILED, STATUS_NAMES, TODO_NAME, TaskStore, owner_alive, owner_id
 
-__all__ = ["add_arguments", "run", "run_tasks", "WorkerContext", "execute_task",
-           "plugin_manager", "EXTRA_PLUGINS_ENV", "BLOCK_PLUGINS_ENV"]
+__all__ = ["add_arguments", "run", "run_tasks", "WorkerContext", "execute_task"]
 
 logger = logging.getLogger(__name__)
-EXTRA_PLUGINS_ENV = "TESSPHOT_EXTRA_PLUGINS"
-BLOCK_PLUGINS_ENV = "TESSPHOT_BLOCK_PLUGINS"
 DEFAULT_TASK_FUNCTION = "photometry.run:execute_task"
 #: workers' private folder inside OUTPUT for files not yet accepted by the coordinator
 STAGING = ".tessphot-staging"
@@ -66,29 +63,6 @@ WATCHDOG_INTERVAL = 0.5
 
 
 # =========================================================================== worker side
-def _extra_plugin_names(value=None, env=EXTRA_PLUGINS_ENV):
-    value = os.environ.get(env, "") if value is None else value
-    return [name.strip() for name in value.split(",") if name.strip()]
-
-
-def plugin_manager(extra_plugins=None, blocked_plugins=None):
-    """The plugin manager with the modules named in ``TESSPHOT_EXTRA_PLUGINS`` added and the
-    entry-point plugins named in ``TESSPHOT_BLOCK_PLUGINS`` left out (arguments override the
-    environment: workers get the coordinator's values, Dask workers have their own env)."""
-    from .plugins import ENTRY_POINT_GROUP, get_plugin_manager
-    modules = []
-    for name in _extra_plugin_names(extra_plugins):
-        try:
-            modules.append(importlib.import_module(name))
-        except ImportError as exc:
-            raise ConfigurationError(f"{EXTRA_PLUGINS_ENV}: cannot import '{name}' ({exc})")
-    blocked = _extra_plugin_names(blocked_plugins, BLOCK_PLUGINS_ENV)
-    if "*" in blocked:
-        from importlib import metadata
-        blocked = [ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)]
-    return get_plugin_manager(blocked=blocked, extra_plugins=modules)
-
-
 def _resolve(path):
     module, _, attr = path.partition(":")
     obj = importlib.import_module(module)
@@ -142,8 +116,11 @@ class WorkerContext:
     @property
     def pm(self):
         if self._pm is None:
-            self._pm = plugin_manager(self.config.get("extra_plugins", ""),
-                                      self.config.get("blocked_plugins", ""))
+            from .plugins import default_plugin_manager, plugin_names, use_plugins
+            names = (self.config.get("blocked_plugins", ""), self.config.get("extra_plugins", ""))
+            if tuple(",".join(n) for n in plugin_names()) != names:
+                use_plugins(*names)  # e.g. a Dask worker: the coordinator's plugins
+            self._pm = default_plugin_manager()
         return self._pm
 
     def method_class(self, name):
@@ -888,11 +865,14 @@ def _run(store, cache_dir, output, settings, workers, method, dask, filters, lim
     output = output_folder(output)
     log_file = use_log_file(output / "tessphot.log")
     filters = {k: v for k, v in (filters or {}).items() if v is not None}
-    extra = ",".join(_extra_plugin_names())
-    blocked = ",".join(_extra_plugin_names(env=BLOCK_PLUGINS_ENV))
+    from .plugins import default_plugin_manager, plugin_names
+    pm = default_plugin_manager()
+    blocked, extra = plugin_names()
+    # the workers skip what failed to import here instead of each reporting it again
+    blocked = ",".join(dict.fromkeys(blocked + tuple(pm.tessphot_broken)))
+    extra = ",".join(extra)
     policy = None
     if method is None or task_function in (None, DEFAULT_TASK_FUNCTION):
-        pm = plugin_manager(extra, blocked)
         if method and task_function in (None, DEFAULT_TASK_FUNCTION):
             from .plugins import lookup
             lookup(pm, "register_algorithms", method)  # fail fast

@@ -22,16 +22,25 @@ from pathlib import Path
 from .errors import ConfigurationError
 
 __all__ = ["load_settings", "settings_hash", "parse_assignment", "default_settings",
-           "LIMITS", "DEFAULTS_ORIGIN"]
+           "core_settings", "LIMITS", "DEFAULTS_ORIGIN"]
 
 #: how the defaults are named in error messages (a default that breaks its limit is a bug)
 DEFAULTS_ORIGIN = "settings/defaults.toml"
 
 
-def default_settings():
-    """The documented defaults, as a nested dict."""
+def core_settings():
+    """The core's documented defaults (``settings/defaults.toml``), as a nested dict."""
     text = resources.files("photometry._defaults").joinpath("defaults.toml").read_text()
     return tomllib.loads(text)
+
+
+def default_settings(pm=None):
+    """The documented defaults, as a nested dict: the core's and the sections the plugins of
+    ``pm`` own (hook ``register_settings``; default: this process's plugin manager)."""
+    from .plugins import default_plugin_manager, plugin_settings
+    settings = core_settings()
+    settings.update(plugin_settings(pm or default_plugin_manager())[0])
+    return settings
 
 
 # --------------------------------------------------------------------------- limits
@@ -250,16 +259,16 @@ def _check_scalar(value, kind, limit, allow_inf):
     return value, None
 
 
-def check_value(name, value, default):
+def check_value(name, value, default, limits=None):
     """The value of setting ``name`` normalised to the default's type (int -> float for a
-    float setting, so that equal values hash alike).
+    float setting, so that equal values hash alike); ``limits`` defaults to :data:`LIMITS`.
 
     Raises
     ------
     ValueError
         With what is wrong (the caller adds the key and where the value came from).
     """
-    limit = LIMITS.get(name)
+    limit = (LIMITS if limits is None else limits).get(name)
     allow_inf = bool(limit and limit.allow_inf)
     kind = _kind(default)
     if kind is list or (limit is not None and limit.scalar_or_list):
@@ -293,16 +302,18 @@ def check_value(name, value, default):
     return checked
 
 
-def _validate(settings, defaults, origins, prefix=""):
+def _validate(settings, defaults, origins, limits, default_origins, prefix=""):
     for key, default in defaults.items():
         name = f"{prefix}{key}"
         if isinstance(default, dict):
-            _validate(settings[key], default, origins, prefix=name + ".")
+            _validate(settings[key], default, origins, limits, default_origins,
+                      prefix=name + ".")
             continue
         try:
-            settings[key] = check_value(name, settings[key], default)
+            settings[key] = check_value(name, settings[key], default, limits)
         except ValueError as exc:
-            origin = origins.get(name, DEFAULTS_ORIGIN)
+            origin = origins.get(name) or default_origins.get(name.split(".")[0],
+                                                              DEFAULTS_ORIGIN)
             raise ConfigurationError(f"{origin}: {name} = {_show(settings[key])} {exc}") \
                 from None
 
@@ -367,9 +378,10 @@ def _read_toml(path):
 
 
 def load_settings(files=(), assignments=(), extra=None, extra_origin="command-line options"):
-    """Defaults, then each TOML file, then ``section.key=value`` assignments, then ``extra``
-    (a nested dict from command-line options, named ``extra_origin`` in messages); then every
-    value is checked against its default's type and :data:`LIMITS`.
+    """Defaults (the core's and the loaded plugins' sections), then each TOML file, then
+    ``section.key=value`` assignments, then ``extra`` (a nested dict from command-line
+    options, named ``extra_origin`` in messages); then every value is checked against its
+    default's type and :data:`LIMITS` (and the plugins' limits).
 
     Raises
     ------
@@ -378,6 +390,8 @@ def load_settings(files=(), assignments=(), extra=None, extra_origin="command-li
         unreadable, non-UTF-8 or malformed file, an unknown key, a value of the wrong type or
         out of its range.
     """
+    from .plugins import default_plugin_manager, plugin_settings
+    _, plugin_limits, owners = plugin_settings(default_plugin_manager())
     settings = default_settings()
     origins = {}
     for path in files:
@@ -387,7 +401,8 @@ def load_settings(files=(), assignments=(), extra=None, extra_origin="command-li
         _merge(settings, parse_assignment(text), f"--set {text}", origins)
     if extra:
         _merge(settings, copy.deepcopy(extra), extra_origin, origins)
-    _validate(settings, default_settings(), origins)
+    _validate(settings, default_settings(), origins, {**LIMITS, **plugin_limits},
+              {section: f"plugin '{owner}' defaults" for section, owner in owners.items()})
     return settings
 
 

@@ -85,14 +85,14 @@ def find_cache(cache_dir, starid, sector=None, camera=None, ccd=None):
 
 def run(args):
     from .base import STATUS, run_target
-    from .plugins import get_plugin_manager, lookup
+    from .plugins import default_plugin_manager, lookup
     from .settings import load_settings
 
     settings = load_settings(args.settings, args.assignments)
     output_folder(args.output)
     if args.tpf_out and "tpf" not in settings["photometry"]["writers"]:
         settings["photometry"]["writers"] = list(settings["photometry"]["writers"]) + ["tpf"]
-    pm = get_plugin_manager()
+    pm = default_plugin_manager()
     if args.tpf is None and (args.catalog is not None or args.tmag is not None):
         raise InputError(f"{'--catalog' if args.catalog is not None else '--tmag'} is for "
                          "--tpf input (a cache has its own catalog)")

@@ -226,4 +226,5 @@ def test_example_plugin_pip_installed_is_loaded_by_entry_point(tmp_path):
     assert module == "photometry_prfweight.algorithm"
     row = next(r for r in rows if r["name"] == "prfweight")
     assert row == {"name": "prfweight", "distribution": "photometry-prfweight",
-                   "version": "0.2.0", "hooks": ["register_algorithms"]}
+                   "version": "0.2.0", "hooks": ["register_algorithms"],
+                   "registers": {"algorithms": ["prfweight"]}, "settings": {}, "limits": {}}
