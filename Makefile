@@ -27,10 +27,13 @@ demo: $(INSTALLED)
 	@echo "Simulated FFIs and truth:  $(DEMO_DIR)/sim"
 	@echo "FFI cache and todo list:   $(DEMO_DIR)/cache"
 	@echo "Light curves (FITS):       $(DEMO_DIR)/lightcurves  ($$(find $(DEMO_DIR)/lightcurves -name '*_lc.fits' | wc -l) files)"
+	@echo "CCD summary (CDPP vs Tmag): $$(ls $(DEMO_DIR)/lightcurves/summary/*_cdpp.png)"
+	@echo "Co-trending vectors:       $$(ls $(DEMO_DIR)/lightcurves/cbv/*_cbv.fits 2>/dev/null || echo 'none (no systematic above the noise)')"
 	@echo "Plots of one star:         $$(dirname $$(find $(DEMO_DIR)/debug_star -name stamp.png))"
+	@echo "  $$(cd $$(dirname $$(find $(DEMO_DIR)/debug_star -name stamp.png)) && ls *.png | tr '\n' ' ')"
 
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -n 2 -q tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q tests
 
 benchmarks: $(INSTALLED)
 	$(BIN)/python -m pip install --quiet -e '.[benchmarks]'

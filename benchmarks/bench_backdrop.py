@@ -158,7 +158,7 @@ def photometry_comparison(cache_dir, sim_dir, out_dir, tmag_range=(8.0, 13.0)):
             path = next(out.rglob(f"tess{int(sid[i]):011d}-*_lc.fits"))
             with fits.open(path) as hdul:
                 d = hdul["LIGHTCURVE"].data
-                f = np.asarray(d["FLUX"], float)
+                f = np.asarray(d["SAP_FLUX"], float)
                 ok = np.isfinite(f) & (np.asarray(d["QUALITY"]) == 0)
             ratio = f[ok] / flux[i][ok]
             res[label] = {"rel_rms": float(np.std(ratio / np.median(ratio))),

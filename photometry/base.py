@@ -37,7 +37,8 @@ from astropy.table import Table
 
 from .errors import (AlgorithmFailure, ConfigurationError, InputError, SkipTarget,
                      UnprocessableTarget, disk_full)
-from .quality import LightCurveQualityFlags, PixelQualityFlags, TESSQualityFlags
+from .quality import (LightCurveQualityFlags, PixelQualityFlags, TESSQualityFlags,
+                      lightcurve_quality)
 from .stamps import default_stamp_size, clip_stamp
 
 __all__ = ["STATUS", "BasePhotometry", "run_target", "open_source"]
@@ -815,6 +816,11 @@ class BasePhotometry:
             edge = np.zeros_like(mask)
             edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
             self.details["edge_flux"] = float(np.nansum(self.sumimage[mask & edge]))
+        expected = self.aperture_noise()
+        if expected is not None:
+            from .noise import measured_cdpp
+            self.details["cdpp_expected"] = expected.cdpp(1.0)
+            self.details["cdpp_sap"] = measured_cdpp(self.time[good], flux[good], self.cadence)
         if "AP_CONT" in self.additional_headers:
             self.details["contamination"] = float(self.additional_headers["AP_CONT"][0])
         elif "PSF_CONT" in self.additional_headers:
@@ -828,18 +834,69 @@ class BasePhotometry:
             self.details["skip_targets"] = [int(s) for s in skip_targets]
 
     def output_quality(self):
-        """(N,) LightCurveQualityFlags: BackgroundShenanigans where any mask pixel has it,
-        FlaggedBadData from the cadence quality, and the bits the stamp corrections set."""
-        q = np.zeros(self.n_frames, dtype=np.int32)
+        """(N,) QUALITY of the light-curve file (:func:`photometry.quality.lightcurve_quality`):
+        SPOC's cadence bits, and our own bits (BackgroundShenanigans where any mask pixel has
+        it, the bits the stamp corrections set) shifted above them."""
+        own = np.zeros(self.n_frames, dtype=np.int64)
         flags = self.pixelflags_cube
         mask = self.final_phot_mask
         sel = flags if mask is None else flags[:, np.asarray(mask, dtype=bool)]
         bad = np.any((sel & PixelQualityFlags.BackgroundShenanigans) != 0,
                      axis=tuple(range(1, sel.ndim)))
-        q[bad] |= int(LightCurveQualityFlags.BackgroundShenanigans)
-        q[~TESSQualityFlags.filter(self.quality)] |= int(LightCurveQualityFlags.FlaggedBadData)
-        q |= getattr(self, "correction_quality", 0)
-        return q
+        own[bad] |= int(LightCurveQualityFlags.BackgroundShenanigans)
+        own |= getattr(self, "correction_quality", 0)
+        return lightcurve_quality(self.quality, own)
+
+    def good_cadences(self):
+        """(N,) bool: cadences passing ``TESSQualityFlags.DEFAULT_BITMASK`` with finite flux."""
+        flux = np.asarray(self.lightcurve["flux"], dtype=float)
+        return TESSQualityFlags.filter(self.quality) & np.isfinite(flux)
+
+    @cached_property
+    def ccd_noise(self):
+        """:class:`photometry.noise.CCDNoise` of the data: the source's own (``noise``), the
+        cache's ``noise_*`` attributes, the TPF's header, else the documented defaults."""
+        from .noise import CCDNoise
+        noise = getattr(self.source, "noise", None)
+        if isinstance(noise, CCDNoise):
+            return noise
+        attrs = getattr(self.source, "attrs", None) or {}
+        if "noise_read_noise" in attrs:
+            return CCDNoise.from_attrs(attrs)
+        return CCDNoise.from_header(getattr(self.source, "header", None) or {}, self.cadence)
+
+    def aperture_noise(self):
+        """Expected noise of the sum over ``final_phot_mask`` (:class:`ApertureNoise`), from
+        the sum image (stars), the mean background of the good cadences (sky) and the read
+        noise of each pixel's output; None without a mask or a positive flux."""
+        from .noise import ApertureNoise
+        mask = self.final_phot_mask
+        good = self.good_cadences()
+        if mask is None or not np.any(good):
+            return None
+        flux = float(np.median(np.asarray(self.lightcurve["flux"], dtype=float)[good]))
+        if not flux > 0:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sky = np.nanmean(self.backgrounds_cube[good], axis=0)
+        cols, _ = self.get_pixel_grid()
+        return ApertureNoise.of_aperture(self.ccd_noise, self.sumimage, sky, mask, cols, flux,
+                                         self.cadence)
+
+    def background_error_in_mask(self):
+        """(N,) 1-sigma error of the background summed over the mask (SAP_BKG_ERR), e-/s.
+
+        The method's own ``flux_background_err`` column if it has one; otherwise the
+        background errors added linearly over the mask: a background model (or the flat local
+        estimate) errs alike in neighbouring pixels.
+        """
+        if "flux_background_err" in self.lightcurve.colnames:
+            return np.asarray(self.lightcurve["flux_background_err"], dtype=float)
+        mask = self.final_phot_mask
+        if mask is None:
+            return np.full(self.n_frames, np.nan)
+        return np.sum(self.backgrounds_err_cube[:, np.asarray(mask, dtype=bool)], axis=1)
 
     def aperture_bitmask(self):
         """(r, c) int32 APERTURE image (TASOC §2.5 bits, see docs/coordinates_and_formats.md)."""

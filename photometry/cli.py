@@ -33,6 +33,7 @@ COMMANDS = {
     "prepare": ("photometry.prepare", "build the HDF5 cache of a sector/camera/CCD"),
     "todo": ("photometry.todo", "build the task list todo.sqlite"),
     "run": ("photometry.run", "run photometry on every task"),
+    "correct": ("photometry.correct", "co-trend the light curves of a run (PDCSAP_FLUX)"),
     "star": ("photometry.star", "run one star with full logging and plots"),
     "status": ("photometry.status_cmd", "counts and failures of a run"),
     "plugins": ("photometry.plugins_cmd", "list installed plugins and their hooks"),

@@ -35,6 +35,12 @@ def register_calibration_stages():
 
 
 @hookspec
+def register_lightcurve_corrections():
+    """Corrections of a CCD's light curves after its photometry (co-trending, PDCSAP_FLUX):
+    a list of :class:`photometry.stages.LightCurveCorrection` subclasses (all results kept)."""
+
+
+@hookspec
 def register_output_writers():
     """Light-curve writers: a list of classes with ``name`` and ``write(photometry, path)``
     (all results kept)."""

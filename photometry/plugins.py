@@ -140,6 +140,7 @@ _BASES = {
     "register_prepare_stages": "photometry.stages:PrepareStage",
     "register_corrections": "photometry.stages:StampCorrection",
     "register_calibration_stages": "photometry.stages:CalibrationStage",
+    "register_lightcurve_corrections": "photometry.stages:LightCurveCorrection",
     "register_output_writers": None,
 }
 

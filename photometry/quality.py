@@ -3,7 +3,8 @@ import enum
 
 import numpy as np
 
-__all__ = ["TESSQualityFlags", "PixelQualityFlags", "LightCurveQualityFlags"]
+__all__ = ["TESSQualityFlags", "PixelQualityFlags", "LightCurveQualityFlags",
+           "lightcurve_quality"]
 
 
 class _Flags(enum.IntFlag):
@@ -69,7 +70,13 @@ PixelQualityFlags.PRF_FIT_BITMASK = 2 | 8 | 16
 
 
 class LightCurveQualityFlags(_Flags):
-    """Bits of the output ``QUALITY`` column (the cadence's own SPOC bits go in PIXEL_QUALITY)."""
+    """Our own per-cadence bits of a light curve (stamp corrections, background trouble).
+
+    They are not SPOC's: the light-curve file's QUALITY column holds SPOC's cadence bits as
+    read, so that lightkurve's bitmasks act on it, and these bits shifted up by
+    :data:`OUTPUT_SHIFT` (see :func:`lightcurve_quality`). The values here are stored in cache
+    models (scattered-light cube flags), so they are never renumbered.
+    """
 
     FlaggedBadData = 1
     ManualExclude = 2
@@ -80,3 +87,23 @@ class LightCurveQualityFlags(_Flags):
 
 
 LightCurveQualityFlags.DEFAULT_BITMASK = 1 | 2
+#: our bits sit this far up in QUALITY: above every bit SPOC uses (1 .. 2^17) and outside
+#: lightkurve's named bitmasks (all <= 65535), so "default"/"hard"/"hardest" mean what they mean
+#: for SPOC files; ``quality_bitmask=int`` can select ours (e.g. ``256 << 20``)
+LightCurveQualityFlags.OUTPUT_SHIFT = 20
+
+
+def lightcurve_quality(cadence_quality, own_flags):
+    """The QUALITY column of a light-curve file.
+
+    SPOC's cadence bits as read; ``Straylight2`` (4096, SPOC's automatic scattered-light flag,
+    in lightkurve's "hard" mask) where our scattered-light correction is unreliable; our own
+    :class:`LightCurveQualityFlags` shifted up by ``OUTPUT_SHIFT`` (FlaggedBadData is left
+    out: the SPOC bits already say it).
+    """
+    q = np.asarray(cadence_quality, dtype=np.int64).copy()
+    own = np.asarray(own_flags, dtype=np.int64) & ~int(LightCurveQualityFlags.FlaggedBadData)
+    q[(own & int(LightCurveQualityFlags.ScatteredLightUnreliable)) != 0] |= \
+        int(TESSQualityFlags.Straylight2)
+    q |= own << LightCurveQualityFlags.OUTPUT_SHIFT
+    return q

@@ -72,19 +72,39 @@ def _resolve(path):
 
 
 class _LazySource:
-    """A cache opened with :func:`photometry.base.open_source` on first attribute access."""
+    """A cache opened with :func:`photometry.base.open_source` on first attribute access,
+    its stamps served by a :class:`photometry.stampcache.BlockCache` of ``cache_bytes``
+    (0: none)."""
 
-    def __init__(self, path):
+    def __init__(self, path, cache_bytes=0):
         self._path = path
         self._source = None
+        self._cache_bytes = int(cache_bytes)
 
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
         if self._source is None:
             from .base import open_source
-            self._source = open_source(self._path)
+            source = open_source(self._path)
+            if self._cache_bytes > 0 and getattr(source, "datasource", None) == "ffi":
+                from .stampcache import BlockCache
+                source = BlockCache(source, self._cache_bytes)
+            self._source = source
         return getattr(self._source, name)
+
+    def prefetch(self, task):
+        """Announce the default stamp of a coming task (only if this cache is open)."""
+        source = self._source
+        if source is None or not hasattr(source, "prefetch"):
+            return
+        try:
+            r = int(round(float(task["row"]))) - int(source.row_offset)
+            c = int(round(float(task["column"]))) - int(source.column_offset)
+            h, w = int(task["stamp_rows"]) // 2, int(task["stamp_cols"]) // 2
+        except (KeyError, TypeError, ValueError):
+            return
+        source.prefetch(slice(max(0, r - h), r + h + 1), slice(max(0, c - w), c + w + 1))
 
     def close(self):
         if self._source is not None and hasattr(self._source, "close"):
@@ -147,12 +167,22 @@ class WorkerContext:
             if cache_name in self._sources:
                 self._sources.move_to_end(cache_name)
                 return self._sources[cache_name]
-            src = _LazySource(self.cache_dir / cache_name)
+            mb = float(self.settings.get("scheduler", {}).get("stamp_cache_mb", 0) or 0)
+            src = _LazySource(self.cache_dir / cache_name, cache_bytes=mb * 1024 ** 2)
             self._sources[cache_name] = src
             while len(self._sources) > self.keep_sources:
                 _, old = self._sources.popitem(last=False)
                 old.close()
             return src
+
+    def prefetch(self, task):
+        """Let the open cache of ``task`` start reading its stamp (a hint, never an error)."""
+        src = self._sources.get(task.get("cache"))
+        if src is not None:
+            try:
+                src.prefetch(task)
+            except Exception:  # noqa: BLE001 - a failed hint costs nothing but the hint
+                logger.debug("prefetch of task %s failed", task.get("priority"), exc_info=True)
 
     def close(self):
         for src in self._sources.values():
@@ -253,7 +283,9 @@ def _worker_main(conn, config):
         wait = time.perf_counter() - t_wait
         if batch is None:
             break
-        for task in batch:
+        for k, task in enumerate(batch):
+            if k + 1 < len(batch):
+                context.prefetch(batch[k + 1])
             try:
                 result = function(context, task)
             except ConfigurationError as exc:
@@ -1002,13 +1034,17 @@ def run(args):
                         command=" ".join(sys.argv))
     if summary["message"]:
         print(f"nothing to do: {summary['message']}")
-        return 1 if summary["failed"] else 0
-    counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())) or "nothing"
-    print(f"{summary['tasks_run']} tasks in {summary['elapsed']:.1f} s "
-          f"({summary['tasks_per_second']:.1f}/s): {counts}")
-    if summary["status_all"] != summary["counts"]:  # earlier runs, or skipped without running
-        every = ", ".join(f"{k} {v}" for k, v in sorted(summary["status_all"].items()))
-        print(f"all results of {', '.join(sorted(summary['methods']))}: {every}")
-    if summary["last_error"]:
-        print(f"last error: {one_line(summary['last_error'])}")
+    else:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())) or "nothing"
+        print(f"{summary['tasks_run']} tasks in {summary['elapsed']:.1f} s "
+              f"({summary['tasks_per_second']:.1f}/s): {counts}")
+        if summary["status_all"] != summary["counts"]:  # earlier runs, or skipped without running
+            every = ", ".join(f"{k} {v}" for k, v in sorted(summary["status_all"].items()))
+            print(f"all results of {', '.join(sorted(summary['methods']))}: {every}")
+        if summary["last_error"]:
+            print(f"last error: {one_line(summary['last_error'])}")
+    # co-trending and the CCD summaries, also after a run with nothing to do: a correction
+    # an earlier run did not finish is finished, and one already done is left as it is
+    from .correct import finish_run
+    finish_run(args.cache_dir, args.output, settings)
     return 1 if summary["failed"] else 0

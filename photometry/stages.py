@@ -1,12 +1,14 @@
 """Base classes of the non-algorithm plugin kinds: prepare stages, stamp corrections,
-calibration stages. Each subclass has a unique ``name`` and a ``version`` string."""
+calibration stages, light-curve corrections. Each subclass has a unique ``name`` and a
+``version`` string."""
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
 __all__ = ["PrepareStage", "StreamingStage", "StreamContext", "BackgroundModel",
-           "StampCorrection", "CalibrationStage", "cache_catalog", "context_from_cache"]
+           "StampCorrection", "CalibrationStage", "LightCurveCorrection", "cache_catalog",
+           "context_from_cache"]
 
 
 class PrepareStage:
@@ -203,3 +205,46 @@ class BackgroundModel(PrepareStage):
     @classmethod
     def evaluate_error(cls, group, row_slice, col_slice, frames=slice(None)):
         raise NotImplementedError
+
+
+class LightCurveCorrection:
+    """A correction of a CCD's light curves after its photometry (systematics: PDCSAP_FLUX).
+
+    The core (:mod:`photometry.correct`) calls, for each CCD and method: ``candidates(stars)``
+    (which stars may shape the correction), ``fit(ensemble)`` on those stars' light curves,
+    then ``correct(star)`` for every star of the CCD (the candidates too) and writes the
+    result into its file. No file I/O here except a correction's own declared inputs (e.g.
+    SPOC CBV files named in its settings). Deterministic: the same light curves give the same
+    result, whatever the order of work.
+    """
+
+    name = None
+    version = "0"
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def candidates(self, stars):
+        """(S,) bool: stars (an astropy Table: ``starid, tmag, row, column, variability,
+        contamination``) whose light curves ``fit`` should see. Default: all."""
+        import numpy as np
+        return np.ones(len(stars), dtype=bool)
+
+    def fit(self, ensemble):
+        """Learn the CCD's correction from a :class:`photometry.correct.Ensemble`."""
+        raise NotImplementedError
+
+    def correct(self, star):
+        """A :class:`photometry.correct.Corrected` for one :class:`photometry.correct.StarLightCurve`."""
+        raise NotImplementedError
+
+    def products(self):
+        """CCD-level files to keep, ``{file name: HDUList}`` (written by the core into
+        ``LC_DIR/cbv/``). Default: none."""
+        return {}
+
+    def restore(self, folder, key):
+        """Restore the state of an earlier ``fit`` of CCD/method ``key`` = (sector, camera, ccd,
+        cadence, method) from this correction's products in ``folder``, so that one more star
+        can be corrected alone (``tessphot star``). Returns False if it cannot."""
+        return False

@@ -121,17 +121,23 @@ def run(args):
             source.close()
     status = STATUS(result["status"])
     code = 0 if status in (STATUS.OK, STATUS.WARNING) else 1
+    pdc = None
+    if result["lightcurve"]:  # co-trended with its CCD's stored correction, if LC_DIR has one
+        from .correct import correct_star
+        pdc = correct_star(result["lightcurve"], args.output, settings,
+                           target.get("row"), target.get("column"))
     if args.json:  # one document, so that ``star ... --json > star.json`` is valid JSON
         plots = (Path(result["lightcurve"]).parent / "plots" / f"{args.starid:011d}"
                  if result["lightcurve"] and args.plot else None)
         print(json.dumps({"starid": args.starid, "status": status.name, "method": method,
                           "elapsed": result["elapsed"], "lightcurve": result["lightcurve"],
-                          "plots": plots, "error": result["error"],
+                          "pdc_method": pdc, "plots": plots, "error": result["error"],
                           "details": result["details"]}, indent=1, default=str))
         return code
     print(f"TIC {args.starid}: {status.name} ({method}, {result['elapsed']:.2f} s)")
     if result["lightcurve"]:
-        print(f"light curve: {result['lightcurve']}")
+        print(f"light curve: {result['lightcurve']} (PDCSAP_FLUX: "
+              f"{pdc or 'not corrected: no stored correction of this CCD in ' + str(args.output)})")
         if result["details"].get("filepath_tpf"):
             print(f"target pixel file: {result['details']['filepath_tpf']}")
         if args.plot:

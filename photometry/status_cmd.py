@@ -23,6 +23,9 @@ def add_arguments(parser):
     parser.add_argument("--failures", type=at_least(0), default=20, metavar="N",
                         help="list at most N failed results")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--output", "-o", default=None, metavar="LC_DIR",
+                        help="the run's light-curve folder: also (re)write its per-CCD "
+                             "summary tables and CDPP plots in LC_DIR/summary/")
 
 
 def status_report(cache_dir, max_failures=20):
@@ -90,6 +93,12 @@ def _iso(t):
 
 def run(args):
     report = status_report(args.cache_dir, args.failures)
+    if args.output is not None:
+        from .summary import write_summaries
+        if not Path(args.output).is_dir():
+            from .errors import InputError
+            raise InputError(f"{args.output}: light-curve folder not found")
+        report["summaries"] = [str(p) for p in write_summaries(args.cache_dir, args.output)]
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -119,4 +128,6 @@ def run(args):
         for f in report["failures"]:
             print(f"  TIC {f['starid']} (task {f['priority']}, {f['method']}, {f['status']}, "
                   f"{f['attempts']} attempts): {f['message']}")
+    for path in report.get("summaries", []):
+        print(f"summary: {path}")
     return 0

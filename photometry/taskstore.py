@@ -63,10 +63,17 @@ FAILED = (ERROR, ABORT)
 #: statuses whose light curve is kept (and whose skip_targets skip fainter tasks)
 KEPT = (OK, WARNING)
 
+#: Height in CCD rows of the bands of :data:`CLAIM_ORDER`.
+CLAIM_BAND_ROWS = 32
+
 #: The order in which pending tasks are claimed: an SQL ORDER BY expression over the
 #: ``results`` row ``r`` and its ``todolist`` row ``t``. The one place it is defined (the
-#: results do not depend on it; the tests change it to prove that).
-CLAIM_ORDER = "r.priority"
+#: results do not depend on it; the tests change it to prove that). By position: bands of
+#: :data:`CLAIM_BAND_ROWS` rows, by column within a band (then brightest first), so the
+#: targets a worker gets one after the other share the blocks of its stamp cache
+#: (:mod:`photometry.stampcache`); brightest first (``r.priority``) read every stamp's
+#: chunks anew from anywhere on the CCD.
+CLAIM_ORDER = (f'CAST(t."row" / {CLAIM_BAND_ROWS} AS INTEGER), t."column", r.priority')
 
 #: numeric per-task metrics stored as columns of ``diagnostics`` (TASOC names); any other key of
 #: ``details['metrics']`` goes to its ``details`` JSON column

@@ -175,6 +175,30 @@ def scene():
     return make_scene()
 
 
+def test_residual_background_fits_all_cadences_at_once_as_one_by_one():
+    """Issue 15: the batched clipped plane fits equal per-cadence ``lstsq``, also where a
+    cadence keeps too few pixels for a plane (its minimum-norm solution), and a known plane
+    with outliers is recovered."""
+    rng = np.random.default_rng(4)
+    A = np.column_stack([np.ones(60), rng.uniform(-.5, .5, 60), rng.uniform(-.5, .5, 60)])
+    y = rng.normal(size=(60, 40))
+    keep = rng.uniform(size=y.shape) > 0.2
+    keep[:, 3] = False
+    keep[:2, 3] = True                                   # two pixels: rank 2
+    keep[:, 7] = False                                   # none
+    loop = np.array([np.linalg.lstsq(A[keep[:, i]], y[keep[:, i], i], rcond=None)[0]
+                     for i in range(40)]).T
+    np.testing.assert_allclose(masks._masked_fits(A, y, keep), loop, rtol=1e-9, atol=1e-12)
+    n, R, C = 30, 11, 11
+    rr, cc = np.mgrid[:R, :C]
+    truth = 5.0 + 0.3 * (rr - 5)[None] - 0.2 * (cc - 5)[None] + np.arange(n)[:, None, None]
+    images = truth + rng.normal(0, 0.01, (n, R, C))
+    images[::3, 4, 4] += 500.0                            # outliers the clip removes
+    surface, error = masks.residual_background(images, np.ones((R, C), bool))
+    np.testing.assert_allclose(surface, truth, atol=0.02)
+    assert np.all(error < 0.01)
+
+
 def test_isolated_stars_reach_ideal_noise_and_amplitudes(scene):
     source, truth = scene
     ratios, amps = [], []

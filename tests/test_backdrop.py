@@ -141,6 +141,62 @@ def test_evaluate_any_stamp_and_cadence(fitted):
     assert np.all(err.max(axis=(1, 2)) < noise) and np.all(err.min(axis=(1, 2)) > 0.005 * noise)
 
 
+def _dense_reference(group, rows, cols, frames):
+    """The model's formula over every term and column (the evaluation before the stamp
+    tables, kept here as the reference): R @ W @ C.T + strap, and the error from one
+    triangular solve per pixel against the full Cholesky factor."""
+    from scipy import linalg
+
+    from photometry_backdrop.basis import Axis
+    a = group.attrs
+    rows_ax = Axis.from_attrs(a["n_rows"], a["poly_degree"], group["row_knots"][()])
+    cols_ax = Axis.from_attrs(a["n_cols"], a["poly_degree"], group["col_knots"][()])
+    w = group["weights"][()][frames].astype(np.float64)
+    strap = group["strap"][()][frames].astype(np.float64)
+    pairs = group["pairs"][()]
+    wm = np.zeros((len(w), rows_ax.size, cols_ax.size))
+    wm[:, pairs[:, 0], pairs[:, 1]] = w
+    rb, cb = rows_ax.basis(rows), cols_ax.basis(cols)
+    gain = group["gain"][()][cols]
+    model = (np.matmul(rb, np.matmul(wm, cb.T)) + strap[:, None, cols]) * gain
+    coup = group["strap_coupling"][()][cols].astype(np.float64)
+    prec = group["strap_precision"][()][cols]
+    phi = rb[:, None, pairs[:, 0]] * cb[None, :, pairs[:, 1]] - coup[None, :, :]
+    L = group["cov_chol"][()].astype(np.float64)
+    v = linalg.solve_triangular(L, phi.reshape(-1, phi.shape[-1]).T, lower=True)
+    var = (v ** 2).sum(axis=0).reshape(len(rows), len(cols)) + 1.0 / prec[None, :]
+    noise = group["noise"][()][frames].astype(np.float64)
+    return model, noise[:, None, None] * (np.sqrt(var) * gain)[None]
+
+
+def test_stamp_evaluation_equals_the_dense_formula(fitted, tmp_path):
+    """Stamps read through the stamp tables, and a cache without them (evaluated from the
+    full datasets), give the dense formula's background and error to rounding."""
+    import shutil
+
+    from photometry_backdrop.stamp import TABLES, StampEvaluator
+    group = fitted["group"]
+    assert group[TABLES].attrs["complete"]
+    copy = tmp_path / "no_tables.hdf5"
+    fitted["file"].flush()
+    shutil.copy(fitted["file"].filename, copy)
+    with h5py.File(copy, "r+") as f:
+        del f["models/backdrop"][TABLES]
+    frames = np.array([5, 2, 5, 23, 0])
+    with h5py.File(copy, "r") as f:
+        for rs, cs in ((slice(30, 45), slice(100, 111)), (slice(0, 15), slice(113, 128)),
+                       (slice(None), slice(None)), (np.array([3, 4, 90]), np.array([7, 2]))):
+            rows, cols = np.arange(128)[rs], np.arange(128)[cs]
+            ref_model, ref_err = _dense_reference(group, rows, cols, frames)
+            for g in (group, f["models/backdrop"]):
+                model = Backdrop.evaluate(g, rs, cs, frames)
+                err = Backdrop.evaluate_error(g, rs, cs, frames)
+                np.testing.assert_allclose(model, ref_model, rtol=1e-12, atol=1e-10)
+                np.testing.assert_allclose(err, ref_err, rtol=1e-9)
+        assert not StampEvaluator.of(f["models/backdrop"]).tables
+    assert StampEvaluator.of(group).tables
+
+
 def test_jitter_components(fitted):
     jg = fitted["group"]["jitter"]
     n = fitted["sim"]["images"].shape[0]

@@ -62,10 +62,13 @@ def test_spoc_aperture_reproduces_sap_flux_and_bkg(tmp_path):
         assert hdul[0].header["METHVER"] == "1.0"
         lc = hdul["LIGHTCURVE"].data
         assert lc["CADENCENO"].tolist() == SPOC_CADENCENO
-        np.testing.assert_allclose(lc["FLUX_RAW"], SPOC_SAP_FLUX, atol=0.01)
-        np.testing.assert_allclose(lc["FLUX_BKG"], SPOC_SAP_BKG, atol=0.01)
-        np.testing.assert_array_equal(lc["FLUX"], lc["FLUX_RAW"])
-        assert lc["PIXEL_QUALITY"].tolist() == [8, 0, 0, 0, 0]
+        np.testing.assert_allclose(lc["SAP_FLUX"], SPOC_SAP_FLUX, atol=0.01)
+        np.testing.assert_allclose(lc["SAP_BKG"], SPOC_SAP_BKG, atol=0.01)
+        # no correction ran: PDCSAP_FLUX is the SAP copy, and says so
+        np.testing.assert_array_equal(lc["PDCSAP_FLUX"], lc["SAP_FLUX"])
+        assert hdul["LIGHTCURVE"].header["PDCMETHD"] == "none"
+        # QUALITY holds SPOC's cadence bits as the TPF has them (8 = Earth point)
+        assert lc["QUALITY"].tolist() == [8, 0, 0, 0, 0]
         # The flux-weighted centroid sits on the target (1-based CCD column ~1624, row ~393).
         assert np.all(np.abs(lc["MOM_CENTR1"] - 1623.9) < 0.5)
         assert np.all(np.abs(lc["MOM_CENTR2"] - 393.3) < 0.5)
@@ -75,7 +78,7 @@ def test_spoc_aperture_reproduces_sap_flux_and_bkg(tmp_path):
         assert hdul["SUMIMAGE"].data.shape == (11, 11)
 
     import lightkurve
-    lk = lightkurve.read(str(path))
+    lk = lightkurve.read(str(path), quality_bitmask="none")
     assert lk.time.format == "btjd"
     np.testing.assert_allclose(lk.flux.value, SPOC_SAP_FLUX, atol=0.01)
     np.testing.assert_allclose(lk.time.value[1:], [1325.29664867, 1325.29803757,

@@ -579,7 +579,7 @@ def test_real_tpf_and_tesscut_sweep(name, path, starid, tmag, method, tmp_path):
     flux = None
     if res["lightcurve"]:
         with fits.open(res["lightcurve"]) as hdul:
-            flux = np.nanmedian(hdul["LIGHTCURVE"].data["FLUX"])
+            flux = np.nanmedian(hdul["LIGHTCURVE"].data["SAP_FLUX"])
     if name == "tpf" and res["status"] == STATUS.OK:
         # an OK flux is right: aperture an in-mask (SAP-like) flux, linpsf the total flux
         if method is AperturePhotometry:

@@ -34,17 +34,21 @@ def scene(tmp_path_factory):
     return base, settings
 
 
-def run_once(scene, name, workers, monkeypatch, order=None):
+def run_once(scene, name, workers, monkeypatch, order=None, assignments=(), dask=None):
     import photometry.taskstore as taskstore
     import shutil
     base, settings = scene
+    if assignments:
+        settings = load_settings(assignments=["simulate.cadences=30", "simulate.rows=64",
+                                              "simulate.cols=64", "simulate.seed=1",
+                                              "backdrop.progress=false", *assignments])
     cache = base / f"cache_{name}"
     shutil.copytree(base / "cache", cache)
     make_todo(cache, faint_limit=15, settings=settings)
     if order:
         monkeypatch.setattr(taskstore, "CLAIM_ORDER", order)
     summary = run_tasks(cache, base / f"lc_{name}", settings=settings, workers=workers,
-                        progress=False)
+                        dask=dask, progress=False)
     monkeypatch.undo()
     with TaskStore(cache / "todo.sqlite") as store:
         statuses = dict(store.conn.execute(
@@ -72,4 +76,25 @@ def test_same_light_curves_whatever_workers_or_order(scene, monkeypatch):
         assert sorted(other[3]) == sorted(curves)     # the same set of light curves
         for name, columns in curves.items():          # and byte-identical columns
             assert other[3][name] == columns, name
-    assert any("FLUX" == c for c in next(iter(curves.values())))
+    assert any("SAP_FLUX" == c for c in next(iter(curves.values())))  # SPOC layout
+
+
+def test_position_order_stamp_cache_and_dask_change_nothing(scene, monkeypatch):
+    """Issue 15: tasks claimed by position and served from the workers' stamp cache, and the
+    same sector split over Dask workers (a LocalCluster of 2 processes), give the light
+    curves of one worker going brightest first that reads every stamp directly."""
+    distributed = pytest.importorskip("distributed")
+    ref = run_once(scene, "direct", 1, monkeypatch, order="r.priority",
+                   assignments=["scheduler.stamp_cache_mb=0"])
+    cached = run_once(scene, "cached", 2, monkeypatch)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        on_dask = run_once(scene, "dask", None, monkeypatch, dask=cluster.scheduler_address)
+    assert on_dask[0]["backend"] == "dask"
+    curves = ref[3]
+    assert len(curves) >= 35
+    for other in (cached, on_dask):
+        assert other[1] == ref[1]
+        assert sorted(other[3]) == sorted(curves)
+        for name, columns in curves.items():
+            assert other[3][name] == columns, name

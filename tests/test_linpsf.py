@@ -253,6 +253,26 @@ def test_headers_errors_and_fallback(crowded, caplog):
     assert "no linpsf_shape model" in caplog.text
 
 
+def test_designs_in_blocks_of_cadences_give_the_same_light_curve(crowded, monkeypatch):
+    """Issue 15 (memory): moving-star designs built for blocks of cadences (as beyond
+    DESIGN_BLOCK_BYTES at 11 800 cadences) give the light curve of one block."""
+    import photometry_linpsf.linpsf as linpsf
+    source, truth, _ = crowded
+    k = _crowded_targets(truth)[1]
+    whole = LinPSFPhotometry(k + 1, source, settings=_settings())
+    whole.photometry()
+    assert whole.details["linpsf"]["moving"]
+    assert whole.details["linpsf"]["design_blocks"] == 1
+    monkeypatch.setattr(linpsf, "DESIGN_BLOCK_BYTES", 2 * 1024 ** 2)
+    blocked = LinPSFPhotometry(k + 1, source, settings=_settings())
+    blocked.photometry()
+    assert blocked.details["linpsf"]["design_blocks"] == 10      # 120 cadences, 12 a block
+    for col in ("flux", "flux_err", "flux_background", "pos_centroid"):
+        np.testing.assert_allclose(np.asarray(blocked.lightcurve[col]),
+                                   np.asarray(whole.lightcurve[col]), rtol=1e-12, atol=0)
+    assert np.array_equal(blocked.final_phot_mask, whole.final_phot_mask)
+
+
 def test_solver_fixed_and_batched_agree():
     rng = np.random.default_rng(1)
     A = rng.uniform(size=(50, 4))

@@ -106,8 +106,8 @@ def test_scene_light_curves_against_truth_and_target_mode(sector):
                                    "linpsf")
             with fits.open(path) as hdul:
                 assert hdul[0].header["PSF_MODE"] == "scene"
-                assert 0 < hdul[0].header["FLFRCSAP"] <= 1
-                flux = np.asarray(hdul[1].data["FLUX"], float)
+                assert 0 < hdul["LIGHTCURVE"].header["FLFRCSAP"] <= 1
+                flux = np.asarray(hdul[1].data["SAP_FLUX"], float)
             # the light curve is the stored scene fit, read, not refitted
             k = int(np.flatnonzero(ids == sid)[0])
             np.testing.assert_allclose(flux, g["flux"][:, k], rtol=1e-6)

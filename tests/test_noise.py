@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 from astropy.io import fits
 
 from photometry.noise import CCDNoise, output_of_column
@@ -46,3 +47,45 @@ def test_defaults_without_keywords():
     # read-noise-only pixel: sqrt(720) * 10 e- / 1425.6 s
     assert abs(np.sqrt(noise.pixel_variance(np.array([-5.0]), 100))[0]
                - np.sqrt(720) * 10 / 1425.6) < 1e-12
+
+
+def test_aperture_noise_by_source():
+    """Photons of star and sky and the read noise of each pixel's output, added over the mask."""
+    from photometry.noise import ApertureNoise
+    noise = CCDNoise.from_header({"READNOIA": 10.0, "READNOIB": 5.0, "NREADOUT": 720,
+                                  "EXPOSURE": 1425.6 / 86400}, 1800.0)
+    star = np.array([[100.0, 1000.0], [-3.0, 200.0]])
+    sky = np.full((2, 2), 50.0)
+    mask = np.array([[True, True], [True, False]])
+    columns = np.array([554, 556])                      # output A | output B
+    ap = ApertureNoise.of_aperture(noise, star, sky, mask, columns, 1100.0, 1800.0)
+    t = 1425.6
+    assert ap.source == pytest.approx(np.sqrt(1100.0 / t))      # negative pixel: no photons
+    assert ap.sky == pytest.approx(np.sqrt(150.0 / t))
+    rn2 = 720 * (2 * 10.0 ** 2 + 5.0 ** 2) / t ** 2
+    assert ap.read == pytest.approx(np.sqrt(rn2))
+    assert ap.n_pixels == 3
+    total = np.sqrt(1250.0 / t + rn2)
+    assert ap.relative() == pytest.approx(1e6 * total / 1100.0)
+    assert ap.cdpp(1.0) == pytest.approx(1e6 * total / 1100.0 / np.sqrt(2))   # 2 cadences
+    assert ap.cdpp(0.5) == pytest.approx(ap.relative())
+
+
+def test_measured_cdpp_white_noise_and_lightkurve():
+    """White noise of sigma gives sigma / sqrt(n); lightkurve's estimate_cdpp with the same
+    filter length agrees."""
+    import lightkurve as lk
+    from photometry.noise import measured_cdpp
+    rng = np.random.default_rng(1)
+    t = 1325.3 + np.arange(1200) / 48.0
+    sigma = 1e-3
+    f = 1e4 * (1 + sigma * rng.standard_normal(t.size) + 2e-3 * np.sin(t / 3.0))
+    ours = measured_cdpp(t, f, 1800.0, hours=1.0)
+    assert ours == pytest.approx(1e6 * sigma / np.sqrt(2), rel=0.06)
+    theirs = lk.LightCurve(time=t, flux=f).estimate_cdpp(transit_duration=2,
+                                                         savgol_window=97).value
+    assert ours == pytest.approx(theirs, rel=0.03)
+    # a gap splits the filter; too few points give NaN
+    assert np.isfinite(measured_cdpp(np.r_[t[:500], t[600:] + 1], np.r_[f[:500], f[600:]],
+                                     1800.0))
+    assert np.isnan(measured_cdpp(t[:4], f[:4], 1800.0))

@@ -62,8 +62,8 @@ def test_readme_quick_start_runs_verbatim(tmp_path):
         true_flux = truth["flux"][index]
         ideal = truth["stars/ideal_noise"][index] / truth["stars/flux_mean"][index]
     data = fits.getdata(lc_file, 1)
-    good = (data["QUALITY"] == 0) & np.isfinite(data["FLUX"])
-    ratio = data["FLUX"][good] / true_flux[good]
+    good = (data["QUALITY"] == 0) & np.isfinite(data["SAP_FLUX"])
+    ratio = data["SAP_FLUX"][good] / true_flux[good]
     assert good.sum() > 80
     assert 0.85 < np.median(ratio) < 1.05                  # aperture keeps most of the PRF
     assert np.std(ratio / np.median(ratio)) < 2 * ideal    # measured 0.96 x ideal

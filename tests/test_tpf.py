@@ -338,7 +338,7 @@ def test_missing_pixel_errors_are_estimated(tmp_path, path, kwargs, exposure):
     for result, err_est in zip(results, (0.0, 1.0)):
         with fits.open(result["lightcurve"]) as hdul:
             assert hdul[0].header["ERR_EST"] == err_est
-            errs.append(np.median(hdul["LIGHTCURVE"].data["FLUX_ERR"]))
+            errs.append(np.median(hdul["LIGHTCURVE"].data["SAP_FLUX_ERR"]))
     assert errs[1] / errs[0] == pytest.approx(1.0, abs=0.05)
 
 

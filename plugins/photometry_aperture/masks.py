@@ -424,6 +424,32 @@ def aperture_sums(images, errors, bkg_errors, mask, backgrounds=None,
     return flux, flux_err, background, centroid
 
 
+def _masked_fits(A, y, keep):
+    """Least-squares coefficients (k, N) of ``y[:, i] ~ A`` over the rows ``keep[:, i]``, for
+    every column ``i`` at once.
+
+    Why: one ``lstsq`` per cadence and clip iteration cost 0.1 ms each, 0.4 s per target at
+    1 282 cadences (issue 15). The k x k normal equations of all cadences are built and
+    solved in one batch (the polynomial basis on centred, scaled coordinates is well
+    conditioned); cadences whose system is singular or badly conditioned (too few pixels
+    kept) get ``lstsq``'s minimum-norm solution as before.
+    """
+    k = A.shape[1]
+    w = keep.astype(float)
+    normal = (w.T @ (A[:, :, None] * A[:, None, :]).reshape(len(A), k * k)).reshape(-1, k, k)
+    rhs = np.where(keep, y, 0.0).T @ A                             # (N, k)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cond = np.linalg.cond(normal)
+    ok = np.isfinite(cond) & (cond < 1e8)
+    coef = np.empty((A.shape[1], y.shape[1]))
+    if ok.any():
+        coef[:, ok] = np.linalg.solve(normal[ok], rhs[ok][..., None])[..., 0].T
+    for i in np.flatnonzero(~ok):
+        rows = keep[:, i]
+        coef[:, i] = np.linalg.lstsq(A[rows], y[rows, i], rcond=None)[0]
+    return coef
+
+
 def residual_background(images, sky, order=1, min_pixels=12, reference=None):
     """Per-cadence polynomial surface fitted to the source-free pixels ``sky`` of the stamp.
 
@@ -469,10 +495,7 @@ def residual_background(images, sky, order=1, min_pixels=12, reference=None):
         y = y - ref[:, None]
     keep = np.ones(y.shape, dtype=bool)
     for _ in range(3):
-        coef = np.empty((A.shape[1], n))
-        for i in range(n):
-            k = keep[:, i]
-            coef[:, i] = np.linalg.lstsq(A[k], y[k, i], rcond=None)[0]
+        coef = _masked_fits(A, y, keep)
         res = y - A @ coef
         sigma = 1.4826 * np.median(np.abs(res), axis=0)
         new = np.abs(res) <= 3 * np.maximum(sigma, 1e-12)

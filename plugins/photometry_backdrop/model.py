@@ -23,6 +23,9 @@ Stored state (``models/backdrop`` group of the cache), far smaller than the imag
                                           ``column_prior``
 ``jitter/pixels``     (n_pix, 2) i4       sampled (row, column) pixels near stars
 ``jitter/short`` etc. (N, k) f4           principal components of their residual series
+``stamp_tables/*``    derived             transposed series and the static error map, so a
+                                          stamp reads only its own terms and columns
+                                          (:mod:`.stamp`, :func:`.stamp.write_stamp_tables`)
 ===================== =================== ====================================================
 
 Attributes: ``version``, ``complete``, ``n_rows``, ``n_cols``, ``poly_degree``,
@@ -34,7 +37,6 @@ import time
 import warnings
 
 import numpy as np
-from scipy import linalg
 from scipy.ndimage import median_filter, uniform_filter1d
 from tqdm import tqdm
 
@@ -42,9 +44,9 @@ from photometry.errors import ConfigurationError, InputError
 from photometry.quality import PixelQualityFlags
 from photometry.stages import BackgroundModel, StreamingStage
 
-from .basis import Axis
 from .fit import BackdropFitter, nanquantile_columns
 from .masks import build_mask, star_pixels
+from .stamp import StampEvaluator, write_stamp_tables
 
 __all__ = ["Backdrop", "jitter_components"]
 
@@ -165,29 +167,6 @@ def jitter_components(resid, time, settings, group_pixels=256, oversample=10, po
         ub, sv, _ = np.linalg.svd(bj, full_matrices=False)
         out[band] = ((qj @ ub)[:, :kk] * sv[:kk]).astype(np.float32)
     return out
-
-
-def _frame_index(frames, n):
-    """Sorted unique indices to read, and how to put the rows back in the order asked."""
-    if isinstance(frames, slice):
-        idx = np.arange(n)[frames]
-    else:
-        idx = np.asarray(frames, dtype=np.int64).ravel()
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise InputError(f"backdrop: frame index out of range 0..{n - 1}")
-        idx = np.where(idx < 0, idx + n, idx)
-    uniq, inverse = np.unique(idx, return_inverse=True)
-    return uniq, inverse
-
-
-def _read_rows(ds, uniq, inverse):
-    if uniq.size == 0:
-        return np.zeros((0,) + ds.shape[1:], dtype=ds.dtype)
-    if uniq.size == uniq[-1] - uniq[0] + 1:
-        data = ds[int(uniq[0]):int(uniq[-1]) + 1]
-    else:
-        data = ds[uniq]
-    return data[inverse]
 
 
 def strap_columns(fitter, nsigma):
@@ -340,6 +319,7 @@ class Backdrop(StreamingStage, BackgroundModel):
         f = group.file
         self._store(group, st["fitter"], st["usable"], st["sat"], st["jitter_pixels"],
                     st["jitter"], f["time"][()] if "time" in f else None)
+        write_stamp_tables(group)
         if "_jitter_residuals" in group:
             del group["_jitter_residuals"]
         # wall-clock seconds, for benchmarks: masks + factorisation, and the block fits
@@ -387,56 +367,21 @@ class Backdrop(StreamingStage, BackgroundModel):
         group.attrs["complete"] = True
 
     # ------------------------------------------------------------------ evaluation
-    @staticmethod
-    def _axes(group):
-        a = group.attrs
-        rows = Axis.from_attrs(a["n_rows"], a["poly_degree"], group["row_knots"][()])
-        cols = Axis.from_attrs(a["n_cols"], a["poly_degree"], group["col_knots"][()])
-        return rows, cols
-
-    @staticmethod
-    def _pixels(group, row_slice, col_slice):
-        R, C = int(group.attrs["n_rows"]), int(group.attrs["n_cols"])
-        rows = np.arange(R)[row_slice] if isinstance(row_slice, slice) else np.asarray(row_slice)
-        cols = np.arange(C)[col_slice] if isinstance(col_slice, slice) else np.asarray(col_slice)
-        return rows, cols
-
     @classmethod
     def evaluate(cls, group, row_slice, col_slice, frames=slice(None)):
-        """Background (n_frames, rows, cols) in e-/s at a stamp (cube pixel indices)."""
-        rows_ax, cols_ax = cls._axes(group)
-        rows, cols = cls._pixels(group, row_slice, col_slice)
-        uniq, inverse = _frame_index(frames, group["weights"].shape[0])
-        w = _read_rows(group["weights"], uniq, inverse).astype(np.float64)
-        strap = _read_rows(group["strap"], uniq, inverse).astype(np.float64)
-        pairs = group["pairs"][()]
-        wm = np.zeros((len(w), rows_ax.size, cols_ax.size))
-        wm[:, pairs[:, 0], pairs[:, 1]] = w
-        rb = rows_ax.basis(rows)
-        cb = cols_ax.basis(cols)
-        gain = group["gain"][()][cols]
-        return (np.matmul(rb, np.matmul(wm, cb.T)) + strap[:, None, cols]) * gain
+        """Background (n_frames, rows, cols) in e-/s at a stamp (cube pixel indices).
+
+        Reads only the stamp's terms and strap columns (:mod:`.stamp`), so the cost does not
+        grow with the CCD's width or the number of terms.
+        """
+        return StampEvaluator.of(group).evaluate(group, row_slice, col_slice, frames)
 
     @classmethod
     def evaluate_error(cls, group, row_slice, col_slice, frames=slice(None)):
         """1-sigma statistical uncertainty (n_frames, rows, cols) of :meth:`evaluate`.
 
-        ``noise[t] * sqrt(phi^T A^-1 phi)`` with ``A`` the unit-noise normal matrix; the strap
-        block is folded in through its Schur complement, so no inverse is ever formed.
+        ``noise[t] * sqrt(phi^T A^-1 phi)`` with ``A`` the unit-noise normal matrix (strap
+        block folded in through its Schur complement); the square root is a static map per
+        pixel, ``stamp_tables/error_scale`` (:func:`.stamp.error_scale`).
         """
-        rows_ax, cols_ax = cls._axes(group)
-        rows, cols = cls._pixels(group, row_slice, col_slice)
-        uniq, inverse = _frame_index(frames, group["noise"].shape[0])
-        noise = _read_rows(group["noise"], uniq, inverse).astype(np.float64)
-        pairs = group["pairs"][()]
-        rb = rows_ax.basis(rows)[:, pairs[:, 0]]                       # (r, n)
-        cb = cols_ax.basis(cols)[:, pairs[:, 1]]                       # (c, n)
-        coup = group["strap_coupling"][()][cols].astype(np.float64)     # (c, n)
-        prec = group["strap_precision"][()][cols]
-        phi = rb[:, None, :] * cb[None, :, :] - coup[None, :, :]        # (r, c, n)
-        L = group["cov_chol"][()].astype(np.float64)
-        v = linalg.solve_triangular(L, phi.reshape(-1, phi.shape[-1]).T, lower=True,
-                                    check_finite=False)
-        var = (v ** 2).sum(axis=0).reshape(len(rows), len(cols)) + 1.0 / prec[None, :]
-        gain = group["gain"][()][cols]
-        return noise[:, None, None] * (np.sqrt(var) * gain)[None]
+        return StampEvaluator.of(group).evaluate_error(group, row_slice, col_slice, frames)

@@ -42,6 +42,10 @@ __all__ = ["LinPSFPhotometry", "solve_fluxes", "fit_scene", "fit_scene_two_pass"
 
 logger = logging.getLogger(__name__)
 
+#: bytes of moving-star designs built at once (see ``do_photometry``); a module constant so
+#: tests can make it small
+DESIGN_BLOCK_BYTES = 256 * 1024 ** 2
+
 
 def solve_fluxes(design, data, weights, prior_mu, prior_ivar):
     """Gaussian-prior weighted least squares for every cadence.
@@ -486,7 +490,7 @@ def _held_refit(A, data, weights, held, var_held, gain2=None):
     return flux, np.sqrt(var + var_held @ gain2.T), sky, gain2
 
 
-def target_pass(A, data, weights, x, err, t, nfit, good, window, clip):
+def target_pass(A, data, weights, x, err, t, nfit, good, window, clip, held=None):
     """Second pass: the target's flux (and the background) with its neighbours held at their
     first-pass fluxes smoothed in time.
 
@@ -510,6 +514,10 @@ def target_pass(A, data, weights, x, err, t, nfit, good, window, clip):
     t : int
         Column of the target; columns ``< nfit`` other than ``t`` are neighbours.
 
+    held : (ndarray, ndarray) (N, nfit - 1), optional
+        :func:`held_fluxes` of the neighbours, when they were computed over more cadences
+        than these (a block of a longer series).
+
     Returns
     -------
     x, err : ndarray (N, n)
@@ -518,7 +526,8 @@ def target_pass(A, data, weights, x, err, t, nfit, good, window, clip):
     """
     nb = np.array([j for j in range(nfit) if j != t])
     keep = np.array([t] + list(range(nfit, A.shape[-1])))
-    held, var_held = held_fluxes(x[:, nb], err[:, nb], good, window, clip)
+    held, var_held = held if held is not None else held_fluxes(x[:, nb], err[:, nb], good,
+                                                                window, clip)
     if A.ndim == 2:
         y = data - held @ A[:, nb].T
     else:
@@ -717,22 +726,41 @@ class LinPSFPhotometry(BasePhotometry):
             fixed = (cat_flux[rest, None, None] * imgs[nfit:]).sum(axis=0).ravel()
             return A, fixed
 
-        if not moving:
-            A, fixed = design_at(mean_dr, mean_dc)
-            fixed = np.broadcast_to(fixed, (N, R * C))
-        else:
-            # every star at every cadence in one PRF evaluation
-            order = np.concatenate([fitted, rest])
+        order = np.concatenate([fitted, rest])
+
+        def moving_design(idx):
+            """Design and fixed stars of cadences ``idx``: each star at each cadence in one
+            PRF evaluation."""
             imgs = time_varying_images(
-                prf, time_model, (rows0[order][None, :] + drow[:, order]).ravel(),
-                (cols0[order][None, :] + dcol[:, order]).ravel(), np.repeat(self.time, order.size),
-                (R, C), origin, self._images).reshape(N, order.size, R * C)
+                prf, time_model, (rows0[order][None, :] + drow[idx][:, order]).ravel(),
+                (cols0[order][None, :] + dcol[idx][:, order]).ravel(),
+                np.repeat(self.time[idx], order.size), (R, C), origin,
+                self._images).reshape(len(idx), order.size, R * C)
             A = np.transpose(imgs[:, :nfit], (0, 2, 1))
             if nbkg:
-                A = np.concatenate([A, np.ones((N, R * C, 1))], axis=2)
-            fixed = np.einsum("k,tkp->tp", cat_flux[rest], imgs[:, nfit:])
-            del imgs
-        def predict(x):
+                A = np.concatenate([A, np.ones((len(idx), R * C, 1))], axis=2)
+            return A, np.einsum("k,tkp->tp", cat_flux[rest], imgs[:, nfit:])
+
+        # Memory: the moving designs take (fitted + all stars) x pixels x 8 bytes per cadence
+        # (~0.4 MB: 4.7 GB at 11 800 cadences). Beyond DESIGN_BLOCK_BYTES they are built for
+        # blocks of cadences, again in each pass, so a worker's memory stays bounded; every
+        # step is per cadence (the static image and the held fluxes are computed over all
+        # cadences between the passes), so the light curves are the same.
+        per_cadence = 8 * R * C * (nfit + nbkg + order.size)
+        if not moving:
+            A, fixed = design_at(mean_dr, mean_dc)
+            blocks = [(np.arange(N), A, np.broadcast_to(fixed, (N, R * C)))]
+        elif per_cadence * N <= DESIGN_BLOCK_BYTES:
+            blocks = [(np.arange(N),) + moving_design(np.arange(N))]
+        else:
+            size = max(1, DESIGN_BLOCK_BYTES // per_cadence)
+            blocks = [idx for idx in np.array_split(np.arange(N), -(-N // size))]
+
+        def designs():
+            for block in blocks:
+                yield block if isinstance(block, tuple) else (block,) + moving_design(block)
+
+        def predict(A, fixed, x):
             return (x @ A.T if A.ndim == 2 else np.einsum("tpi,ti->tp", A, x)) + fixed
 
         # Static residual correction: the median residual image over good cadences is the
@@ -741,16 +769,30 @@ class LinPSFPhotometry(BasePhotometry):
         # error of 0.1 % of the flux per pixel is hundreds of sigma for a bright star and
         # would otherwise leak into every flux as the stars move over the pixels.
         static = np.zeros(R * C)
+        x, err, model = np.empty((N, n)), np.empty((N, n)), np.empty((N, R * C))
         for _ in range(int(cfg["residual_iterations"]) + 1):
-            x, err = solve_fluxes(A, data - fixed - static[None], weights, mu, ivar)
-            model = predict(x)
+            for idx, A, fixed in designs():
+                x[idx], err[idx] = solve_fluxes(A, data[idx] - fixed - static[None], weights,
+                                                mu, ivar)
+                model[idx] = predict(A, fixed, x[idx])
             static = np.nan_to_num(median_over_cadences((data - model)[good])) + static
         t = int(np.flatnonzero(is_target)[0])
         window = int(cfg["neighbour_smoothing"])
-        if window > 2 and nfit > 1:
-            x, err = target_pass(A, data - fixed - static[None], weights, x, err, t, nfit,
-                                 good, window, float(cfg["neighbour_clip"]))
-            model = predict(x)
+        second = window > 2 and nfit > 1
+        if second:
+            nb = np.array([j for j in range(nfit) if j != t])
+            held = held_fluxes(x[:, nb], err[:, nb], good, window, float(cfg["neighbour_clip"]))
+        target_col = np.empty((N, R * C))
+        n_blocks = len(blocks)
+        for idx, A, fixed in designs():
+            if second:
+                x[idx], err[idx] = target_pass(A, data[idx] - fixed - static[None], weights,
+                                               x[idx], err[idx], t, nfit, good[idx], window,
+                                               float(cfg["neighbour_clip"]),
+                                               held=(held[0][idx], held[1][idx]))
+                model[idx] = predict(A, fixed, x[idx])
+            target_col[idx] = A[:, t] if A.ndim == 2 else A[:, :, t]
+        del blocks, A, fixed
         model = model + static[None]
         self.static_residual = static.reshape(R, C)
         flux, flux_err = x[:, t], err[:, t]
@@ -771,7 +813,7 @@ class LinPSFPhotometry(BasePhotometry):
         aperture = self._set_prf_aperture(target_img, tflux, others, bad.all(0))
 
         # centroid of the target-only image in the aperture, background in the aperture
-        contrib = x[:, t, None] * (A[None, :, t] if A.ndim == 2 else A[:, :, t])
+        contrib = x[:, t, None] * target_col
         target_only = (data - model + contrib).reshape(N, R, C)
         rr, cc = np.mgrid[0:R, 0:C]
         w = np.where(aperture[None] & np.isfinite(target_only), target_only, 0.0)
@@ -808,6 +850,7 @@ class LinPSFPhotometry(BasePhotometry):
         self.details["linpsf"] = {"model": model_name, "n_sources": int(nfit),
                                   "n_subtracted": int(rest.size), "moving": bool(moving),
                                   "time_model": time_model is not None,
+                                  "design_blocks": int(n_blocks),
                                   "chi2": chi2, "chi2_aperture": chi2_ap,
                                   "misfit": misfit, "residual_rms": rrms}
         if tflux <= 0:
@@ -831,40 +874,6 @@ class LinPSFPhotometry(BasePhotometry):
             "PSF_TIME": (time_model is not None, "PSF shape follows the time model"),
         })
         return status
-
-    def save_plots(self, folder=None):
-        """The core's plots plus ``residuals.png`` (data, model, residual of the median cadence)."""
-        paths = super().save_plots(folder)
-        resid = getattr(self, "residuals_cube", None)
-        if resid is None:
-            return paths
-        from pathlib import Path
-
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        folder = Path(folder) if folder is not None else self.plot_folder
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            model = np.nanmedian(self.model_cube, axis=0)
-            res = np.nanmedian(resid, axis=0)
-        fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-        for ax, img, title in zip(axes, (model + res, model, res),
-                                  ("data (median)", "model", "residual")):
-            im = ax.imshow(img, origin="lower", cmap="viridis")
-            ax.set_title(title)
-            fig.colorbar(im, ax=ax, shrink=0.8)
-            if self.final_phot_mask is not None:
-                ax.contour(self.final_phot_mask, levels=[0.5], colors="w", linewidths=0.8)
-        fig.suptitle(f"TIC {self.starid} linpsf")
-        path = folder / "residuals.png"
-        tmp = path.with_name(".residuals.png.tmp.png")
-        folder.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=80)
-        plt.close(fig)
-        tmp.replace(path)
-        return list(paths) + [path]
 
 
 def _prf_aperture(target, tflux, others, bad, n_levels=40):
