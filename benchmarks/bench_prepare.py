@@ -278,9 +278,334 @@ def bench_compression(workdir, size=128, cadences=100, seed=5):
     return rows
 
 
+def clone_series(template_dir, out_dir, n_frames):
+    """``n_frames`` FFIs made from the template frames (cycled), each with its own time.
+
+    Only TSTART/TSTOP (every HDU that has them) and FFIINDEX change, by one cadence per
+    frame, so ``prepare`` sees a regular series as long as a real 200-s sector; the pixels
+    repeat with the template's period. Much faster than simulating 11 800 frames.
+    """
+    from astropy.io import fits
+    template = sorted(Path(template_dir).glob("*_ffic.fits"))
+    out_dir = Path(out_dir)
+    if out_dir.exists() and len(list(out_dir.glob("*_ffic.fits"))) == n_frames:
+        return out_dir
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    with fits.open(template[0]) as h:
+        step = float(h[1].header["TSTOP"]) - float(h[1].header["TSTART"])
+        delta = float(h[1].header.get("TIMEDEL", step))
+        t0 = float(h[1].header["TSTART"])
+        i0 = int(h[0].header.get("FFIINDEX", 0))
+        sector, camera, ccd = (int(h[0].header[k]) for k in ("SECTOR", "CAMERA", "CCD"))
+    for i in range(n_frames):
+        with fits.open(template[i % len(template)]) as h:
+            for hdu in h:
+                if "TSTART" in hdu.header:
+                    hdu.header["TSTART"] = t0 + i * delta
+                    hdu.header["TSTOP"] = t0 + i * delta + step
+                if "FFIINDEX" in hdu.header:
+                    hdu.header["FFIINDEX"] = i0 + i
+            h.writeto(out_dir / f"tess{1000000000 + i:013d}-s{sector:04d}-{camera}-{ccd}"
+                      "-0120-s_ffic.fits", output_verify="ignore")
+    return out_dir
+
+
+def _run_measured(cmd):
+    """(wall s, CPU s, peak RSS GiB) of a child process (``os.wait4``)."""
+    import os
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read()
+    if status != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{err[-2000:]}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024 ** 2
+
+
+def bench_memory(workdir, small=(1282, 4000, 11800), small_size=64, full=(),
+                 stages=None):
+    """Peak RSS of ``tessphot prepare`` (default stages) against the number of frames.
+
+    Cut-down frames (``small_size`` px square) at 1 282, 4 000 and 11 800 frames (200-s
+    cadence), and full 2048 x 2048 frames at the counts in ``full`` (``--part rate``
+    measures those too, beside the read floor): each prepare runs as its own process, its
+    peak RSS from ``wait4``; a straight line through the points gives the fixed part and the
+    growth per frame.
+    """
+    results = []
+    sets = []
+    if small:
+        tpl = Path(workdir) / f"mem_template_{small_size}"
+        if not (tpl / "ffi").exists():
+            subprocess.run([sys.executable, "-m", "photometry.cli", "simulate", str(tpl),
+                            "--cadences", "40", "--size", str(small_size), str(small_size),
+                            "--cadence", "200", "--sector", "60", "--seed", "7",
+                            "--no-progress"], check=True)
+        sets += [(f"{small_size}x{small_size}", n, tpl) for n in small]
+    if full:
+        tpl = Path(workdir) / "mem_template_full"
+        if not (tpl / "ffi").exists():
+            subprocess.run([sys.executable, "-m", "photometry.cli", "simulate", str(tpl),
+                            "--cadences", "12", "--full-frame", "--cadence", "200",
+                            "--sector", "60", "--seed", "3", "--no-progress"], check=True)
+        sets += [("2048x2048", n, tpl) for n in full]
+    for label, n, tpl in sets:
+        ffi = clone_series(tpl / "ffi", Path(workdir) / f"mem_{label}_{n}", n)
+        cache = Path(workdir) / f"mem_cache_{label}_{n}"
+        shutil.rmtree(cache, ignore_errors=True)
+        cmd = [sys.executable, "-m", "photometry.cli", "prepare", str(ffi), "--catalog",
+               str(tpl / "catalog.csv"), "--cache", str(cache), "--no-progress",
+               "--set", "backdrop.progress=false"]
+        if stages is not None:
+            cmd += ["--set", f"prepare.stages={stages}"]
+        wall, cpu, rss = _run_measured(cmd)
+        size = sum(p.stat().st_size for p in cache.glob("*.hdf5"))
+        results.append((label, n, wall, cpu, rss, size))
+        print(f"  prepare {label} x {n:5d} frames: peak RSS {rss:.2f} GiB, CPU {cpu:.1f} s "
+              f"({cpu / n * 1000:.1f} ms/frame), wall {wall:.1f} s, cache {size / 1e9:.2f} GB",
+              flush=True)
+        shutil.rmtree(cache, ignore_errors=True)
+    for label in sorted({r[0] for r in results}):
+        pts = np.array([(r[1], r[4]) for r in results if r[0] == label])
+        if len(pts) >= 2:
+            slope, icpt = np.polyfit(pts[:, 0], pts[:, 1], 1)
+            print(f"  {label}: peak RSS = {icpt:.2f} GiB + {slope * 1e6 / 1024:.1f} kB/frame "
+                  f"x frames (at 11 800 frames: {icpt + slope * 11800:.2f} GiB)")
+    return results
+
+
+def bench_rate(workdir, counts=(100, 300), template=None):
+    """Prepare per full frame against the bare astropy read of the same files, in one run.
+
+    Full 2136 x 2078 frames (``clone_series`` of a 12-frame simulated template) at two
+    frame counts; for each: the astropy floor (``fits.open`` + data of both image HDUs,
+    every file, page cache warm), ``tessphot prepare`` ingest only (``prepare.stages=[]``)
+    and with the default stages, each as its own process (CPU from ``wait4``, so every
+    thread counts). The per-frame figures are the differences between the two counts
+    divided by the difference in frames: the fixed per-CCD costs (imports, catalog,
+    kernel-star selection, the stages' set-up) cancel, as in a sector of thousands of frames.
+    """
+    from astropy.io import fits
+    tpl = Path(template or Path(workdir) / "mem_template_full")
+    if not (tpl / "ffi").exists():
+        subprocess.run([sys.executable, "-m", "photometry.cli", "simulate", str(tpl),
+                        "--cadences", "12", "--full-frame", "--cadence", "200", "--sector",
+                        "60", "--seed", "3", "--no-progress"], check=True)
+    rows = {}
+    for n in counts:
+        ffi = clone_series(tpl / "ffi", Path(workdir) / f"mem_2048x2048_{n}", n)
+        files = sorted(ffi.glob("*_ffic.fits"))
+        for p in files:
+            p.read_bytes()   # page cache warm for every reader
+        w0, c0 = time.perf_counter(), time.process_time()
+        for p in files:
+            with fits.open(p, memmap=False) as hdul:
+                a, b = hdul[1].data, hdul[2].data
+                float(a[0, 0]) + float(b[0, 0])
+        floor = (time.perf_counter() - w0, time.process_time() - c0)
+        runs = {}
+        for label, extra in (("ingest", ["--set", "prepare.stages=[]"]), ("default", [])):
+            cache = Path(workdir) / f"rate_cache_{n}_{label}"
+            shutil.rmtree(cache, ignore_errors=True)
+            runs[label] = _run_measured(
+                [sys.executable, "-m", "photometry.cli", "prepare", str(ffi), "--catalog",
+                 str(tpl / "catalog.csv"), "--cache", str(cache), "--no-progress",
+                 "--set", "backdrop.progress=false", *extra])
+            shutil.rmtree(cache, ignore_errors=True)
+        rows[n] = (floor, runs)
+        print(f"  {n} full frames: astropy floor CPU {floor[1]:.2f} s (wall {floor[0]:.2f}); "
+              + "; ".join(f"prepare {k}: CPU {v[1]:.1f} s, wall {v[0]:.1f} s, peak RSS "
+                          f"{v[2]:.2f} GiB" for k, v in runs.items()), flush=True)
+    a, b = counts[0], counts[-1]
+    dn = b - a
+    floor_cpu = (rows[b][0][1] - rows[a][0][1]) / dn
+    floor_wall = (rows[b][0][0] - rows[a][0][0]) / dn
+    print(f"  per frame (frames {a} -> {b}): astropy floor {1000 * floor_cpu:.1f} ms CPU, "
+          f"{1000 * floor_wall:.1f} ms wall")
+    for label in ("ingest", "default"):
+        cpu = (rows[b][1][label][1] - rows[a][1][label][1]) / dn
+        wall = (rows[b][1][label][0] - rows[a][1][label][0]) / dn
+        print(f"  prepare {label:7s}: {1000 * cpu:.0f} ms CPU ({cpu / floor_cpu:.1f}x the floor), "
+              f"{1000 * wall:.0f} ms wall ({wall / floor_wall:.1f}x)")
+    return rows
+
+
+def bench_trim_masks(workdir, size=128, cadences=100, seeds=(5, 11, 17), precision=0.1):
+    """What the precision trim does to aperture photometry, with the mask choice held fixed.
+
+    Each scene is prepared lossless and trimmed (``prepare.precision``). The aperture plugin
+    runs on the lossless cache recording each star's final stamp and mask (its
+    ``MaskResult``: aperture, segmentation, sky pixels), then on the trimmed cache twice:
+    choosing its masks again ("own masks", what a user gets) and with the recorded ones
+    ("fixed masks"), and with the recorded masks on a copy of the trimmed cache holding the
+    lossless cache's models (backdrop, movement kernel): the trim's effect on the photometry
+    alone, without the prepare-stage models re-fitted on trimmed data. Per star: noise/ideal
+    ratio change against the lossless cache, and whether the mask changed.
+    """
+    import h5py
+
+    from photometry.base import STATUS
+    from photometry.evaluation import score_lightcurve
+    from photometry.prepare import prepare
+    from photometry.simulate import simulate
+    from photometry_aperture.aperture import AperturePhotometry
+
+    class Recording(AperturePhotometry):
+        masks = {}
+        replay = False
+
+        def find_mask(self):
+            if Recording.replay:
+                stamp, res = Recording.masks[self.starid]
+                self._set_stamp(stamp)
+                return res
+            res = super().find_mask()
+            Recording.masks[self.starid] = (tuple(self._stamp), res)
+            return res
+
+    def ratios(cache_path, settings, pick, stars, flux, cls, replay):
+        from photometry.cache import FFICache
+        cls.replay = replay
+        out, masks = {}, {}
+        with FFICache(cache_path) as cache:
+            for k in pick:
+                phot = cls(int(stars["starid"][k]), cache, settings=settings)
+                if phot.photometry() in (STATUS.OK, STATUS.WARNING):
+                    out[k] = score_lightcurve(phot.lightcurve, flux[k], stars["ideal_noise"][k])[0]
+                    masks[k] = (tuple(phot._stamp), phot.final_phot_mask.copy())
+        return out, masks
+
+    lines = []
+    for seed in seeds:
+        sim = Path(workdir) / f"trim_scene_{size}_{cadences}_{seed}"
+        if not (sim / "ffi").exists():
+            simulate(sim, load_settings(extra={"simulate": {"cadences": cadences, "rows": size,
+                                                             "cols": size, "seed": seed}}),
+                     progress=False)
+        with h5py.File(sim / "truth.h5") as t:
+            stars = {k: t["stars"][k][()] for k in ("starid", "tmag", "ideal_noise", "isolated")}
+            flux = t["flux"][()]
+        pick = np.flatnonzero(stars["isolated"] & (stars["tmag"] >= 8) & (stars["tmag"] <= 13)
+                              & np.isfinite(stars["ideal_noise"]))
+        paths = {}
+        for prec in (0.0, precision):
+            settings = load_settings(assignments=[f"prepare.precision={prec}",
+                                                  "backdrop.progress=false"])
+            out = Path(workdir) / f"trim_cache_{seed}_{prec}"
+            shutil.rmtree(out, ignore_errors=True)
+            paths[prec] = (prepare(sim / "ffi", sim / "catalog.csv", out, settings,
+                                   progress=False)[0], settings)
+        # the trimmed pixels with the lossless cache's models (backdrop, movement kernel):
+        # what the trim does to the photometry itself, without the models re-fitted on it
+        hybrid_dir = Path(workdir) / f"trim_cache_{seed}_hybrid"
+        shutil.rmtree(hybrid_dir, ignore_errors=True)
+        shutil.copytree(paths[precision][0].parent, hybrid_dir)
+        hybrid = hybrid_dir / paths[precision][0].name
+        with h5py.File(paths[0.0][0], "r") as src, h5py.File(hybrid, "r+") as dst:
+            for name in ("models", "movement_kernel"):
+                del dst[name]
+                src.copy(src[name], dst, name)
+        Recording.masks = {}
+        base, base_masks = ratios(*paths[0.0], pick, stars, flux, Recording, False)
+        own, own_masks = ratios(*paths[precision], pick, stars, flux, AperturePhotometry, False)
+        fixed, _ = ratios(*paths[precision], pick, stars, flux, Recording, True)
+        pure, _ = ratios(hybrid, paths[precision][1], pick, stars, flux, Recording, True)
+        for k in sorted(base):
+            if k not in own or k not in fixed or k not in pure:
+                continue
+            same = own_masks[k][0] == base_masks[k][0] and np.array_equal(own_masks[k][1],
+                                                                          base_masks[k][1])
+            lines.append((seed, int(stars["starid"][k]), float(stars["tmag"][k]), base[k],
+                          own[k] / base[k] - 1, fixed[k] / base[k] - 1, same,
+                          pure[k] / base[k] - 1))
+    arr = np.array([(r[4], r[5], r[6], r[7]) for r in lines])
+    print(f"precision trim {precision} vs lossless, aperture noise/ideal change per star "
+          f"({len(lines)} isolated 8-13 mag stars, {len(seeds)} scenes {size}x{size}x{cadences})")
+    for r in lines:
+        print(f"  seed {r[0]:3d} TIC {r[1]:6d} Tmag {r[2]:5.2f}: lossless {r[3]:.4f}, own masks "
+              f"{100 * r[4]:+7.3f} %, fixed masks {100 * r[5]:+7.3f} %, fixed masks and "
+              f"models {100 * r[7]:+7.3f} %, mask {'same' if r[6] else 'CHANGED'}")
+    changed = ~arr[:, 2].astype(bool)
+    for label, col in (("own masks", 0), ("fixed masks", 1), ("fixed masks and models", 3)):
+        v = arr[:, col]
+        print(f"  {label:22s}: median {100 * np.median(v):+.4f} %, mean {100 * np.mean(v):+.4f} %, "
+              f"max |change| {100 * np.max(np.abs(v)):.3f} %")
+    print(f"  masks changed by the trim: {int(changed.sum())} of {len(arr)} stars; their own-mask "
+          f"changes: {', '.join(f'{100 * v:+.2f} %' for v in arr[changed, 0])}")
+    return lines
+
+
+def bench_onepass(workdir, size=128, cadences=200, seeds=(5, 11), previews=(32, 100)):
+    """Backdrop fitted in one pass (streaming, masks from the preview) against the second
+    pass over the same cache (masks from the full sum image): model - true background.
+
+    Each scene is prepared once per ``prepare.preview_frames`` value; the second-pass model
+    is re-fitted with ``Backdrop.run`` on that cache (the way the stage worked before) and
+    both are scored with ``photometry_backdrop.scene.background_metrics`` (star-free rms,
+    bias near bright stars; also with each frame's constant removed).
+    """
+    import h5py
+
+    from photometry.prepare import prepare
+    from photometry.simulate import simulate
+    from photometry_backdrop import Backdrop
+    from photometry_backdrop.scene import background_metrics, load_simulation
+    from photometry.cache import CacheWriter  # noqa: F401 - same writer prepare uses
+
+    rows = []
+    for seed in seeds:
+        sim_dir = Path(workdir) / f"onepass_{size}_{cadences}_{seed}"
+        if not (sim_dir / "ffi").exists():
+            simulate(sim_dir, load_settings(extra={"simulate": {
+                "cadences": cadences, "rows": size, "cols": size, "seed": seed}}),
+                progress=False)
+        sim = load_simulation(sim_dir)
+        for preview in previews:
+            settings = load_settings(assignments=[f"prepare.preview_frames={preview}",
+                                                  "backdrop.progress=false"])
+            out = Path(workdir) / f"onepass_cache_{seed}_{preview}"
+            shutil.rmtree(out, ignore_errors=True)
+            path, _ = prepare(sim_dir / "ffi", sim_dir / "catalog.csv", out, settings,
+                              progress=False)
+            with h5py.File(path, "r+") as f:
+                one = Backdrop.evaluate(f["models/backdrop"], slice(None), slice(None))
+                if preview == previews[0]:
+                    group = f.require_group("models").create_group("backdrop_2pass")
+
+                    class _Cache:  # the second pass as prepare ran it before
+                        file = f
+                        block = int(f.attrs["time_chunk"])
+                        usable_frames = f["frame_check"][()] == 0
+
+                        def iter_frame_blocks(self):
+                            n = f["images"].shape[0]
+                            for a in range(0, n, self.block):
+                                sl = slice(a, min(n, a + self.block))
+                                yield sl, f["images"][sl], f["errors"][sl], f["pixel_flags"][sl]
+
+                    Backdrop(settings).run(_Cache(), group)
+                    two = Backdrop.evaluate(group, slice(None), slice(None))
+                    rows.append((seed, "2-pass (sum image)", two, sim))
+            rows.append((seed, f"1-pass (preview {preview})", one, sim))
+    print(f"backdrop one pass vs second pass, {size}x{size}, {cadences} cadences "
+          "(model - true background, e-/s)")
+    for seed, label, model, sim in rows:
+        m = background_metrics(model, sim["background"], sim["stars"], sim["row_offset"],
+                               sim["column_offset"])
+        c = background_metrics(model, sim["background"], sim["stars"], sim["row_offset"],
+                               sim["column_offset"], remove_constant=True)
+        print(f"  seed {seed:3d} {label:24s}: star-free rms {m['rms_star_free']:.4f}, bias near "
+              f"bright {m['bias_bright']:+.4f}; constant removed: rms {c['rms_star_free']:.4f}, "
+              f"bias {c['bias_bright']:+.4f}")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["stamp", "throughput", "compression", "all"],
+    parser.add_argument("--part", choices=["stamp", "throughput", "compression", "onepass",
+                                           "trim", "memory", "rate", "all"],
                         default="all")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--frames", type=int, default=20)
@@ -295,6 +620,14 @@ def main(argv=None):
             bench_throughput(workdir, args.frames)
         if args.part in ("compression", "all"):
             bench_compression(workdir)
+        if args.part in ("rate", "all"):
+            bench_rate(workdir)
+        if args.part in ("memory", "all"):
+            bench_memory(workdir)
+        if args.part in ("trim", "all"):
+            bench_trim_masks(workdir)
+        if args.part in ("onepass", "all"):
+            bench_onepass(workdir)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

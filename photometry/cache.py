@@ -30,6 +30,7 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
 from . import __version__
+from .chunks import encoder_for, write_block
 from .errors import InputError
 from .movement import MovementKernel, fit_centroids, fit_kernel
 from .quality import PixelQualityFlags, TESSQualityFlags
@@ -228,14 +229,23 @@ def trim_precision(images, errors, fraction, error_bits=ERROR_KEEP_BITS):
     if fraction <= 0:
         return
     drop = 23 - int(error_bits)
+    exponent = np.uint32(0x7F800000)
     for image, error in zip(images, errors):   # one frame at a time: small temporaries
-        step = np.multiply(error, np.float32(fraction)).view(np.uint32)
-        step &= np.uint32(0x7F800000)          # exponent only: a power of two <= the product
-        ok = (step != 0) & (step != 0x7F800000)
-        step = step.view(np.float32)
-        q = np.divide(image, step, where=ok, out=np.zeros_like(image))
-        np.rint(q, out=q)
-        np.multiply(q, step, out=image, where=ok)
+        bits = np.multiply(error, np.float32(fraction)).view(np.uint32)
+        bits &= exponent                       # exponent only: a power of two <= the product
+        if bits.min() > 0 and bits.max() < exponent:
+            # every step a normal power of two: x / step is x times the exact reciprocal
+            # (exponent 254 - e), the same correctly rounded value, without masked ufuncs
+            inv = np.subtract(np.uint32(254 << 23), bits).view(np.float32)
+            np.multiply(image, inv, out=inv)
+            np.rint(inv, out=inv)
+            np.multiply(inv, bits.view(np.float32), out=image)
+        else:   # zero, subnormal, NaN or infinite uncertainties: those pixels stay as they are
+            ok = (bits != 0) & (bits != exponent)
+            step = bits.view(np.float32)
+            q = np.divide(image, step, where=ok, out=np.zeros_like(image))
+            np.rint(q, out=q)
+            np.multiply(q, step, out=image, where=ok)
         if drop > 0:
             u = error.view(np.uint32)
             u += np.uint32(1 << (drop - 1))
@@ -250,14 +260,19 @@ FRAME_PROBLEMS = {1: "all NaN", 2: "all zero", 3: "constant", 4: "mostly non-fin
 ABSURD_LEVEL = (-100.0, 2.0e5)
 
 
-def check_frame(image):
+def _extrema(image):
+    """(min, max) of an image as floats (NaN if any pixel is NaN)."""
+    return float(np.min(image)), float(np.max(image))
+
+
+def check_frame(image, extrema=None):
     """Frame-check code of one calibrated image (0 = usable; see ``FRAME_PROBLEMS``).
 
     Unusable: no finite pixel, every finite pixel zero, one constant value, fewer than half
     the pixels finite, or a median level outside ``ABSURD_LEVEL``. Two passes (min, max) for
-    an ordinary frame.
+    an ordinary frame, none when the caller has them (``extrema``).
     """
-    lo, hi = float(np.min(image)), float(np.max(image))
+    lo, hi = extrema if extrema is not None else _extrema(image)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         finite = np.isfinite(image)
         n = int(np.count_nonzero(finite))
@@ -356,7 +371,10 @@ class CacheWriter:
         self._spare = None
         self._n_buffered = 0
         self._pool = None
+        self._encode_pool = None
+        self._encoders = {}
         self._pending = None
+        self._consumers = []
         self._noise_defaulted = set()
         self.state = self._open(overwrite)
 
@@ -491,6 +509,8 @@ class CacheWriter:
             for start in range(0, self.frames_done, self.block):
                 stop = min(start + self.block, self.frames_done)
                 self._accumulate(f["images"][start:stop], quality[start:stop])
+        if not f.attrs["ingest_complete"]:
+            self._drop_uncommitted_wcs()
         self._stars = None
         if "movement/centroids" in f:
             g = f["movement"]
@@ -498,6 +518,22 @@ class CacheWriter:
                            "row": g["row"][:]}
             cen = g["centroids"][:self.frames_done]
             self._guess = self._last_positions(cen)
+
+    def _drop_uncommitted_wcs(self):
+        """Re-create the ``wcs`` strings with only the committed frames' values.
+
+        Why: a block's strings enter the file before its commit; a kill then can leave
+        entries past ``frames_done`` pointing into a global-heap collection beyond the file's
+        recorded end, and overwriting a variable-length string first frees the old one, so
+        the resumed write failed ("address of object past end of allocation"). A fresh
+        dataset has no old strings to free.
+        """
+        f = self._file
+        kept = f["wcs"][:self.frames_done]
+        del f["wcs"]
+        f.create_dataset("wcs", shape=(self.n_frames,), dtype=h5py.string_dtype())
+        if self.frames_done:
+            f["wcs"][:self.frames_done] = kept
 
     @staticmethod
     def _last_positions(centroids):
@@ -543,6 +579,10 @@ class CacheWriter:
         self._stars = {"starid": starid, "column": np.asarray(column, float),
                        "row": np.asarray(row, float)}
         self._guess = np.column_stack([self._stars["column"], self._stars["row"]])
+        for buf in (self._buffer, self._spare):  # allocated by next_frame_buffers already
+            if buf is not None:
+                buf["centroids"] = np.full((self.block, n, 2), np.nan)
+                buf["sigma"] = np.full((self.block, n), np.nan)
 
     def _new_buffer(self):
         """One set of frame-ordered block buffers (allocated once and re-used: a fresh
@@ -555,6 +595,15 @@ class CacheWriter:
             "sigma": np.full((self.block, n_st), np.nan), "flags_dirty": False,
         })
         return buf
+
+    def next_frame_buffers(self):
+        """(image, errors): the block-buffer slots the next :meth:`add_frame` fills. A reader
+        that writes the frame straight into them (``read_ffi(..., out=...)``) saves the copy;
+        they are re-used once the block is written, so nothing may keep them."""
+        if self._buffer is None:
+            self._buffer = self._new_buffer()
+        k = self._n_buffered
+        return self._buffer["images"][k], self._buffer["errors"][k]
 
     def add_frame(self, image, errors, *, time, time_start, time_stop, timecorr, cadenceno,
                   quality, wcs_header="", errors_estimated=0.0, noise_defaulted=()):
@@ -583,15 +632,18 @@ class CacheWriter:
             self._reset_buffer()
         k = self._n_buffered
         buf = self._buffer
-        np.copyto(buf["images"][k], image)
-        np.copyto(buf["errors"][k], errors)
-        problem = check_frame(buf["images"][k])
+        for name, array in (("images", image), ("errors", errors)):
+            slot = buf[name][k]
+            if array.__array_interface__["data"][0] != slot.__array_interface__["data"][0]:
+                np.copyto(slot, array)   # not read into the slot (next_frame_buffers)
+        image = buf["images"][k]
+        extrema = _extrema(image)
+        problem = check_frame(image, extrema)
         if problem:
             quality = int(quality) | int(TESSQualityFlags.UnusableFrame)
-        # one comparison finds both NaN and saturated pixels; most frames of most CCDs
-        # have neither, and their flags slot is already zero
-        with np.errstate(invalid="ignore"):
-            clean = bool(np.less_equal(image, self.saturation_level).all())
+        # the maximum finds both NaN (it propagates) and saturated pixels; most frames of
+        # most CCDs have neither, and their flags slot is already zero
+        clean = extrema[1] <= self.saturation_level
         if not clean:
             buf["pixel_flags"][k] = pixel_flags_for(image, self.saturation_level,
                                                     self.bleed_pad)
@@ -725,17 +777,55 @@ class CacheWriter:
                 max_workers=1, thread_name_prefix="cache-writer")
         future = self._pool.submit(self._write_cubes, buf, sl)
         self._pending = (future, start + k)
+        if self._consumers:
+            # streaming prepare stages fit the block while the writer thread stores it
+            usable = buf["series"]["frame_check"][:k] == 0
+            for consume in self._consumers:
+                consume(sl, buf["images"][:k], buf["errors"][:k], buf["pixel_flags"][:k],
+                        usable)
         self.frames_done = start + k
         self._n_buffered = 0
         # the other buffer set is filled while the writer thread writes this one
         self._buffer, self._spare = self._spare, buf
 
+    def add_block_consumer(self, consume):
+        """Call ``consume(frames, images, errors, pixel_flags, usable)`` with every block
+        from now on, as stored (trimmed), before its buffers are re-used (streaming prepare
+        stages; :class:`photometry.stages.StreamingStage`)."""
+        self._consumers.append(consume)
+
+    def replay_blocks(self, consume):
+        """Feed the blocks already stored (a resumed prepare) to ``consume``, as
+        :meth:`add_block_consumer` would have."""
+        usable = self.usable_frames
+        for sl, images, errors, flags in self.iter_frame_blocks():
+            consume(sl, images, errors, flags, usable[sl])
+
     def _write_cubes(self, buf, sl):
+        """Write one block of the three cubes (the writer thread's job).
+
+        Known filter pipelines (``photometry.chunks.encoder_for``: bitshuffle + LZ4/zstd +
+        fletcher32, or fletcher32 alone) are encoded outside HDF5 in a small thread pool,
+        with the GIL released, and stored with ``write_direct_chunk``: the same bytes HDF5
+        would write, without holding the GIL for the compression. All-zero flag chunks are
+        never written (they read as the fill value 0).
+        """
         k = sl.stop - sl.start
+        if self._encode_pool is None:
+            self._encode_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=2, thread_name_prefix="cache-encode")
         for name, _ in _CUBES:
             if name == "pixel_flags" and not buf["flags_dirty"]:
                 continue  # all-zero flags: unwritten chunks read as the fill value, 0
-            self._file[name][sl] = buf[name][:k]
+            ds = self._file[name]
+            if name not in self._encoders:
+                self._encoders[name] = encoder_for(ds)
+            encoder = self._encoders[name]
+            if encoder is None:
+                ds[sl] = buf[name][:k]  # a pipeline we do not reproduce: HDF5's filters
+            else:
+                write_block(ds, encoder, buf[name][:k], sl.start, fill=_FILL[name],
+                            skip_zero=name == "pixel_flags", pool=self._encode_pool)
 
     def _commit(self):
         """Wait for the block being written, then record it (accumulators, frames_done)."""
@@ -882,9 +972,10 @@ class CacheWriter:
                 self._commit()  # a block whose bytes are written is worth keeping
         except Exception as exc:  # noqa: BLE001 - the block is simply not committed
             logger.warning("%s: last block not written (%s)", self.partial, exc)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in (self._pool, self._encode_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._encode_pool = None
         if self._file is None:
             return
         if complete:

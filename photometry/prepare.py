@@ -20,7 +20,8 @@ from .cache import CacheWriter, FFICache, cache_filename, catalog_filename
 from .errors import InputError
 from .settings import load_settings
 
-__all__ = ["add_arguments", "run", "prepare", "kernel_star_candidates"]
+__all__ = ["add_arguments", "run", "prepare", "kernel_star_candidates", "catalog_pixels",
+           "preview_context"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +70,10 @@ def _discover(ffi_dir, calibration_models):
     return paths, True
 
 
-def kernel_star_candidates(catalog, wcs, time_btjd, shape, pset, image=None):
-    """Kernel stars of a frame: (starid, column, row) in cube pixels of that frame's WCS.
-
-    Catalog positions are moved by proper motion to the frame's epoch, projected with the
-    frame's WCS and filtered by :func:`photometry.movement.select_kernel_stars`.
-    """
+def catalog_pixels(catalog, wcs, time_btjd, shape):
+    """(column, row) cube pixels of every catalog star through a frame's WCS, proper motion
+    applied to the frame's epoch; NaN for stars far off the frame."""
     from .catalog import apply_proper_motion, btjd_to_epoch
-    from .movement import select_kernel_stars
     ra = np.asarray(catalog["ra"], float)
     dec = np.asarray(catalog["dec"], float)
     pmra = np.nan_to_num(np.asarray(catalog["pmra"], float)) if "pmra" in catalog.colnames \
@@ -96,6 +93,18 @@ def kernel_star_candidates(catalog, wcs, time_btjd, shape, pset, image=None):
     if near.any():
         c, r = wcs.all_world2pix(ra[near], dec[near], 0)
         col[near], row[near] = c, r
+    return col, row
+
+
+def kernel_star_candidates(catalog, wcs, time_btjd, shape, pset, image=None):
+    """Kernel stars of a frame: (starid, column, row) in cube pixels of that frame's WCS.
+
+    Catalog positions are moved by proper motion to the frame's epoch, projected with the
+    frame's WCS (:func:`catalog_pixels`) and filtered by
+    :func:`photometry.movement.select_kernel_stars`.
+    """
+    from .movement import select_kernel_stars
+    col, row = catalog_pixels(catalog, wcs, time_btjd, shape)
     tmag = np.asarray(catalog["tmag"], float)
     pick = select_kernel_stars(
         col, row, tmag, shape, n_max=int(pset["kernel_stars"]),
@@ -133,6 +142,75 @@ def _kernel_stars(frame, later_paths, catalog, shape, pset):
     logger.info("%s: no usable frame with a WCS among the first; the movement kernel is not "
                 "measured", frame.path.parent)
     return np.empty(0, np.int64), np.empty(0), np.empty(0)
+
+
+def preview_context(paths, catalog, shape, settings, time, *, raw=False,
+                    calibration_models=None):
+    """:class:`photometry.stages.StreamContext` for streaming prepare stages.
+
+    The full-sector sum image exists only after ingest; streaming stages get instead the
+    mean of up to ``prepare.preview_frames`` frames spread evenly over the sector (those
+    passing the frame checks and ``TESSQualityFlags.DEFAULT_BITMASK``, as the sum image;
+    any usable one if none passes), trimmed exactly as the cache stores them, the mean of
+    their uncertainties, the pixel flags of the one nearest the middle of the sector and
+    the catalog through that frame's WCS. Deterministic, so a resumed prepare gets the same.
+    None when no preview frame is usable (ingest then refuses a mostly unusable folder, or
+    the streaming stages run as a second pass).
+    """
+    from .cache import check_frame, pixel_flags_for, trim_precision
+    from .ffi import read_ffi
+    from .quality import TESSQualityFlags
+    from .stages import StreamContext
+    pset = settings["prepare"]
+    n = len(paths)
+    m = max(1, min(int(pset["preview_frames"]), n))
+    pick = np.unique(np.round(np.linspace(0, n - 1, m)).astype(int))
+    if raw:
+        from .calibration import calibrate_frames
+        frames = calibrate_frames([paths[i] for i in pick], calibration_models, settings)
+    else:
+        frames = (read_ffi(paths[i]) for i in pick)
+    sums = {True: [np.zeros(shape), np.zeros(shape, np.int32)],
+            False: [np.zeros(shape), np.zeros(shape, np.int32)]}
+    err_sum, err_count = np.zeros(shape), np.zeros(shape, np.int32)
+    middle, best, used = None, np.inf, 0
+    mid_time = 0.5 * (float(np.nanmin(time)) + float(np.nanmax(time)))
+    for frame in frames:
+        if check_frame(frame.image):
+            continue
+        image = np.array(frame.image, np.float32)
+        errors = np.array(frame.uncert, np.float32)
+        trim_precision(image[None], errors[None], float(pset["precision"]))
+        good = bool(TESSQualityFlags.filter(np.array([frame.quality]))[0])
+        ok = np.isfinite(image)
+        total, count = sums[good]
+        total[ok] += image[ok]
+        count += ok
+        ok = np.isfinite(errors)
+        err_sum[ok] += errors[ok]
+        err_count += ok
+        used += 1
+        if frame.wcs is not None and abs(frame.time - mid_time) < best:
+            best = abs(frame.time - mid_time)
+            flags = pixel_flags_for(image, float(pset["saturation_level"]),
+                                    int(pset["saturation_bleed_pad"]))
+            middle = (frame.wcs, frame.time, flags)
+    if not used:
+        return None
+    total, count = sums[True] if sums[True][1].any() else sums[False]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        image = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        errors = np.where(err_count > 0, err_sum / np.maximum(err_count, 1), np.nan)
+    stars, flags = None, np.zeros(shape, np.uint8)
+    if middle is not None:
+        wcs, t_mid, flags = middle
+        col, row = catalog_pixels(catalog, wcs, t_mid, shape)
+        keep = np.isfinite(col) & np.isfinite(row)
+        stars = (row[keep], col[keep], np.asarray(catalog["tmag"], float)[keep])
+    return StreamContext(shape=tuple(shape), n_frames=n, time=np.asarray(time, float),
+                         preview_image=image, preview_errors=errors, preview_flags=flags,
+                         n_preview=used, catalog=stars, filename=str(paths[0]),
+                         time_chunk=int(pset["time_chunk"]))
 
 
 def _chain_frames(first, later_paths, read_ffi):
@@ -217,13 +295,34 @@ def prepare(ffi_dir, catalog_path, cache_dir, settings=None, *, overwrite=False,
 
     state = writer.state
     try:
+        pending = [(name, cls(settings)) for name, cls in stages.items()
+                   if not (writer.stage_complete(name) and writer.file[f"models/{name}"]
+                           .attrs.get("version") == str(cls.version))]
+        streaming = [(name, stage) for name, stage in pending if stage.streaming]
+        if streaming:
+            # one pass: these stages fit every block while ingest has it in memory (a
+            # resumed prepare replays the blocks already stored)
+            context = preview_context(paths, catalog, shape, settings,
+                                      [h.time for h in headers], raw=raw,
+                                      calibration_models=calibration_models)
+            if context is None:
+                logger.info("%s: no usable frame among the preview frames; the streaming "
+                            "stages run as a second pass after ingest", ffi_dir)
+                streaming = []
+            for name, stage in streaming:
+                logger.info("prepare stage %s (streaming, preview of %d frames)", name,
+                            context.n_preview)
+                stage.begin(context, writer.stage_group(name, stage.version))
+                writer.replay_blocks(stage.add_block)
+                writer.add_block_consumer(stage.add_block)
         done = writer.frames_done
         todo = paths[done:]
         if raw:
             from .calibration import calibrate_frames
             frames = calibrate_frames(todo, calibration_models, settings)
         else:
-            frames = (read_ffi(p) for p in todo)
+            # each frame read straight into the cache writer's block buffer
+            frames = (read_ffi(p, out=writer.next_frame_buffers()) for p in todo)
         delay = float(os.environ.get("TESSPHOT_PREPARE_FRAME_DELAY", 0) or 0)
         bar = tqdm(total=len(paths), initial=done, desc="prepare", unit="frame",
                    disable=not progress or None)
@@ -257,14 +356,16 @@ def prepare(ffi_dir, catalog_path, cache_dir, settings=None, *, overwrite=False,
             raise InputError(f"{paths[ref]}: the reference frame has no WCS")
         _write_catalog(catalog, cache_dir, meta, ref_wcs, float(f["time"][ref]), shape, pset)
 
-        for name, cls in stages.items():
-            if writer.stage_complete(name) and \
-                    writer.file[f"models/{name}"].attrs.get("version") == str(cls.version):
-                logger.info("prepare stage %s: already complete", name)
+        for name, stage in streaming:
+            stage.finish(writer, writer.file[f"models/{name}"])
+            writer.mark_stage_complete(name)
+        streamed = {name for name, _ in streaming}
+        for name, stage in pending:
+            if name in streamed:
                 continue
             logger.info("prepare stage %s", name)
-            group = writer.stage_group(name, cls.version)
-            cls(settings).run(writer, group)
+            group = writer.stage_group(name, stage.version)
+            stage.run(writer, group)
             writer.mark_stage_complete(name)
 
         writer.close(complete=True)

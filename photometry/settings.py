@@ -141,6 +141,7 @@ LIMITS = {
     "prepare.kernel_min_affine_stars": _ONE_OR_MORE,
     "prepare.kernel_clip": _POSITIVE,
     "prepare.saturation_level": _POSITIVE,
+    "prepare.preview_frames": _ONE_OR_MORE,
     "prepare.saturation_bleed_pad": _COUNT,
     # photometry
     "photometry.local_background_margin": _COUNT,

@@ -277,3 +277,27 @@ def test_fully_masked_column_error_is_not_the_prior(fitted):
     fitter.constrain_columns(free)
     empty_var = 1.0 / fitter.strap_precision[40:44]
     assert np.all(np.sqrt(empty_var) * 0.4 <= 1.01 * s["column_prior"])
+
+
+def test_streamed_randomized_jitter_components_equal_the_exact_svd(tmp_path):
+    """The components summed over pixel groups (residuals read from an HDF5 dataset, as the
+    stage keeps them) equal the exact SVD of each band on a low-rank residual matrix."""
+    from photometry_backdrop.model import BANDS, _bands, _segments, jitter_components
+    rng = np.random.default_rng(4)
+    n, npix = 300, 700
+    t = np.arange(n) / 48.0
+    t[150:] += 2.0                                        # a gap: two segments
+    resid = (rng.normal(size=(n, 4)) @ rng.normal(size=(4, npix)) * 3
+             + 1e-3 * rng.normal(size=(n, npix))).astype(np.float32)
+    resid[10, 5] = np.nan
+    s = dict(load_settings()["backdrop"], jitter_components=3)
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        ds = f.create_dataset("r", data=resid, chunks=(32, 256))
+        got = jitter_components(ds, t, s, group_pixels=256)
+    exact = _bands(resid, _segments(t, n), s)
+    for band, a in zip(BANDS, exact):
+        u, sv, _ = np.linalg.svd(a.astype(np.float64), full_matrices=False)
+        ref = u[:, :3] * sv[:3]
+        for j in range(3):
+            sign = np.sign(ref[:, j] @ got[band][:, j])
+            assert np.allclose(sign * got[band][:, j], ref[:, j], atol=1e-4 * sv[0]), (band, j)

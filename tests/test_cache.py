@@ -133,6 +133,89 @@ def test_resume_equals_uninterrupted_and_damaged_partial_restarts(tmp_path, sett
                               equal_nan=True)
 
 
+def test_frames_read_into_the_block_buffers_give_the_same_cache(tmp_path, settings):
+    """Frames written straight into ``next_frame_buffers`` (prepare's reader does) give the
+    cache a copying writer gives, dataset for dataset, with kernel stars declared after the
+    first slot was handed out and several blocks through both buffer sets."""
+    images, errors, quality = _frames()
+    star = dict(starid=[7], column=[12.0], row=[9.0])
+    images[:, 8:11, 11:14] += 500.0
+    paths = []
+    for direct in (False, True):
+        path = tmp_path / str(direct) / "sector0003_camera2_ccd1.hdf5"
+        w = CacheWriter(path, settings, ffi_files=[f"f{i:03d}_ffic.fits" for i in range(N)],
+                        shape=(R, C), meta=META)
+        for i in range(N):
+            image, error = images[i], errors[i]
+            if direct:
+                slot_image, slot_error = w.next_frame_buffers()
+                slot_image[...], slot_error[...] = image, error
+                image, error = slot_image, slot_error
+            if i == 0:
+                w.set_kernel_stars(star["starid"], star["column"], star["row"])
+            w.add_frame(image, error, time=2000 + i / 144, time_start=2000, time_stop=2000,
+                        timecorr=0.0, cadenceno=100 + i, quality=quality[i])
+        w.finish_ingest(usable=np.ones(N, bool))
+        w.close(complete=True)
+        paths.append(path)
+    with h5py.File(paths[0]) as fa, h5py.File(paths[1]) as fb:
+        names = []
+        fa.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        assert "movement/centroids" in names and np.isfinite(fa["movement/centroids"][()]).any()
+        for name in names:
+            assert np.array_equal(fa[name][()], fb[name][()],
+                                  equal_nan=fa[name].dtype.kind == "f"), name
+    with FFICache(paths[1]) as cache:
+        assert np.array_equal(cache.stamp("images", slice(None), slice(None)), images,
+                              equal_nan=True)
+
+
+_KILLED_AFTER_STRINGS = """
+import os, sys, numpy as np
+from pathlib import Path
+from photometry.cache import CacheWriter
+from photometry.settings import load_settings
+s = load_settings(assignments=["prepare.time_chunk=8", "prepare.spatial_chunk=8"])
+w = CacheWriter(Path(sys.argv[1]), s, ffi_files=[f"f{i:03d}_ffic.fits" for i in range(30)],
+                shape=(20, 26), meta=dict(sector=3, camera=2, ccd=1, cadence=600.0,
+                data_rel=9, procver="t", row_offset=0, column_offset=44))
+for i in range(24):   # the third flush commits block 2 and writes block 3's strings
+    w.add_frame(100.0 + i + np.arange(520, dtype=np.float32).reshape(20, 26) / 16,
+                np.ones((20, 26), np.float32), time=2000 + i / 144, time_start=2000, time_stop=2000, timecorr=0.0,
+                cadenceno=100 + i, quality=0, wcs_header="CTYPE1 = 'RA---TAN'" + " " * 3000 + str(i))
+os._exit(0)           # killed: nothing after the last commit is flushed
+"""
+
+
+def test_resume_after_a_kill_between_strings_and_commit(tmp_path, settings):
+    """A kill after a block's WCS strings entered the file but before its commit: the resumed
+    prepare rewrites those frames (it failed with "bad heap index" before the uncommitted
+    strings were dropped on resume) and stores every frame's text."""
+    import subprocess
+    import sys
+    from photometry.cache import clear_write_flag
+    path = tmp_path / "sector0003_camera2_ccd1.hdf5"
+    subprocess.run([sys.executable, "-c", _KILLED_AFTER_STRINGS, str(path)], check=True)
+    partial = tmp_path / (path.name + ".partial")
+    clear_write_flag(partial)
+    with h5py.File(partial) as f:
+        assert f.attrs["frames_done"] == 16
+    s = load_settings(assignments=["prepare.time_chunk=8", "prepare.spatial_chunk=8"])
+    w = CacheWriter(path, s, ffi_files=[f"f{i:03d}_ffic.fits" for i in range(30)],
+                    shape=(20, 26), meta=META)
+    assert w.state == "resume" and w.frames_done == 16
+    text = ["CTYPE1 = 'RA---TAN'" + " " * 3000 + str(i) for i in range(30)]
+    for i in range(16, 30):
+        w.add_frame(100.0 + i + np.arange(520, dtype=np.float32).reshape(20, 26) / 16,
+                    np.ones((20, 26), np.float32), time=2000 + i / 144, time_start=2000, time_stop=2000, timecorr=0.0,
+                    cadenceno=100 + i, quality=0, wcs_header=text[i])
+    w.finish_ingest(usable=np.ones(30, bool))
+    w.close(complete=True)
+    with h5py.File(path) as f:
+        assert list(f["wcs"].asstr()[:]) == text
+        assert np.array_equal(f["images"][:, 0, 0], 100.0 + np.arange(30))
+
+
 def test_complete_cache_is_kept_or_overwritten(tmp_path, settings):
     images, errors, quality = _frames()
     path = tmp_path / "sector0003_camera2_ccd1.hdf5"

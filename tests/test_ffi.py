@@ -323,6 +323,32 @@ def test_lean_reader_equals_astropy_path(tmp_path, monkeypatch, science_only):
             _same_frame(read_ffi(path, science_only=science_only), frame)
 
 
+def test_read_into_buffers_equals_a_fresh_read(tmp_path, monkeypatch):
+    """``read_ffi(out=...)`` (prepare reads each frame straight into the cache writer's block
+    buffers) gives exactly the frame of a plain read, and fills the given arrays: lean path
+    with an uncertainty covering part of the region (NaN elsewhere, the slot's old values
+    overwritten), a missing uncertainty HDU (estimated in place), gzip (astropy path); a
+    buffer of another shape or dtype is not used."""
+    def no_uncert(hdul):
+        del hdul[2]
+        hdul[0].header["NEXTEND"] = 1
+    gz = tmp_path / "g-s0001-1-4_ffic.fits.gz"
+    gz.write_bytes(gzip.compress(REAL.read_bytes()))
+    paths = [REAL, _variant(tmp_path, "n-s0001-1-4_ffic.fits", no_uncert), gz]
+    for path in paths:
+        plain = read_ffi(path)
+        out = (np.full(plain.shape, 7.0, np.float32), np.full(plain.shape, 7.0, np.float32))
+        into = read_ffi(path, out=out)
+        assert into.image is out[0] and into.uncert is out[1], path
+        _same_frame(plain, into)
+        assert into.uncert_estimated == plain.uncert_estimated
+    wrong = (np.zeros((3, 3), np.float32), np.zeros((3, 3), np.float32))
+    _same_frame(read_ffi(REAL), read_ffi(REAL, out=wrong))
+    big_endian = tuple(np.zeros(read_ffi(REAL).shape, ">f4") for _ in range(2))
+    frame = read_ffi(REAL, out=big_endian)
+    assert frame.image is not big_endian[0] and frame.image.dtype.isnative
+
+
 def test_other_data_types_fall_back_to_astropy(tmp_path, monkeypatch):
     """Data other than big-endian float32 (here float64) are left to astropy's rules."""
     def double(hdul):

@@ -286,6 +286,62 @@ def test_prepare_stages_run_and_resume(scene, tmp_path):
         assert '"test_median": "3"' in cache.attrs["plugin_versions"]
 
 
+class RecordingStream:
+    """Test streaming stage: records the context and every block it is fed."""
+
+    seen = []
+
+    @staticmethod
+    def make(base):
+        class _Stream(base):
+            name = "test_stream"
+            version = "1"
+
+            def begin(self, context, group):
+                RecordingStream.seen = [("begin", context)]
+                self.group = group
+
+            def add_block(self, frames, images, errors, pixel_flags, usable):
+                RecordingStream.seen.append((frames, images.copy(), errors.copy(),
+                                             pixel_flags.copy(), usable.copy()))
+
+            def finish(self, cache, group):
+                RecordingStream.seen.append(("finish", cache.file["time"][()]))
+                group.create_dataset("blocks", data=[len(RecordingStream.seen) - 2])
+        return _Stream
+
+
+def test_streaming_stage_sees_every_block_once_as_stored(scene, tmp_path):
+    """One pass: a StreamingStage gets every frame once, in order, exactly as stored (trimmed),
+    before the two-pass stages run; its preview is a mean of frames spread over the sector."""
+    from photometry.stages import PrepareStage, StreamingStage
+    stream_cls, median_cls = RecordingStream.make(StreamingStage), MedianStage.make(PrepareStage)
+    pm = get_plugin_manager(extra_plugins=[_StagePlugin([stream_cls, median_cls])])
+    settings = load_settings(assignments=['prepare.stages=["test_median", "test_stream"]',
+                                          "prepare.time_chunk=8", "prepare.preview_frames=7"])
+    path, _ = prepare(scene / "ffi", scene / "catalog.csv", tmp_path, settings, progress=False,
+                      pm=pm)
+    seen = RecordingStream.seen
+    assert seen[0][0] == "begin" and seen[-1][0] == "finish"
+    context, blocks = seen[0][1], seen[1:-1]
+    assert context.n_frames == N_FRAMES and context.n_preview == 7
+    assert context.preview_image.shape == (SIZE, SIZE) and context.catalog is not None
+    assert [b[0] for b in blocks] == [slice(a, min(a + 8, N_FRAMES)) for a in range(0, 30, 8)]
+    with FFICache(path) as cache:
+        for name, k in (("images", 1), ("errors", 2), ("pixel_flags", 3)):
+            stored = cache.stamp(name, slice(None), slice(None))
+            fed = np.concatenate([b[k] for b in blocks])
+            assert fed.tobytes() == stored.tobytes(), name
+        assert np.all(np.concatenate([b[4] for b in blocks]))
+        assert np.array_equal(seen[-1][1], cache.time)
+        assert cache.model_group("test_stream")["blocks"][0] == 4
+        assert cache.model_group("test_median") is not None
+        # the preview: the mean of 7 frames spread over the 30, as stored
+        pick = np.unique(np.round(np.linspace(0, N_FRAMES - 1, 7)).astype(int))
+        images = cache.stamp("images", slice(None), slice(None))
+        assert np.allclose(context.preview_image, np.nanmean(images[pick], axis=0), atol=1e-4)
+
+
 # ---------------------------------------------------------------------------- bad inputs
 @pytest.fixture(scope="module")
 def other_ccd_frame(tmp_path_factory):

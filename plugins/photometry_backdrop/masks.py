@@ -4,9 +4,6 @@ Built once per CCD from the sum image (everything that stands above a smooth bac
 the time-averaged image, so faint stars too) and the catalog (generous circles around bright
 stars, whose PRF wings reach far below the sum-image threshold).
 """
-import sqlite3
-from pathlib import Path
-
 import numpy as np
 from scipy import ndimage
 
@@ -14,32 +11,13 @@ from photometry.utilities import disc_mask
 
 from .fit import nanquantile_columns
 
-__all__ = ["build_mask", "star_pixels", "read_catalog", "catalog_path", "smooth_background"]
-
-
-def catalog_path(cache_file):
-    """The catalog SQLite that ``prepare`` writes next to the cache file."""
-    from photometry.cache import catalog_filename
-    attrs = cache_file.attrs
-    name = catalog_filename(attrs["sector"], attrs["camera"], attrs["ccd"])
-    return Path(cache_file.filename).parent / name
+__all__ = ["build_mask", "star_pixels", "read_catalog", "smooth_background"]
 
 
 def read_catalog(cache_file):
     """(row, column, tmag) arrays in cube pixel indices, or None when there is no catalog."""
-    try:
-        path = catalog_path(cache_file)
-    except KeyError:
-        return None
-    if not path.exists():
-        return None
-    row_offset = float(cache_file.attrs.get("row_offset", 0))
-    col_offset = float(cache_file.attrs.get("column_offset", 0))
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
-        data = np.array(con.execute(
-            'SELECT "row", "column", tmag FROM catalog WHERE tmag IS NOT NULL').fetchall(),
-            dtype=float).reshape(-1, 3)
-    return data[:, 0] - row_offset, data[:, 1] - col_offset, data[:, 2]
+    from photometry.stages import cache_catalog
+    return cache_catalog(cache_file)
 
 
 def smooth_background(image, exclude, box):

@@ -31,10 +31,10 @@ Stored state (``models/backdrop`` group of the cache), far smaller than the imag
 Attributes: ``version``, ``complete``, ``n_rows``, ``n_cols``, ``poly_degree``,
 ``bin_rows``, ``pixel_noise``, ``settings`` (JSON of the ``[backdrop]`` section).
 """
-import itertools
 import json
 import logging
 import time
+import warnings
 
 import numpy as np
 from scipy.ndimage import median_filter, uniform_filter1d
@@ -42,10 +42,10 @@ from tqdm import tqdm
 
 from photometry.errors import ConfigurationError, InputError
 from photometry.quality import PixelQualityFlags
-from photometry.stages import BackgroundModel
+from photometry.stages import BackgroundModel, StreamingStage
 
 from .fit import BackdropFitter, nanquantile_columns
-from .masks import build_mask, read_catalog, star_pixels
+from .masks import build_mask, star_pixels
 from .stamp import StampEvaluator, write_stamp_tables
 
 __all__ = ["Backdrop", "jitter_components"]
@@ -74,66 +74,99 @@ def _options(settings):
     return s
 
 
-def jitter_components(resid, time, settings):
+def _segments(time, n):
+    """Bounds of the segments between gaps longer than ten median cadences."""
+    t = np.asarray(time, float) if time is not None else np.arange(n, dtype=float)
+    bounds = [0, n]
+    if np.isfinite(t).sum() > 2:
+        med = np.nanmedian(np.diff(t))
+        if med > 0:
+            bounds = [0] + list(np.flatnonzero(np.diff(t) > 10 * med) + 1) + [n]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _bands(resid, segments, settings):
+    """(short, medium, long) float32 band series of residual series (n, pixels)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixel series
+        x = np.asarray(resid, np.float32) - np.nanmedian(resid, axis=0).astype(np.float32)
+    np.nan_to_num(x, copy=False, nan=0.0)
+    s1 = np.empty_like(x)
+    s2 = np.empty_like(x)
+    for a, b in segments:
+        ws = max(min(int(settings["jitter_short"]), b - a), 1)
+        wl = max(min(int(settings["jitter_long"]), b - a), 1)
+        uniform_filter1d(x[a:b], ws, axis=0, mode="nearest", output=s1[a:b])
+        uniform_filter1d(s1[a:b], wl, axis=0, mode="nearest", output=s2[a:b])
+    x -= s1    # short = x - s1
+    s1 -= s2   # medium = s1 - s2; long = s2
+    return x, s1, s2
+
+
+BANDS = ("short", "medium", "long")
+
+
+def jitter_components(resid, time, settings, group_pixels=256, oversample=10, power=3):
     """Principal components of pixel residual series in three time-scale bands.
 
     The residuals are split at gaps longer than ten median cadences; within each segment a
     boxcar of ``jitter_short`` cadences separates short from medium time-scales and one of
     ``jitter_long`` cadences medium from long. Returns a dict band -> (N, k) array of the
     leading left singular vectors scaled by their singular values (e-/s units).
+
+    The components come from a randomized SVD (Halko, Martinsson & Tropp 2011: a Gaussian
+    sketch of k + ``oversample`` columns, ``power`` power iterations, an exact SVD of the
+    small projection), O(N pixels k) time. ``resid`` (N, pixels) may be an h5py dataset:
+    every product with a band matrix is summed over groups of ``group_pixels`` pixels, whose
+    bands are recomputed in each of the 2 ``power`` + 2 passes, so the memory is a few
+    (N, ``group_pixels``) arrays and (N, k) sketches whatever the number of frames.
     """
     n, npix = resid.shape
     k = int(settings["jitter_components"])
-    x = np.nan_to_num(resid - np.nanmedian(resid, axis=0), nan=0.0).astype(np.float64)
-    short = np.zeros_like(x)
-    medium = np.zeros_like(x)
-    long_ = np.zeros_like(x)
-    t = np.asarray(time, float) if time is not None else np.arange(n, dtype=float)
-    bounds = [0, n]
-    finite = np.isfinite(t)
-    if finite.sum() > 2:
-        dt = np.diff(t)
-        med = np.nanmedian(dt)
-        if med > 0:
-            bounds = [0] + list(np.flatnonzero(dt > 10 * med) + 1) + [n]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        seg = x[a:b]
-        ws = min(int(settings["jitter_short"]), len(seg))
-        wl = min(int(settings["jitter_long"]), len(seg))
-        s1 = uniform_filter1d(seg, max(ws, 1), axis=0, mode="nearest")
-        s2 = uniform_filter1d(s1, max(wl, 1), axis=0, mode="nearest")
-        short[a:b], medium[a:b], long_[a:b] = seg - s1, s1 - s2, s2
-    out = {}
-    rng = np.random.default_rng(int(settings.get("seed", 0)))
-    for name, band in (("short", short), ("medium", medium), ("long", long_)):
-        u, sv = _leading_svd(band, k, rng)
-        out[name] = (u * sv).astype(np.float32)
-    return out
-
-
-def _leading_svd(a, k, rng, oversample=10, power=3):
-    """Leading ``k`` left singular vectors and values of ``a`` (n x p), randomized.
-
-    Halko, Martinsson & Tropp (2011): a Gaussian sketch of ``k + oversample`` columns, a few
-    power iterations (re-orthonormalised), then an exact SVD of the small projected matrix.
-    O(n p k) time and O(n k) extra memory, linear in the number of frames ``n`` (the full
-    SVD was O(n^2 p)); on backdrop residuals the components agree with the full SVD to
-    ~1e-6 of the leading singular value.
-    """
-    n, p = a.shape
-    kk = min(k, n, p)
+    segments = _segments(time, n)
+    kk = min(k, n, npix)
     if kk == 0:
-        return np.zeros((n, 0)), np.zeros(0)
-    m = min(kk + oversample, n, p)
-    if m >= min(n, p):  # small: the exact SVD is as cheap
-        u, sv, _ = np.linalg.svd(a, full_matrices=False)
-        return u[:, :kk], sv[:kk]
-    q, _ = np.linalg.qr(a @ rng.standard_normal((p, m)))
+        return {band: np.zeros((n, 0), np.float32) for band in BANDS}
+    m = min(kk + oversample, n, npix)
+    groups = [slice(a, min(a + int(group_pixels), npix)) for a in range(0, npix, group_pixels)]
+
+    def each_group():
+        for g in groups:
+            yield g, _bands(resid[:, g], segments, settings)
+
+    out = {}
+    if m >= min(n, npix):  # small: the exact SVD of the whole bands is as cheap
+        full = [np.concatenate(parts, axis=1) for parts in
+                zip(*(bands for _, bands in each_group()))]
+        for band, a in zip(BANDS, full):
+            u, sv, _ = np.linalg.svd(a, full_matrices=False)
+            out[band] = (u[:, :kk] * sv[:kk]).astype(np.float32)
+        return out
+    rng = np.random.default_rng(int(settings.get("seed", 0)))
+    sketch = [rng.standard_normal((npix, m)).astype(np.float32) for _ in BANDS]
+
+    def times_right(right):   # band @ right, right (npix, m) -> (n, m)
+        acc = [np.zeros((n, m), np.float32) for _ in BANDS]
+        for g, bands in each_group():
+            for j, a in enumerate(bands):
+                acc[j] += a @ right[j][g]
+        return acc
+
+    def times_left(left):     # left.T @ band, left (n, m) -> (m, npix)
+        acc = [np.zeros((m, npix), np.float32) for _ in BANDS]
+        for g, bands in each_group():
+            for j, a in enumerate(bands):
+                acc[j][:, g] = left[j].T @ a
+        return acc
+
+    q = [np.linalg.qr(y)[0] for y in times_right(sketch)]
     for _ in range(power):
-        z, _ = np.linalg.qr(a.T @ q)
-        q, _ = np.linalg.qr(a @ z)
-    ub, sv, _ = np.linalg.svd(q.T @ a, full_matrices=False)
-    return (q @ ub)[:, :kk], sv[:kk]
+        z = [np.linalg.qr(t.T)[0] for t in times_left(q)]
+        q = [np.linalg.qr(y)[0] for y in times_right(z)]
+    for band, qj, bj in zip(BANDS, q, times_left(q)):
+        ub, sv, _ = np.linalg.svd(bj, full_matrices=False)
+        out[band] = ((qj @ ub)[:, :kk] * sv[:kk]).astype(np.float32)
+    return out
 
 
 def strap_columns(fitter, nsigma):
@@ -162,11 +195,13 @@ def strap_columns(fitter, nsigma):
     return free & has
 
 
-class Backdrop(BackgroundModel):
+class Backdrop(StreamingStage, BackgroundModel):
     """CCD-wide background: polynomial + tensor B-spline + one offset per column, per frame.
 
-    The fit is done at prepare time on the cache's full frames (see :mod:`.fit` for why it is
-    fast); ``evaluate`` rebuilds the separable bases on any stamp.
+    A streaming prepare stage (:class:`photometry.stages.StreamingStage`): the masks and the
+    factorisation are built once from the prepare preview, then every block of frames is
+    fitted while ingest has it in memory (see :mod:`.fit` for why it is fast); ``evaluate``
+    rebuilds the separable bases on any stamp.
     """
 
     name = "backdrop"
@@ -177,32 +212,30 @@ class Backdrop(BackgroundModel):
         self.options = _options(settings)
 
     # ------------------------------------------------------------------ prepare
-    def run(self, cache, group):
-        """Fit every frame of ``cache`` and store the model in ``group``."""
+    def begin(self, context, group):
+        """Masks, column gains, the factorised normal matrix and the output datasets.
+
+        Everything here comes from ``context`` (:class:`photometry.stages.StreamContext`):
+        its preview image (during prepare the mean of ``prepare.preview_frames`` frames
+        spread over the sector; the sum image in a second pass), the catalog, and the
+        flags of the frame nearest the middle.
+        """
         s = self.options
-        f = group.file
         t_start = time.perf_counter()
         for key in list(group.keys()):
             del group[key]
-        n_frames, R, C = f["images"].shape
-        if "sumimage" in f:
-            sumimage = f["sumimage"][()]
-        else:
-            sumimage = self._mean_image(cache, (R, C))
-        catalog = read_catalog(f)
-        usable, sat, exclude = build_mask(sumimage, s, catalog)
-        ref = int(f.attrs.get("ref_frame", 0))
-        if "pixel_flags" in f and n_frames:
-            ref_flags = f["pixel_flags"][ref]
-            sat |= (ref_flags & int(PixelQualityFlags.Saturated)) != 0
-            exclude |= sat | ((ref_flags & BAD_PIXEL_BITS) != 0)
-            usable &= ~exclude
-        blocks = iter(cache.iter_frame_blocks())
-        first = next(blocks, None)
-        if first is None:
-            raise InputError(f"{f.filename}: backdrop: the cache holds no frames")
-        noise = self._pixel_noise(first[2], usable)
-        fitter = self._fitter(usable, noise, f.filename)
+        n_frames, (R, C) = int(context.n_frames), tuple(context.shape)
+        if n_frames == 0:
+            raise InputError(f"{context.filename}: backdrop: the cache holds no frames")
+        sumimage = np.asarray(context.preview_image, dtype=float)
+        usable, sat, exclude = build_mask(sumimage, s, context.catalog)
+        ref_flags = np.asarray(context.preview_flags)
+        sat |= (ref_flags & int(PixelQualityFlags.Saturated)) != 0
+        exclude |= sat | ((ref_flags & BAD_PIXEL_BITS) != 0)
+        usable &= ~exclude
+        errors = np.asarray(context.preview_errors)
+        noise = self._pixel_noise(errors if errors.ndim == 3 else errors[None], usable)
+        fitter = self._fitter(usable, noise, context.filename)
         fitter.fit_gain(sumimage)
         for _ in range(int(s["mask_refine"])):
             # the star mask again, now against the full model of the sum image (the same
@@ -219,54 +252,80 @@ class Backdrop(BackgroundModel):
             if np.array_equal(new, usable):
                 break
             usable = new
-            fitter = self._fitter(usable, noise, f.filename)
+            fitter = self._fitter(usable, noise, context.filename)
             fitter.fit_gain(sumimage)
         fitter.constrain_columns(strap_columns(fitter, float(s["strap_nsigma"])))
         rng = np.random.default_rng(int(s["seed"]))
         cand = np.flatnonzero((~usable & ~sat & np.isfinite(sumimage)).ravel())
         npix = min(int(s["jitter_pixels"]), cand.size)
         pick = np.sort(rng.choice(cand, size=npix, replace=False)) if npix else cand[:0]
-        jr, jc = np.unravel_index(pick, (R, C))
-        t_setup = time.perf_counter() - t_start
         nt = len(fitter.pairs)
-        ds = {
-            "weights": group.create_dataset("weights", (n_frames, nt), "f4"),
-            "strap": group.create_dataset("strap", (n_frames, C), "f4"),
-            "noise": group.create_dataset("noise", (n_frames,), "f4"),
-            "n_clipped": group.create_dataset("n_clipped", (n_frames,), "i4"),
+        self._state = {
+            "fitter": fitter, "usable": usable, "sat": sat, "group": group,
+            "jitter_pixels": np.unravel_index(pick, (R, C)),
+            # residual series of the jitter pixels, kept in the file (not in memory) until
+            # finish turns them into components: 8 kB per frame for 2000 pixels
+            "jitter": group.create_dataset(
+                "_jitter_residuals", (n_frames, npix), "f4", fillvalue=np.nan,
+                chunks=(min(context.time_chunk, n_frames), min(256, npix))) if npix else None,
+            "ds": {"weights": group.create_dataset("weights", (n_frames, nt), "f4"),
+                   "strap": group.create_dataset("strap", (n_frames, C), "f4"),
+                   "noise": group.create_dataset("noise", (n_frames,), "f4"),
+                   "n_clipped": group.create_dataset("n_clipped", (n_frames,), "i4")},
+            "t_setup": time.perf_counter() - t_start, "t_fit": 0.0,
+            "bar": tqdm(total=n_frames, desc="backdrop", unit="frame", leave=False,
+                        disable=not bool(s.get("progress", True))),
         }
-        jitter = np.zeros((n_frames, npix), dtype=np.float32)
-        bar = tqdm(total=n_frames, desc="backdrop", unit="frame", leave=False,
-                   disable=not bool(s.get("progress", True)))
-        # frames that failed prepare's frame checks (all NaN, all zero, ...) are not fitted:
-        # their model is NaN, so their photometry is NaN rather than wrong
-        usable_frames = np.asarray(getattr(cache, "usable_frames", np.ones(n_frames, bool)))
-        for sl, images, errors, flags in itertools.chain([first], blocks):
-            ok = usable_frames[sl]
-            nan = np.float32(np.nan)
-            w, st, ns = (np.full((len(ok), nt), nan), np.full((len(ok), C), nan),
-                         np.full(len(ok), nan))
-            nc, jt = np.zeros(len(ok), np.int32), np.full((len(ok), npix), nan)
-            if ok.any():
-                res = fitter.fit(images[ok], flags[ok], BAD_PIXEL_BITS, (jr, jc))
-                w[ok], st[ok], ns[ok], nc[ok] = res.weights, res.strap, res.noise, res.n_clipped
-                if res.jitter is not None:
-                    jt[ok] = res.jitter
-            ds["weights"][sl] = w
-            ds["strap"][sl] = st
-            ds["noise"][sl] = ns
-            ds["n_clipped"][sl] = nc
-            jitter[sl] = jt
-            bar.update(sl.stop - sl.start)
-        bar.close()
-        t_fit = time.perf_counter() - t_start - t_setup
-        self._store(group, fitter, usable, sat, (jr, jc), jitter,
-                    f["time"][()] if "time" in f else None)
+
+    def add_block(self, frames, images, errors, pixel_flags, usable):
+        """Fit one block of frames; frames that failed prepare's frame checks (all NaN, all
+        zero, ...) are not fitted: their model is NaN, so their photometry is NaN rather
+        than wrong."""
+        st = self._state
+        t0 = time.perf_counter()
+        fitter, ds = st["fitter"], st["ds"]
+        ok = np.asarray(usable, bool)
+        k = len(ok)
+        nt, C = len(fitter.pairs), fitter.shape[1]
+        nan = np.float32(np.nan)
+        w, strap, noise = np.full((k, nt), nan), np.full((k, C), nan), np.full(k, nan)
+        n_clipped = np.zeros(k, np.int32)
+        jitter = None
+        if st["jitter"] is not None:
+            jitter = np.full((k, st["jitter"].shape[1]), nan, np.float32)
+        if ok.any():
+            # the block itself when every frame is usable (the fit only reads it): a copy
+            # of a full-frame block is 0.5 GB of images and 0.1 GB of flags
+            if not ok.all():
+                images, pixel_flags = images[ok], pixel_flags[ok]
+            res = fitter.fit(images, pixel_flags, BAD_PIXEL_BITS, st["jitter_pixels"])
+            w[ok], strap[ok], noise[ok], n_clipped[ok] = (res.weights, res.strap, res.noise,
+                                                          res.n_clipped)
+            if res.jitter is not None and jitter is not None:
+                jitter[ok] = res.jitter
+        if jitter is not None:
+            st["jitter"][frames] = jitter
+        ds["weights"][frames] = w
+        ds["strap"][frames] = strap
+        ds["noise"][frames] = noise
+        ds["n_clipped"][frames] = n_clipped
+        st["bar"].update(k)
+        st["t_fit"] += time.perf_counter() - t0
+
+    def finish(self, cache, group):
+        """The fixed state (masks, factorisation, gains) and the jitter components."""
+        st = self._state
+        st["bar"].close()
+        f = group.file
+        self._store(group, st["fitter"], st["usable"], st["sat"], st["jitter_pixels"],
+                    st["jitter"], f["time"][()] if "time" in f else None)
         write_stamp_tables(group)
-        # wall-clock seconds, for benchmarks: masks + factorisation, and the frame loop
-        # (including reading the blocks from the cache)
-        group.attrs["time_setup"] = t_setup
-        group.attrs["time_fit"] = t_fit
+        if "_jitter_residuals" in group:
+            del group["_jitter_residuals"]
+        # wall-clock seconds, for benchmarks: masks + factorisation, and the block fits
+        group.attrs["time_setup"] = st["t_setup"]
+        group.attrs["time_fit"] = st["t_fit"]
+        self._state = None
         return group
 
     def _fitter(self, usable, noise, filename):
@@ -280,17 +339,6 @@ class Backdrop(BackgroundModel):
         vals = np.asarray(errors)[:, usable]
         vals = vals[np.isfinite(vals) & (vals > 0)]
         return float(np.median(vals)) if vals.size else 1.0
-
-    @staticmethod
-    def _mean_image(cache, shape):
-        total = np.zeros(shape)
-        count = np.zeros(shape)
-        for _, images, _, _ in cache.iter_frame_blocks():
-            for img in images:
-                ok = np.isfinite(img)
-                total[ok] += img[ok]
-                count += ok
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
     def _store(self, group, fitter, usable, sat, jitter_pixels, jitter, time):
         s = self.options
@@ -307,7 +355,7 @@ class Backdrop(BackgroundModel):
         group.create_dataset("free_columns", data=fitter.free_columns.astype(np.uint8))
         jg = group.create_group("jitter")
         jg.create_dataset("pixels", data=np.stack(jitter_pixels, axis=1).astype(np.int32))
-        if jitter.shape[1] and jitter.shape[0] > 2:
+        if jitter is not None and jitter.shape[1] and jitter.shape[0] > 2:
             for band, comps in jitter_components(jitter, time, s).items():
                 jg.create_dataset(band, data=comps)
         group.attrs.update({
