@@ -49,12 +49,19 @@ from .quality import PixelQualityFlags, TESSQualityFlags
 from .utilities import mag2flux
 
 __all__ = ["Flag", "CheckReport", "check_result", "saturated_target_pixels",
-           "robust_scatter", "header_cards", "LEVELS"]
+           "robust_scatter", "header_cards", "LEVELS", "CHECK_CODES"]
 
 logger = logging.getLogger(__name__)
 
 #: level names in increasing severity (the STATUS names they map to)
 LEVELS = ("OK", "WARNING", "ERROR")
+
+#: the reason codes of the core's checks (what ``checks.disabled`` may name; a test keeps it
+#: equal to the codes :func:`check_result` raises)
+CHECK_CODES = frozenset({
+    "FINITE_FRACTION", "ERRORS_INVALID", "NOISE_EXCESS", "ERRORS_OVERSTATED", "NO_MASK",
+    "KERNEL_INVALID", "PIXEL_ERRORS_MISSING", "BLEED_NOT_COVERED", "BLEED_TRUNCATED",
+    "FLUX_VS_REFERENCE", "FLUX_VS_CATALOG", "MASK_TOO_SMALL", "FLUX_LOW"})
 
 
 @dataclass

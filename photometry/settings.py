@@ -79,6 +79,11 @@ def any_value(**kw):
     return Limit("any", lambda v: True, **kw)
 
 
+def _core_check_code(code):
+    from .checks import CHECK_CODES   # lazily: the checks module imports numerical code
+    return code in CHECK_CODES
+
+
 _FRACTION = between(0.0, 1.0)
 _POSITIVE = above(0)
 _COUNT = at_least(0)
@@ -156,6 +161,8 @@ LIMITS = {
                                      lambda v: bool(v) and all(c.islower() or c.isdigit()
                                                                or c == "-" for c in v)),
     # checks (the core's result checks, docs/checks.md)
+    "checks.disabled": Limit("one of the core's check codes (docs/checks.md)",
+                             _core_check_code),
     "checks.finite_fraction_warning": _FRACTION,
     "checks.finite_fraction_error": _FRACTION,
     "checks.invalid_errors_error": _FRACTION,
@@ -321,9 +328,11 @@ def check_value(name, value, default, limits=None):
         element_kind = kinds.pop() if len(kinds) == 1 else None
         out = []
         for item in value:
-            if element_kind is None:
+            if element_kind is None:   # an empty default: the limit alone says what fits
                 if _kind(item) in (list, dict):
                     raise ValueError("must be a list of plain values")
+                if limit is not None and not limit.test(item):
+                    raise ValueError(f"element {item!r} must be {limit.text}")
                 out.append(item)
                 continue
             checked, problem = _check_scalar(item, element_kind, limit, allow_inf)

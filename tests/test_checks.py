@@ -666,3 +666,18 @@ def test_real_ffi_sweep(ffi_cache, method, prf, tmp_path):
     assert 0.85 < np.median(scale) < 1.1, np.median(scale)
     if low:          # FLUX_LOW picks the fluxes that fall short of the plain aperture
         assert np.median(low) < np.median(scale) - 0.04, (low, scale)
+
+
+def test_disabled_names_only_real_check_codes():
+    """``checks.disabled`` with a misspelt code would leave that check running: refused in one
+    line; CHECK_CODES is exactly the set of codes the checks raise."""
+    import re
+
+    from photometry import checks
+    from photometry.settings import load_settings
+    raised = set(re.findall(r'flag\("([A-Z_]+)"', Path(checks.__file__).read_text()))
+    assert raised == checks.CHECK_CODES
+    assert load_settings(assignments=['checks.disabled=["NOISE_EXCESS"]'])["checks"][
+        "disabled"] == ["NOISE_EXCESS"]
+    with pytest.raises(Exception, match="NOISE_EXCES.*check codes"):
+        load_settings(assignments=['checks.disabled=["NOISE_EXCES"]'])
