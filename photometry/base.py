@@ -176,8 +176,12 @@ class BasePhotometry:
     version = "0"
     #: what the flux measures, for the core's checks (docs/checks.md): "total" (the star's
     #: whole flux, e.g. a PRF fit), "aperture" (the light in ``final_phot_mask``, SAP-like)
-    #: or None (not said: the checks allow either reading)
+    #: or None (not said: the checks allow either reading); it also picks the expected noise's
+    #: formula (:meth:`flux_weights`)
     flux_kind = None
+    #: a "total" method's unit-flux model image of the target over the stamp (what it fitted),
+    #: for :meth:`flux_weights`; None: the core's PRF (``prf``) at the catalog position
+    target_model_image = None
 
     def __init__(self, starid, source, settings=None, plot=False, plot_folder=None):
         self.starid = int(starid)
@@ -816,7 +820,7 @@ class BasePhotometry:
             edge = np.zeros_like(mask)
             edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
             self.details["edge_flux"] = float(np.nansum(self.sumimage[mask & edge]))
-        expected = self.aperture_noise()
+        expected = self.expected_noise()
         if expected is not None:
             from .noise import measured_cdpp
             self.details["cdpp_expected"] = expected.cdpp(1.0)
@@ -865,24 +869,65 @@ class BasePhotometry:
             return CCDNoise.from_attrs(attrs)
         return CCDNoise.from_header(getattr(self.source, "header", None) or {}, self.cadence)
 
-    def aperture_noise(self):
-        """Expected noise of the sum over ``final_phot_mask`` (:class:`ApertureNoise`), from
-        the sum image (stars), the mean background of the good cadences (sky) and the read
-        noise of each pixel's output; None without a mask or a positive flux."""
-        from .noise import ApertureNoise
+    def flux_weights(self, sky=None):
+        """(r, c) weights ``w`` of the flux as a linear estimate from the stamp's pixels,
+        ``flux = sum(w * pixels)``: what the expected noise (:meth:`expected_noise`) sums.
+
+        Why by ``flux_kind``: an aperture sum and a PRF fit of the same pixels have different
+        noise. ``"total"`` (a PRF fit): the weighted least-squares weights of the target's
+        unit-flux model (``target_model_image``, else the core's PRF at the catalog position)
+        with a jointly fitted constant background (:func:`photometry.noise.prf_fit_weights`),
+        over the pixels not flagged for PRF fits, weighted by the CCD noise model. Otherwise
+        1 in ``final_phot_mask`` (the aperture sum); None without a mask.
+
+        Parameters
+        ----------
+        sky : (r, c) array, optional
+            Mean sky background of the good cadences (computed if not given).
+        """
         mask = self.final_phot_mask
+        if mask is None:
+            return None
+        if self.flux_kind != "total":
+            return np.asarray(mask, dtype=float)
+        from .checks import _prf_images, _prf_model
+        from .noise import prf_fit_weights
+        prf = self.target_model_image
+        if prf is None:
+            cat = self.catalog[np.asarray(self.catalog["starid"]) == self.starid]
+            prf = _prf_images(self, _prf_model(self), cat["row_stamp"], cat["column_stamp"])[0]
+        if sky is None:
+            sky = self._mean_sky()
+        cols, _ = self.get_pixel_grid()
+        var = self.ccd_noise.pixel_variance(np.asarray(self.sumimage, float) + sky, cols)
+        flagged = np.all((np.asarray(self.pixelflags_cube)[self.good_cadences()]
+                          & PixelQualityFlags.PRF_FIT_BITMASK) != 0, axis=0)
+        var = np.where(flagged | ~np.isfinite(self.sumimage), np.nan, var)
+        return prf_fit_weights(prf, var, background=True)
+
+    def _mean_sky(self):
+        """(r, c) mean background of the good cadences."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(self.backgrounds_cube[self.good_cadences()], axis=0)
+
+    def expected_noise(self):
+        """Expected noise of the flux (:class:`ApertureNoise`), from the sum image (stars), the
+        mean background of the good cadences (sky) and the read noise of each pixel's output,
+        weighted as the method's flux weights its pixels (:meth:`flux_weights`: the aperture
+        sum, or the PRF fit of a ``flux_kind = "total"`` method); None without a mask or a
+        positive flux."""
+        from .noise import ApertureNoise
         good = self.good_cadences()
-        if mask is None or not np.any(good):
+        if self.final_phot_mask is None or not np.any(good):
             return None
         flux = float(np.median(np.asarray(self.lightcurve["flux"], dtype=float)[good]))
         if not flux > 0:
             return None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            sky = np.nanmean(self.backgrounds_cube[good], axis=0)
+        sky = self._mean_sky()
         cols, _ = self.get_pixel_grid()
-        return ApertureNoise.of_aperture(self.ccd_noise, self.sumimage, sky, mask, cols, flux,
-                                         self.cadence)
+        return ApertureNoise.of_weights(self.ccd_noise, self.sumimage, sky,
+                                        self.flux_weights(sky), cols, flux, self.cadence)
 
     def background_error_in_mask(self):
         """(N,) 1-sigma error of the background summed over the mask (SAP_BKG_ERR), e-/s.

@@ -326,7 +326,7 @@ def build_hdulist(phot):
     noise = phot.ccd_noise
     good = phot.good_cadences()
     cdpp = cdpp_cards(time[good], flux[good], phot.cadence)
-    expected = phot.aperture_noise()
+    expected = phot.expected_noise()
     cdpp_sap = dict((k, v) for k, v, _ in cdpp)["CDPP1_0"]
     rn = noise.read_noise
     for key, value, comment in [

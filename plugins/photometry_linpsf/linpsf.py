@@ -810,6 +810,7 @@ class LinPSFPhotometry(BasePhotometry):
         ref = self._images(prf, rows0[fitted], cols0[fitted], (R, C), origin)
         mean_flux = np.nanmedian(x[good][:, :nfit], axis=0)
         target_img = ref[t]
+        self.target_model_image = target_img      # what the core's expected noise weights
         others = np.tensordot(np.delete(mean_flux, t), np.delete(ref, t, axis=0), axes=1)
         if rest.size:
             others = others + np.tensordot(
