@@ -893,7 +893,7 @@ class BasePhotometry:
         from .checks import _prf_images, _prf_model
         from .noise import prf_fit_weights
         prf = self.target_model_image
-        if prf is None:
+        if prf is None or np.shape(prf) != np.shape(self.sumimage):
             cat = self.catalog[np.asarray(self.catalog["starid"]) == self.starid]
             prf = _prf_images(self, _prf_model(self), cat["row_stamp"], cat["column_stamp"])[0]
         if sky is None:

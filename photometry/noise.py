@@ -254,6 +254,8 @@ def prf_fit_weights(prf, variance, background=True):
         The target's unit-flux PRF over the stamp.
     variance : (r, c) array
         Each pixel's variance; pixels with NaN or non-positive variance get weight 0.
+    background : bool
+        Whether a constant background level is fitted together with the flux.
 
     Returns
     -------
