@@ -541,7 +541,8 @@ class BasePhotometry:
         group = self.source.model_group(name) if hasattr(self.source, "model_group") else None
         if group is None:
             return None
-        return _background_class(name), group
+        from .plugins import background_model_class
+        return background_model_class(name), group
 
     @cached_property
     def backgrounds_cube(self):
@@ -1041,17 +1042,6 @@ def _load_corrections(settings):
     names = settings["photometry"].get("corrections", [])
     pm = default_plugin_manager()
     return [lookup(pm, "register_corrections", name)(settings) for name in names]
-
-
-def _background_class(name):
-    """The BackgroundModel prepare stage registered under ``name`` (plugin registry)."""
-    from .plugins import default_plugin_manager, lookup
-    from .stages import BackgroundModel
-    cls = lookup(default_plugin_manager(), "register_prepare_stages", name)
-    if not issubclass(cls, BackgroundModel):
-        raise ConfigurationError(
-            f"photometry.background = '{name}' is not a BackgroundModel prepare stage")
-    return cls
 
 
 def _kernel_shift(kernel, x, y, frames):

@@ -28,7 +28,7 @@ import pluggy
 from . import PROJECT_NAME, hookspecs
 from .errors import ConfigurationError
 
-__all__ = ["get_plugin_manager", "default_plugin_manager", "use_plugins", "plugin_names",
+__all__ = ["background_model_class", "get_plugin_manager", "default_plugin_manager", "use_plugins", "plugin_names",
            "registry", "lookup", "plugin_table", "plugin_settings", "ENTRY_POINT_GROUP",
            "BLOCK_PLUGINS_ENV", "EXTRA_PLUGINS_ENV", "REGISTRATION_HOOKS"]
 
@@ -278,3 +278,14 @@ def plugin_table(pm):
             "limits": {k: v.text for k, v in limits.items() if k.split(".")[0] in sections},
         })
     return rows
+
+
+def background_model_class(name, pm=None):
+    """The BackgroundModel prepare stage registered under ``name`` (``photometry.background``):
+    the one lookup the core and plugins that evaluate the background model share."""
+    from .stages import BackgroundModel
+    cls = lookup(pm or default_plugin_manager(), "register_prepare_stages", name)
+    if not issubclass(cls, BackgroundModel):
+        raise ConfigurationError(
+            f"photometry.background = '{name}' is not a BackgroundModel prepare stage")
+    return cls

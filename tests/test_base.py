@@ -8,7 +8,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from photometry import base as base_module
+from photometry import plugins as plugins_module
 from photometry.base import STATUS, BasePhotometry, run_target
 from photometry.errors import (AlgorithmFailure, ConfigurationError, SkipTarget,
                                UnprocessableTarget)
@@ -237,7 +237,7 @@ def test_background_model_from_cache_is_used(monkeypatch, source):
         def evaluate_error(cls, group, row_slice, col_slice, frames=slice(None)):
             return np.full(1, 0.5)
 
-    monkeypatch.setattr(base_module, "_background_class", lambda name: Model)
+    monkeypatch.setattr(plugins_module, "background_model_class", lambda name: Model)
     monkeypatch.setitem(source.groups, "fakebkg", {"n": source.n_frames})
     p = Flat(101, source, load_settings(assignments=["photometry.background=fakebkg"]))
     assert np.all(p.backgrounds_cube == 42.0)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from photometry import base, calibration, cli, hookimpl, prepare
+from photometry import base, calibration, cli, hookimpl, plugins, prepare
 from photometry.errors import ConfigurationError
 from photometry.plugins import (BLOCK_PLUGINS_ENV, EXTRA_PLUGINS_ENV, default_plugin_manager,
                                 get_plugin_manager, plugin_settings)
@@ -82,7 +82,7 @@ def test_star_and_plugins_honour_the_block_list(w, tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.parametrize("blocked, use", [
-    ("backdrop", lambda: base._background_class("backdrop")),
+    ("backdrop", lambda: plugins.background_model_class("backdrop")),
     ("scattered_light", lambda: base._load_corrections(
         dict(default_settings(), photometry={"corrections": ["scattered_light"]}))),
     ("linpsf", lambda: prepare._stage_classes({"prepare": {"stages": ["linpsf_shape"]}}, None)),

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from photometry.base import STATUS, _background_class
+from photometry.base import STATUS
+from photometry.plugins import background_model_class
 from photometry.cache import catalog_filename
 from photometry.catalog import read_catalog_sqlite
 from photometry.errors import AlgorithmFailure, ConfigurationError, InputError
@@ -137,7 +138,7 @@ class SceneFitter:
         name = settings["photometry"].get("background", "")
         group = self._model_group(name) if name else None
         if group is not None:
-            self.background = (_background_class(name), group)
+            self.background = (background_model_class(name), group)
             self.background_name = name
         self.fit_background = bool(cfg["fit_background"])
         if self.background is None:

@@ -383,8 +383,8 @@ class ScatteredLightCorrection(StampCorrection):
         if group is None:
             raise InputError(f"{getattr(phot.source, 'path', 'source')}: the scattered-light "
                              f"cube was built on top of '{name}', which the cache lacks")
-        from photometry.base import _background_class
-        cls = _background_class(name)
+        from photometry.plugins import background_model_class
+        cls = background_model_class(name)
         rs, cs = phot._slices()
         frames = phot._frames
         bkg = np.broadcast_to(cls.evaluate(group, rs, cs, frames), old_bkg.shape)

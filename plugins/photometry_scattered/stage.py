@@ -187,8 +187,8 @@ class ScatteredLightCube(PrepareStage):
         if ref_name == "none":
             reference = None
         else:
-            from photometry.base import _background_class
-            cls = _background_class(ref_name)
+            from photometry.plugins import background_model_class
+            cls = background_model_class(ref_name)
             if not issubclass(cls, BackgroundModel):
                 raise ConfigurationError(f"scattered_light.reference: '{ref_name}' is not a "
                                          "BackgroundModel")
