@@ -302,21 +302,19 @@ def correct_star(path, output, settings, row=None, column=None):
     cls = correction_class(settings)
     if cls is None:
         return None
-    with fits.open(path) as hdul:  # the first writer's file may be a TPF (writers = ["tpf"])
-        if "LIGHTCURVE" not in hdul:
+    with fits.open(path) as hdul:
+        if "LIGHTCURVE" not in hdul:  # the first writer's file may be a TPF (writers = ["tpf"])
             return None
-    lc = read_lightcurve(path)
-    p = lc["primary"]
+        p = hdul[0].header.copy()
+        if row is None or column is None:
+            d = hdul["LIGHTCURVE"].data
+            column, row = (float(np.nanmedian(d["MOM_CENTR1"])) - 1.0,
+                           float(np.nanmedian(d["MOM_CENTR2"])) - 1.0)
     key = (int(p["SECTOR"]), int(p["CAMERA"]), int(p["CCD"]), int(p["CADENCE"]),
            str(p["PHOTMET"]))
     corr = cls(settings)
     if not corr.restore(Path(output) / PRODUCTS, key):
         return None
-    if row is None or column is None:
-        with fits.open(path) as hdul:
-            d = hdul["LIGHTCURVE"].data
-            column, row = (float(np.nanmedian(d["MOM_CENTR1"])) - 1.0,
-                           float(np.nanmedian(d["MOM_CENTR2"])) - 1.0)
     res = _correct_file(corr, {"path": str(path), "starid": int(p["TICID"]),
                                "tmag": float(p.get("TESSMAG") or np.nan), "row": row,
                                "column": column}, None, None)
