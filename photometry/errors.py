@@ -17,9 +17,9 @@ def disk_full(exc):
     """True for an OSError of a full disk or quota (ENOSPC, EDQUOT): not one target's fault,
     every target after it would fail the same way, so a run stops (exit 2, results kept).
 
-    Libraries re-raise it without its errno (astropy's FITS writer raises a fresh
-    ``OSError("Not enough space on disk ...")`` from the original), so the chain of causes is
-    followed too.
+    Libraries re-raise it without its errno, so the chain of causes is followed, and
+    astropy's FITS writer is recognised by its message: numpy's short write under it carries
+    no errno either, and astropy raises ``OSError("Not enough space on disk ...")``.
     """
     seen = set()
     while isinstance(exc, BaseException) and id(exc) not in seen:
