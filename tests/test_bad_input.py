@@ -18,10 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from photometry import cli
-from photometry.prepare import prepare
-from photometry.settings import load_settings
-from photometry.simulate import simulate
-from photometry.todo import make_todo
+from scenes import prepared_sector
 
 DOC = Path(__file__).parent.parent / "docs" / "bad_input.md"
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
@@ -31,13 +28,8 @@ ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 def w(tmp_path_factory):
     """A small simulated sector (prepared, task list built) and a set of bad files."""
     base = tmp_path_factory.mktemp("bad")
-    settings = load_settings(assignments=["simulate.cadences=6", "simulate.rows=32",
-                                          "simulate.cols=32", "simulate.seed=3",
-                                          "prepare.stages=[]"])
-    simulate(base / "sim", settings, progress=False)
-    prepare(base / "sim" / "ffi", base / "sim" / "catalog.csv", base / "cache", settings,
-            progress=False)
-    make_todo(base / "cache", faint_limit=15)
+    prepared_sector(base, ["simulate.cadences=6", "simulate.rows=32", "simulate.cols=32",
+                           "simulate.seed=3", "prepare.stages=[]"], faint_limit=15)
     ns = SimpleNamespace(base=base, ffi=base / "sim" / "ffi", catalog=base / "sim" / "catalog.csv",
                          cache=base / "cache")
     con = sqlite3.connect(ns.cache / "todo.sqlite")

@@ -14,23 +14,19 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photometry.prepare import prepare
 from photometry.run import run_tasks
 from photometry.settings import load_settings
-from photometry.simulate import simulate
 from photometry.taskstore import TaskStore
 from photometry.todo import make_todo
+from scenes import prepared_sector
 
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
     base = tmp_path_factory.mktemp("determinism")
-    settings = load_settings(assignments=["simulate.cadences=30", "simulate.rows=64",
-                                          "simulate.cols=64", "simulate.seed=1",
-                                          "backdrop.progress=false"])
-    simulate(base / "sim", settings, progress=False)
-    prepare(base / "sim" / "ffi", base / "sim" / "catalog.csv", base / "cache", settings,
-            progress=False)
+    settings = prepared_sector(base, ["simulate.cadences=30", "simulate.rows=64",
+                                      "simulate.cols=64", "simulate.seed=1",
+                                      "backdrop.progress=false"])
     return base, settings
 
 

@@ -18,8 +18,7 @@ from photometry.errors import ConfigurationError
 from photometry.plugins import (BLOCK_PLUGINS_ENV, EXTRA_PLUGINS_ENV, default_plugin_manager,
                                 get_plugin_manager, plugin_settings)
 from photometry.settings import default_settings, load_settings
-from photometry.simulate import simulate
-from photometry.todo import make_todo
+from scenes import prepared_sector
 
 TESTS = Path(__file__).parent
 
@@ -28,13 +27,8 @@ TESTS = Path(__file__).parent
 def w(tmp_path_factory):
     """A small simulated sector, prepared (no prepare stages) with its task list."""
     root = tmp_path_factory.mktemp("pm")
-    settings = load_settings(assignments=["simulate.cadences=8", "simulate.rows=40",
-                                          "simulate.cols=40", "simulate.seed=5",
-                                          "prepare.stages=[]"])
-    simulate(root / "sim", settings, progress=False)
-    prepare.prepare(root / "sim" / "ffi", root / "sim" / "catalog.csv", root / "cache",
-                    settings, progress=False)
-    make_todo(root / "cache", faint_limit=14)
+    prepared_sector(root, ["simulate.cadences=8", "simulate.rows=40", "simulate.cols=40",
+                           "simulate.seed=5", "prepare.stages=[]"], faint_limit=14)
     with sqlite3.connect(root / "cache" / "todo.sqlite") as con:
         star = con.execute("SELECT starid FROM todolist WHERE tmag BETWEEN 9 AND 12 "
                            "ORDER BY priority LIMIT 1").fetchone()[0]
