@@ -38,10 +38,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from photometry.base import BasePhotometry, open_source
-from photometry.quality import TESSQualityFlags
-from photometry.evaluation import compare_to_truth
-from photometry.settings import load_settings
+from photometry.core.base import BasePhotometry, open_source
+from photometry.hooks.quality import TESSQualityFlags
+from photometry.sim.evaluation import compare_to_truth
+from photometry.hooks.settings import load_settings
 
 __all__ = ["simulate_and_prepare", "evaluate", "summarize"]
 

@@ -60,7 +60,7 @@ def _metrics(model, sim_dir, region):
 def worker_ours(stage_file, sim_dir):
     import h5py
 
-    from photometry.settings import load_settings
+    from photometry.hooks.settings import load_settings
     from photometry_backdrop import Backdrop
     from photometry_backdrop.scene import BlockReader
 

@@ -1,7 +1,7 @@
 """Benchmark of raw-FFI calibration on full-size 2136x2078 frames (prints its figures; not a test).
 
 Writes ``--frames`` simulated raw frames of the real TESS geometry (a star field with sky, the
-instrument of ``photometry.rawsim``) and their model file, then measures, per frame:
+instrument of ``photometry.sim.rawsim``) and their model file, then measures, per frame:
 
 * ``calibrate_file`` end to end (read the raw FITS, six stages, science-region FFIFrame with
   uncertainty and WCS), warm, one frame at a time (what ``tessphot prepare`` does);
@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from photometry import calibration, rawsim
-from photometry.ffi import read_ffi
-from photometry.settings import load_settings
+from photometry.data import calibration
+
+from photometry.sim import rawsim
+from photometry.data.ffi import read_ffi
+from photometry.hooks.settings import load_settings
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "tests" / "data" / \
     "tess2018206192942-s0001-1-4-0120-s_ffic.fits"

@@ -38,10 +38,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from photometry import checks as checks_module
-from photometry.base import open_source
-from photometry.evaluation import score_lightcurve
-from photometry.settings import load_settings
+from photometry.core import checks as checks_module
+from photometry.core.base import open_source
+from photometry.sim.evaluation import score_lightcurve
+from photometry.hooks.settings import load_settings
 
 KEYS = ("noise_vs_stated", "noise_vs_limit", "mask_vs_optimal", "catalog_ratio", "reference_vs_expected",
         "reference_ratio")

@@ -2,7 +2,7 @@
 
 Two kinds of input, both with known truth:
 
-1. **Synthetic CCD ensembles** (``photometry.lcsim``: 400 stars x 1000 cadences at 30 min, two
+1. **Synthetic CCD ensembles** (``photometry.sim.lcsim``: 400 stars x 1000 cadences at 30 min, two
    orbits, three common systematics whose coefficients vary over the CCD and scatter from star
    to star, 15 % variable stars), in several configurations.
 2. **A simulated sector through the pixel pipeline** (``tessphot simulate --focus-change``, a
@@ -42,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from photometry.correct import correct_ensemble
-from photometry.lcsim import (inject_sinusoid, inject_transit, sinusoid_amplitude,
+from photometry.scheduler.correct import correct_ensemble
+from photometry.sim.lcsim import (inject_sinusoid, inject_transit, sinusoid_amplitude,
                               synthetic_ensemble, systematic_rms, transit_depth)
-from photometry.settings import load_settings
+from photometry.hooks.settings import load_settings
 from photometry_cbv import CBVCorrection
 
 PERIODS = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -183,8 +183,8 @@ def scene_part(workdir, quick=False, figure=None, peers=("lk_regression", "lk_cb
     """The simulated sector through the pixel pipeline, then the same comparison."""
     import h5py
     from astropy.io import fits
-    from photometry.correct import Ensemble, fit_cadences
-    from photometry.summary import ratio_by_magnitude
+    from photometry.scheduler.correct import Ensemble, fit_cadences
+    from photometry.output.summary import ratio_by_magnitude
     from astropy.table import Table
 
     workdir = Path(workdir)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from photometry.memory_source import MemorySource
+from photometry.data.memory_source import MemorySource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def _scenes():
 
 def run(nstar=170, size=64, cadences=120, seed=3, drift=True, aperture_every=2):
     T = _scenes()
-    from photometry.prf import AnalyticPRF
+    from photometry.data.prf import AnalyticPRF
 
     t0 = time.perf_counter()
     source, truth = T.make_crowded(seed=seed, shape=(size, size), n=cadences, nstar=nstar,

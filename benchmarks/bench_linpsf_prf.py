@@ -1,7 +1,7 @@
 """linpsf on PRFs that are not the simulator's (issue 16), side by side with aperture photometry
 and psfmachine.
 
-Scenes: :func:`photometry.foreign_scene.make_foreign_scene` (none of ``tessphot simulate``'s
+Scenes: :func:`photometry.sim.foreign_scene.make_foreign_scene` (none of ``tessphot simulate``'s
 code: affine motion about a far boresight with in-exposure jitter, rotated TAN WCS, a steeper
 luminosity function, isolated stars per magnitude bin, a 1.6 px blend), with
 
@@ -16,7 +16,7 @@ placed at CCD (700, 900). The shape model is the ``linpsf_shape`` stage's fit on
 on good cadences: per magnitude bin the median scatter / ideal PRF-weighted noise of the
 isolated constant stars for linpsf, linpsf with the true PRF (the solver's floor) and aperture;
 the median |amplitude - 1| of the isolated variables; the blend's amplitude errors; crowding
-(``photometry.crowding``) against the aperture / linpsf noise of all 8-13 mag stars; times.
+(``photometry.core.crowding``) against the aperture / linpsf noise of all 8-13 mag stars; times.
 ``--psfmachine``: psfmachine 1.1.4 on the same pixels (``bench_psfmachine.run_psfmachine``).
 
 Usage::
@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from photometry.crowding import target_crowding
-from photometry.evaluation import score_lightcurve
-from photometry.foreign_scene import make_foreign_scene
-from photometry.memory_source import MemorySource
-from photometry.prf import FieldPRF, SpocPRF
-from photometry.settings import load_settings
+from photometry.core.crowding import target_crowding
+from photometry.sim.evaluation import score_lightcurve
+from photometry.sim.foreign_scene import make_foreign_scene
+from photometry.data.memory_source import MemorySource
+from photometry.data.prf import FieldPRF, SpocPRF
+from photometry.hooks.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SPOC = ROOT.parent / "shared" / "data" / "real" / "prf" / "Sectors1_2_3" / "cam1_ccd4"

@@ -27,8 +27,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from photometry.cache import CacheWriter, FFICache
-from photometry.settings import load_settings
+from photometry.data.cache import CacheWriter, FFICache
+from photometry.hooks.settings import load_settings
 
 
 def build_stamp_cache(path, n_frames=1000, size=512, settings=None):
@@ -111,8 +111,8 @@ def bench_throughput(workdir, n_frames=20):
     """
     from astropy.io import fits
 
-    from photometry.ffi import read_ffi
-    from photometry.prepare import prepare
+    from photometry.data.ffi import read_ffi
+    from photometry.scheduler.prepare import prepare
 
     sim = Path(workdir) / "fullsim"
     if not (sim / "ffi").exists():
@@ -156,7 +156,7 @@ def bench_throughput(workdir, n_frames=20):
     print(f"{n} full 2136x2078 frames (image + uncertainty HDUs, {files[0].stat().st_size / 1e6:.0f} MB each)")
     print(f"  astropy fits.open + data of both HDUs: wall {t_read:.2f} s, CPU {c_read:.2f} s "
           f"({c_read / n * 1000:.0f} ms CPU/frame)")
-    print(f"  photometry.ffi.read_ffi:               wall {t_reader:.2f} s, CPU {c_reader:.2f} s")
+    print(f"  photometry.data.ffi.read_ffi:               wall {t_reader:.2f} s, CPU {c_reader:.2f} s")
     print(f"  prepare in-process:                    wall {t_prep:.2f} s, CPU {c_prep:.2f} s "
           f"-> ratio to astropy wall {t_prep / t_read:.1f}, CPU {c_prep / c_read:.1f}")
     print(f"  tessphot prepare (CLI, incl. start-up): wall {t_cli:.2f} s")
@@ -175,8 +175,8 @@ def bench_steady_state(files, astropy_cpu, n_frames=96, warmup=64):
     includes the movement-kernel centroids of 200 stars and the per-frame WCS text, as in
     ``prepare``.
     """
-    from photometry.prepare import _wcs_text
-    from photometry.ffi import read_ffi
+    from photometry.scheduler.prepare import _wcs_text
+    from photometry.data.ffi import read_ffi
 
     with tempfile.TemporaryDirectory(dir=Path(files[0]).parent.parent) as tmp:
         first = read_ffi(files[0], wcs=False)
@@ -188,8 +188,8 @@ def bench_steady_state(files, astropy_cpu, n_frames=96, warmup=64):
                         shape=first.shape, meta=meta)
         catalog = Path(files[0]).parent.parent / "catalog.csv"
         if catalog.exists():  # the kernel stars prepare would pick
-            from photometry.catalog import read_catalog
-            from photometry.prepare import kernel_star_candidates
+            from photometry.data.catalog import read_catalog
+            from photometry.scheduler.prepare import kernel_star_candidates
             full = read_ffi(files[0])
             w.set_kernel_stars(*kernel_star_candidates(read_catalog(catalog), full.wcs,
                                                        full.time, full.shape,
@@ -228,10 +228,10 @@ def bench_compression(workdir, size=128, cadences=100, seed=5):
     """Cache size and light-curve noise for each compression / precision (one scene)."""
     import h5py
 
-    from photometry.base import STATUS
-    from photometry.evaluation import score_lightcurve
-    from photometry.prepare import prepare
-    from photometry.simulate import simulate
+    from photometry.core.base import STATUS
+    from photometry.sim.evaluation import score_lightcurve
+    from photometry.scheduler.prepare import prepare
+    from photometry.sim.simulate import simulate
     from photometry_aperture.aperture import AperturePhotometry
 
     sim = Path(workdir) / "compression_scene"
@@ -446,10 +446,10 @@ def bench_trim_masks(workdir, size=128, cadences=100, seeds=(5, 11, 17), precisi
     """
     import h5py
 
-    from photometry.base import STATUS
-    from photometry.evaluation import score_lightcurve
-    from photometry.prepare import prepare
-    from photometry.simulate import simulate
+    from photometry.core.base import STATUS
+    from photometry.sim.evaluation import score_lightcurve
+    from photometry.scheduler.prepare import prepare
+    from photometry.sim.simulate import simulate
     from photometry_aperture.aperture import AperturePhotometry
 
     class Recording(AperturePhotometry):
@@ -466,7 +466,7 @@ def bench_trim_masks(workdir, size=128, cadences=100, seeds=(5, 11, 17), precisi
             return res
 
     def ratios(cache_path, settings, pick, stars, flux, cls, replay):
-        from photometry.cache import FFICache
+        from photometry.data.cache import FFICache
         cls.replay = replay
         out, masks = {}, {}
         with FFICache(cache_path) as cache:
@@ -548,11 +548,11 @@ def bench_onepass(workdir, size=128, cadences=200, seeds=(5, 11), previews=(32, 
     """
     import h5py
 
-    from photometry.prepare import prepare
-    from photometry.simulate import simulate
+    from photometry.scheduler.prepare import prepare
+    from photometry.sim.simulate import simulate
     from photometry_backdrop import Backdrop
     from photometry_backdrop.scene import background_metrics, load_simulation
-    from photometry.cache import CacheWriter  # noqa: F401 - same writer prepare uses
+    from photometry.data.cache import CacheWriter  # noqa: F401 - same writer prepare uses
 
     rows = []
     for seed in seeds:

@@ -129,7 +129,7 @@ def scored_stars(truth, size):
 
 def score(flux, truth, k, good):
     """(scale, scatter / ideal, |amp - 1|) of one light curve of star k."""
-    from photometry.evaluation import compare_to_truth
+    from photometry.sim.evaluation import compare_to_truth
     true = truth["flux"][k]
     flux = np.asarray(flux, dtype=float)
     scale = float(np.median(flux[good]) / np.median(true[good]))
@@ -180,7 +180,7 @@ def run_scene(T, source, truth, targets, rebuild_tolerance=0.03, repeat=1):
 def _run_scene_once(T, source, truth, targets, rebuild_tolerance):
     from photometry_linpsf.linpsf import fit_scene_two_pass
     from photometry_linpsf.stage import load_shape_model
-    from photometry.utilities import mag2flux
+    from photometry.hooks.utilities import mag2flux
     t0 = time.perf_counter()
     group, _ = T.shape_group(source, truth, T._settings()["linpsf"])
     t_shape = time.perf_counter() - t0
@@ -206,7 +206,7 @@ def run_psfmachine(source, truth, targets, python, arcsec_per_px, time_resolutio
                    fix_norm=False, repeat=1):
     """psfmachine on the same cube in its own interpreter; per-star scores and timings."""
     cat = source.catalog_table()
-    from photometry.utilities import mag2flux
+    from photometry.hooks.utilities import mag2flux
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         np.savez(tmp / "scene.npz", images=source._cubes["images"],

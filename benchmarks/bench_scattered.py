@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from photometry.settings import load_settings
+from photometry.hooks.settings import load_settings
 from photometry_scattered import build_cube, evaluate
 
 
@@ -94,10 +94,10 @@ def bench_evaluate(nt=1300, ny=128, repeat=20):
 def bench_sim(size, cadences, workdir):
     import h5py
 
-    from photometry.base import BasePhotometry
-    from photometry.cache import FFICache
-    from photometry.prepare import prepare
-    from photometry.simulate import simulate
+    from photometry.core.base import BasePhotometry
+    from photometry.data.cache import FFICache
+    from photometry.scheduler.prepare import prepare
+    from photometry.sim.simulate import simulate
     from photometry_scattered import ScatteredLightCorrection
 
     s = load_settings()
@@ -170,8 +170,8 @@ def pipeline_scatter(truth_path, cache_path, settings, tmag_range=(13.0, 15.0), 
     """
     import h5py
 
-    from photometry.base import open_source
-    from photometry.quality import TESSQualityFlags
+    from photometry.core.base import open_source
+    from photometry.hooks.quality import TESSQualityFlags
     from photometry_aperture.aperture import AperturePhotometry
 
     s = {k: (dict(v) if isinstance(v, dict) else v) for k, v in settings.items()}
@@ -216,8 +216,8 @@ def pipeline_scatter(truth_path, cache_path, settings, tmag_range=(13.0, 15.0), 
 def bench_pipeline(size, cadences, seed, glow_peak, workdir, stages=("backdrop", "scattered_light"),
                    tmag_range=(13.0, 15.0)):
     """simulate + prepare (backdrop, scattered_light) + aperture with/without the correction."""
-    from photometry.prepare import prepare
-    from photometry.simulate import simulate
+    from photometry.scheduler.prepare import prepare
+    from photometry.sim.simulate import simulate
 
     s = load_settings()
     s["simulate"].update(cadences=cadences, rows=size, cols=size, seed=seed,

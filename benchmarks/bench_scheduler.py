@@ -37,7 +37,7 @@ def noop_task(context, task):
 
 def bench_todo(tmp):
     from test_todo import make_large_fake_ccd
-    from photometry.todo import make_todo
+    from photometry.scheduler.todo import make_todo
     n = 200_000
     make_large_fake_ccd(tmp, n=n)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -61,10 +61,10 @@ def bench_plan(cache):
     """Planning a run over the whole CCD: results rows made pending (first run), then again
     (a resumed run), with one method and with the choose_method policy of the plugins."""
     import functools
-    from photometry.plugins import get_plugin_manager
-    from photometry.run import _choose_method
-    from photometry.settings import load_settings
-    from photometry.taskstore import TaskStore
+    from photometry.hooks.plugins import get_plugin_manager
+    from photometry.scheduler.run import _choose_method
+    from photometry.hooks.settings import load_settings
+    from photometry.data.taskstore import TaskStore
     policy = functools.partial(_choose_method, get_plugin_manager(), load_settings())
     times = []
     with TaskStore(cache / "todo.sqlite") as store:
@@ -79,8 +79,8 @@ def bench_plan(cache):
 
 
 def bench_overhead(cache, n_tasks, workers=2):
-    from photometry.run import run_tasks
-    from photometry.settings import load_settings
+    from photometry.scheduler.run import run_tasks
+    from photometry.hooks.settings import load_settings
     con = sqlite3.connect(cache / "todo.sqlite")
     con.execute("DELETE FROM diagnostics")
     con.execute("DELETE FROM results")
@@ -107,8 +107,8 @@ def bench_overhead(cache, n_tasks, workers=2):
 
 def bench_aperture(tmp, cadences=60, size=128):
     import subprocess
-    from photometry.run import run_tasks
-    from photometry.todo import make_todo
+    from photometry.scheduler.run import run_tasks
+    from photometry.scheduler.todo import make_todo
     exe = [sys.executable, "-m", "photometry.cli"]
     sim, cache = tmp / "sim", tmp / "cache"
     subprocess.run(exe + ["simulate", str(sim), "--cadences", str(cadences), "--size",

@@ -83,9 +83,9 @@ def render(outdir, n_frames, size, seed=7, progress=True):
 
     Returns the number of catalog stars on the science area brighter than Tmag 15.
     """
-    from photometry.prf import load_prf
-    from photometry.settings import load_settings
-    from photometry.simulate import _Renderer, _Writer, _write_catalog, build_scene
+    from photometry.data.prf import load_prf
+    from photometry.hooks.settings import load_settings
+    from photometry.sim.simulate import _Renderer, _Writer, _write_catalog, build_scene
 
     cfg = {"rows": size, "cols": size, "first_row": 0, "first_col": 0, "cadences": n_frames,
            "star_density": DENSITY, "tmag_max": 15.0, "seed": seed, "bright_star": False,

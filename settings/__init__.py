@@ -1,1 +1,1 @@
-"""Default settings, installed as ``photometry._defaults`` (see photometry.settings)."""
+"""Default settings, installed as ``photometry._defaults`` (see photometry.hooks.settings)."""

@@ -8,8 +8,8 @@ Algorithm ``box``: the sum of a square box of pixels around the target minus the
 import numpy as np
 
 from photometry import hookimpl
-from photometry.base import STATUS, BasePhotometry
-from photometry.settings import at_least, between
+from photometry.core.base import STATUS, BasePhotometry
+from photometry.hooks.settings import at_least, between
 
 
 class BoxPhotometry(BasePhotometry):

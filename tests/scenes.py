@@ -1,8 +1,8 @@
 """Small simulated sectors that several test modules build the same way."""
-from photometry.prepare import prepare
-from photometry.settings import load_settings
-from photometry.simulate import simulate
-from photometry.todo import make_todo
+from photometry.scheduler.prepare import prepare
+from photometry.hooks.settings import load_settings
+from photometry.sim.simulate import simulate
+from photometry.scheduler.todo import make_todo
 
 
 def prepared_sector(base, assignments, faint_limit=None):

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from photometry import hookimpl
-from photometry.base import STATUS, BasePhotometry
-from photometry.errors import ConfigurationError
+from photometry.core.base import STATUS, BasePhotometry
+from photometry.hooks.errors import ConfigurationError
 
 
 def _die_at_start():

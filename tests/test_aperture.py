@@ -8,13 +8,13 @@ import pytest
 from astropy.table import Table
 from scipy import ndimage
 
-from photometry.base import STATUS
-from photometry.evaluation import score_lightcurve
-from photometry.memory_source import MemorySource
-from photometry.prf import AnalyticPRF
-from photometry.quality import PixelQualityFlags
-from photometry.settings import default_settings
-from photometry.utilities import mag2flux
+from photometry.core.base import STATUS
+from photometry.sim.evaluation import score_lightcurve
+from photometry.data.memory_source import MemorySource
+from photometry.data.prf import AnalyticPRF
+from photometry.hooks.quality import PixelQualityFlags
+from photometry.hooks.settings import default_settings
+from photometry.hooks.utilities import mag2flux
 from photometry_aperture import masks
 from photometry_aperture.aperture import AperturePhotometry
 
@@ -269,7 +269,7 @@ def test_saturated_star_grows_stamp_and_covers_bleed():
 
 # ---------------------------------------------------------------- real data: Pi Men
 def test_pi_men_saturated_tesscut():
-    from photometry.tpf import TPFSource
+    from photometry.data.tpf import TPFSource
     source = TPFSource(PIMEN, starid=261136679, tmag=5.1)
     phot = AperturePhotometry(261136679, source)
     status = phot.photometry()
@@ -289,8 +289,8 @@ def test_pi_men_saturated_tesscut():
 # ---------------------------------------------------------------- simulated sector end to end
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
-    pytest.importorskip("photometry.simulate")
-    pytest.importorskip("photometry.prepare")
+    pytest.importorskip("photometry.sim.simulate")
+    pytest.importorskip("photometry.scheduler.prepare")
     import importlib.util
     spec = importlib.util.spec_from_file_location(
         "bench_aperture", Path(__file__).parents[1] / "benchmarks" / "bench_aperture.py")

@@ -4,10 +4,10 @@ import h5py
 import numpy as np
 import pytest
 
-from photometry.errors import ConfigurationError
-from photometry.plugins import get_plugin_manager, registry
-from photometry.settings import load_settings
-from photometry.simulate import simulate
+from photometry.hooks.errors import ConfigurationError
+from photometry.hooks.plugins import get_plugin_manager, registry
+from photometry.hooks.settings import load_settings
+from photometry.sim.simulate import simulate
 from photometry_backdrop import Backdrop
 from photometry_backdrop.fit import BackdropFitter
 from photometry_backdrop.plots import plot_diagnostics
@@ -220,8 +220,8 @@ def test_diagnostic_plots(fitted, tmp_path):
 
 def test_prepare_runs_the_stage(fitted, tmp_path):
     """End to end: ``tessphot prepare`` with ``prepare.stages = ["backdrop"]``."""
-    from photometry.cache import FFICache
-    from photometry.prepare import prepare
+    from photometry.data.cache import FFICache
+    from photometry.scheduler.prepare import prepare
 
     sim_dir = fitted["dir"] / "sim"
     settings = load_settings(assignments=['prepare.stages=["backdrop"]',

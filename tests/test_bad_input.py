@@ -383,7 +383,7 @@ def test_star_json_is_one_document_and_shows_info(w, capsys, tmp_path):
     assert code == (0 if report["status"] in ("OK", "WARNING") else 1)
     assert report["starid"] == w.star and report["method"] == "aperture"
     assert report["lightcurve"] and Path(report["lightcurve"]).is_file()
-    assert f"INFO photometry.star: TIC {w.star}: method aperture" in err
+    assert f"INFO photometry.cli.star: TIC {w.star}: method aperture" in err
 
 
 def test_full_disk_is_one_line(w, tmp_path):
@@ -421,7 +421,7 @@ def test_internal_error_names_the_log(w, capsys, monkeypatch, tmp_path):
     traceback is in the log."""
     log = tmp_path / "tessphot.log"
     monkeypatch.setenv("TESSPHOT_LOG", str(log))
-    import photometry.status_cmd as status_cmd
+    import photometry.cli.status as status_cmd
     monkeypatch.setattr(status_cmd, "status_report",
                         lambda *a, **k: (_ for _ in ()).throw(ZeroDivisionError("oops")))
     code, err = run_in_process(["status", w.cache], capsys)
@@ -453,7 +453,7 @@ def test_disk_full_seen_through_a_library_reraise():
     it must still stop the run rather than mark each later target ERROR."""
     import errno
 
-    from photometry.errors import disk_full
+    from photometry.hooks.errors import disk_full
 
     def reraise(inner):
         try:

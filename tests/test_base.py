@@ -8,14 +8,14 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from photometry import plugins as plugins_module
-from photometry.base import STATUS, BasePhotometry, run_target
-from photometry.errors import (AlgorithmFailure, ConfigurationError, SkipTarget,
+from photometry.hooks import plugins as plugins_module
+from photometry.core.base import STATUS, BasePhotometry, run_target
+from photometry.hooks.errors import (AlgorithmFailure, ConfigurationError, SkipTarget,
                                UnprocessableTarget)
-from photometry.movement import MovementKernel
-from photometry.settings import load_settings
-from photometry.stamps import default_stamp_size
-from photometry.tpf import TPFSource
+from photometry.data.movement import MovementKernel
+from photometry.hooks.settings import load_settings
+from photometry.core.stamps import default_stamp_size
+from photometry.data.tpf import TPFSource
 
 DATA = Path(__file__).parent / "data"
 TPF = DATA / "tess25155310-s01-first-cadences.fits.gz"
@@ -307,7 +307,7 @@ def test_ok_run_writes_metrics_and_file(tmp_path, source, settings):
 def test_real_ffi_cache_gives_the_cached_pixels(tmp_path, settings):
     """The same scene written through the cache writer and read back with FFICache."""
     import sqlite3
-    cache = pytest.importorskip("photometry.cache")
+    cache = pytest.importorskip("photometry.data.cache")
     fake = FakeSource(n=6, seed=3)
     meta = {"sector": 1, "camera": 1, "ccd": 1, "cadence": 1800, "data_rel": 0,
             "procver": "test", "row_offset": 0, "column_offset": 44}

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from photometry.cache import (CacheWriter, FFICache, choose_reference_frame, pixel_flags_for)
-from photometry.errors import InputError
-from photometry.movement import (MovementKernel, _apply, fit_affine, fit_centroids,
+from photometry.data.cache import (CacheWriter, FFICache, choose_reference_frame, pixel_flags_for)
+from photometry.hooks.errors import InputError
+from photometry.data.movement import (MovementKernel, _apply, fit_affine, fit_centroids,
                                  select_kernel_stars)
-from photometry.quality import PixelQualityFlags
-from photometry.settings import load_settings
+from photometry.hooks.quality import PixelQualityFlags
+from photometry.hooks.settings import load_settings
 
 META = dict(sector=3, camera=2, ccd=1, cadence=600.0, data_rel=9, procver="t", row_offset=0,
             column_offset=44)
@@ -173,8 +173,8 @@ def test_frames_read_into_the_block_buffers_give_the_same_cache(tmp_path, settin
 _KILLED_AFTER_STRINGS = """
 import os, sys, numpy as np
 from pathlib import Path
-from photometry.cache import CacheWriter
-from photometry.settings import load_settings
+from photometry.data.cache import CacheWriter
+from photometry.hooks.settings import load_settings
 s = load_settings(assignments=["prepare.time_chunk=8", "prepare.spatial_chunk=8"])
 w = CacheWriter(Path(sys.argv[1]), s, ffi_files=[f"f{i:03d}_ffic.fits" for i in range(30)],
                 shape=(20, 26), meta=dict(sector=3, camera=2, ccd=1, cadence=600.0,
@@ -193,7 +193,7 @@ def test_resume_after_a_kill_between_strings_and_commit(tmp_path, settings):
     strings were dropped on resume) and stores every frame's text."""
     import subprocess
     import sys
-    from photometry.cache import clear_write_flag
+    from photometry.data.cache import clear_write_flag
     path = tmp_path / "sector0003_camera2_ccd1.hdf5"
     subprocess.run([sys.executable, "-c", _KILLED_AFTER_STRINGS, str(path)], check=True)
     partial = tmp_path / (path.name + ".partial")

@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photometry import calibration, rawsim
-from photometry.calibration import (CCDGeometry, CCDModel, CalibrationModels, RawFrame,
+from photometry.data import calibration
+
+from photometry.sim import rawsim
+from photometry.data.calibration import (CCDGeometry, CCDModel, CalibrationModels, RawFrame,
                                     calibrate_file, calibrate_frames, calibrate_raw, load_stages)
-from photometry.errors import ConfigurationError, InputError
-from photometry.ffi import read_ffi
-from photometry.plugins import get_plugin_manager, registry
-from photometry.settings import load_settings
+from photometry.hooks.errors import ConfigurationError, InputError
+from photometry.data.ffi import read_ffi
+from photometry.hooks.plugins import get_plugin_manager, registry
+from photometry.hooks.settings import load_settings
 
 TEMPLATE = Path(__file__).parent / "data" / "tess2018206192942-s0001-1-4-0120-s_ffic.fits"
 STAGES = ["bias2d", "pedestal", "gain", "linearity", "smear", "flat"]
@@ -352,7 +354,7 @@ def test_unknown_camera_and_bad_raw_files(tmp_path, template, settings):
 
 
 def test_prepare_cli_exit_code_2_on_model_mismatch(tmp_path, template, settings, capsys):
-    pytest.importorskip("photometry.prepare")
+    pytest.importorskip("photometry.scheduler.prepare")
     from photometry.cli import main
     made = make_raw_set(tmp_path, template, settings, n=32, n_frames=2)
     ten_min = make_raw_set(tmp_path, template, settings, n=32, cadence=600.0, name_tag="c")
@@ -375,8 +377,8 @@ def test_simulate_raw_then_prepare_matches_calibrated_input(tmp_path):
     """`tessphot simulate --raw` then `tessphot prepare RAW --calibration-models`: the cache
     holds the calibrated truth within the noise, with the same times and WCS as the cache made
     from the calibrated frames."""
-    pytest.importorskip("photometry.simulate")
-    pytest.importorskip("photometry.prepare")
+    pytest.importorskip("photometry.sim.simulate")
+    pytest.importorskip("photometry.scheduler.prepare")
     import h5py
 
     from photometry.cli import main

@@ -11,10 +11,10 @@ from astropy.table import Table
 from astropy.time import Time
 from astropy.wcs import WCS
 
-from photometry.catalog import (apply_proper_motion, btjd_to_epoch, read_catalog,
+from photometry.data.catalog import (apply_proper_motion, btjd_to_epoch, read_catalog,
                                 read_catalog_sqlite, stars_in_box, write_catalog_sqlite)
-from photometry.errors import InputError
-from photometry.ffi import read_ffi
+from photometry.hooks.errors import InputError
+from photometry.data.ffi import read_ffi
 
 DATA = Path(__file__).parent / "data"
 S002 = DATA / "all_targets_S002_v1_excerpt.csv"

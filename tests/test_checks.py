@@ -24,18 +24,18 @@ from astropy.io import fits
 from astropy.table import Table
 
 from photometry import cli
-from photometry.base import STATUS, BasePhotometry, run_target
-from photometry.checks import check_result, robust_scatter
-from photometry.errors import AlgorithmFailure, InputError
-from photometry.evaluation import score_lightcurve
-from photometry.memory_source import MemorySource
-from photometry.movement import MovementKernel
-from photometry.prf import AnalyticPRF, SpocPRF
-from photometry.quality import PixelQualityFlags
-from photometry.settings import default_settings
-from photometry.simulate import bleed
-from photometry.tpf import TPFSource
-from photometry.utilities import mag2flux
+from photometry.core.base import STATUS, BasePhotometry, run_target
+from photometry.core.checks import check_result, robust_scatter
+from photometry.hooks.errors import AlgorithmFailure, InputError
+from photometry.sim.evaluation import score_lightcurve
+from photometry.data.memory_source import MemorySource
+from photometry.data.movement import MovementKernel
+from photometry.data.prf import AnalyticPRF, SpocPRF
+from photometry.hooks.quality import PixelQualityFlags
+from photometry.hooks.settings import default_settings
+from photometry.sim.simulate import bleed
+from photometry.data.tpf import TPFSource
+from photometry.hooks.utilities import mag2flux
 from photometry_aperture import choose_method
 from photometry_aperture.aperture import AperturePhotometry
 from photometry_linpsf.linpsf import LinPSFPhotometry
@@ -364,7 +364,7 @@ def _run_scene(source, truth, settings=None, methods=(AperturePhotometry, LinPSF
 
 
 def test_correct_results_on_spoc_prf_scene_pass_with_either_prf():
-    """The real SPOC PRF draws the scene; the methods know it (photometry.prf). The checks
+    """The real SPOC PRF draws the scene; the methods know it (photometry.data.prf). The checks
     pass their correct results with that PRF and with the analytic default (PRF mismatch)."""
     source, truth = memory_scene(SpocPRF(SPOC_PRF), seed=2, nstar=26)
     results = _run_scene(source, truth, _settings(SPOC_PRF))
@@ -397,7 +397,7 @@ def sector(tmp_path_factory):
 
 
 def test_correct_results_on_simulated_sector_pass(sector):
-    from photometry.base import open_source
+    from photometry.core.base import open_source
     base, cache, truth = sector
     out = _run_scene(open_source(cache), truth)
     correct, flagged = _judge(out)
@@ -513,7 +513,7 @@ def _ffi_catalog(path, out):
     offline): local maxima 300 e-/s above the median sky, flux = 5x5 box sum / 0.9."""
     from scipy import ndimage
 
-    from photometry.ffi import read_ffi
+    from photometry.data.ffi import read_ffi
     frame = read_ffi(path)
     im = frame.image.astype(float)
     sky = np.nanmedian(im)
@@ -622,7 +622,7 @@ def test_real_ffi_sweep(ffi_cache, method, prf, tmp_path):
     that is right: it is), linpsf the total flux; linpsf's fluxes that fall short of the
     plain aperture are WARNING FLUX_LOW.
     """
-    from photometry.base import open_source
+    from photometry.core.base import open_source
     cache, cat = ffi_cache
     source = open_source(cache)
     spoc = SpocPRF(FFI_PRF / "cam1_ccd4")
@@ -673,8 +673,8 @@ def test_disabled_names_only_real_check_codes():
     line; CHECK_CODES is exactly the set of codes the checks raise."""
     import re
 
-    from photometry import checks
-    from photometry.settings import load_settings
+    from photometry.core import checks
+    from photometry.hooks.settings import load_settings
     raised = set(re.findall(r'flag\("([A-Z_]+)"', Path(checks.__file__).read_text()))
     assert raised == checks.CHECK_CODES
     assert load_settings(assignments=['checks.disabled=["NOISE_EXCESS"]'])["checks"][

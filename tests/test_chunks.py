@@ -1,4 +1,4 @@
-"""Chunks encoded outside HDF5 (photometry.chunks): HDF5's own fletcher32, and a cache
+"""Chunks encoded outside HDF5 (photometry.data.chunks): HDF5's own fletcher32, and a cache
 written with write_direct_chunk read back through plain h5py, checksums verified, equal to
 one written through HDF5's filter pipeline bit for bit."""
 import h5py
@@ -6,9 +6,9 @@ import hdf5plugin
 import numpy as np
 import pytest
 
-from photometry.cache import CacheWriter, FFICache
-from photometry.chunks import encoder_for, fletcher32, fletcher32_many, write_block
-from photometry.settings import load_settings
+from photometry.data.cache import CacheWriter, FFICache
+from photometry.data.chunks import encoder_for, fletcher32, fletcher32_many, write_block
+from photometry.hooks.settings import load_settings
 
 
 def _fletcher32_reference(data):
@@ -105,7 +105,7 @@ def test_unknown_pipeline_is_left_to_hdf5(tmp_path):
 
 def test_cache_written_directly_equals_the_filter_pipeline(tmp_path, monkeypatch):
     """A whole CacheWriter cache, direct chunks vs HDF5's filters: the same stored bytes."""
-    import photometry.cache as cache_module
+    import photometry.data.cache as cache_module
     rng = np.random.default_rng(3)
     n, rows, cols = 11, 24, 40
     images = rng.normal(100, 5, (n, rows, cols)).astype(np.float32)

@@ -4,9 +4,11 @@ import sys
 
 import pytest
 
-from photometry import quality, settings
-from photometry.errors import ConfigurationError
-from photometry.utilities import flux2mag, mag2flux
+from photometry.hooks import quality
+
+from photometry.hooks import settings
+from photometry.hooks.errors import ConfigurationError
+from photometry.hooks.utilities import flux2mag, mag2flux
 
 
 def test_mag2flux_zero_point():
@@ -57,7 +59,7 @@ def test_every_setting_is_documented():
 
 
 def test_every_hook_is_documented():
-    from photometry import hookspecs
+    from photometry.hooks import hookspecs
     import inspect
     hooks = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction)
              if hasattr(f, "photometry_spec")]

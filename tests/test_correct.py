@@ -3,11 +3,11 @@ ensembles (known truth), SPOC CBV files, determinism, and the pieces of the meth
 import numpy as np
 import pytest
 
-from photometry.errors import ConfigurationError
-from photometry.correct import correct_ensemble
-from photometry.lcsim import (inject_sinusoid, inject_transit, sinusoid_amplitude,
+from photometry.hooks.errors import ConfigurationError
+from photometry.scheduler.correct import correct_ensemble
+from photometry.sim.lcsim import (inject_sinusoid, inject_transit, sinusoid_amplitude,
                               synthetic_ensemble, systematic_rms, transit_depth)
-from photometry.settings import load_settings
+from photometry.hooks.settings import load_settings
 from photometry_cbv import CBVCorrection, cbv_hdulist, read_cbvs, vectors_on
 from photometry_cbv.basis import map_fit, red_noise_factors
 

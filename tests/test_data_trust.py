@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photometry.base import STATUS
-from photometry.cache import FFICache
-from photometry.errors import InputError
-from photometry.evaluation import score_lightcurve
-from photometry.ffi import find_ffi_files
-from photometry.lightcurve_io import build_hdulist
-from photometry.movement import _apply
-from photometry.prepare import prepare
-from photometry.quality import TESSQualityFlags
-from photometry.settings import load_settings
-from photometry.simulate import simulate
+from photometry.core.base import STATUS
+from photometry.data.cache import FFICache
+from photometry.hooks.errors import InputError
+from photometry.sim.evaluation import score_lightcurve
+from photometry.data.ffi import find_ffi_files
+from photometry.output.lightcurve_io import build_hdulist
+from photometry.data.movement import _apply
+from photometry.scheduler.prepare import prepare
+from photometry.hooks.quality import TESSQualityFlags
+from photometry.hooks.settings import load_settings
+from photometry.sim.simulate import simulate
 from photometry_aperture.aperture import AperturePhotometry
 
 N_FRAMES, SIZE = 40, 96
@@ -191,7 +191,7 @@ def test_real_ffi_stars_where_spoc_has_no_uncertainty_get_their_flux(tmp_path):
     from astropy.table import Table
     from scipy import ndimage
 
-    from photometry.ffi import read_ffi
+    from photometry.data.ffi import read_ffi
 
     ffi = tmp_path / "ffi"
     ffi.mkdir()

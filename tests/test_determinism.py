@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photometry.run import run_tasks
-from photometry.settings import load_settings
-from photometry.taskstore import TaskStore
-from photometry.todo import make_todo
+from photometry.scheduler.run import run_tasks
+from photometry.hooks.settings import load_settings
+from photometry.data.taskstore import TaskStore
+from photometry.scheduler.todo import make_todo
 from scenes import prepared_sector
 
 
@@ -31,7 +31,7 @@ def scene(tmp_path_factory):
 
 
 def run_once(scene, name, workers, monkeypatch, order=None, assignments=(), dask=None):
-    import photometry.taskstore as taskstore
+    import photometry.data.taskstore as taskstore
     import shutil
     base, settings = scene
     if assignments:

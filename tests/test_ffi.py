@@ -9,9 +9,9 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from photometry.errors import InputError
-from photometry.noise import CCDNoise
-from photometry.ffi import (derive_cadenceno, find_ffi_files, is_raw_ffi, read_ffi,
+from photometry.hooks.errors import InputError
+from photometry.data.noise import CCDNoise
+from photometry.data.ffi import (derive_cadenceno, find_ffi_files, is_raw_ffi, read_ffi,
                             scan_ffi_headers)
 
 REAL = Path(__file__).parent / "data" / "tess2018206192942-s0001-1-4-0120-s_ffic.fits"
@@ -278,7 +278,7 @@ def test_derived_cadence_numbers_ignore_barycentric_drift():
 
 def _astropy_path(monkeypatch):
     """Force read_ffi through astropy (the lean reader declines every file)."""
-    import photometry.ffi as ffi
+    import photometry.data.ffi as ffi
     monkeypatch.setattr(ffi, "_plain_layout", lambda path: None)
 
 
@@ -299,7 +299,7 @@ def test_lean_reader_equals_astropy_path(tmp_path, monkeypatch, science_only):
     """The block-by-block reader used for plain files gives exactly astropy's frame: the
     real cutout (uncertainty covering part of the science columns, NaN elsewhere), HDUs in
     reversed order, and a full frame."""
-    import photometry.ffi as ffi
+    import photometry.data.ffi as ffi
 
     def reverse(hdul):
         hdul[1], hdul[2] = hdul[2], hdul[1]
@@ -354,7 +354,7 @@ def test_other_data_types_fall_back_to_astropy(tmp_path, monkeypatch):
     def double(hdul):
         hdul[1].data = hdul[1].data.astype(np.float64) + 0.25
     path = _variant(tmp_path, "s-s0001-1-4_ffic.fits", double)
-    import photometry.ffi as ffi
+    import photometry.data.ffi as ffi
     assert ffi._plain_layout(path) is None and ffi._plain_layout(REAL) is not None
     frame = read_ffi(path)
     _astropy_path(monkeypatch)

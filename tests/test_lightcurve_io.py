@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photometry import lightcurve_io
-from photometry.base import STATUS, BasePhotometry
-from photometry.settings import load_settings, settings_hash
-from photometry.tpf import TPFSource
+from photometry.output import lightcurve_io
+from photometry.core.base import STATUS, BasePhotometry
+from photometry.hooks.settings import load_settings, settings_hash
+from photometry.data.tpf import TPFSource
 
 TPF = Path(__file__).parent / "data" / "tess25155310-s01-first-cadences.fits.gz"
 
@@ -55,7 +55,7 @@ def test_utc_dates_as_spoc_writes_them():
 
 
 def test_quality_bits():
-    from photometry.quality import LightCurveQualityFlags as F, lightcurve_quality
+    from photometry.hooks.quality import LightCurveQualityFlags as F, lightcurve_quality
     spoc = np.array([0, 32, 128, 0, 4096])
     own = np.array([0, 0, F.FlaggedBadData, F.ScatteredLightUnreliable,
                     F.BackgroundShenanigans])

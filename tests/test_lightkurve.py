@@ -88,7 +88,7 @@ def test_every_file_is_corrected_also_the_stars_added_later(run):
 def test_focus_systematic_removed_in_the_pixels_made_light_curves(run):
     """The focus ramp made in the pixels, measured against the true flux of each constant
     star: at least 5x smaller in PDCSAP_FLUX than in SAP_FLUX where it is 3x the noise."""
-    from photometry.lcsim import systematic_rms
+    from photometry.sim.lcsim import systematic_rms
     with h5py.File(run["truth"]) as tr:
         ids = tr["stars/starid"][()]
         constant = ~tr["stars/variable"][()]

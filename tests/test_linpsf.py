@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from photometry.base import STATUS
-from photometry.errors import AlgorithmFailure
-from photometry.evaluation import score_lightcurve
-from photometry.memory_source import MemorySource
-from photometry.prf import AnalyticPRF
-from photometry.settings import load_settings
-from photometry.simulate import focus_scale, focused_prf
-from photometry.tpf import TPFSource, TranslationKernel
-from photometry.utilities import mag2flux
+from photometry.core.base import STATUS
+from photometry.hooks.errors import AlgorithmFailure
+from photometry.sim.evaluation import score_lightcurve
+from photometry.data.memory_source import MemorySource
+from photometry.data.prf import AnalyticPRF
+from photometry.hooks.settings import load_settings
+from photometry.sim.simulate import focus_scale, focused_prf
+from photometry.data.tpf import TPFSource, TranslationKernel
+from photometry.hooks.utilities import mag2flux
 from photometry_aperture.aperture import AperturePhotometry
 from photometry_linpsf.linpsf import LinPSFPhotometry, solve_fluxes
 from photometry_linpsf.model import SplinePRF
@@ -55,7 +55,7 @@ def make_crowded(seed=3, shape=(64, 64), n=120, nstar=170, drift_px=0.15, focus_
     """A crowded field (0.04 stars/px) with blended pairs, variability and a linear drift.
 
     ``focus_change``: peak-to-peak relative PRF width change, a linear ramp over the cadences
-    (``photometry.simulate.focus_scale``; truth ``focus_scale``); 0 leaves the scene as it was.
+    (``photometry.sim.simulate.focus_scale``; truth ``focus_scale``); 0 leaves the scene as it was.
     """
     rng = np.random.default_rng(seed)
     rows = rng.uniform(-3, shape[0] + 3, nstar)

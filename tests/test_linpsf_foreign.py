@@ -1,4 +1,4 @@
-"""linpsf on scenes made outside ``tessphot simulate`` (photometry.foreign_scene: affine motion
+"""linpsf on scenes made outside ``tessphot simulate`` (photometry.sim.foreign_scene: affine motion
 with in-exposure jitter, rotated WCS, another luminosity function) with PRFs unlike the
 default: an elliptical Moffat family and the real SPOC PRF (issue 16). Noise against the ideal
 PRF-weighted noise, amplitudes against the injected ones, the per-CCD model-quality gate."""
@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from photometry.base import STATUS
-from photometry.evaluation import score_lightcurve
-from photometry.foreign_scene import make_foreign_scene
-from photometry.memory_source import MemorySource
-from photometry.prf import FieldPRF, SpocPRF
-from photometry.settings import load_settings
+from photometry.core.base import STATUS
+from photometry.sim.evaluation import score_lightcurve
+from photometry.sim.foreign_scene import make_foreign_scene
+from photometry.data.memory_source import MemorySource
+from photometry.data.prf import FieldPRF, SpocPRF
+from photometry.hooks.settings import load_settings
 from photometry_aperture.aperture import AperturePhotometry
 from photometry_linpsf.linpsf import LinPSFPhotometry
 from photometry_linpsf.stage import fit_source_shape

@@ -10,12 +10,12 @@ import pytest
 from astropy.io import fits
 
 from photometry import cli
-from photometry.base import STATUS, run_target
-from photometry.cache import FFICache
-from photometry.errors import ConfigurationError
-from photometry.evaluation import compare_to_truth
-from photometry.lightcurve_io import lightcurve_path
-from photometry.settings import load_settings
+from photometry.core.base import STATUS, run_target
+from photometry.data.cache import FFICache
+from photometry.hooks.errors import ConfigurationError
+from photometry.sim.evaluation import compare_to_truth
+from photometry.output.lightcurve_io import lightcurve_path
+from photometry.hooks.settings import load_settings
 from photometry_linpsf.linpsf import LinPSFPhotometry
 from photometry_linpsf.scene import SceneFitter, tile_boxes
 
@@ -166,7 +166,7 @@ def test_missing_stage_and_bad_mode_fail_clearly(sector, tmp_path, caplog):
     with h5py.File(bare, "r+") as f:
         del f["models/linpsf_scene"]
         del f["models/linpsf_shape"]
-        # without the shape model the stage falls back to photometry.prf, and says so
+        # without the shape model the stage falls back to photometry.data.prf, and says so
         assert SceneFitter(f, load_settings()).prf_name == "prf:analytic"
         assert "no linpsf_shape model in the cache" in caplog.text
     settings = load_settings(assignments=SCENE)

@@ -4,7 +4,7 @@ evaluation of the splines (many-node Gauss-Legendre integration over each pixel)
 import numpy as np
 import pytest
 
-from photometry.prf import AnalyticPRF, PRFModel
+from photometry.data.prf import AnalyticPRF, PRFModel
 from photometry_linpsf import model as M
 from photometry_linpsf.model import (BlurredBasis, PolarBasis, SplinePRF, design_matrices,
                                      fit_weights, lattice_sum, normalise)

@@ -6,10 +6,10 @@ import pytest
 from astropy.io import fits
 
 from photometry.cli import main as cli_main
-from photometry.evaluation import score_lightcurve
-from photometry.prf import AnalyticPRF
-from photometry.simulate import apply_kernel, focus_scale, focused_prf
-from photometry.utilities import mag2flux
+from photometry.sim.evaluation import score_lightcurve
+from photometry.data.prf import AnalyticPRF
+from photometry.sim.simulate import apply_kernel, focus_scale, focused_prf
+from photometry.hooks.utilities import mag2flux
 from photometry_linpsf.linpsf import LinPSFPhotometry
 from photometry_linpsf.stage import LinPSFShapeModel, load_shape_model, select_stars
 from photometry_linpsf.timemodel import (TimeBinner, TimeModel, effective_width,
@@ -265,8 +265,8 @@ def test_simulate_prepare_sector_with_focus_change(tmp_path):
     assert np.max(np.abs(width - true)) < 0.1 * change
     # scene mode: the stage applied the time model; one tile refitted with and without it
     from photometry_linpsf.scene import SceneFitter
-    from photometry.evaluation import compare_to_truth
-    from photometry.settings import load_settings
+    from photometry.sim.evaluation import compare_to_truth
+    from photometry.hooks.settings import load_settings
     with h5py.File(next((out / "cache").glob("*.hdf5"))) as f, \
             h5py.File(out / "truth.h5") as h:
         assert f["models/linpsf_scene"].attrs["time_model"]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photometry.noise import CCDNoise, output_of_column
-from photometry.prf import AnalyticPRF
+from photometry.data.noise import CCDNoise, output_of_column
+from photometry.data.prf import AnalyticPRF
 
 REAL = Path(__file__).parent / "data" / "tess2018206192942-s0001-1-4-0120-s_ffic.fits"
 
@@ -52,7 +52,7 @@ def test_defaults_without_keywords():
 
 def test_aperture_noise_by_source():
     """Photons of star and sky and the read noise of each pixel's output, added over the mask."""
-    from photometry.noise import ApertureNoise
+    from photometry.data.noise import ApertureNoise
     noise = CCDNoise.from_header({"READNOIA": 10.0, "READNOIB": 5.0, "NREADOUT": 720,
                                   "EXPOSURE": 1425.6 / 86400}, 1800.0)
     star = np.array([[100.0, 1000.0], [-3.0, 200.0]])
@@ -76,7 +76,7 @@ def test_measured_cdpp_white_noise_and_lightkurve():
     """White noise of sigma gives sigma / sqrt(n); lightkurve's estimate_cdpp with the same
     filter length agrees."""
     import lightkurve as lk
-    from photometry.noise import measured_cdpp
+    from photometry.data.noise import measured_cdpp
     rng = np.random.default_rng(1)
     t = 1325.3 + np.arange(1200) / 48.0
     sigma = 1e-3
@@ -95,7 +95,7 @@ def test_measured_cdpp_white_noise_and_lightkurve():
 def test_prf_fit_weights_are_the_least_squares_estimator():
     """The weights reproduce a weighted least-squares fit of the PRF (+ constant) exactly:
     unit response to the PRF, none to a constant, variance 1 / sum(P^2 / var) without it."""
-    from photometry.noise import prf_fit_weights
+    from photometry.data.noise import prf_fit_weights
     rng = np.random.default_rng(4)
     prf = AnalyticPRF().evaluate(np.array([5.3]), np.array([6.8]), (11, 13), flux=[1.0])
     var = rng.uniform(0.5, 2.0, prf.shape)

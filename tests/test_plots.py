@@ -3,9 +3,9 @@ from pathlib import Path
 
 import numpy as np
 
-from photometry.plots import mask_edges, plot_residuals, save_plots
-from photometry.settings import load_settings
-from photometry.tpf import TPFSource
+from photometry.output.plots import mask_edges, plot_residuals, save_plots
+from photometry.hooks.settings import load_settings
+from photometry.data.tpf import TPFSource
 
 from test_lightcurve_io import TPF, Whole
 

@@ -13,11 +13,21 @@ from types import SimpleNamespace
 
 import pytest
 
-from photometry import base, calibration, cli, hookimpl, plugins, prepare
-from photometry.errors import ConfigurationError
-from photometry.plugins import (BLOCK_PLUGINS_ENV, EXTRA_PLUGINS_ENV, default_plugin_manager,
+from photometry import hookimpl
+
+from photometry.core import base
+
+from photometry.data import calibration
+
+from photometry import cli
+
+from photometry.hooks import plugins
+
+from photometry.scheduler import prepare
+from photometry.hooks.errors import ConfigurationError
+from photometry.hooks.plugins import (BLOCK_PLUGINS_ENV, EXTRA_PLUGINS_ENV, default_plugin_manager,
                                 get_plugin_manager, plugin_settings)
-from photometry.settings import default_settings, load_settings
+from photometry.hooks.settings import default_settings, load_settings
 from scenes import prepared_sector
 
 TESTS = Path(__file__).parent
@@ -192,11 +202,11 @@ def test_a_plugin_cannot_take_a_core_or_another_plugins_section():
 
 
 def test_a_plugin_default_outside_its_limit_names_the_plugin(monkeypatch):
-    from photometry.settings import at_least
+    from photometry.hooks.settings import at_least
     plugin = type("wide_box", (), {
         "register_settings": staticmethod(hookimpl(lambda: {"wide": {"width": 0}})),
         "register_setting_limits": staticmethod(hookimpl(lambda: {"wide.width": at_least(1)}))})
-    monkeypatch.setattr("photometry.plugins._cached_plugin_manager",
+    monkeypatch.setattr("photometry.hooks.plugins._cached_plugin_manager",
                         lambda blocked, extra: get_plugin_manager("*", [plugin]))
     with pytest.raises(ConfigurationError, match=r"^plugin '.*wide_box.*' defaults: "
                                                  r"wide.width = 0 must be >= 1$"):

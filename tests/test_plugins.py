@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from photometry import hookimpl
-from photometry.base import BasePhotometry
-from photometry.errors import ConfigurationError
-from photometry.plugins import (ENTRY_POINT_GROUP, get_plugin_manager, lookup, plugin_table,
+from photometry.core.base import BasePhotometry
+from photometry.hooks.errors import ConfigurationError
+from photometry.hooks.plugins import (ENTRY_POINT_GROUP, get_plugin_manager, lookup, plugin_table,
                                 registry)
-from photometry.settings import default_settings
+from photometry.hooks.settings import default_settings
 
 EXAMPLE = Path(__file__).parent / "example_plugin"
 DATA = Path(__file__).parent / "data"
@@ -65,7 +65,7 @@ def test_wrong_base_class_is_refused():
     plugin = _module("bad_plugin", register_algorithms=hookimpl(lambda: [bad]))
     pm = get_plugin_manager(blocked=OTHERS, extra_plugins=[plugin])
     with pytest.raises(ConfigurationError, match="NotPhotometry.*must derive from "
-                                                 "photometry.base.BasePhotometry"):
+                                                 "photometry.core.base.BasePhotometry"):
         registry(pm, "register_algorithms")
 
 
@@ -170,7 +170,7 @@ def test_example_plugin_by_path_registers_its_algorithm(example_module):
 
 def test_example_algorithm_recovers_injected_flux(example_module):
     """The example's estimator on a synthetic star with known PRF and noise."""
-    from photometry.prf import AnalyticPRF
+    from photometry.data.prf import AnalyticPRF
     from photometry_prfweight.algorithm import prf_weighted_flux
     prf = AnalyticPRF().evaluate(7.3, 6.8, (15, 15))
     rng = np.random.default_rng(3)
@@ -185,9 +185,9 @@ def test_example_algorithm_recovers_injected_flux(example_module):
 
 def test_example_algorithm_runs_on_a_real_tpf(example_module):
     """WASP-126 (Tmag 10.56): PRF-weighted flux within 15 % of the catalog expectation."""
-    from photometry.base import STATUS
-    from photometry.tpf import TPFSource
-    from photometry.utilities import mag2flux
+    from photometry.core.base import STATUS
+    from photometry.data.tpf import TPFSource
+    from photometry.hooks.utilities import mag2flux
     path = DATA / "tess25155310-s01-first-cadences.fits.gz"
     if not path.exists():
         pytest.skip("real TPF not in tests/data")
@@ -215,7 +215,7 @@ def test_example_plugin_pip_installed_is_loaded_by_entry_point(tmp_path):
     assert pip.returncode == 0, pip.stderr
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(target)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    code = ("import json; from photometry.plugins import *; from photometry.plugins import lookup;"
+    code = ("import json; from photometry.hooks.plugins import *; from photometry.hooks.plugins import lookup;"
             f"pm = get_plugin_manager(blocked={list(OTHERS)!r});"
             "cls = lookup(pm, 'register_algorithms', 'prfweight');"
             "print(json.dumps([cls.__module__, plugin_table(pm)]))")

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from photometry import hookimpl
-from photometry.cache import FFICache, clear_write_flag
-from photometry.errors import InputError
-from photometry.ffi import find_ffi_files, read_ffi
-from photometry.movement import _apply
-from photometry.plugins import get_plugin_manager
-from photometry.prepare import prepare
-from photometry.quality import PixelQualityFlags, TESSQualityFlags
-from photometry.settings import load_settings
-from photometry.simulate import simulate
+from photometry.data.cache import FFICache, clear_write_flag
+from photometry.hooks.errors import InputError
+from photometry.data.ffi import find_ffi_files, read_ffi
+from photometry.data.movement import _apply
+from photometry.hooks.plugins import get_plugin_manager
+from photometry.scheduler.prepare import prepare
+from photometry.hooks.quality import PixelQualityFlags, TESSQualityFlags
+from photometry.hooks.settings import load_settings
+from photometry.sim.simulate import simulate
 
 N_FRAMES = 30
 SIZE = 96
@@ -258,7 +258,7 @@ class _StagePlugin:
 
 
 def test_prepare_stages_run_and_resume(scene, tmp_path):
-    from photometry.stages import PrepareStage
+    from photometry.data.stages import PrepareStage
     median_cls, failing_cls = MedianStage.make(PrepareStage), FailingStage.make(PrepareStage)
     pm = get_plugin_manager(extra_plugins=[_StagePlugin([median_cls, failing_cls])])
     settings = load_settings(assignments=['prepare.stages=["test_median", "test_failing"]'])
@@ -314,7 +314,7 @@ class RecordingStream:
 def test_streaming_stage_sees_every_block_once_as_stored(scene, tmp_path):
     """One pass: a StreamingStage gets every frame once, in order, exactly as stored (trimmed),
     before the two-pass stages run; its preview is a mean of frames spread over the sector."""
-    from photometry.stages import PrepareStage, StreamingStage
+    from photometry.data.stages import PrepareStage, StreamingStage
     stream_cls, median_cls = RecordingStream.make(StreamingStage), MedianStage.make(PrepareStage)
     pm = get_plugin_manager(extra_plugins=[_StagePlugin([stream_cls, median_cls])])
     settings = load_settings(assignments=['prepare.stages=["test_median", "test_stream"]',

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photometry.errors import InputError
-from photometry.prf import AnalyticPRF, SpocPRF, load_prf
+from photometry.hooks.errors import InputError
+from photometry.data.prf import AnalyticPRF, SpocPRF, load_prf
 
 PRF_DIR = Path(__file__).parent / "data" / "prf" / "cam1_ccd4"
 

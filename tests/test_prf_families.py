@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photometry.crowding import prf_autocorrelation, target_crowding
-from photometry.prf import AnalyticPRF, FieldPRF, SpocPRF, load_prf
-from photometry.simulate import focused_prf
+from photometry.core.crowding import prf_autocorrelation, target_crowding
+from photometry.data.prf import AnalyticPRF, FieldPRF, SpocPRF, load_prf
+from photometry.sim.simulate import focused_prf
 
 SPOC_DIR = Path(__file__).parent / "data" / "prf" / "cam4_ccd2"
 
@@ -148,9 +148,9 @@ def test_todo_stores_crowding_and_the_policy_routes_crowded_targets(tmp_path):
     the built-in policy then sends the crowded ones to ``policy_crowded_method``."""
     from test_todo import make_fake_ccd
 
-    from photometry.settings import load_settings
-    from photometry.taskstore import TaskStore
-    from photometry.todo import make_todo
+    from photometry.hooks.settings import load_settings
+    from photometry.data.taskstore import TaskStore
+    from photometry.scheduler.todo import make_todo
     from photometry_aperture import choose_method
     stars = [(1, 10.0, 20.0, 70.0), (2, 10.5, 21.5, 70.0),   # a 1.5 px pair
              (3, 11.0, 40.0, 90.0),                          # isolated

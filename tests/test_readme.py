@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photometry.base import STATUS
+from photometry.core.base import STATUS
 
 README = Path(__file__).parent.parent / "README.md"
 

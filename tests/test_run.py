@@ -31,9 +31,9 @@ from pathlib import Path
 import pytest
 
 from photometry import cli as tessphot_cli
-from photometry.run import run_tasks
-from photometry.settings import load_settings
-from photometry.todo import make_todo
+from photometry.scheduler.run import run_tasks
+from photometry.hooks.settings import load_settings
+from photometry.scheduler.todo import make_todo
 
 from schedtest_plugin import lc_content, lc_name
 from test_todo import make_fake_ccd
@@ -248,7 +248,7 @@ def test_same_results_whatever_workers_or_claim_order(local_reference, tmp_path,
                                                       monkeypatch):
     """1 worker, 2 workers (the reference) and 2 workers claiming faintest first (every held
     task runs before its holder): the same statuses and byte-identical light curves."""
-    import photometry.taskstore as taskstore
+    import photometry.data.taskstore as taskstore
     ref_cache, ref_out, _ = local_reference
     reference = outcome(ref_cache, ref_out)
     one = make_sector(tmp_path / "one")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photometry.errors import InputError
-from photometry.quality import LightCurveQualityFlags
-from photometry.settings import load_settings
+from photometry.hooks.errors import InputError
+from photometry.hooks.quality import LightCurveQualityFlags
+from photometry.hooks.settings import load_settings
 from photometry_scattered import (ScatteredLightCorrection, SLCube, build_cube, evaluate,
                                   read_fits, write_fits)
 from photometry_scattered.cube import bin_statistics, bin_time
@@ -178,8 +178,8 @@ def _fake_phot(t, flux, err, settings):
 # ------------------------------------------------------------------ simulated sector
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    from photometry.prepare import prepare
-    from photometry.simulate import simulate
+    from photometry.scheduler.prepare import prepare
+    from photometry.sim.simulate import simulate
 
     out = tmp_path_factory.mktemp("slsim")
     s = load_settings()
@@ -194,8 +194,8 @@ def sim(tmp_path_factory):
 
 
 def test_simulated_glow_removed_from_stamps(sim, tmp_path):
-    from photometry.base import BasePhotometry
-    from photometry.cache import FFICache
+    from photometry.core.base import BasePhotometry
+    from photometry.data.cache import FFICache
 
     out, path, s = sim
     with h5py.File(out / "truth.h5") as tr, FFICache(path) as cache:
@@ -232,8 +232,8 @@ def test_simulated_glow_removed_from_stamps(sim, tmp_path):
 
 
 def test_unreliable_cadences_flagged(sim):
-    from photometry.base import BasePhotometry
-    from photometry.cache import FFICache
+    from photometry.core.base import BasePhotometry
+    from photometry.data.cache import FFICache
 
     out, path, s = sim
     strict = load_settings()
@@ -257,8 +257,8 @@ def test_unreliable_cadences_flagged(sim):
 
 def test_base_photometry_applies_correction_automatically(sim, tmp_path):
     """A BasePhotometry subclass run gets the correction and its flags without asking."""
-    from photometry.base import STATUS, run_target
-    from photometry.cache import FFICache
+    from photometry.core.base import STATUS, run_target
+    from photometry.data.cache import FFICache
     from photometry_aperture.aperture import AperturePhotometry
 
     out, path, _ = sim
@@ -363,8 +363,8 @@ def test_missing_cube_is_a_clear_error():
 @pytest.fixture(scope="module")
 def strong(tmp_path_factory):
     """backdrop + scattered_light on a scene whose glow reaches ~450 e-/s at the orbit start."""
-    from photometry.prepare import prepare
-    from photometry.simulate import simulate
+    from photometry.scheduler.prepare import prepare
+    from photometry.sim.simulate import simulate
 
     out = tmp_path_factory.mktemp("slstrong")
     s = load_settings(assignments=['prepare.stages=["backdrop", "scattered_light"]',

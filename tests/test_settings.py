@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from photometry import cli, settings
-from photometry.errors import ConfigurationError
+from photometry import cli
+
+from photometry.hooks import settings
+from photometry.hooks.errors import ConfigurationError
 
 DOC = Path(__file__).parent.parent / "docs" / "settings.md"
 
@@ -81,8 +83,8 @@ def test_file_origin_and_new_keys_typed_from_their_default(tmp_path, monkeypatch
 
 
 def test_compression_choices_are_the_cache_filters():
-    """The names the settings accept are the filters ``photometry.cache`` can write."""
-    from photometry import cache
+    """The names the settings accept are the filters ``photometry.data.cache`` can write."""
+    from photometry.data import cache
     limit = settings.LIMITS["prepare.compression"]
     assert all(limit.test(name) for name in cache._FILTERS)
     assert limit.text == "one of " + ", ".join(repr(name) for name in cache._FILTERS)

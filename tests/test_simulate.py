@@ -10,10 +10,10 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from photometry.errors import InputError
-from photometry.prf import AnalyticPRF
-from photometry.settings import load_settings
-from photometry.simulate import (FRAME_COLS, FRAME_ROWS, Geometry, apply_kernel,
+from photometry.hooks.errors import InputError
+from photometry.data.prf import AnalyticPRF
+from photometry.hooks.settings import load_settings
+from photometry.sim.simulate import (FRAME_COLS, FRAME_ROWS, Geometry, apply_kernel,
                                  cadence_for_sector, simulate)
 
 REAL_FFI = Path(__file__).parent / "data" / "tess2018206192942-s0001-1-4-0120-s_ffic.fits"
@@ -275,7 +275,7 @@ def test_same_seed_gives_identical_files(tmp_path):
 
 def test_spoc_prf_scene_conserves_light(tmp_path):
     """With the real PRF models the frame holds exactly the truth's starlight plus background."""
-    from photometry.prf import SpocPRF
+    from photometry.data.prf import SpocPRF
 
     prf_dir = Path(__file__).parent / "data" / "prf"
     settings = _settings(rows=40, cols=48, cadences=2, seed=11, first_row=700, first_col=600,

@@ -1,11 +1,11 @@
-"""photometry.stampcache.BlockCache: stamps served from whole cube blocks are the bytes a
+"""photometry.data.stampcache.BlockCache: stamps served from whole cube blocks are the bytes a
 direct read returns, neighbouring stamps share blocks, memory stays bounded (issue 15)."""
 import numpy as np
 import pytest
 
-from photometry.cache import CacheWriter, FFICache
-from photometry.settings import load_settings
-from photometry.stampcache import BlockCache, _chunk_ranges
+from photometry.data.cache import CacheWriter, FFICache
+from photometry.hooks.settings import load_settings
+from photometry.data.stampcache import BlockCache, _chunk_ranges
 
 N, R, C = 23, 48, 64
 META = dict(sector=3, camera=2, ccd=1, cadence=600.0, data_rel=9, procver="t", row_offset=0,

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from photometry.errors import InputError
-from photometry.taskstore import (ABORT, ERROR, OK, SCHEMA_VERSION, SKIPPED, STARTED, WARNING,
+from photometry.hooks.errors import InputError
+from photometry.data.taskstore import (ABORT, ERROR, OK, SCHEMA_VERSION, SKIPPED, STARTED, WARNING,
                                   MIGRATIONS, TaskStore)
 
 
@@ -49,7 +49,7 @@ def result(priority, status=OK, method="m", **extra):
 #: only the import of photometry.taskstore.
 CLAIMER = """
 import json, os, sys, time
-from photometry.taskstore import OK, TaskStore
+from photometry.data.taskstore import OK, TaskStore
 path, owner, ready, go = sys.argv[1:5]
 store = TaskStore(path, busy_timeout=60)
 store.plan(method="x")
@@ -133,7 +133,7 @@ def test_plan_filters_claim_order_and_cache_preference(tmp_path):
 
 
 def test_claim_order_is_one_setting(store, monkeypatch):
-    import photometry.taskstore as taskstore
+    import photometry.data.taskstore as taskstore
     monkeypatch.setattr(taskstore, "CLAIM_ORDER", "r.priority DESC")
     assert [t["priority"] for t in store.claim("me", n=3)] == [20, 19, 18]  # in that order
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import box_plugin
-from photometry.base import STATUS
-from photometry.plugins import get_plugin_manager, registry
+from photometry.core.base import STATUS
+from photometry.hooks.plugins import get_plugin_manager, registry
 from photometry.testing import ContractError, _gaussian_prf, check_algorithm, fake_scene
 
 
@@ -19,7 +19,7 @@ def scene():
 
 @pytest.fixture(scope="module")
 def settings():
-    from photometry.settings import default_settings
+    from photometry.hooks.settings import default_settings
     s = default_settings(get_plugin_manager(extra_plugins=[box_plugin]))
     s["photometry"]["background"] = ""
     s["photometry"]["corrections"] = []

@@ -5,10 +5,10 @@ import h5py
 import numpy as np
 import pytest
 
-from photometry.errors import InputError
-from photometry.stamps import default_stamp_size as scalar_stamp_size
-from photometry.taskstore import TaskStore
-from photometry.todo import default_stamp_size, make_todo
+from photometry.hooks.errors import InputError
+from photometry.core.stamps import default_stamp_size as scalar_stamp_size
+from photometry.data.taskstore import TaskStore
+from photometry.scheduler.todo import default_stamp_size, make_todo
 
 
 def make_fake_ccd(folder, sector=1, camera=1, ccd=4, rows=64, cols=64, row_offset=0,

@@ -8,14 +8,14 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from photometry import cli
-from photometry.base import STATUS, run_target
-from photometry.catalog import apply_proper_motion
-from photometry.cutout_sky import fit_sky
-from photometry.errors import InputError
-from photometry.prf import AnalyticPRF, SpocPRF
-from photometry.quality import PixelQualityFlags
-from photometry.settings import load_settings
-from photometry.tpf import TPFSource, nominal_cadence
+from photometry.core.base import STATUS, run_target
+from photometry.data.catalog import apply_proper_motion
+from photometry.data.cutout_sky import fit_sky
+from photometry.hooks.errors import InputError
+from photometry.data.prf import AnalyticPRF, SpocPRF
+from photometry.hooks.quality import PixelQualityFlags
+from photometry.hooks.settings import load_settings
+from photometry.data.tpf import TPFSource, nominal_cadence
 from photometry_aperture.aperture import AperturePhotometry
 
 DATA = Path(__file__).parent / "data"
@@ -505,7 +505,7 @@ def small_cache(tmp_path_factory):
 
 
 def test_tpf_export_from_an_ffi_cache(small_cache, tmp_path, capsys):
-    from photometry.catalog import read_catalog_sqlite
+    from photometry.data.catalog import read_catalog_sqlite
     cat = read_catalog_sqlite(next(small_cache.glob("catalog_*.sqlite")))
     inside = (cat["row"] > 10) & (cat["row"] < 38) & (cat["column"] > 54) & (cat["column"] < 82)
     star = cat[inside & (cat["tmag"] > 9) & (cat["tmag"] < 12)][0]

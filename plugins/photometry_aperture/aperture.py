@@ -1,7 +1,7 @@
 """AperturePhotometry: simple aperture sums in a mask built from the sum image, catalog and PRF.
 
 The mask logic lives in :mod:`photometry_aperture.masks` (pure array functions); this class
-gathers its inputs from :class:`photometry.base.BasePhotometry`, grows the stamp while the
+gathers its inputs from :class:`photometry.core.base.BasePhotometry`, grows the stamp while the
 mask touches its edge, sums the light curve and reports contamination and the fainter stars
 its mask makes redundant. Settings: the ``[aperture]`` section (settings/defaults.toml).
 
@@ -37,10 +37,10 @@ import warnings
 
 import numpy as np
 
-from photometry.base import STATUS, BasePhotometry
-from photometry.errors import AlgorithmFailure
-from photometry.quality import PixelQualityFlags, TESSQualityFlags
-from photometry.utilities import mag2flux
+from photometry.core.base import STATUS, BasePhotometry
+from photometry.hooks.errors import AlgorithmFailure
+from photometry.hooks.quality import PixelQualityFlags, TESSQualityFlags
+from photometry.hooks.utilities import mag2flux
 
 from . import masks
 
@@ -56,7 +56,7 @@ def _prf_model(phot):
     except Exception as exc:  # noqa: BLE001 - no PRF model for this CCD: use a fallback
         logger.debug("TIC %d: no PRF model for the CCD (%s)", phot.starid, exc)
     try:
-        from photometry.prf import AnalyticPRF
+        from photometry.data.prf import AnalyticPRF
         return AnalyticPRF()
     except ImportError:
         return None
@@ -65,7 +65,7 @@ def _prf_model(phot):
 def prf_stack(phot, rows, cols, sigma):
     """(n, r, c) unit-flux PRF images of stars at stamp positions ``rows, cols``.
 
-    Uses the CCD's PRF model (``phot.prf``, :mod:`photometry.prf`), or the analytic default
+    Uses the CCD's PRF model (``phot.prf``, :mod:`photometry.data.prf`), or the analytic default
     PRF when the CCD has none; a pixel-integrated Gaussian of ``sigma`` pixels if neither
     is available. Light of a star falling outside the stamp is dropped, so a star near the
     edge contributes only what it puts inside.

@@ -40,9 +40,9 @@ import numpy as np
 from scipy.ndimage import median_filter, uniform_filter1d
 from tqdm import tqdm
 
-from photometry.errors import ConfigurationError, InputError
-from photometry.quality import PixelQualityFlags
-from photometry.stages import BackgroundModel, StreamingStage
+from photometry.hooks.errors import ConfigurationError, InputError
+from photometry.hooks.quality import PixelQualityFlags
+from photometry.data.stages import BackgroundModel, StreamingStage
 
 from .fit import BackdropFitter, nanquantile_columns
 from .masks import build_mask, star_pixels
@@ -198,7 +198,7 @@ def strap_columns(fitter, nsigma):
 class Backdrop(StreamingStage, BackgroundModel):
     """CCD-wide background: polynomial + tensor B-spline + one offset per column, per frame.
 
-    A streaming prepare stage (:class:`photometry.stages.StreamingStage`): the masks and the
+    A streaming prepare stage (:class:`photometry.data.stages.StreamingStage`): the masks and the
     factorisation are built once from the prepare preview, then every block of frames is
     fitted while ingest has it in memory (see :mod:`.fit` for why it is fast); ``evaluate``
     rebuilds the separable bases on any stamp.
@@ -215,7 +215,7 @@ class Backdrop(StreamingStage, BackgroundModel):
     def begin(self, context, group):
         """Masks, column gains, the factorised normal matrix and the output datasets.
 
-        Everything here comes from ``context`` (:class:`photometry.stages.StreamContext`):
+        Everything here comes from ``context`` (:class:`photometry.data.stages.StreamContext`):
         its preview image (during prepare the mean of ``prepare.preview_frames`` frames
         spread over the sector; the sum image in a second pass), the catalog, and the
         flags of the frame nearest the middle.

@@ -1,7 +1,7 @@
 """Built-in raw-FFI calibration stages (2-D bias, pedestal, gain, linearity, smear, flat).
 
-Each stage is one plugin class working in place on a :class:`photometry.calibration.RawFrame`
-with the :class:`photometry.calibration.CCDModel` of its camera/CCD. The order follows TICA
+Each stage is one plugin class working in place on a :class:`photometry.data.calibration.RawFrame`
+with the :class:`photometry.data.calibration.CCDModel` of its camera/CCD. The order follows TICA
 (Fausnaugh et al. 2020): the electronic offsets come off first, in ADU; the gain turns ADU into
 electrons, which is where the variance image starts (read noise + Poisson); the non-linearity
 is a function of the charge per readout, so it must see the charge before the smear is removed;
@@ -12,9 +12,9 @@ it receives.
 import numpy as np
 
 import photometry
-from photometry.calibration import median_variance_factor
-from photometry.errors import ConfigurationError, InputError
-from photometry.stages import CalibrationStage
+from photometry.data.calibration import median_variance_factor
+from photometry.hooks.errors import ConfigurationError, InputError
+from photometry.data.stages import CalibrationStage
 
 __all__ = ["Bias2D", "Pedestal", "Gain", "Linearity", "Smear", "FlatField"]
 

@@ -2,7 +2,7 @@
 
 Registered through the ``photometry`` entry-point group like any third-party plugin
 (``cbv = "photometry_cbv"``). After a CCD's photometry the core
-(:mod:`photometry.correct`) hands it the CCD's light curves: it builds co-trending basis
+(:mod:`photometry.scheduler.correct`) hands it the CCD's light curves: it builds co-trending basis
 vectors from the quiet, well-measured stars (robust SVD, :mod:`photometry_cbv.basis`) or
 takes SPOC's CBVs (``cbv.spoc_cbv_dir``, :mod:`photometry_cbv.spoc`), fits them to each star
 with a prior from its neighbours' coefficients (PDC-MAP) and returns PDCSAP_FLUX. See

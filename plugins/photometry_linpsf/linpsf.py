@@ -28,10 +28,10 @@ import numpy as np
 from scipy import sparse
 from scipy.linalg import cho_factor, cho_solve
 
-from photometry.base import STATUS, BasePhotometry
-from photometry.errors import AlgorithmFailure
-from photometry.quality import PixelQualityFlags, TESSQualityFlags
-from photometry.utilities import mag2flux
+from photometry.core.base import STATUS, BasePhotometry
+from photometry.hooks.errors import AlgorithmFailure
+from photometry.hooks.quality import PixelQualityFlags, TESSQualityFlags
+from photometry.hooks.utilities import mag2flux
 
 from .model import design_matrices, single_thread_blas
 from .stage import load_shape_model, shape_quality_problem
@@ -148,7 +148,7 @@ def fit_scene(images, errors, rows, cols, fluxes, prf, drow=None, dcol=None, goo
         CCD positions of the stars at zero shift (``origin`` is the CCD position of pixel 0, 0).
     fluxes : ndarray (K,)
         Catalog fluxes: the prior means ``N(flux, (prior_width * flux)^2)``.
-    prf : photometry.prf.PRFModel
+    prf : photometry.data.prf.PRFModel
         The shape (``SplinePRF`` of the ``linpsf_shape`` stage, or any PRF model).
     drow, dcol : ndarray (N,) or (N, K), optional
         Position shifts per cadence (per star), e.g. from the movement kernel.

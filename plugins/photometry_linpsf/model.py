@@ -36,7 +36,7 @@ import numpy as np
 from scipy import sparse
 from scipy.interpolate import BSpline
 
-from photometry.prf import PRFModel
+from photometry.data.prf import PRFModel
 
 __all__ = ["PolarBasis", "CartesianBasis", "HybridBasis", "make_basis", "BlurredBasis", "SplinePRF", "fit_weights", "lattice_sum",
            "normalise", "design_matrices", "single_thread_blas"]
@@ -1025,7 +1025,7 @@ def fit_weights(basis, drow, dcol, values, inv_var, prior_mu=0.0, prior_sigma=1.
 
 
 class SplinePRF(PRFModel):
-    """A :class:`photometry.prf.PRFModel` backed by fitted polar-spline weights.
+    """A :class:`photometry.data.prf.PRFModel` backed by fitted polar-spline weights.
 
     Parameters
     ----------
@@ -1184,7 +1184,7 @@ def design_matrices(prf, row, col, shape, origin=(0, 0), gradients=True, step=0.
     ``constant``, ``A`` has a last column of ones (a background level).
 
     A :class:`SplinePRF` gives all three from one table look-up (:meth:`SplinePRF.
-    stamp_gradients`); any other :class:`photometry.prf.PRFModel` gets central differences
+    stamp_gradients`); any other :class:`photometry.data.prf.PRFModel` gets central differences
     of ``step`` px (four more designs).
     """
     row = np.atleast_1d(np.asarray(row, dtype=float))

@@ -36,16 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
-from photometry.base import STATUS
-from photometry.plugins import background_model_class
-from photometry.cache import catalog_filename
-from photometry.catalog import read_catalog_sqlite
-from photometry.errors import AlgorithmFailure, ConfigurationError, InputError
-from photometry.movement import MovementKernel
-from photometry.prf import load_prf
-from photometry.quality import PixelQualityFlags, TESSQualityFlags
-from photometry.stages import PrepareStage
-from photometry.utilities import mag2flux
+from photometry.core.base import STATUS
+from photometry.hooks.plugins import background_model_class
+from photometry.data.cache import catalog_filename
+from photometry.data.catalog import read_catalog_sqlite
+from photometry.hooks.errors import AlgorithmFailure, ConfigurationError, InputError
+from photometry.data.movement import MovementKernel
+from photometry.data.prf import load_prf
+from photometry.hooks.quality import PixelQualityFlags, TESSQualityFlags
+from photometry.data.stages import PrepareStage
+from photometry.hooks.utilities import mag2flux
 
 from .linpsf import fit_scene, held_fluxes
 from .stage import load_shape_model, shape_quality_problem
@@ -83,7 +83,7 @@ class SceneFitter:
         The cache: ``images``, ``errors``, ``pixel_flags``, ``quality``, the movement kernel
         and ``models/`` (``linpsf_shape``, the background model).
     settings : dict
-        Full settings (``[linpsf]``, ``photometry.background``, ``photometry.prf``).
+        Full settings (``[linpsf]``, ``photometry.background``, ``photometry.data.prf``).
     catalog_path : path, optional
         The catalog SQLite; default: the one next to the cache file.
 
@@ -110,7 +110,7 @@ class SceneFitter:
         blocks = max(1, -(-int(cfg["scene_block"]) // chunk))
         self.block = blocks * chunk                     # whole time chunks per read
 
-        # PRF: the linpsf_shape model if it is there (it must run first), else photometry.prf
+        # PRF: the linpsf_shape model if it is there (it must run first), else photometry.data.prf
         self.prf = load_shape_model(self._model_group("linpsf_shape"))
         self.prf_name = "linpsf_shape"
         if self.prf is None:

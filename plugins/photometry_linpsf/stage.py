@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from photometry.movement import MovementKernel
-from photometry.quality import PixelQualityFlags, TESSQualityFlags
-from photometry.stages import PrepareStage
-from photometry.utilities import mag2flux
+from photometry.data.movement import MovementKernel
+from photometry.hooks.quality import PixelQualityFlags, TESSQualityFlags
+from photometry.data.stages import PrepareStage
+from photometry.hooks.utilities import mag2flux
 
 from .model import (BlurredBasis, SplinePRF, make_basis, _cached_design, fit_weights,
                     lattice_sum, normalise, release_tables, single_thread_blas)
@@ -518,7 +518,7 @@ def _write_shape(group, res, row_off, col_off):
 
 def fit_source_shape(source, settings, time_model=True):
     """The ``linpsf_shape`` stage's fit on an in-memory data source
-    (:class:`photometry.memory_source.MemorySource`): the group the photometry reads and the
+    (:class:`photometry.data.memory_source.MemorySource`): the group the photometry reads and the
     fit's result dict.
 
     As the stage on a cache: catalog stars selected by :func:`select_stars`, the others
@@ -526,7 +526,7 @@ def fit_source_shape(source, settings, time_model=True):
     from the movement kernel, and the time model fitted on the cube when ``time_model``.
     For tests, benchmarks and plugin authors' scenes.
     """
-    from photometry.memory_source import MemoryGroup
+    from photometry.data.memory_source import MemoryGroup
     from .timemodel import TimeBinner
 
     cfg = settings["linpsf"]

@@ -238,7 +238,7 @@ def _legendre(u, degree):
 
 
 class ComponentPRF(SplinePRF):
-    """A perturbation ``dw`` of the shape weights as a :class:`photometry.prf.PRFModel`.
+    """A perturbation ``dw`` of the shape weights as a :class:`photometry.data.prf.PRFModel`.
 
     Its "stamps" are the change of the PRF per unit time coefficient: signed, not normalised.
     Why a subclass: :class:`SplinePRF` clips negative model values (right for a PRF, wrong for

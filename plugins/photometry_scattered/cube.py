@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from photometry.errors import InputError
-from photometry.quality import LightCurveQualityFlags, PixelQualityFlags, TESSQualityFlags
-from photometry.utilities import disc_mask, open_fits
+from photometry.hooks.errors import InputError
+from photometry.hooks.quality import LightCurveQualityFlags, PixelQualityFlags, TESSQualityFlags
+from photometry.hooks.utilities import disc_mask, open_fits
 
 from .interp import axis_weights, segments
 
