@@ -38,7 +38,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from photometry.core.base import BasePhotometry, open_source
+from photometry.core.base import BasePhotometry
+from photometry.data.sources import open_source
 from photometry.hooks.quality import TESSQualityFlags
 from photometry.sim.evaluation import compare_to_truth
 from photometry.hooks.settings import load_settings

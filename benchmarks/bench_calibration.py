@@ -26,7 +26,6 @@ import numpy as np
 from astropy.io import fits
 
 from photometry.data import calibration
-
 from photometry.sim import rawsim
 from photometry.data.ffi import read_ffi
 from photometry.hooks.settings import load_settings

@@ -39,7 +39,7 @@ import h5py
 import numpy as np
 
 from photometry.core import checks as checks_module
-from photometry.core.base import open_source
+from photometry.data.sources import open_source
 from photometry.sim.evaluation import score_lightcurve
 from photometry.hooks.settings import load_settings
 

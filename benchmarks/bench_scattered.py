@@ -170,7 +170,7 @@ def pipeline_scatter(truth_path, cache_path, settings, tmag_range=(13.0, 15.0), 
     """
     import h5py
 
-    from photometry.core.base import open_source
+    from photometry.data.sources import open_source
     from photometry.hooks.quality import TESSQualityFlags
     from photometry_aperture.aperture import AperturePhotometry
 

@@ -38,7 +38,7 @@ _PUBLIC = {
     "PrepareStage": "data.stages", "StreamingStage": "data.stages",
     "StreamContext": "data.stages", "BackgroundModel": "data.stages",
     "StampCorrection": "data.stages", "CalibrationStage": "data.stages",
-    "LightCurveCorrection": "data.stages", "background_model_class": "hooks.plugins",
+    "LightCurveCorrection": "data.stages", "background_model_class": "data.stages",
     "cache_catalog": "data.stages",
     # data sources and the files they read
     "FFICache": "data.cache", "cache_filename": "data.cache",

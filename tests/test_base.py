@@ -8,8 +8,9 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from photometry.hooks import plugins as plugins_module
-from photometry.core.base import STATUS, BasePhotometry, run_target
+from photometry.data import stages as stages_module
+from photometry.core.base import STATUS, BasePhotometry
+from photometry.scheduler.target import run_target
 from photometry.hooks.errors import (AlgorithmFailure, ConfigurationError, SkipTarget,
                                UnprocessableTarget)
 from photometry.data.movement import MovementKernel
@@ -237,7 +238,7 @@ def test_background_model_from_cache_is_used(monkeypatch, source):
         def evaluate_error(cls, group, row_slice, col_slice, frames=slice(None)):
             return np.full(1, 0.5)
 
-    monkeypatch.setattr(plugins_module, "background_model_class", lambda name: Model)
+    monkeypatch.setattr(stages_module, "background_model_class", lambda name: Model)
     monkeypatch.setitem(source.groups, "fakebkg", {"n": source.n_frames})
     p = Flat(101, source, load_settings(assignments=["photometry.background=fakebkg"]))
     assert np.all(p.backgrounds_cube == 42.0)

@@ -7,7 +7,6 @@ import pytest
 from astropy.io import fits
 
 from photometry.data import calibration
-
 from photometry.sim import rawsim
 from photometry.data.calibration import (CCDGeometry, CCDModel, CalibrationModels, RawFrame,
                                     calibrate_file, calibrate_frames, calibrate_raw, load_stages)

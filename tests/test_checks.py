@@ -24,7 +24,8 @@ from astropy.io import fits
 from astropy.table import Table
 
 from photometry import cli
-from photometry.core.base import STATUS, BasePhotometry, run_target
+from photometry.core.base import STATUS, BasePhotometry
+from photometry.scheduler.target import run_target
 from photometry.core.checks import check_result, robust_scatter
 from photometry.hooks.errors import AlgorithmFailure, InputError
 from photometry.sim.evaluation import score_lightcurve
@@ -397,7 +398,7 @@ def sector(tmp_path_factory):
 
 
 def test_correct_results_on_simulated_sector_pass(sector):
-    from photometry.core.base import open_source
+    from photometry.data.sources import open_source
     base, cache, truth = sector
     out = _run_scene(open_source(cache), truth)
     correct, flagged = _judge(out)
@@ -622,7 +623,7 @@ def test_real_ffi_sweep(ffi_cache, method, prf, tmp_path):
     that is right: it is), linpsf the total flux; linpsf's fluxes that fall short of the
     plain aperture are WARNING FLUX_LOW.
     """
-    from photometry.core.base import open_source
+    from photometry.data.sources import open_source
     cache, cat = ffi_cache
     source = open_source(cache)
     spoc = SpocPRF(FFI_PRF / "cam1_ccd4")

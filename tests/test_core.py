@@ -5,7 +5,6 @@ import sys
 import pytest
 
 from photometry.hooks import quality
-
 from photometry.hooks import settings
 from photometry.hooks.errors import ConfigurationError
 from photometry.hooks.utilities import flux2mag, mag2flux

@@ -10,7 +10,8 @@ import pytest
 from astropy.io import fits
 
 from photometry import cli
-from photometry.core.base import STATUS, run_target
+from photometry.core.base import STATUS
+from photometry.scheduler.target import run_target
 from photometry.data.cache import FFICache
 from photometry.hooks.errors import ConfigurationError
 from photometry.sim.evaluation import compare_to_truth

@@ -14,19 +14,15 @@ from types import SimpleNamespace
 import pytest
 
 from photometry import hookimpl
-
 from photometry.core import base
-
-from photometry.data import calibration
-
+from photometry.data import calibration, stages
 from photometry import cli
-
 from photometry.hooks import plugins
-
 from photometry.scheduler import prepare
 from photometry.hooks.errors import ConfigurationError
 from photometry.hooks.plugins import (BLOCK_PLUGINS_ENV, EXTRA_PLUGINS_ENV, default_plugin_manager,
-                                get_plugin_manager, plugin_settings)
+                                get_plugin_manager)
+from photometry.hooks.settings import plugin_settings
 from photometry.hooks.settings import default_settings, load_settings
 from scenes import prepared_sector
 
@@ -86,7 +82,7 @@ def test_star_and_plugins_honour_the_block_list(w, tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.parametrize("blocked, use", [
-    ("backdrop", lambda: plugins.background_model_class("backdrop")),
+    ("backdrop", lambda: stages.background_model_class("backdrop")),
     ("scattered_light", lambda: base._load_corrections(
         dict(default_settings(), photometry={"corrections": ["scattered_light"]}))),
     ("linpsf", lambda: prepare._stage_classes({"prepare": {"stages": ["linpsf_shape"]}}, None)),

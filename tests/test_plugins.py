@@ -17,7 +17,8 @@ import pytest
 from photometry import hookimpl
 from photometry.core.base import BasePhotometry
 from photometry.hooks.errors import ConfigurationError
-from photometry.hooks.plugins import (ENTRY_POINT_GROUP, get_plugin_manager, lookup, plugin_table,
+from photometry.cli.plugins import plugin_table
+from photometry.hooks.plugins import (ENTRY_POINT_GROUP, get_plugin_manager, lookup,
                                 registry)
 from photometry.hooks.settings import default_settings
 
@@ -216,6 +217,7 @@ def test_example_plugin_pip_installed_is_loaded_by_entry_point(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(target)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     code = ("import json; from photometry.hooks.plugins import *; from photometry.hooks.plugins import lookup;"
+            "from photometry.cli.plugins import plugin_table;"
             f"pm = get_plugin_manager(blocked={list(OTHERS)!r});"
             "cls = lookup(pm, 'register_algorithms', 'prfweight');"
             "print(json.dumps([cls.__module__, plugin_table(pm)]))")

@@ -257,7 +257,8 @@ def test_unreliable_cadences_flagged(sim):
 
 def test_base_photometry_applies_correction_automatically(sim, tmp_path):
     """A BasePhotometry subclass run gets the correction and its flags without asking."""
-    from photometry.core.base import STATUS, run_target
+    from photometry.core.base import STATUS
+    from photometry.scheduler.target import run_target
     from photometry.data.cache import FFICache
     from photometry_aperture.aperture import AperturePhotometry
 

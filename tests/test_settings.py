@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from photometry import cli
-
+from photometry.hooks import commandline
 from photometry.hooks import settings
 from photometry.hooks.errors import ConfigurationError
 
@@ -134,7 +134,7 @@ def test_star_logs_info_without_v(monkeypatch, capsys):
 
 
 def test_tic_id_type():
-    assert cli.tic_id("25155310") == 25155310
+    assert commandline.tic_id("25155310") == 25155310
     for bad in ("0", "-3", str(2 ** 63), "TIC 1", "1.5"):
         with pytest.raises(argparse.ArgumentTypeError):
-            cli.tic_id(bad)
+            commandline.tic_id(bad)

@@ -8,7 +8,8 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from photometry import cli
-from photometry.core.base import STATUS, run_target
+from photometry.core.base import STATUS
+from photometry.scheduler.target import run_target
 from photometry.data.catalog import apply_proper_motion
 from photometry.data.cutout_sky import fit_sky
 from photometry.hooks.errors import InputError

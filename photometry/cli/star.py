@@ -1,7 +1,7 @@
 """``tessphot star``: run one star with full logging and the diagnostic plots.
 
 For per-star debugging: find the CCD cache whose catalog holds the star (or read a TPF/TESScut
-file with ``--tpf``), run one method through :func:`photometry.core.base.run_target` exactly as the
+file with ``--tpf``), run one method through :func:`photometry.scheduler.target.run_target` exactly as the
 scheduler would, print the outcome and where the light curve and plots went.
 """
 import json
@@ -9,7 +9,7 @@ import logging
 import sqlite3
 from pathlib import Path
 
-from photometry.cli import add_settings_arguments, output_folder, tic_id
+from photometry.hooks.commandline import add_settings_arguments, output_folder, tic_id
 from photometry.hooks.errors import ConfigurationError, InputError
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ def find_cache(cache_dir, starid, sector=None, camera=None, ccd=None):
 
 
 def run(args):
-    from photometry.core.base import STATUS, run_target
+    from photometry.core.base import STATUS
+    from photometry.scheduler.target import run_target
     from photometry.hooks.plugins import default_plugin_manager, lookup
     from photometry.hooks.settings import load_settings
 

@@ -8,7 +8,7 @@ import datetime
 import json
 from pathlib import Path
 
-from photometry.cli import at_least
+from photometry.hooks.commandline import at_least
 from photometry.hooks.errors import InputError
 from photometry.data.taskstore import FAILED, STATUS_NAMES, TODO_NAME, TaskStore
 

@@ -5,7 +5,7 @@ implements :meth:`BasePhotometry.do_photometry`, which fills ``self.lightcurve``
 flux_err, flux_background, pos_centroid), ``self.final_phot_mask`` and optionally
 ``self.additional_headers``, and returns a :class:`STATUS`. It reads data only through this
 class (stamp cubes, sum image, catalog, WCS, movement kernel, PRF) and does no file or
-database I/O: the core (:func:`run_target`) opens the data, turns exceptions into a STATUS and
+database I/O: the core (:func:`photometry.scheduler.target.run_target`) opens the data, turns exceptions into a STATUS and
 writes the light curve.
 
 Coordinates (``docs/coordinates_and_formats.md``): 0-based ``(row, column)`` of the full SPOC
@@ -25,9 +25,7 @@ or ``catalog_table()`` (an astropy Table with the SQLite's columns).
 import contextlib
 import enum
 import logging
-import os
 import sqlite3
-import time as _time
 import warnings
 from functools import cached_property
 from pathlib import Path
@@ -35,13 +33,12 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from photometry.hooks.errors import (AlgorithmFailure, ConfigurationError, InputError, SkipTarget,
-                     UnprocessableTarget, disk_full)
+from photometry.hooks.errors import AlgorithmFailure, ConfigurationError, UnprocessableTarget
 from photometry.hooks.quality import (LightCurveQualityFlags, PixelQualityFlags, TESSQualityFlags,
                       lightcurve_quality)
 from photometry.core.stamps import default_stamp_size, clip_stamp
 
-__all__ = ["STATUS", "BasePhotometry", "run_target", "open_source"]
+__all__ = ["STATUS", "BasePhotometry", "lightcurve_metrics", "aperture_bitmask"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,19 +133,6 @@ def _photometry_settings(settings):
     return settings
 
 
-def open_source(path, **kwargs):
-    """The data source behind ``path``: an HDF5 cache (FFICache) or a TPF/TESScut file
-    (``kwargs`` go to :class:`photometry.data.tpf.TPFSource`)."""
-    path = Path(path)
-    name = path.name.lower()
-    if name.endswith((".fits", ".fits.gz", ".fit", ".fits.fz")):
-        from photometry.data.tpf import TPFSource
-        return TPFSource(path, **kwargs)
-    if name.endswith((".hdf5", ".h5")):
-        from photometry.data.cache import FFICache
-        return FFICache(path)
-    raise InputError(f"{path}: not a cache (.hdf5) or a TPF/TESScut file (.fits)")
-
 
 class BasePhotometry:
     """The target, its stamp, cubes, catalog, motion and metrics; algorithms subclass it.
@@ -162,9 +146,9 @@ class BasePhotometry:
     settings : dict, optional
         Full settings (``load_settings()``); the defaults if None.
     plot : bool
-        Write the diagnostic plots with :meth:`save_plots` (called by the core).
+        Write the diagnostic plots (the core does, after the photometry).
     plot_folder : path, optional
-        Where :meth:`save_plots` writes when no folder is given.
+        Where the plots go when the core is given no folder.
 
     Raises
     ------
@@ -541,7 +525,7 @@ class BasePhotometry:
         group = self.source.model_group(name) if hasattr(self.source, "model_group") else None
         if group is None:
             return None
-        from photometry.hooks.plugins import background_model_class
+        from photometry.data.stages import background_model_class
         return background_model_class(name), group
 
     @cached_property
@@ -962,14 +946,6 @@ class BasePhotometry:
         self.details["filepath_lightcurve"] = str(paths[0])
         return paths[0]
 
-    def save_plots(self, folder=None):
-        """Write the diagnostic PNGs (stamp, background, motion, light curve); paths returned."""
-        from photometry.output.plots import save_plots
-        folder = Path(folder) if folder is not None else self.plot_folder
-        if folder is None:
-            raise ValueError("save_plots needs a folder")
-        return save_plots(self, folder)
-
 
 def lightcurve_metrics(time, flux, flux_err):
     """TASOC §3.6 statistics of a light curve (good cadences only).
@@ -1064,87 +1040,3 @@ def _evaluate_where(table, where, params):
     row = np.asarray(table["row"], dtype=float)
     col = np.asarray(table["column"], dtype=float)
     return (row >= params[0]) & (row <= params[1]) & (col >= params[2]) & (col <= params[3])
-
-
-def run_target(method_cls, starid, source, settings, output_folder, plot=False):
-    """Run one target: the ONE place where exceptions become a STATUS.
-
-    Parameters
-    ----------
-    method_cls : type
-        A BasePhotometry subclass.
-    starid : int
-    source : FFICache or TPFSource (or a path, opened with :func:`open_source`)
-    settings : dict
-    output_folder : path
-        Light curves go under it (see ``photometry.output.lightcurve_io.lightcurve_path``).
-    plot : bool
-        Also write the diagnostic plots next to the light curve (``plots/<starid>/``).
-
-    Returns
-    -------
-    dict
-        ``starid, method, method_version, status (STATUS), details (dict), elapsed (s),
-        lightcurve (path or None), error (one-line message or None)``.
-
-    Raises
-    ------
-    ConfigurationError
-        Re-raised: a settings or plugin problem must stop the whole run.
-    OSError
-        Re-raised when the disk is full (ENOSPC, EDQUOT): not the target's fault, and every
-        target after it would fail the same way; the scheduler stops the run.
-    """
-    t0 = _time.perf_counter()
-    result = {"starid": int(starid), "method": getattr(method_cls, "name", None),
-              "method_version": getattr(method_cls, "version", None),
-              "status": STATUS.UNKNOWN, "details": {}, "elapsed": 0.0, "lightcurve": None,
-              "error": None}
-    phot = None
-    try:
-        if isinstance(source, (str, os.PathLike)):
-            source = open_source(source, starid=starid, settings=settings)
-        phot = method_cls(starid, source, settings=settings, plot=plot)
-        status = phot.photometry()
-        if status in (STATUS.OK, STATUS.WARNING):
-            path = phot.save_lightcurve(output_folder)
-            result["lightcurve"] = str(path)
-            if plot:
-                try:
-                    phot.save_plots(Path(path).parent / "plots" / f"{int(starid):011d}")
-                except Exception as exc:  # noqa: BLE001 - a plot must not lose the result
-                    logger.warning("TIC %d: plots failed: %s", starid, exc)
-                    phot.report_details(error=f"plots failed: {exc}")
-        result["status"] = status
-        if status == STATUS.ERROR:
-            result["error"] = phot.failure_reason()
-    except ConfigurationError:
-        raise
-    except SkipTarget as exc:
-        result["status"], result["error"] = STATUS.SKIPPED, str(exc)
-    except UnprocessableTarget as exc:
-        result["status"], result["error"] = STATUS.ABORT, str(exc)
-    except AlgorithmFailure as exc:
-        result["status"], result["error"] = STATUS.ERROR, str(exc)
-    except InputError as exc:
-        result["status"], result["error"] = STATUS.ABORT, str(exc)
-    except OSError as exc:
-        if disk_full(exc):
-            raise
-        logger.exception("TIC %s: %s failed", starid, result["method"])
-        result["status"], result["error"] = STATUS.ERROR, f"{type(exc).__name__}: {exc}"
-    except Exception as exc:  # noqa: BLE001 - the worker must survive any algorithm bug
-        logger.exception("TIC %s: %s failed", starid, result["method"])
-        result["status"] = STATUS.ERROR
-        result["error"] = f"{type(exc).__name__}: {exc}"
-    if phot is not None:
-        result["details"] = dict(phot.details)
-    if result["error"]:
-        result["details"].setdefault("errors", []).append(result["error"])
-    if result["status"] == STATUS.ERROR and not (result["details"].get("checks") or {}).get("codes"):
-        # an algorithm that failed without a reason code: every ERROR carries one
-        from photometry.core.checks import CheckReport, Flag
-        result["details"]["checks"] = CheckReport(
-            [Flag("METHOD_ERROR", "ERROR", result["error"])]).to_details()
-    result["elapsed"] = _time.perf_counter() - t0
-    return result

@@ -45,7 +45,7 @@ import numpy as np
 from scipy import ndimage
 
 from photometry.data.noise import CCDNoise
-from photometry.hooks.quality import PixelQualityFlags, TESSQualityFlags
+from photometry.hooks.quality import CHECK_CODES, PixelQualityFlags, TESSQualityFlags
 from photometry.hooks.utilities import mag2flux
 
 __all__ = ["Flag", "CheckReport", "check_result", "saturated_target_pixels",
@@ -56,12 +56,6 @@ logger = logging.getLogger(__name__)
 #: level names in increasing severity (the STATUS names they map to)
 LEVELS = ("OK", "WARNING", "ERROR")
 
-#: the reason codes of the core's checks (what ``checks.disabled`` may name; a test keeps it
-#: equal to the codes :func:`check_result` raises)
-CHECK_CODES = frozenset({
-    "FINITE_FRACTION", "ERRORS_INVALID", "NOISE_EXCESS", "ERRORS_OVERSTATED", "NO_MASK",
-    "KERNEL_INVALID", "PIXEL_ERRORS_MISSING", "BLEED_NOT_COVERED", "BLEED_TRUNCATED",
-    "FLUX_VS_REFERENCE", "FLUX_VS_CATALOG", "MASK_TOO_SMALL", "FLUX_LOW"})
 
 
 @dataclass

@@ -46,6 +46,12 @@ OUTPUTS = ("A", "B", "C", "D")
 #: and buffer, smear and virtual rows after the science rows.
 LEADING_COLUMNS = TRAILING_COLUMNS = 11
 BUFFER_ROWS = SMEAR_ROWS = VIRTUAL_ROWS = 10
+#: The calibrated SPOC full frame (0-based array indices): 2078 rows x 2136 columns, the
+#: 2048 x 2048 science pixels starting at column 44.
+SCIENCE_SIZE = 2048
+FRAME_ROWS = 2078
+FRAME_COLS = 2136
+LEAD_COLS = 44                      # serial-register (virtual) columns before the science ones
 
 
 # --------------------------------------------------------------------------------------------

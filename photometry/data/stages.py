@@ -6,9 +6,12 @@ from typing import Any, Optional
 
 import numpy as np
 
+from photometry.hooks.errors import ConfigurationError
+from photometry.hooks.plugins import default_plugin_manager, lookup
+
 __all__ = ["PrepareStage", "StreamingStage", "StreamContext", "BackgroundModel",
            "StampCorrection", "CalibrationStage", "LightCurveCorrection", "cache_catalog",
-           "context_from_cache"]
+           "context_from_cache", "background_model_class"]
 
 
 class PrepareStage:
@@ -248,3 +251,13 @@ class LightCurveCorrection:
         cadence, method) from this correction's products in ``folder``, so that one more star
         can be corrected alone (``tessphot star``). Returns False if it cannot."""
         return False
+
+
+def background_model_class(name, pm=None):
+    """The BackgroundModel prepare stage registered under ``name`` (``photometry.background``):
+    the one lookup the core and plugins that evaluate the background model share."""
+    cls = lookup(pm or default_plugin_manager(), "register_prepare_stages", name)
+    if not issubclass(cls, BackgroundModel):
+        raise ConfigurationError(
+            f"photometry.background = '{name}' is not a BackgroundModel prepare stage")
+    return cls

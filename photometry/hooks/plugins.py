@@ -30,8 +30,8 @@ from photometry.hooks import hookspecs
 from photometry.hooks.hookspecs import PROJECT_NAME
 from photometry.hooks.errors import ConfigurationError
 
-__all__ = ["background_model_class", "get_plugin_manager", "default_plugin_manager", "use_plugins", "plugin_names",
-           "registry", "lookup", "plugin_table", "plugin_settings", "ENTRY_POINT_GROUP",
+__all__ = ["get_plugin_manager", "default_plugin_manager", "use_plugins", "plugin_names",
+           "registry", "lookup", "hook_impls", "ENTRY_POINT_GROUP",
            "BLOCK_PLUGINS_ENV", "EXTRA_PLUGINS_ENV", "REGISTRATION_HOOKS"]
 
 ENTRY_POINT_GROUP = PROJECT_NAME
@@ -203,91 +203,7 @@ REGISTRATION_HOOKS = {
 }
 
 
-def _impls(pm, hook_name):
+def hook_impls(pm, hook_name):
     """(plugin name, hook function) of every implementation of ``hook_name``, in call order."""
     return [(impl.plugin_name, impl.function)
             for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls())]
-
-
-def plugin_settings(pm):
-    """The settings the plugins own: ``(defaults, limits, owners)``.
-
-    ``defaults`` is ``{section: {key: default}}``, ``limits`` ``{"section.key": Limit}``,
-    ``owners`` ``{section: plugin name}``.
-
-    Raises
-    ------
-    ConfigurationError
-        A section that is not a table, one claimed twice, or a limit outside its plugin's
-        own sections (naming the plugin).
-    """
-    from photometry.hooks.settings import Limit, core_settings
-    core = core_settings()
-    defaults, owners, limits = {}, {}, {}
-    for plugin, function in _impls(pm, "register_settings"):
-        for section, values in (function() or {}).items():
-            if not isinstance(values, dict):
-                raise ConfigurationError(f"plugin '{plugin}': settings section '{section}' "
-                                         "is not a table of defaults")
-            other = "the core" if section in core else owners.get(section)
-            if other:
-                raise ConfigurationError(f"plugin '{plugin}': settings section '{section}' "
-                                         f"is already defined by {other}")
-            defaults[section], owners[section] = dict(values), plugin
-    for plugin, function in _impls(pm, "register_setting_limits"):
-        for name, limit in (function() or {}).items():
-            section = name.split(".")[0]
-            if owners.get(section) != plugin or not isinstance(limit, Limit):
-                raise ConfigurationError(f"plugin '{plugin}': limit '{name}' must be a "
-                                         "photometry.hooks.settings.Limit of one of its own "
-                                         "settings")
-            limits[name] = limit
-    return defaults, limits, owners
-
-
-def plugin_table(pm):
-    """One row per plugin: name, distribution, version, hooks it implements, the names it
-    registers per kind (``registers``; ``backgrounds`` are the prepare stages that are
-    background models) and the settings it owns (``settings``, ``limits``)."""
-    from photometry.data.stages import BackgroundModel
-    dists = {ep.name: ep.dist for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
-    defaults, limits, owners = plugin_settings(pm)
-    rows = []
-    for name, plugin in pm.list_name_plugin():
-        if plugin is None:
-            continue
-        dist = dists.get(name)
-        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-        registers = {}
-        for hook_name, kind in REGISTRATION_HOOKS.items():
-            classes = [cls for plugin_name, function in _impls(pm, hook_name)
-                       if plugin_name == name for cls in function() or []]
-            if classes:
-                registers[kind] = [cls.name for cls in classes]
-            if kind == "prepare_stages":
-                backgrounds = [cls.name for cls in classes
-                               if isinstance(cls, type) and issubclass(cls, BackgroundModel)]
-                if backgrounds:
-                    registers["backgrounds"] = backgrounds
-        sections = {s: defaults[s] for s, owner in owners.items() if owner == name}
-        rows.append({
-            "name": name,
-            "distribution": dist.metadata["Name"] if dist else "-",
-            "version": dist.version if dist else "-",
-            "hooks": hooks,
-            "registers": registers,
-            "settings": sections,
-            "limits": {k: v.text for k, v in limits.items() if k.split(".")[0] in sections},
-        })
-    return rows
-
-
-def background_model_class(name, pm=None):
-    """The BackgroundModel prepare stage registered under ``name`` (``photometry.background``):
-    the one lookup the core and plugins that evaluate the background model share."""
-    from photometry.data.stages import BackgroundModel
-    cls = lookup(pm or default_plugin_manager(), "register_prepare_stages", name)
-    if not issubclass(cls, BackgroundModel):
-        raise ConfigurationError(
-            f"photometry.background = '{name}' is not a BackgroundModel prepare stage")
-    return cls

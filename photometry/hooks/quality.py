@@ -4,7 +4,7 @@ import enum
 import numpy as np
 
 __all__ = ["TESSQualityFlags", "PixelQualityFlags", "LightCurveQualityFlags",
-           "lightcurve_quality"]
+           "lightcurve_quality", "CHECK_CODES", "FIT_BITMASK", "fit_cadences"]
 
 
 class _Flags(enum.IntFlag):
@@ -107,3 +107,26 @@ def lightcurve_quality(cadence_quality, own_flags):
         int(TESSQualityFlags.Straylight2)
     q |= own << LightCurveQualityFlags.OUTPUT_SHIFT
     return q
+
+
+#: the reason codes of the core's checks (what ``checks.disabled`` may name; a test keeps it
+#: equal to the codes :func:`check_result` raises)
+CHECK_CODES = frozenset({
+    "FINITE_FRACTION", "ERRORS_INVALID", "NOISE_EXCESS", "ERRORS_OVERSTATED", "NO_MASK",
+    "KERNEL_INVALID", "PIXEL_ERRORS_MISSING", "BLEED_NOT_COVERED", "BLEED_TRUNCATED",
+    "FLUX_VS_REFERENCE", "FLUX_VS_CATALOG", "MASK_TOO_SMALL", "FLUX_LOW"})
+
+
+#: cadences a correction fits on: lightkurve's "default" bitmask of SPOC bits (17087) ...
+FIT_BITMASK = 1 | 2 | 4 | 8 | 16 | 32 | 128 | 512 | 16384
+#: ... and none of our own bits that make a cadence untrustworthy
+_OWN_BAD = int(LightCurveQualityFlags.ScatteredLightUnreliable
+               | LightCurveQualityFlags.BackgroundShenanigans
+               | LightCurveQualityFlags.ManualExclude)
+
+
+def fit_cadences(quality, flux):
+    """(N,) bool: cadences a light-curve correction may fit on (see FIT_BITMASK)."""
+    q = np.asarray(quality, dtype=np.int64)
+    own = q >> LightCurveQualityFlags.OUTPUT_SHIFT
+    return ((q & FIT_BITMASK) == 0) & ((own & _OWN_BAD) == 0) & np.isfinite(flux)

@@ -22,7 +22,7 @@ from pathlib import Path
 from photometry.hooks.errors import ConfigurationError
 
 __all__ = ["load_settings", "settings_hash", "parse_assignment", "default_settings",
-           "core_settings", "LIMITS", "DEFAULTS_ORIGIN"]
+           "core_settings", "plugin_settings", "LIMITS", "DEFAULTS_ORIGIN"]
 
 #: how the defaults are named in error messages (a default that breaks its limit is a bug)
 DEFAULTS_ORIGIN = "settings/defaults.toml"
@@ -37,10 +37,46 @@ def core_settings():
 def default_settings(pm=None):
     """The documented defaults, as a nested dict: the core's and the sections the plugins of
     ``pm`` own (hook ``register_settings``; default: this process's plugin manager)."""
-    from photometry.hooks.plugins import default_plugin_manager, plugin_settings
+    from photometry.hooks.plugins import default_plugin_manager
     settings = core_settings()
     settings.update(plugin_settings(pm or default_plugin_manager())[0])
     return settings
+
+
+def plugin_settings(pm):
+    """The settings the plugins own: ``(defaults, limits, owners)``.
+
+    ``defaults`` is ``{section: {key: default}}``, ``limits`` ``{"section.key": Limit}``,
+    ``owners`` ``{section: plugin name}``.
+
+    Raises
+    ------
+    ConfigurationError
+        A section that is not a table, one claimed twice, or a limit outside its plugin's
+        own sections (naming the plugin).
+    """
+    from photometry.hooks.plugins import hook_impls
+    core = core_settings()
+    defaults, owners, limits = {}, {}, {}
+    for plugin, function in hook_impls(pm, "register_settings"):
+        for section, values in (function() or {}).items():
+            if not isinstance(values, dict):
+                raise ConfigurationError(f"plugin '{plugin}': settings section '{section}' "
+                                         "is not a table of defaults")
+            other = "the core" if section in core else owners.get(section)
+            if other:
+                raise ConfigurationError(f"plugin '{plugin}': settings section '{section}' "
+                                         f"is already defined by {other}")
+            defaults[section], owners[section] = dict(values), plugin
+    for plugin, function in hook_impls(pm, "register_setting_limits"):
+        for name, limit in (function() or {}).items():
+            section = name.split(".")[0]
+            if owners.get(section) != plugin or not isinstance(limit, Limit):
+                raise ConfigurationError(f"plugin '{plugin}': limit '{name}' must be a "
+                                         "photometry.hooks.settings.Limit of one of its own "
+                                         "settings")
+            limits[name] = limit
+    return defaults, limits, owners
 
 
 # --------------------------------------------------------------------------- limits
@@ -80,7 +116,7 @@ def any_value(**kw):
 
 
 def _core_check_code(code):
-    from photometry.core.checks import CHECK_CODES   # lazily: the checks module imports numerical code
+    from photometry.hooks.quality import CHECK_CODES
     return code in CHECK_CODES
 
 
@@ -434,7 +470,7 @@ def load_settings(files=(), assignments=(), extra=None, extra_origin="command-li
         unreadable, non-UTF-8 or malformed file, an unknown key, a value of the wrong type or
         out of its range.
     """
-    from photometry.hooks.plugins import default_plugin_manager, plugin_settings
+    from photometry.hooks.plugins import default_plugin_manager
     _, plugin_limits, owners = plugin_settings(default_plugin_manager())
     settings = default_settings()
     origins = {}

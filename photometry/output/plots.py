@@ -237,7 +237,7 @@ def plot_lightcurve_file(path):
         pdc = np.asarray(d["PDCSAP_FLUX"], float)
         bkg = np.asarray(d["SAP_BKG"], float)
         quality = np.asarray(d["QUALITY"], np.int64)
-    from photometry.scheduler.correct import fit_cadences
+    from photometry.hooks.quality import fit_cadences
     good = fit_cadences(quality, sap)
     method = str(h.get("PDCMETHD", "none"))
     fig = Figure(figsize=(11, 6.5))

@@ -31,30 +31,17 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from photometry.cli import add_settings_arguments
+from photometry.hooks.commandline import add_settings_arguments
 from photometry.hooks.errors import ConfigurationError, InputError
 from photometry.output.lightcurve_io import read_lightcurve, update_lightcurve, write_atomic
-from photometry.hooks.quality import LightCurveQualityFlags
+from photometry.hooks.quality import fit_cadences
 
 __all__ = ["Ensemble", "StarLightCurve", "Corrected", "finished_lightcurves",
            "correct_lightcurves", "correct_star", "correct_ensemble", "finish_run",
-           "fit_cadences", "FIT_BITMASK", "PRODUCTS", "add_arguments", "run"]
+           "PRODUCTS", "add_arguments", "run"]
 
 logger = logging.getLogger(__name__)
 
-#: cadences a correction fits on: lightkurve's "default" bitmask of SPOC bits (17087) ...
-FIT_BITMASK = 1 | 2 | 4 | 8 | 16 | 32 | 128 | 512 | 16384
-#: ... and none of our own bits that make a cadence untrustworthy
-_OWN_BAD = int(LightCurveQualityFlags.ScatteredLightUnreliable
-               | LightCurveQualityFlags.BackgroundShenanigans
-               | LightCurveQualityFlags.ManualExclude)
-
-
-def fit_cadences(quality, flux):
-    """(N,) bool: cadences a light-curve correction may fit on (see FIT_BITMASK)."""
-    q = np.asarray(quality, dtype=np.int64)
-    own = q >> LightCurveQualityFlags.OUTPUT_SHIFT
-    return ((q & FIT_BITMASK) == 0) & ((own & _OWN_BAD) == 0) & np.isfinite(flux)
 
 
 @dataclass

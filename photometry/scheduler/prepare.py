@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser):
-    from photometry.cli import add_settings_arguments
+    from photometry.hooks.commandline import add_settings_arguments
     parser.add_argument("ffi_dir", metavar="FFI_DIR", help="folder with the FFIs of one CCD")
     parser.add_argument("--catalog", required=True, metavar="CATALOG",
                         help="CSV, ECSV or FITS table: starid, ra, dec, tmag[, pmra, pmdec, teff]")

@@ -7,7 +7,7 @@ worker processes (default) or a Dask distributed cluster (``--dask ADDRESS``), a
 file only needs to be on the coordinator's disk (caches and the output folder must be visible
 to every worker).
 
-Failure semantics (LSST-style, decided by :func:`photometry.core.base.run_target`): SkipTarget ->
+Failure semantics (LSST-style, decided by :func:`photometry.scheduler.target.run_target`): SkipTarget ->
 SKIPPED, UnprocessableTarget -> ABORT, AlgorithmFailure or an unexpected exception -> ERROR, a
 ConfigurationError stops the whole run, a full disk stops it too. On top of that the scheduler
 handles what the target code cannot: a worker that dies (segfault, SIGKILL, out of memory) or a
@@ -46,7 +46,7 @@ import threading
 import time
 from pathlib import Path
 
-from photometry.cli import (add_settings_arguments, at_least, finite_float, one_line, output_folder,
+from photometry.hooks.commandline import (add_settings_arguments, at_least, finite_float, one_line, output_folder,
                   tic_id, use_log_file)
 from photometry.hooks.errors import ConfigurationError, InputError, disk_full
 from photometry.hooks.settings import load_settings
@@ -72,7 +72,7 @@ def _resolve(path):
 
 
 class _LazySource:
-    """A cache opened with :func:`photometry.core.base.open_source` on first attribute access,
+    """A cache opened with :func:`photometry.data.sources.open_source` on first attribute access,
     its stamps served by a :class:`photometry.data.stampcache.BlockCache` of ``cache_bytes``
     (0: none)."""
 
@@ -85,7 +85,7 @@ class _LazySource:
         if name.startswith("__"):
             raise AttributeError(name)
         if self._source is None:
-            from photometry.core.base import open_source
+            from photometry.data.sources import open_source
             source = open_source(self._path)
             if self._cache_bytes > 0 and getattr(source, "datasource", None) == "ffi":
                 from photometry.data.stampcache import BlockCache
@@ -199,7 +199,7 @@ def execute_task(context, task):
     Raises ConfigurationError (stops the run) or a disk-full OSError; every other failure is
     a status.
     """
-    from photometry.core.base import run_target
+    from photometry.scheduler.target import run_target
     method = task["method"]
     cls = context.method_class(method)
     source = context.source(task["cache"])
@@ -249,7 +249,7 @@ def _die_with_parent(parent_pid):
 def _worker_log_level():
     """Workers print errors only, unless the run is verbose (-v): each target's warnings are
     kept in todo.sqlite (``tessphot status``) and would otherwise scroll over the progress bar."""
-    from photometry.cli import stderr_level
+    from photometry.hooks.commandline import stderr_level
     level = stderr_level()
     return logging.ERROR if level >= logging.WARNING else level
 
@@ -259,7 +259,7 @@ def _worker_main(conn, config):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides what Ctrl-C does
     if config.get("coordinator_pid"):
         _die_with_parent(config["coordinator_pid"])
-    from photometry.cli import configure_logging
+    from photometry.hooks.commandline import configure_logging
     configure_logging(config.get("log_level", logging.WARNING), config.get("log_file"),
                       rotate=False)
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from photometry.cli import add_settings_arguments
+from photometry.hooks.commandline import add_settings_arguments
 from photometry.core.crowding import cache_crowding
 from photometry.hooks.errors import InputError
 from photometry.hooks.settings import load_settings

@@ -46,7 +46,8 @@ def synthetic_ensemble(n_stars=300, n_cadences=1000, cadence=1800, seed=0, scale
         ``systematic`` and ``signal`` (S, N) relative, ``sigma`` (S,) relative white noise per
         cadence, ``variable`` (S,) bool, ``dumps`` (cadence indices flagged 32).
     """
-    from photometry.scheduler.correct import Ensemble, fit_cadences
+    from photometry.hooks.quality import fit_cadences
+    from photometry.scheduler.correct import Ensemble
     rng = np.random.default_rng(seed)
     time, cadenceno = _time_axis(n_cadences, cadence)
     tmag = rng.uniform(8.0, 14.0, n_stars)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from photometry.data.calibration import FRAME_COLS, FRAME_ROWS, LEAD_COLS, SCIENCE_SIZE
 from photometry.hooks.version import __version__
 from photometry.hooks.errors import InputError
 from photometry.data.noise import CRM_KEEP, DEADC, INT_TIME
@@ -35,10 +36,6 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # CCD geometry (SPOC full frame: 2078 rows x 2136 columns, 0-based array indices)
-SCIENCE_SIZE = 2048
-FRAME_ROWS = 2078
-FRAME_COLS = 2136
-LEAD_COLS = 44                      # serial-register (virtual) columns before the science ones
 #: CCD centre (row, column) in 0-based CCD coordinates: the pivot of the affine motion
 CCD_CENTRE = (1023.5, LEAD_COLS + 1023.5)
 
@@ -1345,7 +1342,7 @@ def _write_truth_static(h5, sc, renderer, prf, settings):
 
 # ---------------------------------------------------------------------------------------------
 def add_arguments(parser):
-    from photometry.cli import add_settings_arguments
+    from photometry.hooks.commandline import add_settings_arguments
 
     parser.add_argument("outdir", help="output folder (ffi/, catalog.csv, truth.h5)")
     parser.add_argument("--cadences", type=int, help="number of frames")

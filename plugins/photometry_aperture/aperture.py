@@ -37,10 +37,8 @@ import warnings
 
 import numpy as np
 
-from photometry.core.base import STATUS, BasePhotometry
-from photometry.hooks.errors import AlgorithmFailure
-from photometry.hooks.quality import PixelQualityFlags, TESSQualityFlags
-from photometry.hooks.utilities import mag2flux
+from photometry import (AlgorithmFailure, BasePhotometry, mag2flux, PixelQualityFlags, STATUS,
+                       TESSQualityFlags)
 
 from . import masks
 
@@ -56,7 +54,7 @@ def _prf_model(phot):
     except Exception as exc:  # noqa: BLE001 - no PRF model for this CCD: use a fallback
         logger.debug("TIC %d: no PRF model for the CCD (%s)", phot.starid, exc)
     try:
-        from photometry.data.prf import AnalyticPRF
+        from photometry import AnalyticPRF
         return AnalyticPRF()
     except ImportError:
         return None

@@ -7,7 +7,7 @@ stars, whose PRF wings reach far below the sum-image threshold).
 import numpy as np
 from scipy import ndimage
 
-from photometry.hooks.utilities import disc_mask
+from photometry import disc_mask
 
 from .fit import nanquantile_columns
 
@@ -16,7 +16,7 @@ __all__ = ["build_mask", "star_pixels", "read_catalog", "smooth_background"]
 
 def read_catalog(cache_file):
     """(row, column, tmag) arrays in cube pixel indices, or None when there is no catalog."""
-    from photometry.data.stages import cache_catalog
+    from photometry import cache_catalog
     return cache_catalog(cache_file)
 
 

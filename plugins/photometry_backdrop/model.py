@@ -40,9 +40,8 @@ import numpy as np
 from scipy.ndimage import median_filter, uniform_filter1d
 from tqdm import tqdm
 
-from photometry.hooks.errors import ConfigurationError, InputError
-from photometry.hooks.quality import PixelQualityFlags
-from photometry.data.stages import BackgroundModel, StreamingStage
+from photometry import (BackgroundModel, ConfigurationError, InputError, PixelQualityFlags,
+                       StreamingStage)
 
 from .fit import BackdropFitter, nanquantile_columns
 from .masks import build_mask, star_pixels

@@ -19,8 +19,8 @@ __all__ = ["load_simulation", "write_stage_input", "BlockReader", "background_me
 
 def load_simulation(outdir, saturation_level=90000.0, bleed_pad=1, with_background=True):
     """Frames, errors, pixel flags, true background and star list of a simulated sector."""
-    from photometry.data.cache import pixel_flags_for
-    from photometry.data.ffi import find_ffi_files, read_ffi
+    from photometry import pixel_flags_for
+    from photometry import find_ffi_files, read_ffi
 
     outdir = Path(outdir)
     paths = sorted(find_ffi_files(outdir / "ffi"))

@@ -120,7 +120,7 @@ def write_stamp_tables(group):
 
 def _frame_index(frames, n):
     """Sorted unique indices to read, and how to put the rows back in the order asked."""
-    from photometry.hooks.errors import InputError
+    from photometry import InputError
     if isinstance(frames, slice):
         idx = np.arange(n)[frames]
     else:

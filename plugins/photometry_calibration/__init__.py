@@ -12,9 +12,7 @@ it receives.
 import numpy as np
 
 import photometry
-from photometry.data.calibration import median_variance_factor
-from photometry.hooks.errors import ConfigurationError, InputError
-from photometry.data.stages import CalibrationStage
+from photometry import CalibrationStage, ConfigurationError, InputError, median_variance_factor
 
 __all__ = ["Bias2D", "Pedestal", "Gain", "Linearity", "Smear", "FlatField"]
 

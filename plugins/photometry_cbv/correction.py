@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from photometry.scheduler.correct import Corrected
-from photometry.data.stages import LightCurveCorrection
+from photometry import Corrected, LightCurveCorrection
 
 from .basis import PriorModel, build_basis, map_fit, normalise, white_noise
 from .spoc import cbv_hdulist, find_cbv_file, read_cbvs, vectors_on

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from photometry.hooks.errors import ConfigurationError
+from photometry import ConfigurationError
 
 __all__ = ["find_cbv_file", "read_cbvs", "cbv_hdulist", "vectors_on"]
 

@@ -28,10 +28,8 @@ import numpy as np
 from scipy import sparse
 from scipy.linalg import cho_factor, cho_solve
 
-from photometry.core.base import STATUS, BasePhotometry
-from photometry.hooks.errors import AlgorithmFailure
-from photometry.hooks.quality import PixelQualityFlags, TESSQualityFlags
-from photometry.hooks.utilities import mag2flux
+from photometry import (AlgorithmFailure, BasePhotometry, ConfigurationError, mag2flux,
+                        PixelQualityFlags, STATUS, TESSQualityFlags)
 
 from .model import design_matrices, single_thread_blas
 from .stage import load_shape_model, shape_quality_problem
@@ -550,6 +548,10 @@ def target_pass(A, data, weights, x, err, t, nfit, good, window, clip, held=None
     return out, out_err
 
 
+#: name of the prepare stage of the scene mode (``linpsf.mode = 'scene'``) and its cache group
+SCENE = "linpsf_scene"
+
+
 class LinPSFPhotometry(BasePhotometry):
     """Simultaneous linear PRF photometry of a target and its neighbours (see module doc)."""
 
@@ -654,7 +656,6 @@ class LinPSFPhotometry(BasePhotometry):
         cfg = self.settings["linpsf"]
         self._decline_saturated()
         if cfg.get("mode", "target") != "target":   # scene mode: read the prepare-time fit
-            from .scene import scene_photometry
             return scene_photometry(self)
         status = STATUS.OK
         self._grow_stamp(cfg)
@@ -908,3 +909,107 @@ def _prf_aperture(target, tflux, others, bad, n_levels=40):
         mask[np.unravel_index(np.argmax(target), target.shape)] = True
         return mask, float(target[mask].sum()), np.nan
     return best[1], best[2], best[3]
+
+
+def scene_photometry(phot):
+    """Fill a :class:`LinPSFPhotometry`'s light curve from the ``linpsf_scene`` result.
+
+    The flux and its error are the stored scene fit of the target; the aperture (and with it
+    ``FLFRCSAP``, ``CROWDSAP``, ``flux_background``) is the per-target mode's PRF-shaped one,
+    with the neighbours at their scene median fluxes. ``pos_centroid`` stays NaN: a measured
+    centroid needs the other stars' models at every cadence, i.e. the stamp fit this mode
+    avoids. No stamp correction enters the fluxes (the scene was fitted at prepare time).
+
+    Returns
+    -------
+    STATUS
+        OK, or WARNING when the target's median flux is not positive.
+
+    Raises
+    ------
+    ConfigurationError
+        ``linpsf.mode`` is neither "target" nor "scene".
+    AlgorithmFailure
+        No scene result in the data source, or the target is not in it.
+    """
+    cfg = phot.settings["linpsf"]
+    mode = str(cfg.get("mode", "target"))
+    if mode != "scene":
+        raise ConfigurationError(f"linpsf.mode = {mode!r}: must be 'target' or 'scene'")
+    group = phot.source.model_group(SCENE) if hasattr(phot.source, "model_group") else None
+    if group is None or not bool(group.attrs.get("usable", False)):
+        raise AlgorithmFailure(
+            f"TIC {phot.starid}: linpsf.mode = 'scene' but the data source has no {SCENE} "
+            f"result; add \"{SCENE}\" to prepare.stages (after \"linpsf_shape\") and prepare "
+            f"the cache again")
+    ids = np.asarray(group["starid"][()])
+    hit = np.flatnonzero(ids == phot.starid)
+    if hit.size == 0:
+        raise AlgorithmFailure(
+            f"TIC {phot.starid}: not in the {SCENE} result (Tmag {phot.target['tmag']:.2f}; "
+            f"the stage fits Tmag <= {float(group.attrs['tmag_max']):g} on the CCD)")
+    k = int(hit[0])
+    frames = phot._frames                 # the source frames BasePhotometry keeps
+    flux = np.asarray(group["flux"][:, k], dtype=float)[frames]
+    flux_err = np.asarray(group["flux_err"][:, k], dtype=float)[frames]
+    tile = int(group["tile"][k])
+    bkg_fit = np.asarray(group["sky"][:, k], dtype=float)[frames]
+
+    # the per-target mode's stamp and PRF-shaped aperture, neighbours at their scene fluxes
+    phot._grow_stamp(cfg)
+    prf, _ = phot._shape_model()
+    cat = phot.catalog
+    r1, r2, c1, c2 = phot.stamp
+    imgs = phot._images(prf, np.asarray(cat["row"], float), np.asarray(cat["column"], float),
+                        (r2 - r1, c2 - c1), (r1, c1))
+    mean = mag2flux(np.asarray(cat["tmag"], float))
+    med = np.asarray(group["flux_median"][()])
+    sorter = np.argsort(ids)
+    pos = np.clip(np.searchsorted(ids, np.asarray(cat["starid"]), sorter=sorter), 0,
+                  len(ids) - 1)
+    known = ids[sorter[pos]] == np.asarray(cat["starid"])
+    mean[known] = np.where(np.isfinite(med[sorter[pos[known]]]), med[sorter[pos[known]]],
+                           mean[known])
+    t = int(np.flatnonzero(np.asarray(cat["starid"]) == phot.starid)[0])
+    tflux = max(float(mean[t]), 0.0)
+    others = np.tensordot(np.delete(mean, t), np.delete(imgs, t, axis=0), axes=1)
+    bad = ((np.asarray(phot.pixelflags_cube) & PixelQualityFlags.PRF_FIT_BITMASK)
+           != 0).all(axis=0)
+    aperture = phot._set_prf_aperture(imgs[t], tflux, others, bad)
+    npix = np.count_nonzero(aperture)
+    background = bkg_fit * npix
+    if group.attrs.get("background_model", ""):
+        background = background + np.asarray(phot.backgrounds_cube, float)[:, aperture].sum(1)
+
+    lc = phot.lightcurve
+    lc["flux"] = flux
+    lc["flux_err"] = flux_err
+    lc["flux_background"] = background
+    lc["pos_centroid"] = np.full((len(flux), 2), np.nan)
+    if phot.details.get("corrections"):
+        logger.info("TIC %d: stamp corrections %s are not in the scene fluxes (fitted at "
+                    "prepare time)", phot.starid, phot.details["corrections"])
+    n_src = int(group["tile_fitted"][tile])
+    model = str(group.attrs.get("prf_model", ""))
+    timed = bool(group.attrs.get("time_model", False))
+    phot.details["linpsf"] = {"mode": "scene", "model": model, "tile": tile,
+                              "n_sources": n_src, "time_model": timed}
+    phot.additional_headers.update({
+        "PSF_NSRC": (n_src, "PSF stars fitted simultaneously (scene tile)"),
+        "PSF_MODL": (model, "PSF shape model used"),
+        "PSF_MOVE": (bool(group.attrs.get("moving", False)),
+                     "PSF positions follow the movement kernel"),
+        "PSF_TIME": (timed, "PSF shape follows the time model"),
+        "PSF_MODE": ("scene", "PSF fluxes from the prepare-time scene fit"),
+        "PSF_TILE": (tile, "PSF scene tile that owns the target"),
+    })
+    if not tflux > 0:
+        logger.warning("TIC %d: scene flux of the target is not positive", phot.starid)
+        return STATUS.WARNING
+    quality = shape_quality_problem(phot.source.model_group("linpsf_shape"),
+                                    phot.settings["linpsf"]) if model == "linpsf_shape" else None
+    phot.details["linpsf"]["model_quality"] = quality or "ok"
+    if quality:
+        phot.report_flag("SHAPE_MODEL", quality)     # the CCD's model failed its check
+        return STATUS.WARNING
+    return STATUS.OK

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import sparse
 from scipy.interpolate import BSpline
 
-from photometry.data.prf import PRFModel
+from photometry import PRFModel
 
 __all__ = ["PolarBasis", "CartesianBasis", "HybridBasis", "make_basis", "BlurredBasis", "SplinePRF", "fit_weights", "lattice_sum",
            "normalise", "design_matrices", "single_thread_blas"]

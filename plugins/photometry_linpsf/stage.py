@@ -28,10 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from photometry.data.movement import MovementKernel
-from photometry.hooks.quality import PixelQualityFlags, TESSQualityFlags
-from photometry.data.stages import PrepareStage
-from photometry.hooks.utilities import mag2flux
+from photometry import mag2flux, MovementKernel, PixelQualityFlags, PrepareStage, TESSQualityFlags
 
 from .model import (BlurredBasis, SplinePRF, make_basis, _cached_design, fit_weights,
                     lattice_sum, normalise, release_tables, single_thread_blas)
@@ -526,7 +523,7 @@ def fit_source_shape(source, settings, time_model=True):
     from the movement kernel, and the time model fitted on the cube when ``time_model``.
     For tests, benchmarks and plugin authors' scenes.
     """
-    from photometry.data.memory_source import MemoryGroup
+    from photometry import MemoryGroup
     from .timemodel import TimeBinner
 
     cfg = settings["linpsf"]

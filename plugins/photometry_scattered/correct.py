@@ -12,9 +12,7 @@ import logging
 
 import numpy as np
 
-from photometry.hooks.errors import ConfigurationError, InputError
-from photometry.hooks.quality import LightCurveQualityFlags
-from photometry.data.stages import StampCorrection
+from photometry import ConfigurationError, InputError, LightCurveQualityFlags, StampCorrection
 
 from .cube import SLCube, read_fits
 from .interp import axis_weights, segments, time_weights
@@ -383,7 +381,7 @@ class ScatteredLightCorrection(StampCorrection):
         if group is None:
             raise InputError(f"{getattr(phot.source, 'path', 'source')}: the scattered-light "
                              f"cube was built on top of '{name}', which the cache lacks")
-        from photometry.hooks.plugins import background_model_class
+        from photometry import background_model_class
         cls = background_model_class(name)
         rs, cs = phot._slices()
         frames = phot._frames

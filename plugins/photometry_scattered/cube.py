@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from photometry.hooks.errors import InputError
-from photometry.hooks.quality import LightCurveQualityFlags, PixelQualityFlags, TESSQualityFlags
-from photometry.hooks.utilities import disc_mask, open_fits
+from photometry import (disc_mask, InputError, LightCurveQualityFlags, open_fits,
+                       PixelQualityFlags, TESSQualityFlags)
 
 from .interp import axis_weights, segments
 

@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from photometry.hooks.errors import ConfigurationError, InputError
-from photometry.data.stages import BackgroundModel, PrepareStage
+from photometry import BackgroundModel, ConfigurationError, InputError, PrepareStage
 
 from .cube import CubeBuilder, bin_time, column_gain, mask_layers, relax_mask, write_group
 
@@ -187,7 +186,7 @@ class ScatteredLightCube(PrepareStage):
         if ref_name == "none":
             reference = None
         else:
-            from photometry.hooks.plugins import background_model_class
+            from photometry import background_model_class
             cls = background_model_class(ref_name)
             if not issubclass(cls, BackgroundModel):
                 raise ConfigurationError(f"scattered_light.reference: '{ref_name}' is not a "

@@ -1,0 +1,100 @@
+"""Running one target: the ONE place where exceptions become a STATUS, and where a finished
+result's light curve (the output writers) and plots are written."""
+import logging
+import os
+import time as _time
+from pathlib import Path
+
+from photometry.core.base import STATUS
+from photometry.data.sources import open_source
+from photometry.hooks.errors import (AlgorithmFailure, ConfigurationError, InputError, SkipTarget,
+                                     UnprocessableTarget, disk_full)
+
+__all__ = ["run_target"]
+
+logger = logging.getLogger(__name__)
+
+
+def run_target(method_cls, starid, source, settings, output_folder, plot=False):
+    """Run one target: the ONE place where exceptions become a STATUS.
+
+    Parameters
+    ----------
+    method_cls : type
+        A BasePhotometry subclass.
+    starid : int
+    source : FFICache or TPFSource (or a path, opened with :func:`open_source`)
+    settings : dict
+    output_folder : path
+        Light curves go under it (see ``photometry.output.lightcurve_io.lightcurve_path``).
+    plot : bool
+        Also write the diagnostic plots next to the light curve (``plots/<starid>/``).
+
+    Returns
+    -------
+    dict
+        ``starid, method, method_version, status (STATUS), details (dict), elapsed (s),
+        lightcurve (path or None), error (one-line message or None)``.
+
+    Raises
+    ------
+    ConfigurationError
+        Re-raised: a settings or plugin problem must stop the whole run.
+    OSError
+        Re-raised when the disk is full (ENOSPC, EDQUOT): not the target's fault, and every
+        target after it would fail the same way; the scheduler stops the run.
+    """
+    t0 = _time.perf_counter()
+    result = {"starid": int(starid), "method": getattr(method_cls, "name", None),
+              "method_version": getattr(method_cls, "version", None),
+              "status": STATUS.UNKNOWN, "details": {}, "elapsed": 0.0, "lightcurve": None,
+              "error": None}
+    phot = None
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            source = open_source(source, starid=starid, settings=settings)
+        phot = method_cls(starid, source, settings=settings, plot=plot)
+        status = phot.photometry()
+        if status in (STATUS.OK, STATUS.WARNING):
+            path = phot.save_lightcurve(output_folder)
+            result["lightcurve"] = str(path)
+            if plot:
+                try:
+                    from photometry.output.plots import save_plots
+                    save_plots(phot, Path(path).parent / "plots" / f"{int(starid):011d}")
+                except Exception as exc:  # noqa: BLE001 - a plot must not lose the result
+                    logger.warning("TIC %d: plots failed: %s", starid, exc)
+                    phot.report_details(error=f"plots failed: {exc}")
+        result["status"] = status
+        if status == STATUS.ERROR:
+            result["error"] = phot.failure_reason()
+    except ConfigurationError:
+        raise
+    except SkipTarget as exc:
+        result["status"], result["error"] = STATUS.SKIPPED, str(exc)
+    except UnprocessableTarget as exc:
+        result["status"], result["error"] = STATUS.ABORT, str(exc)
+    except AlgorithmFailure as exc:
+        result["status"], result["error"] = STATUS.ERROR, str(exc)
+    except InputError as exc:
+        result["status"], result["error"] = STATUS.ABORT, str(exc)
+    except OSError as exc:
+        if disk_full(exc):
+            raise
+        logger.exception("TIC %s: %s failed", starid, result["method"])
+        result["status"], result["error"] = STATUS.ERROR, f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - the worker must survive any algorithm bug
+        logger.exception("TIC %s: %s failed", starid, result["method"])
+        result["status"] = STATUS.ERROR
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    if phot is not None:
+        result["details"] = dict(phot.details)
+    if result["error"]:
+        result["details"].setdefault("errors", []).append(result["error"])
+    if result["status"] == STATUS.ERROR and not (result["details"].get("checks") or {}).get("codes"):
+        # an algorithm that failed without a reason code: every ERROR carries one
+        from photometry.core.checks import CheckReport, Flag
+        result["details"]["checks"] = CheckReport(
+            [Flag("METHOD_ERROR", "ERROR", result["error"])]).to_details()
+    result["elapsed"] = _time.perf_counter() - t0
+    return result
