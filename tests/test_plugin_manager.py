@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from photometry import hookimpl
-from photometry.core import base
+from photometry.core import base, lookup
 from photometry.data import calibration, stages
 from photometry import cli
 from photometry.hooks import plugins
@@ -83,7 +83,7 @@ def test_star_and_plugins_honour_the_block_list(w, tmp_path, monkeypatch, capsys
 
 @pytest.mark.parametrize("blocked, use", [
     ("backdrop", lambda: stages.background_model_class("backdrop")),
-    ("scattered_light", lambda: base._load_corrections(
+    ("scattered_light", lambda: lookup.load_corrections(
         dict(default_settings(), photometry={"corrections": ["scattered_light"]}))),
     ("linpsf", lambda: prepare._stage_classes({"prepare": {"stages": ["linpsf_shape"]}}, None)),
     ("calibration", lambda: calibration.load_stages({"calibration": {"stages": ["gain"]}})),

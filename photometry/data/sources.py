@@ -3,7 +3,12 @@ from pathlib import Path
 
 from photometry.hooks.errors import InputError
 
-__all__ = ["open_source"]
+__all__ = ["open_source", "IMAGES", "ERRORS", "FLAGS", "TPF_BACKGROUNDS", "TPF_BACKGROUND_ERRORS"]
+
+#: Cube names of the data sources (cache datasets / TPF columns behind them), for
+#: ``source.stamp(name, rows, columns)``.
+IMAGES, ERRORS, FLAGS = "images", "errors", "pixel_flags"
+TPF_BACKGROUNDS, TPF_BACKGROUND_ERRORS = "backgrounds", "background_errors"
 
 
 def open_source(path, **kwargs):
