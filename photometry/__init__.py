@@ -54,6 +54,7 @@ _PUBLIC = {
     "load_prf": "data.prf", "CCDNoise": "data.noise",
     # light-curve files and corrections of whole CCDs
     "read_lightcurve": "output.lightcurve_io", "write_atomic": "output.lightcurve_io",
+    "save_figure": "output.plots",
     "Corrected": "scheduler.correct", "Ensemble": "scheduler.correct",
 }
 

@@ -40,7 +40,7 @@ def local_background(phot):
     mask |= sumimg > med + thresh * std
     # Stars: a disc whose radius grows with brightness (2 px at Tmag 12, +1 px / mag).
     rr, cc = np.mgrid[region[0]:region[1], region[2]:region[3]]
-    stars = query_catalog(phot, 
+    stars = query_catalog(phot,
         '"row" >= ? AND "row" <= ? AND "column" >= ? AND "column" <= ?',
         (region[0] - 10, region[1] + 10, region[2] - 10, region[3] + 10))
     for star in stars:

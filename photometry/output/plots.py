@@ -16,12 +16,15 @@ __all__ = ["save_plots", "save_figure", "plot_stamp", "plot_pixels", "plot_backg
            "mask_edges"]
 
 
-def save_figure(fig, path):
-    """Write ``fig`` as PNG at ``path`` through a temporary name and a rename; the path."""
+def save_figure(fig, path, bbox_inches="tight"):
+    """Write ``fig`` as PNG at ``path`` through a temporary name and a rename; the path.
+
+    The one place figures are written: a plugin draws a matplotlib Figure and hands it here
+    (``photometry.save_figure``), it never saves files itself."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
+    fig.savefig(tmp, dpi=90, bbox_inches=bbox_inches)
     os.replace(tmp, path)
     return path
 

@@ -22,13 +22,12 @@ basis parameters and the quality figures (``flux_captured``, ``residual_rms``,
 ``chi2_reduced``, ``lattice_spread``, ``n_stars``, ``usable``).
 """
 import logging
-import sqlite3
-from pathlib import Path
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-from photometry import mag2flux, MovementKernel, PixelQualityFlags, PrepareStage, TESSQualityFlags
+from photometry import (cache_catalog, mag2flux, MovementKernel, PixelQualityFlags, PrepareStage,
+                        TESSQualityFlags)
 
 from .model import (BlurredBasis, SplinePRF, make_basis, _cached_design, fit_weights,
                     lattice_sum, normalise, release_tables, single_thread_blas)
@@ -394,25 +393,13 @@ def _fit_shape_model(image, variance, rows, cols, cfg, refit_positions=False, ba
 
 def _catalog_stars(f, shape, cfg):
     """(rows, cols, refit_positions) of the shape stars in cube pixels, or None."""
-    attrs = f.attrs
-    row_off = float(attrs.get("row_offset", 0))
-    col_off = float(attrs.get("column_offset", 0))
-    try:
-        name = (f"catalog_sector{int(attrs['sector']):04d}_camera{int(attrs['camera'])}"
-                f"_ccd{int(attrs['ccd'])}.sqlite")
-        path = Path(f.filename).parent / name
-    except KeyError:
-        path = None
-    if path is not None and path.exists():
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
-            data = np.array(con.execute(
-                'SELECT "row", "column", tmag FROM catalog WHERE tmag IS NOT NULL').fetchall(),
-                dtype=float).reshape(-1, 3)
-        rows, cols = data[:, 0] - row_off, data[:, 1] - col_off
-        keep = select_stars(rows, cols, data[:, 2], shape, cfg)
+    stars = cache_catalog(f)          # the catalog SQLite next to the cache, in cube pixels
+    if stars is not None:
+        rows, cols, tmag = stars
+        keep = select_stars(rows, cols, tmag, shape, cfg)
         others = np.setdiff1d(np.arange(len(rows)), keep)
-        others = others[data[others, 2] <= float(cfg["scene_tmag_max"])]
-        scene = (rows[others], cols[others], mag2flux(data[others, 2]))
+        others = others[tmag[others] <= float(cfg["scene_tmag_max"])]
+        scene = (rows[others], cols[others], mag2flux(tmag[others]))
         return rows[keep], cols[keep], False, "catalog", scene
     if "movement" in f and "row" in f["movement"]:
         # kernel stars: bright, isolated, unsaturated catalog stars; their positions are

@@ -1,19 +1,9 @@
 """Diagnostic PNGs: a frame grid of the cube, and the correction applied to one stamp."""
-import os
-from pathlib import Path
-
 import numpy as np
 
+from photometry import save_figure
+
 __all__ = ["plot_cube_grid", "plot_stamp_correction"]
-
-
-def _save(fig, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".partial" + path.suffix)
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
-    return path
 
 
 def plot_cube_grid(cube, path, n_frames=12, relative=True):
@@ -47,7 +37,7 @@ def plot_cube_grid(cube, path, n_frames=12, relative=True):
                  label="scattered light - dark level (e-/s)" if relative else "sky (e-/s)")
     fig.suptitle(f"scattered-light cube S{cube.sector} C{cube.camera} CCD{cube.ccd}, "
                  f"{cube.bin_size}px bins, reference '{cube.reference}'", fontsize=9)
-    path = _save(fig, path)
+    path = save_figure(fig, path, bbox_inches=None)
     plt.close(fig)
     return path
 
@@ -80,6 +70,6 @@ def plot_stamp_correction(time, before, model, after, path, title=""):
         a.set_title(f"{name}, frame {k}", fontsize=8)
         fig.colorbar(im, ax=a, shrink=0.8)
     fig.tight_layout()
-    path = _save(fig, path)
+    path = save_figure(fig, path, bbox_inches=None)
     plt.close(fig)
     return path

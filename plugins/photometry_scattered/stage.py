@@ -1,12 +1,11 @@
 """The ``scattered_light`` prepare stage: build the cube from the cached frames in one pass."""
 import logging
-import sqlite3
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from photometry import BackgroundModel, ConfigurationError, InputError, PrepareStage
+from photometry import (BackgroundModel, cache_catalog, ConfigurationError, InputError,
+                        PrepareStage)
 
 from .cube import CubeBuilder, bin_time, column_gain, mask_layers, relax_mask, write_group
 
@@ -40,25 +39,6 @@ def options(settings):
     if s.get("interpolation", "cubic") not in ("cubic", "linear"):
         raise ConfigurationError("scattered_light.interpolation: must be 'cubic' or 'linear'")
     return s
-
-
-def _catalog(f):
-    """(row, column, tmag) of the cache's catalog in cube pixel indices, or None."""
-    a = f.attrs
-    try:
-        name = (f"catalog_sector{int(a['sector']):04d}_camera{int(a['camera'])}"
-                f"_ccd{int(a['ccd'])}.sqlite")
-    except KeyError:
-        return None
-    path = Path(f.filename).parent / name
-    if not path.exists():
-        return None
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
-        data = np.array(con.execute('SELECT "row", "column", tmag FROM catalog '
-                                    'WHERE tmag IS NOT NULL').fetchall(), dtype=float)
-    data = data.reshape(-1, 3)
-    return (data[:, 0] - float(a.get("row_offset", 0)),
-            data[:, 1] - float(a.get("column_offset", 0)), data[:, 2])
 
 
 def resolve_reference(settings, s, f):
@@ -202,7 +182,7 @@ class ScatteredLightCube(PrepareStage):
                "camera": int(a.get("camera", 0)), "ccd": int(a.get("ccd", 0))}
         cube = build_cube(
             cache.iter_frame_blocks(), (R, C), f["time"][()], self.settings, sumimage=sumimage,
-            catalog=_catalog(f), ref_flags=ref_flags,
+            catalog=cache_catalog(f), ref_flags=ref_flags,
             row_offset=int(a.get("row_offset", 0)), column_offset=int(a.get("column_offset", 0)),
             cadenceno=f["cadenceno"][()] if "cadenceno" in f else None,
             quality=f["quality"][()] if "quality" in f else None, reference=reference,
