@@ -7,9 +7,7 @@ Algorithm ``box``: the sum of a square box of pixels around the target minus the
 """
 import numpy as np
 
-from photometry import hookimpl
-from photometry.core.base import STATUS, BasePhotometry
-from photometry.hooks.settings import at_least, between
+from photometry import STATUS, BasePhotometry, at_least, between, hookimpl
 
 
 class BoxPhotometry(BasePhotometry):

@@ -20,9 +20,7 @@ import signal
 import time
 from pathlib import Path
 
-from photometry import hookimpl
-from photometry.core.base import STATUS, BasePhotometry
-from photometry.hooks.errors import ConfigurationError
+from photometry import STATUS, BasePhotometry, ConfigurationError, hookimpl
 
 
 def _die_at_start():

@@ -7,8 +7,7 @@ of a star of known shape and position. Its error is ``1 / sqrt(sum(P^2 / s^2))``
 """
 import numpy as np
 
-from photometry.core.base import STATUS, BasePhotometry
-from photometry.hooks.utilities import mag2flux
+from photometry import STATUS, BasePhotometry, mag2flux
 
 __all__ = ["PRFWeightedPhotometry", "prf_weighted_flux"]
 
