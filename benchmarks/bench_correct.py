@@ -44,7 +44,7 @@ import numpy as np
 
 from photometry.scheduler.correct import correct_ensemble
 from photometry.sim.lcsim import (inject_sinusoid, inject_transit, sinusoid_amplitude,
-                              synthetic_ensemble, systematic_rms, transit_depth)
+                                  synthetic_ensemble, systematic_rms, transit_depth)
 from photometry.hooks.settings import load_settings
 from photometry_cbv import CBVCorrection
 

@@ -12,7 +12,7 @@ from photometry.data import stages as stages_module
 from photometry.core.base import STATUS, BasePhotometry
 from photometry.scheduler.target import run_target
 from photometry.hooks.errors import (AlgorithmFailure, ConfigurationError, SkipTarget,
-                               UnprocessableTarget)
+                                     UnprocessableTarget)
 from photometry.data.movement import MovementKernel
 from photometry.hooks.settings import load_settings
 from photometry.core.stamps import default_stamp_size

@@ -7,7 +7,7 @@ from scipy.special import erf
 from photometry.data.cache import (CacheWriter, FFICache, choose_reference_frame, pixel_flags_for)
 from photometry.hooks.errors import InputError
 from photometry.data.movement import (MovementKernel, _apply, fit_affine, fit_centroids,
-                                 select_kernel_stars)
+                                      select_kernel_stars)
 from photometry.hooks.quality import PixelQualityFlags
 from photometry.hooks.settings import load_settings
 

@@ -9,7 +9,7 @@ from astropy.io import fits
 from photometry.data import calibration
 from photometry.sim import rawsim
 from photometry.data.calibration import (CCDGeometry, CCDModel, CalibrationModels, RawFrame,
-                                    calibrate_file, calibrate_frames, calibrate_raw, load_stages)
+                                         calibrate_file, calibrate_frames, calibrate_raw, load_stages)
 from photometry.hooks.errors import ConfigurationError, InputError
 from photometry.data.ffi import read_ffi
 from photometry.hooks.plugins import get_plugin_manager, registry

@@ -12,7 +12,7 @@ from astropy.time import Time
 from astropy.wcs import WCS
 
 from photometry.data.catalog import (apply_proper_motion, btjd_to_epoch, read_catalog,
-                                read_catalog_sqlite, stars_in_box, write_catalog_sqlite)
+                                     read_catalog_sqlite, stars_in_box, write_catalog_sqlite)
 from photometry.hooks.errors import InputError
 from photometry.data.ffi import read_ffi
 

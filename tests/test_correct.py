@@ -6,7 +6,7 @@ import pytest
 from photometry.hooks.errors import ConfigurationError
 from photometry.scheduler.correct import correct_ensemble
 from photometry.sim.lcsim import (inject_sinusoid, inject_transit, sinusoid_amplitude,
-                              synthetic_ensemble, systematic_rms, transit_depth)
+                                  synthetic_ensemble, systematic_rms, transit_depth)
 from photometry.hooks.settings import load_settings
 from photometry_cbv import CBVCorrection, cbv_hdulist, read_cbvs, vectors_on
 from photometry_cbv.basis import map_fit, red_noise_factors

@@ -12,7 +12,7 @@ from astropy.wcs import WCS
 from photometry.hooks.errors import InputError
 from photometry.data.noise import CCDNoise
 from photometry.data.ffi import (derive_cadenceno, find_ffi_files, is_raw_ffi, read_ffi,
-                            scan_ffi_headers)
+                                 scan_ffi_headers)
 
 REAL = Path(__file__).parent / "data" / "tess2018206192942-s0001-1-4-0120-s_ffic.fits"
 

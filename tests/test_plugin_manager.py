@@ -21,7 +21,7 @@ from photometry.hooks import plugins
 from photometry.scheduler import prepare
 from photometry.hooks.errors import ConfigurationError
 from photometry.hooks.plugins import (BLOCK_PLUGINS_ENV, EXTRA_PLUGINS_ENV, default_plugin_manager,
-                                get_plugin_manager)
+                                      get_plugin_manager)
 from photometry.hooks.settings import plugin_settings
 from photometry.hooks.settings import default_settings, load_settings
 from scenes import prepared_sector

@@ -19,7 +19,7 @@ from photometry.core.base import BasePhotometry
 from photometry.hooks.errors import ConfigurationError
 from photometry.cli.plugins import plugin_table
 from photometry.hooks.plugins import (ENTRY_POINT_GROUP, get_plugin_manager, lookup,
-                                registry)
+                                      registry)
 from photometry.hooks.settings import default_settings
 
 EXAMPLE = Path(__file__).parent / "example_plugin"

@@ -14,7 +14,7 @@ from photometry.hooks.errors import InputError
 from photometry.data.prf import AnalyticPRF
 from photometry.hooks.settings import load_settings
 from photometry.sim.simulate import (FRAME_COLS, FRAME_ROWS, Geometry, apply_kernel,
-                                 cadence_for_sector, simulate)
+                                     cadence_for_sector, simulate)
 
 REAL_FFI = Path(__file__).parent / "data" / "tess2018206192942-s0001-1-4-0120-s_ffic.fits"
 

@@ -13,7 +13,7 @@ import pytest
 
 from photometry.hooks.errors import InputError
 from photometry.data.taskstore import (ABORT, ERROR, OK, SCHEMA_VERSION, SKIPPED, STARTED, WARNING,
-                                  MIGRATIONS, TaskStore)
+                                       MIGRATIONS, TaskStore)
 
 
 def _rows(n, tmag0=8.0):

@@ -21,7 +21,7 @@ import sys
 
 from photometry.hooks.version import __version__
 from photometry.hooks.commandline import (FILE_ONLY, configure_logging, log_file_open,
-                                         log_path, one_line, reset_logging)
+                                          log_path, one_line, reset_logging)
 from photometry.hooks.errors import InputError, disk_full
 
 __all__ = ["main", "build_parser", "COMMANDS", "EXIT_USAGE", "EXIT_INTERNAL"]

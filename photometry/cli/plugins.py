@@ -7,7 +7,7 @@ from importlib import metadata
 
 from photometry.data.stages import BackgroundModel
 from photometry.hooks.plugins import (ENTRY_POINT_GROUP, REGISTRATION_HOOKS, default_plugin_manager,
-                                     hook_impls)
+                                      hook_impls)
 from photometry.hooks.settings import plugin_settings
 
 __all__ = ["plugin_table", "add_arguments", "run"]

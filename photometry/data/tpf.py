@@ -287,7 +287,7 @@ class TPFSource:
             raise InputError(f"{self.path}: no physical WCS (CRVAL1P/CRVAL2P) for the CCD offset")
         self.column_offset = int(c1) - 1
         self.row_offset = int(r1) - 1
-        from photometry.data.calibration import FRAME_COLS, FRAME_ROWS       # the full 2078 x 2136 frame
+        from photometry.data.calibration import FRAME_COLS, FRAME_ROWS  # the full frame
         nrow, ncol = self.shape
         if (self.row_offset + nrow <= 0 or self.row_offset >= FRAME_ROWS
                 or self.column_offset + ncol <= 0 or self.column_offset >= FRAME_COLS):

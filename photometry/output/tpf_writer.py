@@ -29,7 +29,8 @@ import numpy as np
 from astropy.io import fits
 
 from photometry.hooks.hookspecs import hookimpl
-from photometry.output.lightcurve_io import _stamp_wcs_header, lightcurve_path, primary_header, write_atomic
+from photometry.output.lightcurve_io import (_stamp_wcs_header, lightcurve_path, primary_header,
+                                             write_atomic)
 from photometry.hooks.utilities import BTJD_TIME_CARDS
 
 __all__ = ["tpf_path", "build_tpf_hdulist", "write_tpf", "TargetPixelFileWriter"]

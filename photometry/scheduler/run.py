@@ -46,11 +46,12 @@ import threading
 import time
 from pathlib import Path
 
-from photometry.hooks.commandline import (add_settings_arguments, at_least, finite_float, one_line, output_folder,
-                  tic_id, use_log_file)
+from photometry.hooks.commandline import (add_settings_arguments, at_least, finite_float, one_line,
+                                          output_folder, tic_id, use_log_file)
 from photometry.hooks.errors import ConfigurationError, InputError, disk_full
 from photometry.hooks.settings import load_settings
-from photometry.data.taskstore import ERROR, FAILED, STATUS_NAMES, TODO_NAME, TaskStore, owner_alive, owner_id
+from photometry.data.taskstore import (ERROR, FAILED, STATUS_NAMES, TODO_NAME, TaskStore, owner_alive,
+                                       owner_id)
 
 __all__ = ["add_arguments", "run", "run_tasks", "WorkerContext", "execute_task"]
 

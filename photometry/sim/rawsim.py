@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from photometry.data.calibration import (LEADING_COLUMNS, OUTPUTS, CCDGeometry, median_variance_factor,
-                          write_model)
+from photometry.data.calibration import (LEADING_COLUMNS, OUTPUTS, CCDGeometry,
+                                         median_variance_factor, write_model)
 from photometry.hooks.errors import InputError
 
 __all__ = ["write_raw", "make_models", "render_raw", "raw_headers", "readouts_for_cadence",

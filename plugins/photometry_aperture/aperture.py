@@ -38,7 +38,7 @@ import warnings
 import numpy as np
 
 from photometry import (AlgorithmFailure, BasePhotometry, mag2flux, PixelQualityFlags, STATUS,
-                       TESSQualityFlags)
+                        TESSQualityFlags)
 
 from . import masks
 

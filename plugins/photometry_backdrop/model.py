@@ -41,7 +41,7 @@ from scipy.ndimage import median_filter, uniform_filter1d
 from tqdm import tqdm
 
 from photometry import (BackgroundModel, ConfigurationError, InputError, PixelQualityFlags,
-                       StreamingStage)
+                        StreamingStage)
 
 from .fit import BackdropFitter, nanquantile_columns
 from .masks import build_mask, star_pixels

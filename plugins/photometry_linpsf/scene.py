@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from photometry import (background_model_class, catalog_filename, ConfigurationError, InputError,
-                       load_prf, mag2flux, MovementKernel, PixelQualityFlags, PrepareStage,
-                       read_catalog_sqlite, TESSQualityFlags)
+                        load_prf, mag2flux, MovementKernel, PixelQualityFlags, PrepareStage,
+                        read_catalog_sqlite, TESSQualityFlags)
 
 from .linpsf import SCENE, fit_scene, held_fluxes
 from .stage import load_shape_model

@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from photometry import (disc_mask, InputError, LightCurveQualityFlags, open_fits,
-                       PixelQualityFlags, TESSQualityFlags)
+                        PixelQualityFlags, TESSQualityFlags)
 
 from .interp import axis_weights, segments
 
