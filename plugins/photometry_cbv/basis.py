@@ -401,10 +401,18 @@ def map_fit(y, vectors, good, prior_mean=None, prior_var=None, time=None, clip_s
         a = design[:, fit]
         c_ls = np.linalg.solve(a @ a.T, a @ y[fit])
         resid = y - c_ls @ design
-        new_fit = use & ~outliers(resid, fit, clip_sigma, windows)
+        # every usable cadence is judged against the fit without the ones clipped so far:
+        # judged among the fitted cadences only, a clipped transit is no outlier there, comes
+        # back at the next pass and is clipped again, and the fit that counts alternates
+        # between the two (the coefficients then carried the transit: a 1-mmag transit next
+        # to a momentum dump lost 4 % of its depth to the jump of the pointing vector)
+        new_fit = use & ~outliers(resid, use, clip_sigma, windows)
         if np.count_nonzero(new_fit) <= k + 3 or np.array_equal(new_fit, fit):
             break
         fit = new_fit
+    a = design[:, fit]                       # the estimate of the final mask, converged or not
+    c_ls = np.linalg.solve(a @ a.T, a @ y[fit])
+    resid = y - c_ls @ design
     # least-squares estimate and its covariance, each regressor's variance inflated by the
     # residual's correlated variability along it (red_noise_factors)
     sig2 = float(np.var(resid[fit]))
