@@ -142,16 +142,68 @@ def test_update_is_atomic_and_idempotent(tmp_path, phot):
 
 
 def test_atomic_write_never_leaves_a_partial_file(tmp_path, phot, monkeypatch):
-    real_writeto = fits.HDUList.writeto
+    real_write_bytes = Path.write_bytes
 
-    def crash_midway(self, name, *args, **kwargs):
-        real_writeto(self[:2], name, *args, **kwargs)  # part of the file is on disk...
+    def crash_midway(self, data):
+        real_write_bytes(self, data[:len(data) // 2])  # part of the file is on disk...
         raise OSError("disk full")                      # ...then the write dies
 
-    monkeypatch.setattr(fits.HDUList, "writeto", crash_midway)
+    monkeypatch.setattr(Path, "write_bytes", crash_midway)
     with pytest.raises(OSError, match="disk full"):
         phot.save_lightcurve(tmp_path)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
-    monkeypatch.setattr(fits.HDUList, "writeto", real_writeto)
+    monkeypatch.setattr(Path, "write_bytes", real_write_bytes)
     path = phot.save_lightcurve(tmp_path)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [path]
+
+
+@pytest.mark.parametrize("value", [
+    True, False, np.bool_(True), 0, -7, 2 ** 40, np.int32(5), np.int64(-3), 0.0, -0.0, 1.0, 0.1,
+    1e-300, -1.7976931348623157e308, 6.305192971941304e-06, 1325.2935, 1353.0018333333335,
+    np.float32(0.1), np.float64(84.2785980041172), 123456789012345.678, None, "", "TESS",
+    "it's", "a" * 67, "a" * 69, "x" * 150, "READNOIA,READNOIB,READNOIC,READNOID,NREADOUT,EXPOSURE"])
+@pytest.mark.parametrize("comment", ["", "[ppm] expected noise per cadence: star photons",
+                                     "c" * 70])
+def test_card_images_are_astropys(value, comment):
+    """The writer formats cards itself (astropy's Card costs ~0.1-0.2 ms each): every image
+    must be what astropy writes, CONTINUE cards and truncated comments included."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+        for key in ("TSTART", "DATE-OBS", "A_0_2", "CDPP0_5"):
+            assert lightcurve_io.card_image(key, value, comment) == \
+                fits.Card(key, value, comment).image
+    assert lightcurve_io.card_image("COMMENT", "bits " * 30) == fits.Card("COMMENT", "bits " * 30).image
+
+
+def test_serialised_file_is_astropys_file(tmp_path, phot, monkeypatch):
+    """The bytes written are the bytes astropy writes for the same HDUs: the file re-written
+    by astropy (``checksum=True``, same time stamp) is identical, its checksums verify and
+    astropy's verification finds nothing to fix."""
+    import datetime
+    import io
+    from astropy.io.fits.hdu.base import _ValidHDU
+
+    class Fixed(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2026, 12, 7, 12, 0, 0, tzinfo=tz)
+
+    monkeypatch.setattr(lightcurve_io.datetime, "datetime", Fixed)
+    monkeypatch.setattr(_ValidHDU, "_get_timestamp", lambda self: "2026-12-07T12:00:00")
+    path = phot.save_lightcurve(tmp_path)
+    ours = path.read_bytes()
+    assert len(ours) % 2880 == 0
+    with fits.open(path, checksum=True) as hdul:
+        hdul.verify("exception")
+        assert [h.name for h in hdul] == ["PRIMARY", "LIGHTCURVE", "APERTURE", "SUMIMAGE"]
+        assert all(h._checksum_valid and h._datasum_valid for h in hdul)
+        copy = fits.HDUList([h.copy() for h in hdul])
+        for h in copy:
+            h.header["CHECKSUM"] = "0" * 16         # astropy recomputes both
+            h.header["DATASUM"] = "0"
+        # astropy's table copy regenerates the column cards and drops their comments
+        copy[1].header.comments["TTYPE10"] = hdul[1].header.comments["TTYPE10"]
+        buf = io.BytesIO()
+        copy.writeto(buf, checksum=True, output_verify="exception")
+    assert buf.getvalue() == ours

@@ -1136,7 +1136,12 @@ class FFICache:
     @property
     def attrs(self):
         """Root attributes (a read-only mapping)."""
-        return dict(self._file.attrs)
+        # read once: h5py reads every attribute from the file on each access (~1 ms for the
+        # ~30 root attributes), and the light-curve writer asks several times per target
+        cached = self.__dict__.get("_root_attrs")
+        if cached is None:
+            cached = self.__dict__["_root_attrs"] = dict(self._file.attrs)
+        return dict(cached)
 
     @cached_property
     def settings(self):

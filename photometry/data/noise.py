@@ -287,30 +287,16 @@ def measured_cdpp(time, flux, cadence, hours=1.0, window_days=2.0, sigma=5.0,
 
     Returns NaN when fewer than ``2 * n + 3`` good points remain.
     """
-    from astropy.stats import mad_std
-    from scipy.signal import savgol_filter
-
     time = np.asarray(time, dtype=float)
     flux = np.asarray(flux, dtype=float)
     ok = np.isfinite(time) & np.isfinite(flux)
-    time, flux = time[ok], flux[ok]
     n = cdpp_cadences(hours, cadence)
-    if flux.size < 2 * n + 3:
+    if np.count_nonzero(ok) < 2 * n + 3:
         return float("nan")
-    med = np.median(flux)
-    if not med > 0:
+    flattened = _flattened(time[ok], flux[ok], cadence, window_days, sigma, gap_factor)
+    if flattened is None:
         return float("nan")
-    rel = flux / med
-    breaks = np.flatnonzero(np.diff(time) > gap_factor * cadence / 86400.0) + 1
-    window = int(round(window_days * 86400.0 / cadence)) | 1
-    resid = []
-    for seg in np.split(np.arange(rel.size), breaks):
-        y = rel[seg]
-        w = min(window, y.size if y.size % 2 else y.size - 1)
-        trend = savgol_filter(y, w, 2) if w > 3 else np.full(y.size, np.median(y))
-        resid.append(y / trend - 1.0)
-    flat = np.concatenate(resid)
-    good = np.abs(flat - np.median(flat)) <= sigma * mad_std(flat)
+    resid, good = flattened
     means = []
     start = 0
     for seg in resid:
@@ -324,6 +310,38 @@ def measured_cdpp(time, flux, cadence, hours=1.0, window_days=2.0, sigma=5.0,
     if means.size < 3:
         return float("nan")
     return float(1e6 * np.std(means))
+
+
+#: (inputs, result) of the last :func:`_flattened` call: a light curve's CDPPs over 0.5, 1
+#: and 2 h (and the run's own 1-h figure) share one flattening
+_LAST_FLATTENED = [None, None]
+
+
+def _flattened(time, flux, cadence, window_days, sigma, gap_factor):
+    """Savitzky-Golay-flattened relative flux of :func:`measured_cdpp` by stretch, and the
+    mask of points within ``sigma``; None if the median flux is not positive."""
+    from astropy.stats import mad_std
+    from scipy.signal import savgol_filter
+
+    key = (time.tobytes(), flux.tobytes(), float(cadence), window_days, sigma, gap_factor)
+    if _LAST_FLATTENED[0] == key:
+        return _LAST_FLATTENED[1]
+    result = None
+    med = np.median(flux)
+    if med > 0:
+        rel = flux / med
+        breaks = np.flatnonzero(np.diff(time) > gap_factor * cadence / 86400.0) + 1
+        window = int(round(window_days * 86400.0 / cadence)) | 1
+        resid = []
+        for seg in np.split(np.arange(rel.size), breaks):
+            y = rel[seg]
+            w = min(window, y.size if y.size % 2 else y.size - 1)
+            trend = savgol_filter(y, w, 2) if w > 3 else np.full(y.size, np.median(y))
+            resid.append(y / trend - 1.0)
+        flat = np.concatenate(resid)
+        result = resid, np.abs(flat - np.median(flat)) <= sigma * mad_std(flat)
+    _LAST_FLATTENED[:] = [key, result]
+    return result
 
 
 def _finite_or_none(value):
