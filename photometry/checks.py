@@ -19,8 +19,8 @@ FINITE_FRACTION       W / E   finite flux on too few good cadences
 ERRORS_INVALID        W / E   stated errors not finite or not positive where flux is finite
 NOISE_EXCESS          W       point-to-point scatter far above the stated errors or the noise
                               propagated from the pixel uncertainties (the photon limit)
-NOISE_VS_APERTURE     W       a total-flux (PRF-fit) light curve measurably noisier than the
-                              S/N-optimal aperture sum of the same pixels
+NOISE_VS_APERTURE     W       a total-flux (PRF-fit) light curve measurably noisier than
+                              aperture sums of the same pixels
 ERRORS_OVERSTATED     W       scatter far below the stated errors
 PIXEL_ERRORS_MISSING  W       pixel uncertainties NaN in the mask (noise model used instead)
 FLUX_VS_REFERENCE     E       flux inconsistent with a plain sum of the same pixels, allowing
