@@ -4,7 +4,9 @@ Two kinds of input, both with known truth:
 
 1. **Synthetic CCD ensembles** (``photometry.lcsim``: 400 stars x 1000 cadences at 30 min, two
    orbits, three common systematics whose coefficients vary over the CCD and scatter from star
-   to star, 15 % variable stars), in several configurations.
+   to star, 15 % variable stars), in several configurations and two families of shapes
+   (`systematics="orbit"`, TESS-like per-orbit ramps and drifts; `"steps"`, a sector-long
+   ramp, pointing steps at the dumps and a 1.7-d oscillation).
 2. **A simulated sector through the pixel pipeline** (``tessphot simulate --focus-change``, a
    PRF-width ramp that the apertures lose flux to; ``prepare``, ``todo``, ``run``), its SAP
    light curves as written.
@@ -50,8 +52,9 @@ from photometry_cbv import CBVCorrection
 
 PERIODS = (0.5, 1.0, 2.0, 5.0, 10.0)
 DEPTHS = (1e-3, 3e-3, 1e-2)
-CONFIGS = [  # (seed, systematics scale, coefficient scatter)
-    (0, 1.0, 0.1), (3, 2.0, 0.05), (7, 1.0, 0.2), (11, 3.0, 0.1)]
+CONFIGS = [  # (seed, systematics scale, coefficient scatter, lcsim systematics family)
+    (0, 1.0, 0.1, "orbit"), (3, 2.0, 0.05, "orbit"), (7, 1.0, 0.2, "orbit"),
+    (11, 3.0, 0.1, "orbit"), (7, 1.0, 0.2, "steps")]
 
 
 def _lk_correct(kind, time, flux, err, vectors, good):
@@ -160,9 +163,9 @@ def compare(plain, ens, ideal_rel, specs, constant, noise, n_lk_constant=80, rng
 
 def synthetic_part(quick=False, peers=("lk_regression", "lk_cbv")):
     rows = []
-    for seed, scale, scatter in CONFIGS[:1] if quick else CONFIGS:
+    for seed, scale, scatter, family in CONFIGS[:1] if quick else CONFIGS:
         ens, truth = synthetic_ensemble(n_stars=400, n_cadences=1000, seed=seed, scale=scale,
-                                        scatter=scatter)
+                                        scatter=scatter, systematics=family)
         rng = np.random.default_rng(99)
         quiet = np.flatnonzero(~truth["variable"] & (ens.tmag < 12.5))
         plain = ens.subset(np.arange(len(ens.starid)))
@@ -174,7 +177,8 @@ def synthetic_part(quick=False, peers=("lk_regression", "lk_cbv")):
             ideal[i] = f / np.median(f[g]) - 1
         constant = [i for i in np.flatnonzero(~truth["variable"]) if i not in specs]
         res = compare(plain, ens, ideal, specs, constant, truth["sigma"], rng=rng, peers=peers)
-        rows.append({"input": f"synthetic seed {seed}, scale {scale}, scatter {scatter}",
+        rows.append({"input": f"synthetic {family} seed {seed}, scale {scale}, "
+                              f"scatter {scatter}",
                      "results": res})
     return rows
 

@@ -25,7 +25,8 @@ def _time_axis(n, cadence):
 
 
 def synthetic_ensemble(n_stars=300, n_cadences=1000, cadence=1800, seed=0, scale=1.0,
-                       scatter=0.1, variable_fraction=0.15, dump_interval=2.5):
+                       scatter=0.1, variable_fraction=0.15, dump_interval=2.5,
+                       systematics="orbit"):
     """A CCD's SAP light curves with known systematics and variability.
 
     Parameters
@@ -35,6 +36,11 @@ def synthetic_ensemble(n_stars=300, n_cadences=1000, cadence=1800, seed=0, scale
         the CCD centre, growing with the square of the distance to 0.4 % at the corners), a pointing-like drift that jumps at each momentum dump
         (+-0.2 %, changing sign across the CCD) and a scattered-light decay after each orbit
         start (0.1 %, stronger at low rows).
+    systematics : {"orbit", "steps"}
+        ``"orbit"`` the three shapes above; ``"steps"`` others, so that a correction is not
+        tuned to one set: a focus ramp over the whole sector (no settling), pointing offsets
+        that jump by random amounts at each momentum dump and stay (a random walk, no drift)
+        and a 1.7-d thermal oscillation, with the same CCD dependences.
     scatter : float
         Relative star-to-star scatter of the systematic coefficients about their smooth
         dependence on position.
@@ -67,6 +73,14 @@ def synthetic_ensemble(n_stars=300, n_cadences=1000, cadence=1800, seed=0, scale
     pointing = ((time - time[0]) % dump_interval) / dump_interval - 0.5
     scattered = np.exp(-since / 0.8)
     scattered -= scattered.mean()
+    if systematics == "steps":
+        focus = (time - time.mean()) / np.ptp(time)
+        pointing = np.cumsum(np.isin(np.arange(n_cadences), dumps)
+                             * rng.normal(0.0, 0.4, n_cadences))
+        pointing -= pointing.mean()
+        scattered = np.sin(2 * np.pi * (time - time[0]) / 1.7)
+    elif systematics != "orbit":
+        raise ValueError(f"systematics = {systematics!r}: 'orbit' or 'steps'")
     shapes = np.array([focus / np.abs(focus).max(), pointing, scattered])
     radius = np.hypot(row - 1024, column - 1068) / 1448
     coeff = np.column_stack([3e-3 * (0.3 + radius ** 2), 2e-3 * (column - 1068) / 1024,

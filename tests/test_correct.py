@@ -72,10 +72,14 @@ def _reduction(ens, truth, results, specs, min_snr=3.0):
     return np.array(before), np.array(after)
 
 
-@pytest.mark.parametrize("seed,scale,scatter", [(0, 1.0, 0.1), (3, 2.0, 0.05)])
-def test_injected_signals_kept_and_common_systematics_removed(seed, scale, scatter):
+@pytest.mark.parametrize("seed,scale,scatter,systematics", [
+    (0, 1.0, 0.1, "orbit"), (3, 2.0, 0.05, "orbit"),
+    # other shapes: a sector-long focus ramp, pointing steps at the dumps, a 1.7-d thermal
+    # oscillation (measured on seeds 0, 3, 7, 11: sinusoids 0.981-1.007, transits 0.990-1.010)
+    (7, 1.0, 0.2, "steps")])
+def test_injected_signals_kept_and_common_systematics_removed(seed, scale, scatter, systematics):
     ens, truth = synthetic_ensemble(n_stars=400, n_cadences=1000, seed=seed, scale=scale,
-                                    scatter=scatter)
+                                    scatter=scatter, systematics=systematics)
     specs = _inject(ens, truth)
     corr = CBVCorrection(load_settings())
     results = correct_ensemble(corr, ens)
@@ -84,15 +88,15 @@ def test_injected_signals_kept_and_common_systematics_removed(seed, scale, scatt
     assert all(r.method == "cbvMAP" for r in results)
     rec = _recovered(ens, truth, specs, results)
     # against the same light curve without systematics (same noise): the mean of each group
-    # (4 stars each) within 1 % (measured on seeds 0, 3, 7, 11: 0.994-1.004) ...
+    # (4 stars each) within 1 % (measured on seeds 0, 3, 7, 11: 0.995-1.005) ...
     for kind, size in [("sinusoid", p) for p in PERIODS] + [("transit", d) for d in DEPTHS]:
         ratios = [r for k, s, r, _ in rec if (k, s) == (kind, size)]
         assert abs(np.mean(ratios) - 1) < 0.01, (kind, size, ratios)
-    # ... and every star within 2.5 % (sinusoids, measured 0.979-1.012) or 3 % (transits:
-    # 0.975-1.009; a 1-mmag transit is 2 sigma per cadence on these stars and the fitted
-    # vectors carry sqrt(3/1000) of the noise, 1-2 % of its depth, at random)
+    # ... and every star within 2 %, the issue's goal (measured on seeds 0, 3, 7: sinusoids
+    # 0.984-1.014, transits 0.989-1.011; before the per-star fit's clipping converged and the
+    # systematic was divided out, 1-mmag transits kept 0.975)
     for kind, size, ratio, _ in rec:
-        assert abs(ratio - 1) < (0.025 if kind == "sinusoid" else 0.03), (kind, size, ratio)
+        assert abs(ratio - 1) < 0.02, (kind, size, ratio)
     # ... while the systematics (3-30x the noise of these stars) go down at least 5x: the
     # binned residual systematic after the correction, noise taken out (measured: 10th
     # percentile of the reduction 40x)
@@ -212,7 +216,10 @@ def test_a_vector_few_stars_carry_is_no_systematic():
     z[25] += 5 * np.sin(2 * np.pi * (t - t[0]) / 5.0)
     basis = build_basis(z, np.ones(n_star), np.ones(n, bool), t, ids=np.arange(n_star) + 100)
     assert basis.vectors.shape[0] == 0, basis.notes
-    assert any("carried vector 1" in note for note in basis.notes)
+    # the three are judged against the vectors many stars carry, so their signals are clipped
+    # as outliers and nothing common is left (before that, the star carrying most of the
+    # vector was left out and the SVD redone)
+    assert basis.notes == ["no vector above the noise"]
     # the same slow signal in every star is a systematic, and is found
     common = build_basis(z + 3 * slow, np.ones(n_star), np.ones(n, bool), t)
     assert common.vectors.shape[0] == 1
@@ -229,3 +236,28 @@ def test_a_correction_that_adds_noise_is_not_applied():
     np.testing.assert_array_equal(results[3].flux, ens.flux[3])
     note = dict((k, v) for k, v, _ in results[3].cards)["PDC_NOTE"]
     assert note.startswith("correction adds noise (PDC_NOI")
+
+
+def test_a_clipped_transit_stays_out_of_the_fit():
+    """A 1-mmag transit just before a momentum dump, where the pointing vector jumps: it is
+    clipped, and the coefficients that make the correction are those fitted without it. (The
+    clipping judged only the cadences still fitted, so the clipped transit came back at the
+    next pass; the fit alternated and the final one held the transit.)"""
+    from photometry.lcsim import transit_model
+    rng = np.random.default_rng(12)
+    n = 1000
+    t = 1325.3 + np.arange(n) / 48.0
+    saw = ((t - t[0]) % 2.5) / 2.5 - 0.5          # pointing drift, reset at each dump
+    ramp = (t - t.mean()) / np.ptp(t)
+    vectors = np.array([saw - saw.mean(), ramp])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    good = np.ones(n, bool)
+    good[np.flatnonzero(np.diff(np.floor((t - t[0]) / 2.5)) > 0) + 1] = False
+    y = 0.006 * vectors[0] - 0.01 * vectors[1] + 1.5e-4 * rng.standard_normal(n)
+    transit = transit_model(t, 8.65, t[0] + 2.45, 0.125, 1e-3) - 1
+    inj = map_fit(y + transit, vectors, good, time=t)
+    plain = map_fit(y, vectors, good, time=t)
+    assert inj.n_clipped >= 12                    # both transits (6 cadences each) and wings
+    kept = transit_depth(t, (y + transit - inj.systematic) - (y - plain.systematic),
+                         8.65, t[0] + 2.45, 0.125, good) / 1e-3
+    assert abs(kept - 1) < 0.015, kept            # measured 0.992 (0.978 before)
