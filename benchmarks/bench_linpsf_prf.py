@@ -97,6 +97,9 @@ def run_family(name, size, cadences, seed, overrides=(), psfmachine=None):
         ph = LinPSFPhotometry(int(k) + 1, src, settings=s)
         row["status"] = str(ph.photometry())
         times["linpsf"] += time.process_time() - t0
+        checks = ph.details.get("checks", {})
+        row["codes"] = list(checks.get("codes", []))
+        row["vs_ap"] = checks.get("metrics", {}).get("noise_vs_aperture")
         row["lin"], row["lin_amp"] = score_lightcurve(ph.lightcurve, tr["flux"][k],
                                                       tr["ideal_noise"][k])
         if row["iso"] or row["iso_var"] or row["blend"]:
@@ -176,6 +179,14 @@ def summary(out):
                          f"{np.median([r['lin'] for r in sel]):.3f}, aperture "
                          f"{np.median([r['ap'] for r in sel]):.3f}")
     lines.append("statuses: " + ", ".join(sorted({r["status"] for r in rows})))
+    worse = [r for r in rows if r["lin"] > 1.1 * r["ap"]]
+    flagged = [r for r in rows if "NOISE_VS_APERTURE" in r["codes"]]
+    lines.append(f"NOISE_VS_APERTURE: {len(flagged)} of {len(rows)} flagged; linpsf > 1.1 x "
+                 f"aperture noise: {len(worse)}, of them flagged "
+                 f"{sum('NOISE_VS_APERTURE' in r['codes'] for r in worse)}; flagged with linpsf "
+                 f"<= aperture: {sum(r['lin'] <= r['ap'] for r in flagged)}; ratio median "
+                 f"{np.median([r['vs_ap'] for r in rows if r['vs_ap'] is not None]):.2f}")
+    lines.append("codes: " + ", ".join(sorted({c for r in rows for c in r["codes"]})))
     sec = out["seconds"]
     lines.append(f"CPU s: shape {sec['shape']:.1f}, linpsf {sec['linpsf']:.1f} "
                  f"({sec['linpsf'] / len(rows):.2f}/star), aperture {sec['aperture']:.1f}")

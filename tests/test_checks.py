@@ -56,7 +56,8 @@ EXPOSURE, READ_VAR, SKY = 1440.0, 720 * 10.0 ** 2, 100.0
 #: when the checks are judged)
 CORE = {"FINITE_FRACTION", "ERRORS_INVALID", "NOISE_EXCESS", "ERRORS_OVERSTATED",
         "PIXEL_ERRORS_MISSING", "FLUX_VS_REFERENCE", "FLUX_LOW", "FLUX_VS_CATALOG", "NO_MASK",
-        "MASK_TOO_SMALL", "BLEED_NOT_COVERED", "BLEED_TRUNCATED", "KERNEL_INVALID"}
+        "MASK_TOO_SMALL", "BLEED_NOT_COVERED", "BLEED_TRUNCATED", "KERNEL_INVALID",
+        "NOISE_VS_APERTURE"}
 
 
 def _settings(prf=None):
@@ -682,3 +683,32 @@ def test_disabled_names_only_real_check_codes():
         "disabled"] == ["NOISE_EXCESS"]
     with pytest.raises(Exception, match="NOISE_EXCES.*check codes"):
         load_settings(assignments=['checks.disabled=["NOISE_EXCES"]'])
+
+
+def test_prf_fit_noisier_than_the_aperture_sum_is_flagged():
+    """NOISE_VS_APERTURE: a total-flux light curve measurably noisier than the best aperture
+    sum of its pixels is WARNING (a PRF fit with the right shape is never noisier); the
+    correct fit of the same star passes with a ratio below 1 (0.82; 300 cadences: limit
+    1.39), the same fit with 1.8 x its noise (below NOISE_EXCESS) does not."""
+    source, truth = memory_scene(AnalyticPRF(), seed=4, n=300)
+    k = _bright_target(truth)
+    right = LinPSFPhotometry(k, source, settings=_settings())
+    assert right.photometry() == STATUS.OK, right.details["checks"]
+    m = right.details["checks"]["metrics"]
+    assert m["noise_vs_aperture"] < 1.0 < m["noise_vs_aperture_limit"] < 1.4
+    aperture = AperturePhotometry(k, source, settings=_settings())
+    aperture.photometry()                    # not a total flux: not judged against itself
+    assert "noise_vs_aperture" not in aperture.details["checks"]["metrics"]
+
+    class Noisy(LinPSFPhotometry):
+        name = "noisy"
+
+        def do_photometry(self):
+            status = super().do_photometry()
+            _noise(1.5)(self)            # 1.8 x the noise: below NOISE_EXCESS's 2.0
+            return status
+    noisy = Noisy(k, source, settings=_settings())
+    assert noisy.photometry() == STATUS.WARNING
+    assert codes(noisy) == {"NOISE_VS_APERTURE"}
+    m = noisy.details["checks"]["metrics"]
+    assert m["noise_vs_aperture"] > m["noise_vs_aperture_limit"]
