@@ -89,7 +89,7 @@ def _enclosed_flux(prf, rows, cols, mask, origin, size):
     1 283 positions was most of ``_aperture_loss`` (issue 15). A model with its own
     ``design_matrix`` goes through it.
     """
-    from photometry.data.prf import PRFModel
+    from photometry import PRFModel
     if type(prf).design_matrix is not PRFModel.design_matrix:
         mat = prf.design_matrix(rows, cols, mask.shape, origin=origin, size=size)
         return np.asarray(mat[np.flatnonzero(mask.ravel())].sum(axis=0)).ravel()
