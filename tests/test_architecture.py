@@ -29,7 +29,6 @@ MAX_BASE_LINES = 350
 KNOWN_PLUGIN_IO = {
     "plugins/photometry_cbv/correction.py",    # reads the light-curve file for SPOC's CBVs
     "plugins/photometry_cbv/spoc.py",          # reads SPOC CBV files
-    "plugins/photometry_linpsf/scene.py",      # reads cube blocks from the open cache file
 }
 
 
