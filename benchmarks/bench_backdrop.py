@@ -204,7 +204,7 @@ def main(argv=None):
         print(json.dumps(res))
         return 0
 
-    from photometry_backdrop.scene import load_simulation, write_stage_input
+    from photometry.sim.stage_input import load_simulation, write_stage_input
 
     work = Path(args.workdir)
     sim_dir = work / "sim"

@@ -551,7 +551,8 @@ def bench_onepass(workdir, size=128, cadences=200, seeds=(5, 11), previews=(32, 
     from photometry.scheduler.prepare import prepare
     from photometry.sim.simulate import simulate
     from photometry_backdrop import Backdrop
-    from photometry_backdrop.scene import background_metrics, load_simulation
+    from photometry.sim.stage_input import load_simulation
+    from photometry_backdrop.scene import background_metrics
     from photometry.data.cache import CacheWriter  # noqa: F401 - same writer prepare uses
 
     rows = []

@@ -39,7 +39,7 @@ _PUBLIC = {
     "StreamContext": "data.stages", "BackgroundModel": "data.stages",
     "StampCorrection": "data.stages", "CalibrationStage": "data.stages",
     "LightCurveCorrection": "data.stages", "background_model_class": "data.stages",
-    "cache_catalog": "data.stages",
+    "cache_catalog": "data.stages", "StageData": "data.stages",
     # data sources and the files they read
     "FFICache": "data.cache", "cache_filename": "data.cache",
     "catalog_filename": "data.cache", "pixel_flags_for": "data.cache",

@@ -27,11 +27,8 @@ IO_CALLS = re.compile(r"\b(h5py\.File|sqlite3\.connect|fits\.open|fits\.writeto|
 #: may only shrink
 MAX_BASE_LINES = 350
 KNOWN_PLUGIN_IO = {
-    "plugins/photometry_backdrop/plots.py",    # its debugging command opens a cache
-    "plugins/photometry_backdrop/scene.py",    # test scenes: simulation files and catalog
     "plugins/photometry_cbv/correction.py",    # reads the light-curve file for SPOC's CBVs
     "plugins/photometry_cbv/spoc.py",          # reads SPOC CBV files
-    "plugins/photometry_linpsf/scene.py",      # reads cube blocks from the open cache file
 }
 
 

@@ -8,11 +8,11 @@ from photometry.hooks.errors import ConfigurationError
 from photometry.hooks.plugins import get_plugin_manager, registry
 from photometry.hooks.settings import load_settings
 from photometry.sim.simulate import simulate
+from photometry.sim.stage_input import load_simulation, write_stage_input
 from photometry_backdrop import Backdrop
 from photometry_backdrop.fit import BackdropFitter
 from photometry_backdrop.plots import plot_diagnostics
-from photometry_backdrop.scene import (BlockReader, background_metrics, load_simulation,
-                                       write_stage_input)
+from photometry_backdrop.scene import BlockReader, background_metrics
 
 
 def _backdrop_settings(**extra):

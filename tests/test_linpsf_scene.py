@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from photometry import cli
+from photometry import cli, StageData
 from photometry.core.base import STATUS
 from photometry.scheduler.target import run_target
 from photometry.data.cache import FFICache
@@ -140,7 +140,7 @@ def test_margin_star_same_flux_from_either_tile(sector):
     """
     cache, truth, _, _ = sector
     with h5py.File(cache, "r") as f:
-        fitter = SceneFitter(f, load_settings())
+        fitter = SceneFitter(StageData(f), load_settings())
         g = f["models/linpsf_scene"]
         ids, tile, tmag = g["starid"][()], g["tile"][()], g["tmag"][()]
         cols = g["column"][()] - fitter.column_offset
@@ -168,7 +168,7 @@ def test_missing_stage_and_bad_mode_fail_clearly(sector, tmp_path, caplog):
         del f["models/linpsf_scene"]
         del f["models/linpsf_shape"]
         # without the shape model the stage falls back to photometry.data.prf, and says so
-        assert SceneFitter(f, load_settings()).prf_name == "prf:analytic"
+        assert SceneFitter(StageData(f), load_settings()).prf_name == "prf:analytic"
         assert "no linpsf_shape model in the cache" in caplog.text
     settings = load_settings(assignments=SCENE)
     result = run_target(LinPSFPhotometry, sid, bare, settings, tmp_path / "lc")

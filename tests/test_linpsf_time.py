@@ -264,6 +264,7 @@ def test_simulate_prepare_sector_with_focus_change(tmp_path):
     assert width[-1] - width[0] == pytest.approx(change, rel=0.1)
     assert np.max(np.abs(width - true)) < 0.1 * change
     # scene mode: the stage applied the time model; one tile refitted with and without it
+    from photometry import StageData
     from photometry_linpsf.scene import SceneFitter
     from photometry.sim.evaluation import compare_to_truth
     from photometry.hooks.settings import load_settings
@@ -272,7 +273,7 @@ def test_simulate_prepare_sector_with_focus_change(tmp_path):
         assert f["models/linpsf_scene"].attrs["time_model"]
         st = {k: h["stars"][k][()] for k in ("starid", "tmag", "ideal_noise")}
         true_flux = h["flux"][()]
-        fitter = SceneFitter(f, load_settings())
+        fitter = SceneFitter(StageData(f), load_settings())
         assert fitter.time_model is not None
         box = (24, 72, 24, 72)
         timed = fitter.fit_tile(box)

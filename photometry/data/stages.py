@@ -98,6 +98,67 @@ class StreamingStage(PrepareStage):
         return self.finish(cache, group)
 
 
+class StageData:
+    """Read access to an open cache for a prepare stage that reads more than frame blocks.
+
+    The cubes (``images``, ``errors``, ``pixel_flags``) by block of frames and pixels, the
+    1-D arrays (``time``, ``quality``, ...), the attributes, the finished ``models/`` groups,
+    the movement kernel and the catalog SQLite next to the cache: a stage reads through this
+    and never touches the HDF5 file itself. ``source`` is a cache (``CacheWriter``, whose
+    ``file`` is the open h5py file) or an open h5py file.
+    """
+
+    def __init__(self, source):
+        self._file = getattr(source, "file", source)
+
+    @property
+    def attrs(self):
+        """The cache's attributes (``sector``, ``camera``, ``ccd``, offsets, ...)."""
+        return self._file.attrs
+
+    @property
+    def shape(self):
+        """(N, R, C) of the cubes."""
+        return tuple(self._file["images"].shape)
+
+    @property
+    def time_chunk(self):
+        """Frames per stored chunk of the cubes (1 when unchunked): read whole chunks."""
+        chunks = self._file["images"].chunks
+        return int(chunks[0]) if chunks else 1
+
+    def __contains__(self, name):
+        return name in self._file
+
+    def array(self, name):
+        """The whole dataset ``name`` (a 1-D array such as ``time`` or ``quality``)."""
+        return self._file[name][()]
+
+    def read(self, name, frames=slice(None), rows=slice(None), cols=slice(None)):
+        """One block ``name[frames, rows, cols]`` of a cube."""
+        return self._file[name][frames, rows, cols]
+
+    def model_group(self, name):
+        """The finished ``models/<name>`` group of a prepare stage, or None."""
+        g = self._file.get(f"models/{name}")
+        return g if g is not None and bool(g.attrs.get("complete", False)) else None
+
+    def movement_kernel(self):
+        """The cache's :class:`MovementKernel`, or None."""
+        from photometry.data.movement import MovementKernel
+        return MovementKernel.from_file(self._file)
+
+    @property
+    def catalog_path(self):
+        """The catalog SQLite next to the cache (whether or not it exists)."""
+        from pathlib import Path
+
+        from photometry.data.cache import catalog_filename
+        a = self._file.attrs
+        return Path(self._file.filename).parent / catalog_filename(
+            int(a["sector"]), int(a["camera"]), int(a["ccd"]))
+
+
 def cache_catalog(h5file):
     """(row, column, tmag) of the catalog SQLite next to an open cache file, in cube pixel
     indices (reference-frame positions), or None when there is none."""

@@ -1,20 +1,20 @@
-"""Diagnostic figures of a fitted backdrop model (matplotlib, Agg; files written atomically).
+"""Diagnostic figures of a fitted backdrop model (matplotlib, Agg; the core's ``save_figure``
+writes them).
 
 ``python -m photometry_backdrop.plots CACHE.hdf5 OUTDIR [--frame N]`` writes them for a cache.
 """
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
+
+from photometry import FFICache, InputError, save_figure
 
 __all__ = ["plot_diagnostics", "main"]
 
 
 def _save(fig, path):
-    tmp = path.with_name(path.stem + ".partial" + path.suffix)
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    save_figure(fig, path, bbox_inches=None)
 
 
 def plot_diagnostics(group, outdir, frame=None):
@@ -94,19 +94,22 @@ def plot_diagnostics(group, outdir, frame=None):
 
 
 def main(argv=None):
-    import h5py
-
     p = argparse.ArgumentParser(prog="python -m photometry_backdrop.plots",
                                 description="Diagnostic figures of a cache's backdrop model")
     p.add_argument("cache", help="HDF5 cache with a models/backdrop group")
     p.add_argument("outdir")
     p.add_argument("--frame", type=int, default=None)
     args = p.parse_args(argv)
-    with h5py.File(args.cache, "r") as f:
-        if "models/backdrop" not in f:
+    try:
+        cache = FFICache(args.cache)
+    except InputError as exc:
+        p.exit(2, f"{exc}\n")
+    with cache:
+        group = cache.model_group("backdrop")
+        if group is None:
             p.exit(2, f"{args.cache}: no models/backdrop group (run prepare with "
                       f"prepare.stages = [\"backdrop\"])\n")
-        for path in plot_diagnostics(f["models/backdrop"], args.outdir, args.frame):
+        for path in plot_diagnostics(group, args.outdir, args.frame):
             print(path)
     return 0
 

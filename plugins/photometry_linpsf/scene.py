@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from photometry import (background_model_class, catalog_filename, ConfigurationError, InputError,
-                        load_prf, mag2flux, MovementKernel, PixelQualityFlags, PrepareStage,
-                        read_catalog_sqlite, TESSQualityFlags)
+from photometry import (background_model_class, ConfigurationError, InputError, load_prf,
+                        mag2flux, PixelQualityFlags, PrepareStage, read_catalog_sqlite,
+                        StageData, TESSQualityFlags)
 
 from .linpsf import SCENE, fit_scene, held_fluxes
 from .stage import load_shape_model
@@ -67,11 +67,11 @@ def tile_boxes(shape, tile):
 
 
 class SceneFitter:
-    """The tile fits of the scene mode, on an open cache file (the prepare writer's or a reader).
+    """The tile fits of the scene mode, on an open cache (the prepare writer's or a reader).
 
     Parameters
     ----------
-    f : h5py.File
+    data : photometry.StageData
         The cache: ``images``, ``errors``, ``pixel_flags``, ``quality``, the movement kernel
         and ``models/`` (``linpsf_shape``, the background model).
     settings : dict
@@ -85,20 +85,20 @@ class SceneFitter:
         Without a catalog SQLite (nothing to fit).
     """
 
-    def __init__(self, f, settings, catalog_path=None):
+    def __init__(self, data, settings, catalog_path=None):
         cfg = settings["linpsf"]
-        self.f = f
+        self.data = data
         self.cfg = cfg
-        self.n_frames, R, C = f["images"].shape
+        self.n_frames, R, C = data.shape
         self.shape = (R, C)
-        self.row_offset = int(f.attrs.get("row_offset", 0))
-        self.column_offset = int(f.attrs.get("column_offset", 0))
+        self.row_offset = int(data.attrs.get("row_offset", 0))
+        self.column_offset = int(data.attrs.get("column_offset", 0))
         self.margin = int(cfg["scene_margin"])
         self.tmag_max = float(cfg["scene_tmag_max"])
         self.prior_width = float(cfg["prior_width"])
-        good = TESSQualityFlags.filter(np.asarray(f["quality"][()]))
+        good = TESSQualityFlags.filter(np.asarray(data.array("quality")))
         self.good = good if good.any() else np.ones(self.n_frames, bool)
-        chunk = int(f["images"].chunks[0]) if f["images"].chunks else 1
+        chunk = data.time_chunk
         blocks = max(1, -(-int(cfg["scene_block"]) // chunk))
         self.block = blocks * chunk                     # whole time chunks per read
 
@@ -107,7 +107,7 @@ class SceneFitter:
         self.prf_name = "linpsf_shape"
         if self.prf is None:
             spec = settings["photometry"].get("prf", "analytic")
-            self.prf = load_prf(spec, f.attrs.get("camera"), f.attrs.get("ccd"))
+            self.prf = load_prf(spec, data.attrs.get("camera"), data.attrs.get("ccd"))
             self.prf_name = f"prf:{getattr(self.prf, 'name', 'prf')}"
             logger.warning("%s: no linpsf_shape model in the cache (add \"linpsf_shape\" before "
                            "\"%s\" in prepare.stages); using the %s PRF", SCENE, SCENE, spec)
@@ -117,10 +117,10 @@ class SceneFitter:
             if self.prf_name == "linpsf_shape" else None
         self.time = None
         if self.time_model is not None:
-            if "time" not in f:
+            if "time" not in data:
                 raise InputError(f"{SCENE}: models/linpsf_shape has a time model but the cache "
                                  f"has no time")
-            self.time = np.asarray(f["time"][()], dtype=float)
+            self.time = np.asarray(data.array("time"), dtype=float)
         #: px beyond the read region within which a star still puts light into it
         self.reach = self.prf.default_size() // 2 + 0.5
 
@@ -140,7 +140,7 @@ class SceneFitter:
 
         # movement kernel; frames without a measurement get the median motion (as the
         # per-target fit does), not the reference position
-        self.kernel = MovementKernel.from_file(f)
+        self.kernel = data.movement_kernel()
         if self.kernel is not None:
             rows = self.kernel.kernel
             ok = np.all(np.isfinite(rows), axis=1)
@@ -150,9 +150,7 @@ class SceneFitter:
                 self.kernel = None
 
         if catalog_path is None:
-            a = f.attrs
-            catalog_path = Path(f.filename).parent / catalog_filename(
-                int(a["sector"]), int(a["camera"]), int(a["ccd"]))
+            catalog_path = data.catalog_path
         if not Path(catalog_path).is_file():
             raise InputError(f"{SCENE}: no catalog SQLite {catalog_path} next to the cache")
         cat = read_catalog_sqlite(catalog_path, tmag_max=self.tmag_max)
@@ -164,8 +162,7 @@ class SceneFitter:
         self.tmag = np.asarray(cat["tmag"], float)[ok]
 
     def _model_group(self, name):
-        g = self.f.get(f"models/{name}")
-        return g if g is not None and bool(g.attrs.get("complete", False)) else None
+        return self.data.model_group(name)
 
     def owner(self, tile):
         """Index of the tile (:func:`tile_boxes` order) owning each catalog star; -1 off the data.
@@ -204,7 +201,7 @@ class SceneFitter:
         meds = []
         for start in range(0, self.n_frames, self.block):
             sl = slice(start, min(start + self.block, self.n_frames))
-            var = np.asarray(self.f["errors"][sl, rs, cs], dtype=float) ** 2
+            var = np.asarray(self.data.read("errors", sl, rs, cs), dtype=float) ** 2
             if self.background is not None:
                 cls, group = self.background
                 try:
@@ -221,11 +218,11 @@ class SceneFitter:
 
     def _block(self, sl, rs, cs):
         """(images minus the background model, bad-pixel mask) of one block of a region."""
-        images = np.asarray(self.f["images"][sl, rs, cs], dtype=float)
+        images = np.asarray(self.data.read("images", sl, rs, cs), dtype=float)
         if self.background is not None:
             cls, group = self.background
             images -= np.asarray(cls.evaluate(group, rs, cs, sl), dtype=float)
-        flags = np.asarray(self.f["pixel_flags"][sl, rs, cs])
+        flags = np.asarray(self.data.read("pixel_flags", sl, rs, cs))
         bad = (flags & PixelQualityFlags.PRF_FIT_BITMASK) != 0
         return images, bad | ~np.isfinite(images)
 
@@ -361,8 +358,7 @@ class LinPSFScene(PrepareStage):
     def run(self, cache, group):
         t0 = _time.perf_counter()
         cfg = self.settings["linpsf"]
-        f = cache.file
-        fitter = SceneFitter(f, self.settings)
+        fitter = SceneFitter(StageData(cache), self.settings)
         tile = int(cfg["scene_tile"])
         boxes = tile_boxes(fitter.shape, tile)
         owner = fitter.owner(tile)
