@@ -39,9 +39,10 @@ _PUBLIC = {
     "StreamContext": "data.stages", "BackgroundModel": "data.stages",
     "StampCorrection": "data.stages", "CalibrationStage": "data.stages",
     "LightCurveCorrection": "data.stages", "background_model_class": "data.stages",
+    "InputFile": "data.stages", "FitsTables": "data.fits_tables",
     "cache_catalog": "data.stages", "StageData": "data.stages",
     # data sources and the files they read
-    "FFICache": "data.cache", "cache_filename": "data.cache",
+    "DataSource": "data.sources", "FFICache": "data.cache", "cache_filename": "data.cache",
     "catalog_filename": "data.cache", "pixel_flags_for": "data.cache",
     "TPFSource": "data.tpf", "MemorySource": "data.memory_source",
     "MemoryGroup": "data.memory_source", "MovementKernel": "data.movement",

@@ -3,6 +3,7 @@ ensembles (known truth), SPOC CBV files, determinism, and the pieces of the meth
 import numpy as np
 import pytest
 
+from photometry.data.fits_tables import read_fits_tables
 from photometry.hooks.errors import ConfigurationError
 from photometry.scheduler.correct import correct_ensemble
 from photometry.sim.lcsim import (inject_sinusoid, inject_transit, sinusoid_amplitude,
@@ -174,10 +175,10 @@ def test_spoc_cbv_file(tmp_path):
     hdul = cbv_hdulist(fine, fine_t, np.arange(fine_t.size) + 100, gap, 1, 1, 1)
     path = tmp_path / "tess2018206045859-s0001-1-1-0120-s_cbv.fits"
     hdul.writeto(path)
-    t, cad, g, vec = read_cbvs(path, 1, 1, 1)
+    t, cad, g, vec = read_cbvs(read_fits_tables(path), 1, 1, 1)
     assert vec.shape == (3, fine_t.size) and g.sum() == gap.sum()
     with pytest.raises(ValueError, match="sector"):
-        read_cbvs(path, 2, 1, 1)
+        read_cbvs(read_fits_tables(path), 2, 1, 1)
     on = vectors_on(ens.time, ens.cadence, t, g, vec)
     assert np.allclose(np.linalg.norm(on, axis=1), 1)
 

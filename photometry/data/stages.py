@@ -10,7 +10,8 @@ from photometry.hooks.errors import ConfigurationError
 from photometry.hooks.plugins import default_plugin_manager, lookup
 
 __all__ = ["PrepareStage", "StreamingStage", "StreamContext", "BackgroundModel",
-           "StampCorrection", "CalibrationStage", "LightCurveCorrection", "cache_catalog",
+           "StampCorrection", "CalibrationStage", "LightCurveCorrection", "InputFile",
+           "cache_catalog",
            "context_from_cache", "background_model_class"]
 
 
@@ -271,15 +272,30 @@ class BackgroundModel(PrepareStage):
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class InputFile:
+    """A file a :class:`LightCurveCorrection` reads, found and opened by the core.
+
+    The first (sorted) file of ``folder`` whose name matches the glob ``pattern``; ``setting``
+    names the setting that gave ``folder`` (its error message when the folder does not
+    exist, a ConfigurationError: a mistyped folder is no silent fallback).
+    """
+
+    folder: str
+    pattern: str = "*"
+    setting: str = ""
+
+
 class LightCurveCorrection:
     """A correction of a CCD's light curves after its photometry (systematics: PDCSAP_FLUX).
 
     The core (:mod:`photometry.scheduler.correct`) calls, for each CCD and method: ``candidates(stars)``
-    (which stars may shape the correction), ``fit(ensemble)`` on those stars' light curves,
-    then ``correct(star)`` for every star of the CCD (the candidates too) and writes the
-    result into its file. No file I/O here except a correction's own declared inputs (e.g.
-    SPOC CBV files named in its settings). Deterministic: the same light curves give the same
-    result, whatever the order of work.
+    (which stars may shape the correction), ``inputs(key)`` (the files it needs, which the core
+    reads), ``fit(ensemble)`` on those stars' light curves (the files read are in
+    ``ensemble.inputs``), then ``correct(star)`` for every star of the CCD (the candidates too)
+    and writes the result into its file, then writes ``products()``. A correction does no file
+    I/O: the core opens every file and hands it arrays (:class:`photometry.FitsTables`).
+    Deterministic: the same light curves give the same result, whatever the order of work.
     """
 
     name = None
@@ -294,6 +310,13 @@ class LightCurveCorrection:
         import numpy as np
         return np.ones(len(stars), dtype=bool)
 
+    def inputs(self, key):
+        """The files ``fit`` needs for CCD/method ``key`` = (sector, camera, ccd, cadence,
+        method): ``{name: InputFile}`` (e.g. SPOC's CBV file of the CCD, from a setting). The
+        core reads each into a :class:`photometry.FitsTables` and passes it as
+        ``ensemble.inputs[name]`` (None when no file matched). Default: none."""
+        return {}
+
     def fit(self, ensemble):
         """Learn the CCD's correction from a :class:`photometry.scheduler.correct.Ensemble`."""
         raise NotImplementedError
@@ -303,14 +326,16 @@ class LightCurveCorrection:
         raise NotImplementedError
 
     def products(self):
-        """CCD-level files to keep, ``{file name: HDUList}`` (written by the core into
-        ``LC_DIR/cbv/``). Default: none."""
+        """CCD-level files to keep, ``{file name: HDUList}`` built in memory (written by the
+        core into ``LC_DIR/cbv/``). Default: none."""
         return {}
 
-    def restore(self, folder, key):
+    def restore(self, products, key):
         """Restore the state of an earlier ``fit`` of CCD/method ``key`` = (sector, camera, ccd,
-        cadence, method) from this correction's products in ``folder``, so that one more star
-        can be corrected alone (``tessphot star``). Returns False if it cannot."""
+        cadence, method) from this correction's products, so that one more star can be
+        corrected alone (``tessphot star``). ``products.get(file name)`` gives a product of
+        ``LC_DIR/cbv/`` as a :class:`photometry.FitsTables` (None if there is none; the core
+        reads it). Returns False if it cannot."""
         return False
 
 

@@ -948,6 +948,37 @@ class TaskStore:
                 out["PENDING"] += untouched
         return dict(out)
 
+    #: the columns of :meth:`output_results`
+    OUTPUT_COLUMNS = ("sector", "camera", "ccd", "cadence", "starid", "tmag", "row", "column",
+                      "method", "status", "reason", "variability", "contamination",
+                      "lightcurve")
+    _OUTPUT_ORDER = {"tmag": "t.tmag, t.starid, r.method", "method": "r.method, t.starid"}
+
+    def output_results(self, output, kept=False, order="tmag"):
+        """The results of the run into the folder ``output``: one dict (:attr:`OUTPUT_COLUMNS`)
+        per (task, method), so several methods' results of a star stand side by side.
+
+        A result of another folder is left out; one with no folder recorded (planned, or
+        migrated from before folders were recorded) counts as this one's. With ``kept`` only
+        the kept results (OK, WARNING) with a light-curve file, else also one row per task
+        without any result (``status`` None, ``method`` its todolist method or ''). Sorted by
+        CCD (sector, camera, ccd, cadence), then by ``order``: "tmag" (Tmag, TIC, method) or
+        "method" (method, TIC). ``reason`` is the error or the diagnostics' messages.
+        """
+        join = "JOIN" if kept else "LEFT JOIN"
+        where = (f"WHERE r.status IN ({', '.join('?' * len(KEPT))}) "
+                 "AND d.lightcurve IS NOT NULL ") if kept else ""
+        rows = self.conn.execute(
+            'SELECT t.sector, t.camera, t.ccd, t.cadence, t.starid, t.tmag, t."row", t."column", '
+            "COALESCE(r.method, t.method, ''), r.status, "
+            "COALESCE(r.error, d.errors, ''), d.variability, d.contamination, d.lightcurve "
+            f"FROM todolist t {join} results r ON r.priority = t.priority "
+            "AND (r.output = ? OR r.output IS NULL) "
+            f"{join} diagnostics d ON d.priority = r.priority AND d.method = r.method {where}"
+            "ORDER BY t.sector, t.camera, t.ccd, t.cadence, " + self._OUTPUT_ORDER[order],
+            (str(Path(output).resolve()), *(KEPT if kept else ()))).fetchall()
+        return [dict(zip(self.OUTPUT_COLUMNS, r)) for r in rows]
+
 
 def _q(name):
     return f'"{name}"'

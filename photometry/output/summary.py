@@ -36,22 +36,16 @@ def _tasks(cache_dir, output):
     left out (a planned or migrated result, which has no folder yet, counts as this one's)."""
     from photometry.data.taskstore import STATUS_NAMES, TODO_NAME, TaskStore
     with TaskStore(Path(cache_dir) / TODO_NAME) as store:
-        rows = store.conn.execute(
-            "SELECT t.sector, t.camera, t.ccd, t.cadence, t.starid, t.tmag, "
-            "COALESCE(r.method, t.method, ''), r.status, "
-            "COALESCE(r.error, d.errors, ''), d.contamination, d.lightcurve "
-            "FROM todolist t LEFT JOIN results r ON r.priority = t.priority "
-            "AND (r.output = ? OR r.output IS NULL) "
-            "LEFT JOIN diagnostics d ON d.priority = r.priority AND d.method = r.method "
-            "ORDER BY t.sector, t.camera, t.ccd, t.cadence, t.tmag, t.starid, r.method",
-            (str(Path(output).resolve()),)).fetchall()
+        rows = store.output_results(output)
     out = []
     for r in rows:
-        reason = "; ".join(dict.fromkeys(line.strip() for line in (r[8] or "").splitlines()
-                                         if line.strip()))
-        status = "PENDING" if r[7] is None else STATUS_NAMES.get(r[7], str(r[7]))
-        out.append((tuple(int(v) for v in r[:4]), int(r[4]), float(r[5]), r[6], status,
-                    reason[:300], np.nan if r[9] is None else float(r[9]), r[10]))
+        lines = (line.strip() for line in (r["reason"] or "").splitlines())
+        reason = "; ".join(dict.fromkeys(line for line in lines if line))
+        code, cont = r["status"], r["contamination"]
+        status = "PENDING" if code is None else STATUS_NAMES.get(code, str(code))
+        out.append((tuple(int(r[k]) for k in ("sector", "camera", "ccd", "cadence")),
+                    int(r["starid"]), float(r["tmag"]), r["method"], status, reason[:300],
+                    np.nan if cont is None else float(cont), r["lightcurve"]))
     return out
 
 

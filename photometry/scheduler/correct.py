@@ -11,13 +11,16 @@ core here does the I/O, the plugin the science:
    grouped by (sector, camera, CCD, cadence, method) and sorted by TIC, so the result does not
    depend on the order they ran in.
 2. ``candidates(stars)`` picks the stars the correction may learn from; their light curves
-   are read into an :class:`Ensemble` on the CCD's cadence axis (CADENCENO) and ``fit``.
+   are read into an :class:`Ensemble` on the CCD's cadence axis (CADENCENO), with the files
+   the correction declares (``inputs(key)``, e.g. SPOC's CBVs) read into ``ensemble.inputs``,
+   and ``fit``.
 3. Every star of the group (a star added by a later run too) is read, ``correct``-ed and its
    PDCSAP_FLUX, PDCSAP_FLUX_ERR and PDC keywords are replaced atomically
    (:func:`photometry.output.lightcurve_io.update_lightcurve`, which leaves a file alone when
    nothing changes: running twice gives the same files).
 4. A correction's CCD-level products (``products()``, e.g. its CBVs in SPOC's CBV format)
-   are written to ``LC_DIR/cbv/``.
+   are written to ``LC_DIR/cbv/``; ``tessphot star`` reads them back for ``restore``
+   (:class:`photometry.data.fits_tables.ProductFolder`). The plugin opens no file.
 
 A group that fails (an exception in the plugin) is logged and its files keep the uncorrected
 copy (``PDCMETHD = 'none'``); one bad light-curve file is skipped with a warning. Neither
@@ -37,7 +40,7 @@ from photometry.output.lightcurve_io import read_lightcurve, update_lightcurve, 
 from photometry.hooks.quality import fit_cadences
 
 __all__ = ["Ensemble", "StarLightCurve", "Corrected", "finished_lightcurves",
-           "correct_lightcurves", "correct_star", "correct_ensemble", "finish_run",
+           "correct_lightcurves", "correct_star", "correct_ensemble", "with_inputs", "finish_run",
            "PRODUCTS", "add_arguments", "run"]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,8 @@ class Ensemble:
     """Light curves of one CCD and method on one cadence axis (stars sorted by TIC).
 
     ``flux``, ``flux_err``, ``quality``, ``good`` are (S, N); ``time`` and ``cadenceno`` (N,).
+    ``inputs`` holds the files the correction declared (``LightCurveCorrection.inputs``), read
+    by the core: {name: :class:`photometry.FitsTables` or None}.
     """
 
     sector: int
@@ -88,6 +93,7 @@ class Ensemble:
     quality: np.ndarray
     good: np.ndarray
     flux_fraction: np.ndarray = None
+    inputs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.flux_fraction is None:
@@ -136,24 +142,17 @@ def finished_lightcurves(cache_dir, output):
     variability, contamination, path`` (absolute). Results of another run's output folder are
     left out (a migrated result, which has no recorded folder, counts as this one's).
     """
-    from photometry.data.taskstore import OK, TODO_NAME, WARNING, TaskStore
+    from photometry.data.taskstore import TODO_NAME, TaskStore
     output = Path(output).resolve()
     with TaskStore(Path(cache_dir) / TODO_NAME) as store:
-        rows = store.conn.execute(
-            'SELECT t.starid, t.tmag, t."row", t."column", t.sector, t.camera, t.ccd, '
-            "t.cadence, r.method, r.status, d.variability, d.contamination, d.lightcurve "
-            "FROM results r JOIN todolist t USING (priority) "
-            "JOIN diagnostics d USING (priority, method) "
-            "WHERE r.status IN (?, ?) AND d.lightcurve IS NOT NULL "
-            "AND (r.output = ? OR r.output IS NULL) "
-            "ORDER BY t.sector, t.camera, t.ccd, t.cadence, r.method, t.starid",
-            (OK, WARNING, str(output))).fetchall()
+        found = store.output_results(output, kept=True, order="method")
     names = ["starid", "tmag", "row", "column", "sector", "camera", "ccd", "cadence",
              "method", "status", "variability", "contamination", "path"]
-    if not rows:
+    if not found:
         return Table(names=names, dtype=[int, float, float, float, int, int, int, int, str,
                                          int, float, float, str])
-    table = Table(rows=[tuple(np.nan if v is None else v for v in r) for r in rows],
+    columns = [{"path": "lightcurve"}.get(n, n) for n in names]
+    table = Table(rows=[tuple(np.nan if r[c] is None else r[c] for c in columns) for r in found],
                   names=names)
     table["path"] = [str(output / p) for p in table["path"]]
     return table
@@ -219,13 +218,27 @@ def _read_ensemble(key, stars):
                     fit_cadences(quality, flux), fraction)
 
 
+def with_inputs(corr, ensemble):
+    """``ensemble`` with the files ``corr.inputs`` declares for its group read into
+    ``ensemble.inputs`` (the correction itself opens no file)."""
+    from dataclasses import replace
+
+    from photometry.data.fits_tables import find_input_file, read_fits_tables
+    key = (ensemble.sector, ensemble.camera, ensemble.ccd, ensemble.cadence, ensemble.method)
+    read = {}
+    for name, spec in corr.inputs(key).items():
+        path = find_input_file(spec)
+        read[name] = None if path is None else read_fits_tables(path)
+    return replace(ensemble, inputs=read)
+
+
 def correct_ensemble(corr, ensemble, contamination=None):
     """Fit a correction on its candidates of an in-memory :class:`Ensemble` and correct every
     star of it (tests, benchmarks); the list of :class:`Corrected`, in the ensemble's order."""
     from threadpoolctl import threadpool_limits
     cand = np.asarray(corr.candidates(ensemble.table(contamination)), dtype=bool)
     with threadpool_limits(1):
-        corr.fit(ensemble.subset(np.flatnonzero(cand)))
+        corr.fit(with_inputs(corr, ensemble.subset(np.flatnonzero(cand))))
         return [corr.correct(ensemble.star(i)) for i in range(len(ensemble.starid))]
 
 
@@ -300,7 +313,8 @@ def correct_star(path, output, settings, row=None, column=None):
     key = (int(p["SECTOR"]), int(p["CAMERA"]), int(p["CCD"]), int(p["CADENCE"]),
            str(p["PHOTMET"]))
     corr = cls(settings)
-    if not corr.restore(Path(output) / PRODUCTS, key):
+    from photometry.data.fits_tables import ProductFolder
+    if not corr.restore(ProductFolder(Path(output) / PRODUCTS), key):
         return None
     res = _correct_file(corr, {"path": str(path), "starid": int(p["TICID"]),
                                "tmag": float(p.get("TESSMAG") or np.nan), "row": row,
@@ -314,7 +328,7 @@ def correct_group(key, stars, cls, settings, output):
     summary = {"group": "s{:04d}-{}-{}-c{:04d}-{}".format(*key), "stars": len(stars),
                "rewritten": 0, "unchanged": 0, "failed": 0, "methods": {}}
     cand = np.asarray(corr.candidates(stars), dtype=bool)
-    ensemble = _read_ensemble(key, stars[cand])
+    ensemble = with_inputs(corr, _read_ensemble(key, stars[cand]))
     corr.fit(ensemble)
     axis = ensemble.cadenceno
     for row in stars:

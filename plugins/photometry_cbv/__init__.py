@@ -12,10 +12,10 @@ import photometry
 
 from .basis import Basis, PriorModel, build_basis, map_fit, normalise, white_noise
 from .correction import CBVCorrection
-from .spoc import cbv_hdulist, find_cbv_file, read_cbvs, vectors_on
+from .spoc import cbv_hdulist, cbv_input, read_cbvs, vectors_on
 
 __all__ = ["CBVCorrection", "Basis", "PriorModel", "build_basis", "map_fit", "normalise",
-           "white_noise", "cbv_hdulist", "find_cbv_file", "read_cbvs", "vectors_on"]
+           "white_noise", "cbv_hdulist", "cbv_input", "read_cbvs", "vectors_on"]
 
 __version__ = "1.0"
 

@@ -4,7 +4,6 @@ Settings: the ``[cbv]`` section (settings/defaults.toml); method: :mod:`photomet
 documentation: ``docs/corrections.md``.
 """
 import logging
-from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
@@ -12,7 +11,7 @@ from astropy.io import fits
 from photometry import Corrected, LightCurveCorrection
 
 from .basis import PriorModel, build_basis, map_fit, normalise, white_noise
-from .spoc import cbv_hdulist, find_cbv_file, read_cbvs, vectors_on
+from .spoc import cbv_hdulist, cbv_input, read_cbvs, vectors_on
 
 __all__ = ["CBVCorrection"]
 
@@ -102,21 +101,26 @@ class CBVCorrection(LightCurveCorrection):
                                       ensemble.flux_fraction[basis_index][ok])
         self.n_basis = int(ok.sum())
 
+    def inputs(self, key):
+        """SPOC's CBV file of this CCD, if ``spoc_cbv_dir`` is set (the core reads it)."""
+        folder = self.cfg["spoc_cbv_dir"]
+        return {"spoc_cbv": cbv_input(folder, *key[:3])} if folder else {}
+
     def _spoc_vectors(self, ensemble):
         """SPOC's single-scale CBVs on our cadences if ``spoc_cbv_dir`` holds this CCD's."""
         folder = self.cfg["spoc_cbv_dir"]
         if not folder:
             return None
-        path = find_cbv_file(folder, ensemble.sector, ensemble.camera, ensemble.ccd)
-        if path is None:
+        cbv = ensemble.inputs.get("spoc_cbv")
+        if cbv is None:
             note = (f"no SPOC CBV file for s{ensemble.sector:04d}-{ensemble.camera}-"
                     f"{ensemble.ccd} in {folder}: own vectors used")
             logger.warning(note)
             self.notes.append(note)
             return None
-        t, _, gap, vectors = read_cbvs(path, ensemble.sector, ensemble.camera, ensemble.ccd)
+        t, _, gap, vectors = read_cbvs(cbv, ensemble.sector, ensemble.camera, ensemble.ccd)
         vectors = vectors[:int(self.cfg["spoc_cbv_vectors"])]
-        self.notes.append(f"SPOC CBVs from {path.name}")
+        self.notes.append(f"SPOC CBVs from {cbv.path.name}")
         return vectors_on(ensemble.time, ensemble.cadence, t, gap, vectors)
 
     @staticmethod
@@ -150,30 +154,29 @@ class CBVCorrection(LightCurveCorrection):
         hdul.append(prior)
         return {name: hdul}
 
-    def restore(self, folder, key):
+    def restore(self, products, key):
         """Take the state of an earlier :meth:`fit` of this CCD and method from its product
-        file in ``folder``; False if there is none (or it does not match)."""
+        file (``products.get(name)``, read by the core); False if there is none (or it does
+        not match)."""
         sector, camera, ccd, cadence, method = key
-        path = Path(folder) / self._product_name(sector, camera, ccd, cadence, method)
-        if not path.exists():
+        product = products.get(self._product_name(sector, camera, ccd, cadence, method))
+        if product is None:
             return False
-        t, cadenceno, gap, vectors = read_cbvs(path, sector, camera, ccd)
-        with fits.open(path) as hdul:
-            if "PRIOR" not in hdul:
-                return False
-            d = hdul["PRIOR"].data
-            head = hdul["PRIOR"].header
-            self.prior_model = PriorModel(np.array(d["ROW"], float), np.array(d["COLUMN"], float),
-                                          np.array(d["TMAG"], float),
-                                          np.array(d["COEFF"], float).reshape(len(d), -1),
-                                          np.array(d["STARID"], np.int64),
-                                          int(head["NNEIGHB"]), float(head["MAGPX"]),
-                                          np.array(d["FLFRCSAP"], float))
-            self.kind = str(hdul[0].header.get("CBVMETH", OWN))
+        t, cadenceno, gap, vectors = read_cbvs(product, sector, camera, ccd)
+        if "PRIOR" not in product:
+            return False
+        d, head = product.table("PRIOR"), product.headers["PRIOR"]
+        self.prior_model = PriorModel(np.array(d["ROW"], float), np.array(d["COLUMN"], float),
+                                      np.array(d["TMAG"], float),
+                                      np.array(d["COEFF"], float).reshape(len(d["STARID"]), -1),
+                                      np.array(d["STARID"], np.int64),
+                                      int(head["NNEIGHB"]), float(head["MAGPX"]),
+                                      np.array(d["FLFRCSAP"], float))
+        self.kind = str(product.header.get("CBVMETH", OWN))
         self.vectors = vectors
         self.n_basis = len(self.prior_model.starid)
         self.axis = cadenceno
-        self.notes.append(f"vectors and prior from {path.name}")
+        self.notes.append(f"vectors and prior from {product.path.name}")
         return True
 
     # ------------------------------------------------------------------ one star

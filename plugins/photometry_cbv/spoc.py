@@ -8,57 +8,51 @@ VECTOR_1..VECTOR_n, with CAMERA and CCD in the extension header. We read the sin
 vectors; we write ours as a single-scale extension, so that lightkurve's
 ``load_tess_cbvs(cbv_dir=..., cbv_type="SingleScale")`` reads them.
 """
-from pathlib import Path
-
 import numpy as np
 from astropy.io import fits
 
-from photometry import ConfigurationError
+from photometry import InputFile
 
-__all__ = ["find_cbv_file", "read_cbvs", "cbv_hdulist", "vectors_on"]
+__all__ = ["cbv_input", "read_cbvs", "cbv_hdulist", "vectors_on"]
 
 
 def _extname(camera, ccd):
     return f"CBV.single-scale.{int(camera)}.{int(ccd)}"
 
 
-def find_cbv_file(folder, sector, camera, ccd):
+def cbv_input(folder, sector, camera, ccd):
     """The CBV file of a CCD in ``folder`` (name containing ``-s{sector:04d}-{camera}-{ccd}-``,
-    as SPOC's and lightkurve's), or None. A ``folder`` that does not exist is a
-    ConfigurationError (a mistyped setting must not fall back to our own vectors silently)."""
-    if not Path(folder).is_dir():
-        raise ConfigurationError(f"cbv.spoc_cbv_dir = {str(folder)!r}: no such folder")
-    key = f"s{int(sector):04d}-{int(camera)}-{int(ccd)}-"
-    found = sorted(p for p in Path(folder).glob("*.fits*") if key in p.name)
-    return found[0] if found else None
+    as SPOC's and lightkurve's), as the :class:`photometry.InputFile` the core finds and reads
+    (a ``folder`` that does not exist is a ConfigurationError naming ``cbv.spoc_cbv_dir``)."""
+    return InputFile(str(folder), f"*s{int(sector):04d}-{int(camera)}-{int(ccd)}-*.fits*",
+                     "cbv.spoc_cbv_dir")
 
 
-def read_cbvs(path, sector, camera, ccd):
-    """(time, cadenceno, gap, vectors (k, M)) of the single-scale CBVs of a file.
+def read_cbvs(cbv, sector, camera, ccd):
+    """(time, cadenceno, gap, vectors (k, M)) of the single-scale CBVs of a CBV file read by
+    the core (a :class:`photometry.FitsTables`).
 
     Raises
     ------
     ValueError
         If the file is not a TESS CBV file of that sector, camera and CCD.
     """
-    with fits.open(path) as hdul:
-        head = hdul[0].header
-        if str(head.get("TELESCOP", "")).strip() != "TESS":
-            raise ValueError(f"{path}: not a TESS file (TELESCOP {head.get('TELESCOP')!r})")
-        if int(head.get("SECTOR", -1)) != int(sector):
-            raise ValueError(f"{path}: sector {head.get('SECTOR')}, not {sector}")
-        name = _extname(camera, ccd)
-        names = [h.name.upper() for h in hdul]
-        if name.upper() not in names:
-            raise ValueError(f"{path}: no extension {name}")
-        data = hdul[name].data
-        cols = [c for c in data.columns.names if c.upper().startswith("VECTOR_")]
-        cols.sort(key=lambda c: int(c.split("_")[1]))
-        vectors = np.array([np.asarray(data[c], dtype=float) for c in cols])
-        gap = (np.asarray(data["GAP"], dtype=bool) if "GAP" in data.columns.names
-               else np.zeros(len(data), bool))
-        return (np.asarray(data["TIME"], dtype=float), np.asarray(data["CADENCENO"], int),
-                gap, vectors)
+    path, head = cbv.path, cbv.header
+    if str(head.get("TELESCOP", "")).strip() != "TESS":
+        raise ValueError(f"{path}: not a TESS file (TELESCOP {head.get('TELESCOP')!r})")
+    if int(head.get("SECTOR", -1)) != int(sector):
+        raise ValueError(f"{path}: sector {head.get('SECTOR')}, not {sector}")
+    name = _extname(camera, ccd)
+    if name not in cbv:
+        raise ValueError(f"{path}: no extension {name}")
+    data = cbv.table(name)
+    cols = [c for c in data if c.upper().startswith("VECTOR_")]
+    cols.sort(key=lambda c: int(c.split("_")[1]))
+    vectors = np.array([np.asarray(data[c], dtype=float) for c in cols])
+    n = len(data["TIME"])
+    gap = np.asarray(data["GAP"], dtype=bool) if "GAP" in data else np.zeros(n, bool)
+    return (np.asarray(data["TIME"], dtype=float), np.asarray(data["CADENCENO"], int),
+            gap, vectors)
 
 
 def vectors_on(time, cadence_s, cbv_time, cbv_gap, vectors):
