@@ -16,15 +16,11 @@ Coordinates (``docs/coordinates_and_formats.md``): 0-based ``(row, column)`` of 
 CCD frame (first science pixel at row 0, column 44), pixel centres at integers. Cube pixel
 ``[i, j]`` of the stamp is CCD pixel ``(row_min + i, col_min + j)``.
 
-The data source (``source`` argument) is a :class:`photometry.data.cache.FFICache` (datasource
-"ffi") or a :class:`photometry.data.tpf.TPFSource` ("tpf"). BasePhotometry uses only this part of
-them:
-
-``datasource, sector, camera, ccd, cadence, n_frames, time, timecorr, cadenceno, quality,
-row_offset, column_offset, sumimage, reference_wcs, movement_kernel,
-stamp(name, row_slice, col_slice) -> (N, r, c), model_group(name)``
-and, for the catalog, either ``catalog_path`` (the catalog SQLite, see ``docs/architecture.md``)
-or ``catalog_table()`` (an astropy Table with the SQLite's columns).
+The data source (``source`` argument) is anything satisfying
+:class:`photometry.data.sources.DataSource` (the Protocol lists what BasePhotometry reads): a
+:class:`photometry.data.cache.FFICache` (datasource "ffi"), a
+:class:`photometry.data.tpf.TPFSource` ("tpf") or a
+:class:`photometry.data.memory_source.MemorySource`.
 """
 import contextlib
 import logging
@@ -126,7 +122,7 @@ class BasePhotometry:
     ----------
     starid : int
         TIC id of the target; it must be in the source's catalog.
-    source : FFICache or TPFSource
+    source : DataSource
         The open data source (see the module docstring for what is used).
     settings : dict, optional
         Full settings (``load_settings()``); the defaults if None.
