@@ -28,12 +28,9 @@ MAX_BASE_LINES = 350
 #: this set may only shrink
 KNOWN_PLUGIN_IO = set()
 #: raw SQL on the task list's connection (``store.conn``) outside the TaskStore, whose
-#: methods are the named queries; the modules that still do it may only shrink
+#: methods are the named queries: none (this set may only shrink)
 RAW_TASK_SQL = re.compile(r"\bstore\.conn\b")
-KNOWN_RAW_TASK_SQL = {
-    "photometry/scheduler/todo.py",    # PRAGMAs of the bulk insert
-    "photometry/cli/status.py",        # the status report's counts
-}
+KNOWN_RAW_TASK_SQL = set()
 
 
 def _modules():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from photometry.hooks.commandline import at_least
 from photometry.hooks.errors import InputError
-from photometry.data.taskstore import FAILED, STATUS_NAMES, TODO_NAME, TaskStore
+from photometry.data.taskstore import STATUS_NAMES, TODO_NAME, TaskStore
 
 __all__ = ["add_arguments", "run", "status_report"]
 
@@ -34,46 +34,29 @@ def status_report(cache_dir, max_failures=20):
     if not cache_dir.is_dir():
         raise InputError(f"{cache_dir}: cache folder not found")
     with TaskStore(cache_dir / TODO_NAME) as store:
-        conn = store.conn
         total = store.count()
-        by_method = {}
-        for method, status, n in conn.execute(
-                "SELECT method, status, COUNT(*) FROM results GROUP BY 1, 2 ORDER BY 1, 2"):
-            name = "PENDING" if status is None else STATUS_NAMES.get(status, str(status))
-            by_method.setdefault(method, {})[name] = n
-        counts = {}
-        for method_counts in by_method.values():
-            for name, n in method_counts.items():
-                counts[name] = counts.get(name, 0) + n
-        no_result = conn.execute("SELECT COUNT(*) FROM todolist t WHERE NOT EXISTS "
-                                 "(SELECT 1 FROM results r WHERE r.priority = t.priority)"
-                                 ).fetchone()[0]
-        marks = ", ".join("?" * len(FAILED))
-        failures = [
-            {"priority": p, "starid": s, "method": m, "status": STATUS_NAMES.get(st),
-             "attempts": a, "message": _last_line(e or d)}
-            for p, s, m, st, a, e, d in conn.execute(
-                "SELECT r.priority, t.starid, r.method, r.status, r.attempts, r.error, "
-                "d.errors FROM results r JOIN todolist t USING (priority) "
-                "LEFT JOIN diagnostics d USING (priority, method) "
-                f"WHERE r.status IN ({marks}) ORDER BY r.priority, r.method LIMIT ?",
-                list(FAILED) + [max_failures])]
-        n_failed = conn.execute(f"SELECT COUNT(*) FROM results WHERE status IN ({marks})",
-                                FAILED).fetchone()[0]
-        mean = dict(conn.execute("SELECT method, AVG(elaptime) FROM diagnostics GROUP BY 1"))
-        run = conn.execute("SELECT run_id, backend, workers, started_at, finished_at, "
-                           "tasks_done, counts, interrupted, output, method FROM runs "
-                           "ORDER BY run_id DESC LIMIT 1").fetchone()
-        last_run = None
-        if run:
-            run_id, backend, workers, t0, t1, done, run_counts, interrupted, out, meth = run
-            elapsed = (t1 - t0) if (t1 and t0) else None
-            last_run = {"run_id": run_id, "backend": backend, "workers": workers,
-                        "started": _iso(t0), "finished": _iso(t1), "tasks": done,
-                        "elapsed_s": elapsed, "interrupted": bool(interrupted),
-                        "tasks_per_second": (done / elapsed) if elapsed else None,
-                        "counts": json.loads(run_counts) if run_counts else {},
-                        "output": out, "method": meth}
+        by_method = store.results_by_method()
+        no_result = store.count_without_results()
+        n_failed, failed = store.failures(max_failures)
+        mean = store.mean_elaptime()
+        run = store.last_run()
+    counts = {}
+    for method_counts in by_method.values():
+        for name, n in method_counts.items():
+            counts[name] = counts.get(name, 0) + n
+    failures = [{"priority": f["priority"], "starid": f["starid"], "method": f["method"],
+                 "status": STATUS_NAMES.get(f["status"]), "attempts": f["attempts"],
+                 "message": _last_line(f["error"] or f["errors"])} for f in failed]
+    last_run = None
+    if run:
+        t0, t1, done = run["started_at"], run["finished_at"], run["tasks_done"]
+        elapsed = (t1 - t0) if (t1 and t0) else None
+        last_run = {"run_id": run["run_id"], "backend": run["backend"],
+                    "workers": run["workers"], "started": _iso(t0), "finished": _iso(t1),
+                    "tasks": done, "elapsed_s": elapsed, "interrupted": bool(run["interrupted"]),
+                    "tasks_per_second": (done / elapsed) if elapsed else None,
+                    "counts": json.loads(run["counts"]) if run["counts"] else {},
+                    "output": run["output"], "method": run["method"]}
     return {"total": total, "counts": counts, "by_method": by_method, "no_result": no_result,
             "failed": n_failed, "failures": failures, "mean_elaptime": mean,
             "last_run": last_run}

@@ -5,7 +5,8 @@ from typing import Any, Optional, Protocol, runtime_checkable
 
 from photometry.hooks.errors import InputError
 
-__all__ = ["DataSource", "open_source", "IMAGES", "ERRORS", "FLAGS", "TPF_BACKGROUNDS", "TPF_BACKGROUND_ERRORS"]
+__all__ = ["DataSource", "open_source", "IMAGES", "ERRORS", "FLAGS", "TPF_BACKGROUNDS",
+           "TPF_BACKGROUND_ERRORS"]
 
 #: Cube names of the data sources (cache datasets / TPF columns behind them), for
 #: ``source.stamp(name, rows, columns)``.

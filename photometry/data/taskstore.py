@@ -948,6 +948,61 @@ class TaskStore:
                 out["PENDING"] += untouched
         return dict(out)
 
+    def results_by_method(self):
+        """``{method: {status name: count}}`` of every result (pending under "PENDING")."""
+        out = {}
+        for method, status, n in self.conn.execute(
+                "SELECT method, status, COUNT(*) FROM results GROUP BY 1, 2 ORDER BY 1, 2"):
+            name = "PENDING" if status is None else STATUS_NAMES.get(status, str(status))
+            out.setdefault(method, {})[name] = n
+        return out
+
+    def count_without_results(self):
+        """Tasks with no result of any method (never planned)."""
+        return self.conn.execute("SELECT COUNT(*) FROM todolist t WHERE NOT EXISTS "
+                                 "(SELECT 1 FROM results r WHERE r.priority = t.priority)"
+                                 ).fetchone()[0]
+
+    def failures(self, limit):
+        """(number of failed results (ERROR, ABORT), the first ``limit`` of them by priority
+        and method as dicts: priority, starid, method, status (code), attempts, error, errors
+        (the diagnostics' messages))."""
+        marks = ", ".join("?" * len(FAILED))
+        names = ("priority", "starid", "method", "status", "attempts", "error", "errors")
+        rows = self.conn.execute(
+            "SELECT r.priority, t.starid, r.method, r.status, r.attempts, r.error, "
+            "d.errors FROM results r JOIN todolist t USING (priority) "
+            "LEFT JOIN diagnostics d USING (priority, method) "
+            f"WHERE r.status IN ({marks}) ORDER BY r.priority, r.method LIMIT ?",
+            list(FAILED) + [limit]).fetchall()
+        n = self.conn.execute(f"SELECT COUNT(*) FROM results WHERE status IN ({marks})",
+                              FAILED).fetchone()[0]
+        return n, [dict(zip(names, r)) for r in rows]
+
+    def mean_elaptime(self):
+        """``{method: mean seconds per target}`` of the diagnostics."""
+        return dict(self.conn.execute("SELECT method, AVG(elaptime) FROM diagnostics "
+                                      "GROUP BY 1"))
+
+    def last_run(self):
+        """The last row of ``runs`` as a dict (counts still JSON text), or None."""
+        cur = self.conn.execute("SELECT run_id, backend, workers, started_at, finished_at, "
+                                "tasks_done, counts, interrupted, output, method FROM runs "
+                                "ORDER BY run_id DESC LIMIT 1")
+        row = cur.fetchone()
+        return None if row is None else dict(zip((d[0] for d in cur.description), row))
+
+    def scratch_mode(self):
+        """For a file that is a scratch copy until renamed (``tessphot todo``): no fsyncs and
+        a big page cache for the index builds."""
+        self.conn.execute("PRAGMA synchronous = OFF")
+        self.conn.execute("PRAGMA cache_size = -262144")
+
+    def make_self_contained(self):
+        """Fold the write-ahead log into the file and leave WAL mode: one file to rename."""
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.conn.execute("PRAGMA journal_mode = DELETE")
+
     #: the columns of :meth:`output_results`
     OUTPUT_COLUMNS = ("sector", "camera", "ccd", "cadence", "starid", "tmag", "row", "column",
                       "method", "status", "reason", "variability", "contamination",

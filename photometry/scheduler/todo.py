@@ -172,9 +172,7 @@ def make_todo(cache_dir, faint_limit=15.0, overwrite=False, settings=None):
         Path(str(tmp) + suffix).unlink(missing_ok=True)
     store = TaskStore(tmp, create=True)
     try:
-        # a scratch file until renamed: no fsyncs, a big page cache for the index builds
-        store.conn.execute("PRAGMA synchronous = OFF")
-        store.conn.execute("PRAGMA cache_size = -262144")
+        store.scratch_mode()    # a scratch file until renamed
         groups = []
         for i, info in enumerate(caches):
             constants = {"sector": info["sector"], "camera": info["camera"],
@@ -184,8 +182,7 @@ def make_todo(cache_dir, faint_limit=15.0, overwrite=False, settings=None):
             varying = [c for c in TODO_COLUMNS if c not in constants]
             groups.append((constants, zip(*(cols[c][rows].tolist() for c in varying))))
         store.add_task_groups(groups, bulk=True)
-        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        store.conn.execute("PRAGMA journal_mode = DELETE")  # one self-contained file to rename
+        store.make_self_contained()     # one file to rename
     finally:
         store.close()
     for suffix in ("-wal", "-shm"):
