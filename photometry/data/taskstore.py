@@ -42,7 +42,7 @@ from pathlib import Path
 
 from photometry.hooks.errors import InputError
 
-__all__ = ["TaskStore", "STATUS_NAMES", "FINAL", "FAILED", "KEPT", "owner_id",
+__all__ = ["TaskStore", "TaskQueries", "STATUS_NAMES", "FINAL", "FAILED", "KEPT", "owner_id",
            "DIAGNOSTIC_COLUMNS", "TODO_NAME", "CLAIM_ORDER", "MIGRATIONS"]
 
 #: file name of the task database in the cache folder
@@ -268,8 +268,169 @@ MIGRATIONS = [_m001_initial, _m002_results_per_method, _m003_check_codes, _m004_
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class TaskStore:
+class TaskQueries:
+    """The read-only queries of the task list, by name (the status report, the run's
+    progress, the summary table and the light-curve corrections ask these; no other module
+    runs SQL on the connection). Needs ``conn`` and the planned flag of :class:`TaskStore`,
+    which adds everything that writes: filling, planning, claims, results, output files.
+    """
+
+    # ------------------------------------------------------------------ filters
+    @staticmethod
+    def where(starid=None, tmag_min=None, tmag_max=None, camera=None, ccd=None, sector=None,
+              cache=None, priority=None):
+        """SQL condition on todolist ``t`` and its parameters for the run filters (None = no
+        constraint)."""
+        clauses, params = [], []
+        for column, value in (("starid", starid), ("camera", camera), ("ccd", ccd),
+                              ("sector", sector), ("cache", cache), ("priority", priority)):
+            if value is None:
+                continue
+            values = list(value) if isinstance(value, (list, tuple, set)) else [value]
+            clauses.append(f"t.{column} IN ({', '.join('?' * len(values))})")
+            params.extend(values)
+        if tmag_min is not None:
+            clauses.append("t.tmag >= ?")
+            params.append(tmag_min)
+        if tmag_max is not None:
+            clauses.append("t.tmag <= ?")
+            params.append(tmag_max)
+        return (" AND ".join(clauses) or "1"), params
+
+    def _check_planned(self):
+        if not self._wanted:
+            raise RuntimeError("TaskStore.plan() must choose the run's results first")
+
+    # ------------------------------------------------------------------ queries
+    def count(self, filters=None):
+        """Tasks (targets) matching ``filters``."""
+        cond, params = self.where(**(filters or {}))
+        return self.conn.execute(f"SELECT COUNT(*) FROM todolist t WHERE {cond}",
+                                 params).fetchone()[0]
+
+    def wanted_counts(self):
+        """``{status name: count}`` of the planned results (pending under "PENDING")."""
+        self._check_planned()
+        out = collections.Counter()
+        for status, n in self.conn.execute(
+                "SELECT r.status, COUNT(*) FROM wanted w CROSS JOIN results r "
+                "ON r.rowid = w.rid GROUP BY r.status"):
+            out["PENDING" if status is None else STATUS_NAMES.get(status, str(status))] += n
+        return dict(out)
+
+    def counts_since(self, owner, since):
+        """``{status name: count}`` of the results ``owner`` claimed since ``since`` (unix
+        time) and still holds or finished: what one run did, as it stands now (a result
+        withdrawn after it was saved counts as SKIPPED)."""
+        return {STATUS_NAMES.get(status, str(status)): n for status, n in self.conn.execute(
+            "SELECT status, COUNT(*) FROM results WHERE owner = ? AND claimed_at >= ? AND "
+            "status IS NOT NULL GROUP BY status", (owner, since))}
+
+    def wanted_methods(self):
+        """``{method: number of planned results}``."""
+        self._check_planned()
+        return dict(self.conn.execute(
+            "SELECT r.method, COUNT(*) FROM wanted w CROSS JOIN results r ON r.rowid = w.rid "
+            "GROUP BY 1"))
+
+    def status_counts(self, filters=None, method=None):
+        """``{status name: count}`` over every result (of ``method``) of the tasks matching
+        ``filters``; tasks without any result count as "PENDING"."""
+        cond, params = self.where(**(filters or {}))
+        mcond = "" if method is None else " AND r.method = ?"
+        out = collections.Counter()
+        for status, n in self.conn.execute(
+                f"SELECT r.status, COUNT(*) FROM results r JOIN todolist t USING (priority) "
+                f"WHERE {cond}{mcond} GROUP BY r.status",
+                params + ([] if method is None else [method])):
+            out["PENDING" if status is None else STATUS_NAMES.get(status, str(status))] += n
+        if method is None:
+            untouched = self.conn.execute(
+                f"SELECT COUNT(*) FROM todolist t WHERE {cond} AND NOT EXISTS "
+                "(SELECT 1 FROM results r WHERE r.priority = t.priority)", params).fetchone()[0]
+            if untouched:
+                out["PENDING"] += untouched
+        return dict(out)
+
+    def results_by_method(self):
+        """``{method: {status name: count}}`` of every result (pending under "PENDING")."""
+        out = {}
+        for method, status, n in self.conn.execute(
+                "SELECT method, status, COUNT(*) FROM results GROUP BY 1, 2 ORDER BY 1, 2"):
+            name = "PENDING" if status is None else STATUS_NAMES.get(status, str(status))
+            out.setdefault(method, {})[name] = n
+        return out
+
+    def count_without_results(self):
+        """Tasks with no result of any method (never planned)."""
+        return self.conn.execute("SELECT COUNT(*) FROM todolist t WHERE NOT EXISTS "
+                                 "(SELECT 1 FROM results r WHERE r.priority = t.priority)"
+                                 ).fetchone()[0]
+
+    def failures(self, limit):
+        """(number of failed results (ERROR, ABORT), the first ``limit`` of them by priority
+        and method as dicts: priority, starid, method, status (code), attempts, error, errors
+        (the diagnostics' messages))."""
+        marks = ", ".join("?" * len(FAILED))
+        names = ("priority", "starid", "method", "status", "attempts", "error", "errors")
+        rows = self.conn.execute(
+            "SELECT r.priority, t.starid, r.method, r.status, r.attempts, r.error, "
+            "d.errors FROM results r JOIN todolist t USING (priority) "
+            "LEFT JOIN diagnostics d USING (priority, method) "
+            f"WHERE r.status IN ({marks}) ORDER BY r.priority, r.method LIMIT ?",
+            list(FAILED) + [limit]).fetchall()
+        n = self.conn.execute(f"SELECT COUNT(*) FROM results WHERE status IN ({marks})",
+                              FAILED).fetchone()[0]
+        return n, [dict(zip(names, r)) for r in rows]
+
+    def mean_elaptime(self):
+        """``{method: mean seconds per target}`` of the diagnostics."""
+        return dict(self.conn.execute("SELECT method, AVG(elaptime) FROM diagnostics "
+                                      "GROUP BY 1"))
+
+    def last_run(self):
+        """The last row of ``runs`` as a dict (counts still JSON text), or None."""
+        cur = self.conn.execute("SELECT run_id, backend, workers, started_at, finished_at, "
+                                "tasks_done, counts, interrupted, output, method FROM runs "
+                                "ORDER BY run_id DESC LIMIT 1")
+        row = cur.fetchone()
+        return None if row is None else dict(zip((d[0] for d in cur.description), row))
+
+    #: the columns of :meth:`output_results`
+    OUTPUT_COLUMNS = ("sector", "camera", "ccd", "cadence", "starid", "tmag", "row", "column",
+                      "method", "status", "reason", "variability", "contamination",
+                      "lightcurve")
+    _OUTPUT_ORDER = {"tmag": "t.tmag, t.starid, r.method", "method": "r.method, t.starid"}
+
+    def output_results(self, output, kept=False, order="tmag"):
+        """The results of the run into the folder ``output``: one dict (:attr:`OUTPUT_COLUMNS`)
+        per (task, method), so several methods' results of a star stand side by side.
+
+        A result of another folder is left out; one with no folder recorded (planned, or
+        migrated from before folders were recorded) counts as this one's. With ``kept`` only
+        the kept results (OK, WARNING) with a light-curve file, else also one row per task
+        without any result (``status`` None, ``method`` its todolist method or ''). Sorted by
+        CCD (sector, camera, ccd, cadence), then by ``order``: "tmag" (Tmag, TIC, method) or
+        "method" (method, TIC). ``reason`` is the error or the diagnostics' messages.
+        """
+        join = "JOIN" if kept else "LEFT JOIN"
+        where = (f"WHERE r.status IN ({', '.join('?' * len(KEPT))}) "
+                 "AND d.lightcurve IS NOT NULL ") if kept else ""
+        rows = self.conn.execute(
+            'SELECT t.sector, t.camera, t.ccd, t.cadence, t.starid, t.tmag, t."row", t."column", '
+            "COALESCE(r.method, t.method, ''), r.status, "
+            "COALESCE(r.error, d.errors, ''), d.variability, d.contamination, d.lightcurve "
+            f"FROM todolist t {join} results r ON r.priority = t.priority "
+            "AND (r.output = ? OR r.output IS NULL) "
+            f"{join} diagnostics d ON d.priority = r.priority AND d.method = r.method {where}"
+            "ORDER BY t.sector, t.camera, t.ccd, t.cadence, " + self._OUTPUT_ORDER[order],
+            (str(Path(output).resolve()), *(KEPT if kept else ()))).fetchall()
+        return [dict(zip(self.OUTPUT_COLUMNS, r)) for r in rows]
+
+
+class TaskStore(TaskQueries):
     """One connection to ``todo.sqlite``; every method is safe to call from many processes.
+    The writes are here, the read-only queries in :class:`TaskQueries`.
 
     Parameters
     ----------
@@ -423,27 +584,16 @@ class TaskStore:
             for _, create in indexes:
                 self.conn.execute(create)
 
-    # ------------------------------------------------------------------ filters
-    @staticmethod
-    def where(starid=None, tmag_min=None, tmag_max=None, camera=None, ccd=None, sector=None,
-              cache=None, priority=None):
-        """SQL condition on todolist ``t`` and its parameters for the run filters (None = no
-        constraint)."""
-        clauses, params = [], []
-        for column, value in (("starid", starid), ("camera", camera), ("ccd", ccd),
-                              ("sector", sector), ("cache", cache), ("priority", priority)):
-            if value is None:
-                continue
-            values = list(value) if isinstance(value, (list, tuple, set)) else [value]
-            clauses.append(f"t.{column} IN ({', '.join('?' * len(values))})")
-            params.extend(values)
-        if tmag_min is not None:
-            clauses.append("t.tmag >= ?")
-            params.append(tmag_min)
-        if tmag_max is not None:
-            clauses.append("t.tmag <= ?")
-            params.append(tmag_max)
-        return (" AND ".join(clauses) or "1"), params
+    def scratch_mode(self):
+        """For a file that is a scratch copy until renamed (``tessphot todo``): no fsyncs and
+        a big page cache for the index builds."""
+        self.conn.execute("PRAGMA synchronous = OFF")
+        self.conn.execute("PRAGMA cache_size = -262144")
+
+    def make_self_contained(self):
+        """Fold the write-ahead log into the file and leave WAL mode: one file to rename."""
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.conn.execute("PRAGMA journal_mode = DELETE")
 
     # ------------------------------------------------------------------ planning
     def plan(self, method=None, policy=None, filters=None, output=None):
@@ -501,10 +651,6 @@ class TaskStore:
     def _wanted_join(self):
         self._check_planned()
         return "JOIN wanted w ON w.rid = r.rowid"
-
-    def _check_planned(self):
-        if not self._wanted:
-            raise RuntimeError("TaskStore.plan() must choose the run's results first")
 
     # ------------------------------------------------------------------ run start
     def reset(self, mode="pending"):
@@ -896,143 +1042,6 @@ class TaskStore:
                 "UPDATE runs SET finished_at = ?, tasks_done = ?, counts = ?, interrupted = ? "
                 "WHERE run_id = ?",
                 (time.time(), tasks_done, json.dumps(counts), int(interrupted), run_id))
-
-    # ------------------------------------------------------------------ queries
-    def count(self, filters=None):
-        """Tasks (targets) matching ``filters``."""
-        cond, params = self.where(**(filters or {}))
-        return self.conn.execute(f"SELECT COUNT(*) FROM todolist t WHERE {cond}",
-                                 params).fetchone()[0]
-
-    def wanted_counts(self):
-        """``{status name: count}`` of the planned results (pending under "PENDING")."""
-        self._check_planned()
-        out = collections.Counter()
-        for status, n in self.conn.execute(
-                "SELECT r.status, COUNT(*) FROM wanted w CROSS JOIN results r "
-                "ON r.rowid = w.rid GROUP BY r.status"):
-            out["PENDING" if status is None else STATUS_NAMES.get(status, str(status))] += n
-        return dict(out)
-
-    def counts_since(self, owner, since):
-        """``{status name: count}`` of the results ``owner`` claimed since ``since`` (unix
-        time) and still holds or finished: what one run did, as it stands now (a result
-        withdrawn after it was saved counts as SKIPPED)."""
-        return {STATUS_NAMES.get(status, str(status)): n for status, n in self.conn.execute(
-            "SELECT status, COUNT(*) FROM results WHERE owner = ? AND claimed_at >= ? AND "
-            "status IS NOT NULL GROUP BY status", (owner, since))}
-
-    def wanted_methods(self):
-        """``{method: number of planned results}``."""
-        self._check_planned()
-        return dict(self.conn.execute(
-            "SELECT r.method, COUNT(*) FROM wanted w CROSS JOIN results r ON r.rowid = w.rid "
-            "GROUP BY 1"))
-
-    def status_counts(self, filters=None, method=None):
-        """``{status name: count}`` over every result (of ``method``) of the tasks matching
-        ``filters``; tasks without any result count as "PENDING"."""
-        cond, params = self.where(**(filters or {}))
-        mcond = "" if method is None else " AND r.method = ?"
-        out = collections.Counter()
-        for status, n in self.conn.execute(
-                f"SELECT r.status, COUNT(*) FROM results r JOIN todolist t USING (priority) "
-                f"WHERE {cond}{mcond} GROUP BY r.status",
-                params + ([] if method is None else [method])):
-            out["PENDING" if status is None else STATUS_NAMES.get(status, str(status))] += n
-        if method is None:
-            untouched = self.conn.execute(
-                f"SELECT COUNT(*) FROM todolist t WHERE {cond} AND NOT EXISTS "
-                "(SELECT 1 FROM results r WHERE r.priority = t.priority)", params).fetchone()[0]
-            if untouched:
-                out["PENDING"] += untouched
-        return dict(out)
-
-    def results_by_method(self):
-        """``{method: {status name: count}}`` of every result (pending under "PENDING")."""
-        out = {}
-        for method, status, n in self.conn.execute(
-                "SELECT method, status, COUNT(*) FROM results GROUP BY 1, 2 ORDER BY 1, 2"):
-            name = "PENDING" if status is None else STATUS_NAMES.get(status, str(status))
-            out.setdefault(method, {})[name] = n
-        return out
-
-    def count_without_results(self):
-        """Tasks with no result of any method (never planned)."""
-        return self.conn.execute("SELECT COUNT(*) FROM todolist t WHERE NOT EXISTS "
-                                 "(SELECT 1 FROM results r WHERE r.priority = t.priority)"
-                                 ).fetchone()[0]
-
-    def failures(self, limit):
-        """(number of failed results (ERROR, ABORT), the first ``limit`` of them by priority
-        and method as dicts: priority, starid, method, status (code), attempts, error, errors
-        (the diagnostics' messages))."""
-        marks = ", ".join("?" * len(FAILED))
-        names = ("priority", "starid", "method", "status", "attempts", "error", "errors")
-        rows = self.conn.execute(
-            "SELECT r.priority, t.starid, r.method, r.status, r.attempts, r.error, "
-            "d.errors FROM results r JOIN todolist t USING (priority) "
-            "LEFT JOIN diagnostics d USING (priority, method) "
-            f"WHERE r.status IN ({marks}) ORDER BY r.priority, r.method LIMIT ?",
-            list(FAILED) + [limit]).fetchall()
-        n = self.conn.execute(f"SELECT COUNT(*) FROM results WHERE status IN ({marks})",
-                              FAILED).fetchone()[0]
-        return n, [dict(zip(names, r)) for r in rows]
-
-    def mean_elaptime(self):
-        """``{method: mean seconds per target}`` of the diagnostics."""
-        return dict(self.conn.execute("SELECT method, AVG(elaptime) FROM diagnostics "
-                                      "GROUP BY 1"))
-
-    def last_run(self):
-        """The last row of ``runs`` as a dict (counts still JSON text), or None."""
-        cur = self.conn.execute("SELECT run_id, backend, workers, started_at, finished_at, "
-                                "tasks_done, counts, interrupted, output, method FROM runs "
-                                "ORDER BY run_id DESC LIMIT 1")
-        row = cur.fetchone()
-        return None if row is None else dict(zip((d[0] for d in cur.description), row))
-
-    def scratch_mode(self):
-        """For a file that is a scratch copy until renamed (``tessphot todo``): no fsyncs and
-        a big page cache for the index builds."""
-        self.conn.execute("PRAGMA synchronous = OFF")
-        self.conn.execute("PRAGMA cache_size = -262144")
-
-    def make_self_contained(self):
-        """Fold the write-ahead log into the file and leave WAL mode: one file to rename."""
-        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.conn.execute("PRAGMA journal_mode = DELETE")
-
-    #: the columns of :meth:`output_results`
-    OUTPUT_COLUMNS = ("sector", "camera", "ccd", "cadence", "starid", "tmag", "row", "column",
-                      "method", "status", "reason", "variability", "contamination",
-                      "lightcurve")
-    _OUTPUT_ORDER = {"tmag": "t.tmag, t.starid, r.method", "method": "r.method, t.starid"}
-
-    def output_results(self, output, kept=False, order="tmag"):
-        """The results of the run into the folder ``output``: one dict (:attr:`OUTPUT_COLUMNS`)
-        per (task, method), so several methods' results of a star stand side by side.
-
-        A result of another folder is left out; one with no folder recorded (planned, or
-        migrated from before folders were recorded) counts as this one's. With ``kept`` only
-        the kept results (OK, WARNING) with a light-curve file, else also one row per task
-        without any result (``status`` None, ``method`` its todolist method or ''). Sorted by
-        CCD (sector, camera, ccd, cadence), then by ``order``: "tmag" (Tmag, TIC, method) or
-        "method" (method, TIC). ``reason`` is the error or the diagnostics' messages.
-        """
-        join = "JOIN" if kept else "LEFT JOIN"
-        where = (f"WHERE r.status IN ({', '.join('?' * len(KEPT))}) "
-                 "AND d.lightcurve IS NOT NULL ") if kept else ""
-        rows = self.conn.execute(
-            'SELECT t.sector, t.camera, t.ccd, t.cadence, t.starid, t.tmag, t."row", t."column", '
-            "COALESCE(r.method, t.method, ''), r.status, "
-            "COALESCE(r.error, d.errors, ''), d.variability, d.contamination, d.lightcurve "
-            f"FROM todolist t {join} results r ON r.priority = t.priority "
-            "AND (r.output = ? OR r.output IS NULL) "
-            f"{join} diagnostics d ON d.priority = r.priority AND d.method = r.method {where}"
-            "ORDER BY t.sector, t.camera, t.ccd, t.cadence, " + self._OUTPUT_ORDER[order],
-            (str(Path(output).resolve()), *(KEPT if kept else ()))).fetchall()
-        return [dict(zip(self.OUTPUT_COLUMNS, r)) for r in rows]
 
 
 def _q(name):
