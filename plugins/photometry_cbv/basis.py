@@ -17,8 +17,9 @@ et al. 2012) and the ensemble idea of TASOC's corrections, in one single-scale b
    unit-variance S x N matrix, or the stars' own red noise (:func:`red_noise_edge`) if higher;
    a vector that one star dominates, or that rests on few stars (participation ratio), is
    removed with the star holding most of it and the SVD redone (PDC's entropy cleaning).
-4. Prior: every basis star's least-squares coefficients; a star's prior is a local linear
-   regression of them on CCD position and Tmag over its nearest basis stars, with their
+4. Prior: every basis star's least-squares coefficients; a star's prior is a local
+   regression of them (quadratic in CCD position, linear in Tmag and flux fraction) over its
+   nearest basis stars, with their
    scatter about it (PDC-MAP builds its prior from the same quiet-star coefficients as a
    function of position and magnitude).
 5. MAP fit per star with that Gaussian prior. The likelihood is the least-squares fit with
