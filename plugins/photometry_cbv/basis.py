@@ -288,7 +288,7 @@ class PriorModel:
         weighted scatter about the regression plus the error of its value here, so a prior
         from few or discordant stars is wide. The quadratic terms need
         ``quadratic_min_stars`` effective stars (else linear): with a local linear
-        regression the prior of the largest (focus-like) vector was off by 2.5x the stars'
+        regression the prior of the largest (focus-like) vector was off by 2.6x the stars'
         own scatter (scale-3 synthetic ensemble), and so were the 5-10 d signals it protects.
         """
         keep = self.starid != starid if starid is not None else np.ones(len(self.starid), bool)
