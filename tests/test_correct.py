@@ -75,8 +75,11 @@ def _reduction(ens, truth, results, specs, min_snr=3.0):
 
 @pytest.mark.parametrize("seed,scale,scatter,systematics", [
     (0, 1.0, 0.1, "orbit"), (3, 2.0, 0.05, "orbit"),
+    # systematics of 3x: the 5-10 d sinusoids rest on the prior (0.973-1.022 with a local
+    # linear prior; 0.990-1.012 with the quadratic one)
+    (11, 3.0, 0.1, "orbit"),
     # other shapes: a sector-long focus ramp, pointing steps at the dumps, a 1.7-d thermal
-    # oscillation (measured on seeds 0, 3, 7, 11: sinusoids 0.981-1.007, transits 0.990-1.010)
+    # oscillation (measured on seeds 0, 3, 7, 11: sinusoids 0.981-1.009, transits 0.986-1.010)
     (7, 1.0, 0.2, "steps")])
 def test_injected_signals_kept_and_common_systematics_removed(seed, scale, scatter, systematics):
     ens, truth = synthetic_ensemble(n_stars=400, n_cadences=1000, seed=seed, scale=scale,
@@ -89,13 +92,13 @@ def test_injected_signals_kept_and_common_systematics_removed(seed, scale, scatt
     assert all(r.method == "cbvMAP" for r in results)
     rec = _recovered(ens, truth, specs, results)
     # against the same light curve without systematics (same noise): the mean of each group
-    # (4 stars each) within 1 % (measured on seeds 0, 3, 7, 11: 0.995-1.005) ...
+    # (4 stars each) within 1 % (measured on seeds 0, 3, 7, 11: 0.996-1.003) ...
     for kind, size in [("sinusoid", p) for p in PERIODS] + [("transit", d) for d in DEPTHS]:
         ratios = [r for k, s, r, _ in rec if (k, s) == (kind, size)]
         assert abs(np.mean(ratios) - 1) < 0.01, (kind, size, ratios)
-    # ... and every star within 2 %, the issue's goal (measured on seeds 0, 3, 7: sinusoids
-    # 0.984-1.014, transits 0.989-1.011; before the per-star fit's clipping converged and the
-    # systematic was divided out, 1-mmag transits kept 0.975)
+    # ... and every star within 2 %, the issue's goal (measured on orbit seeds 0, 3, 7, 11:
+    # sinusoids 0.990-1.015, transits 0.988-1.008; before the per-star fit's clipping
+    # converged and the systematic was divided out, 1-mmag transits kept 0.975)
     for kind, size, ratio, _ in rec:
         assert abs(ratio - 1) < 0.02, (kind, size, ratio)
     # ... while the systematics (3-30x the noise of these stars) go down at least 5x: the
@@ -262,3 +265,49 @@ def test_a_clipped_transit_stays_out_of_the_fit():
     kept = transit_depth(t, (y + transit - inj.systematic) - (y - plain.systematic),
                          8.65, t[0] + 2.45, 0.125, good) / 1e-3
     assert abs(kept - 1) < 0.015, kept            # measured 0.992 (0.978 before)
+
+
+def test_a_transit_whose_edge_falls_on_a_cadence_is_measured_exactly():
+    """The 3-h box of the benchmark's sixth host (period 4.95 d) is centred on a 30-min
+    cadence, so its edges fall on cadences: injection and measurement must put them on the
+    same side. (The measurement decided it on its own and counted an in-transit cadence as
+    baseline: that transit came out at 0.972 and the star's depth at 0.994 with no
+    correction at all, the "0.6 % loss of every 10-mmag transit".)"""
+    from photometry.sim.lcsim import _time_axis, in_transit, transit_model
+    time, _ = _time_axis(1000, 1800)
+    good = np.ones(time.size, bool)
+    epoch = time[0] + 0.5 + 0.13 * 5
+    rel = transit_model(time, 4.95, epoch, 0.125, 0.01) - 1
+    assert np.count_nonzero(in_transit(time, 4.95, epoch, 0.125)) == 24     # 4 x 6 cadences
+    assert transit_depth(time, rel, 4.95, epoch, 0.125, good) == pytest.approx(0.01, rel=1e-9)
+
+
+def test_the_prior_follows_the_coefficients_over_the_ccd():
+    """A star's prior (from its neighbours, itself left out) against its true coefficients
+    on our vectors, for the quiet stars of a scale-3 ensemble: the error is about the stars'
+    own scatter about the smooth CCD dependence (the floor: no neighbour knows it), and the
+    stated widths match the errors. The focus-like systematic grows with the distance from
+    the CCD centre; a local linear regression missed that curvature by 2.6x the scatter."""
+    ens, truth = synthetic_ensemble(n_stars=400, n_cadences=1000, seed=11, scale=3.0)
+    corr = CBVCorrection(load_settings())
+    correct_ensemble(corr, ens)
+    common = np.mean(ens.good, axis=0) >= 0.9
+    vc = corr.vectors[:, common]
+
+    def on_vectors(systematic):
+        return np.linalg.lstsq(vc.T, systematic[common] - systematic[common].mean(),
+                               rcond=None)[0]
+
+    err, z, own = [], [], []
+    for i in np.flatnonzero(~truth["variable"] & (ens.tmag < 12.5)):
+        mean, var = corr.prior_model.prior(ens.row[i], ens.column[i], ens.tmag[i],
+                                           ens.starid[i], ens.flux_fraction[i])
+        true = on_vectors(truth["systematic"][i])
+        err.append(mean - true)
+        z.append((mean - true) / np.sqrt(var))
+        own.append(true - on_vectors(truth["coeff_mean"][i] @ truth["shapes"]))
+    err, z, own = np.array(err), np.array(z), np.array(own)
+    ratio = np.sqrt(np.sum(err ** 2) / np.sum(own ** 2))
+    assert ratio < 1.5, ratio                       # measured 1.13 (2.56 linear)
+    assert np.all((np.sqrt(np.mean(z ** 2, axis=0)) > 0.6)
+                  & (np.sqrt(np.mean(z ** 2, axis=0)) < 1.6)), np.sqrt(np.mean(z ** 2, axis=0))

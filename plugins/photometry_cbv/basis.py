@@ -17,8 +17,9 @@ et al. 2012) and the ensemble idea of TASOC's corrections, in one single-scale b
    unit-variance S x N matrix, or the stars' own red noise (:func:`red_noise_edge`) if higher;
    a vector that one star dominates, or that rests on few stars (participation ratio), is
    removed with the star holding most of it and the SVD redone (PDC's entropy cleaning).
-4. Prior: every basis star's least-squares coefficients; a star's prior is a local linear
-   regression of them on CCD position and Tmag over its nearest basis stars, with their
+4. Prior: every basis star's least-squares coefficients; a star's prior is a local
+   regression of them (quadratic in CCD position, linear in Tmag and flux fraction) over its
+   nearest basis stars, with their
    scatter about it (PDC-MAP builds its prior from the same quiet-star coefficients as a
    function of position and magnitude).
 5. MAP fit per star with that Gaussian prior. The likelihood is the least-squares fit with
@@ -256,6 +257,9 @@ class PriorModel:
         To leave a star's own coefficients out of its prior.
     n_neighbours : int
         Nearest stars whose coefficients make a prior.
+    quadratic_min_stars : float
+        Effective number of weighted stars (``(sum w)^2 / sum w^2``) below which the
+        regression drops its quadratic position terms.
     mag_px : float
         Pixels that one magnitude counts as in the neighbour distance: a systematic's
         coefficient depends on the aperture (so on Tmag) as much as on the place on the CCD.
@@ -269,18 +273,23 @@ class PriorModel:
     n_neighbours: int = 30
     mag_px: float = 500.0
     flux_fraction: np.ndarray = None
+    quadratic_min_stars: float = 20.0
 
     def prior(self, row, column, tmag, starid=None, flux_fraction=np.nan):
         """(mean (k,), variance (k,)) of the coefficients at (row, column, tmag).
 
-        A local linear regression of the coefficients on CCD row, column, Tmag and, where the
-        stars have one, the aperture's flux fraction FLFRCSAP (a focus change costs an
-        aperture holding less of the star's light more; a pointing drift changes sign across
-        the CCD), with Gaussian weights in the distance
+        A local regression of the coefficients, quadratic in CCD row and column (a focus or
+        velocity-aberration pattern grows with the distance from the boresight, a pointing
+        drift changes sign across the CCD), linear in Tmag and, where the stars have one, in
+        the aperture's flux fraction FLFRCSAP (a focus change costs an aperture holding less
+        of the star's light more), with Gaussian weights in the distance
         ``sqrt(drow^2 + dcol^2 + (mag_px dTmag)^2)`` whose scale is that of the
         ``n_neighbours``-th nearest star, the star itself left out. The variance is the
         weighted scatter about the regression plus the error of its value here, so a prior
-        from few or discordant stars is wide.
+        from few or discordant stars is wide. The quadratic terms need
+        ``quadratic_min_stars`` effective stars (else linear): with a local linear
+        regression the prior of the largest (focus-like) vector was off by 2.6x the stars'
+        own scatter (scale-3 synthetic ensemble), and so were the 5-10 d signals it protects.
         """
         keep = self.starid != starid if starid is not None else np.ones(len(self.starid), bool)
         dr, dc = self.rows[keep] - row, self.columns[keep] - column
@@ -294,8 +303,10 @@ class PriorModel:
             return np.zeros(k), np.full(k, np.inf)
         scale2 = max(np.partition(d2, n - 1)[n - 1], 1.0)
         w = np.exp(-0.5 * d2 / scale2)
-        cols = [np.ones_like(dr), dr / np.sqrt(scale2), dc / np.sqrt(scale2),
-                dm / np.sqrt(scale2)]
+        u, v = dr / np.sqrt(scale2), dc / np.sqrt(scale2)
+        cols = [np.ones_like(dr), u, v, dm / np.sqrt(scale2)]
+        if w.sum() ** 2 / np.sum(w ** 2) >= self.quadratic_min_stars:
+            cols += [u ** 2, v ** 2, u * v]
         ff = None if self.flux_fraction is None else self.flux_fraction[keep]
         if ff is not None and np.isfinite(flux_fraction) and np.all(np.isfinite(ff)) \
                 and np.std(ff) > 0:
@@ -306,7 +317,7 @@ class PriorModel:
             inv = np.linalg.inv(xtw @ x)
         except np.linalg.LinAlgError:
             return np.zeros(k), np.full(k, np.inf)
-        beta = inv @ (xtw @ c)                          # (4 or 5, k)
+        beta = inv @ (xtw @ c)                          # (4 to 8, k)
         resid = c - x @ beta
         n_eff = w.sum() ** 2 / np.sum(w ** 2)
         scatter = (w @ resid ** 2) / w.sum() * n_eff / max(n_eff - x.shape[1], 1.0)
