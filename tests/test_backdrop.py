@@ -89,46 +89,6 @@ def test_schur_solution_equals_dense_least_squares(masked):
         < 1e-6 * abs(sol @ A @ sol)
 
 
-def test_frame_products_equal_the_dense_formulas():
-    """The per-frame fast paths (column-first products, one-pass binning, per-frame noise)
-    give what the dense formulas give, with rows not a multiple of the bin and a frame whose
-    usable pixels are flagged or NaN (the per-pixel binning path)."""
-    rng = np.random.default_rng(8)
-    R, C = 43, 31
-    usable = rng.random((R, C)) > 0.3
-    fitter = BackdropFitter(usable, _backdrop_settings(knot_spacing=12.0, bin_rows=4,
-                                                       poly_degree=2), 0.5)
-    fitter.gain = 1.0 + 0.2 * (rng.random(C) > 0.8)
-    nf = 3
-    w = rng.normal(0, 5, (nf, len(fitter.pairs)))
-    strap = rng.normal(0, 2, (nf, C))
-    pa, pb = fitter.pairs[:, 0], fitter.pairs[:, 1]
-    rb = fitter.rmean[:, None, :] + fitter.delta[:, :, None] * fitter.rslope[:, None, :]
-    dense = np.einsum("ica,cb,fab->ifc", rb, fitter.cbasis, fitter.weight_matrix(w)) \
-        + strap[None]
-    np.testing.assert_allclose(fitter._binned_model(w, strap), dense, atol=1e-4)
-    images = rng.normal(100, 3, (nf, R, C)).astype(np.float32)
-    flags = np.zeros((nf, R, C), np.uint8)
-    r0, c0 = np.argwhere(usable)[0]
-    flags[1, r0, c0] = 4
-    images[2, r0, c0] = np.nan
-    ybar, missing = fitter.bin_frames(images, flags, bad_bits=4)
-    for i in range(nf):
-        good = usable & np.isfinite(images[i]) & (flags[i] == 0)
-        pad = -(-R // 4) * 4 - R
-        g = np.pad(good, ((0, pad), (0, 0))).reshape(-1, 4, C)
-        v = np.pad(np.where(good, images[i], 0.0), ((0, pad), (0, 0))).reshape(-1, 4, C)
-        n = g.sum(axis=1)
-        expect = np.where(n > 0, v.sum(axis=1) / np.maximum(n, 1), 0.0) / fitter.gain
-        np.testing.assert_allclose(ybar[:, i], expect, rtol=2e-6, atol=1e-4)
-        np.testing.assert_array_equal(missing[:, i], fitter.active & (n == 0))
-    z = rng.normal(0, 1, (fitter.n_bins, nf, C)).astype(np.float32)
-    for i in range(nf):
-        zi = z[:, i][fitter._sample_rc]
-        assert fitter._noise(z)[i] == pytest.approx(
-            1.4826 * np.median(np.abs(zi - np.median(zi))), rel=1e-6)
-
-
 def test_binned_fit_is_exact_in_a_steep_gradient():
     """A star mask that removes pixels unevenly from bins must not bias the fit: the
     first-order row term of the bin basis keeps a noise-free smooth field exact."""
