@@ -42,8 +42,8 @@ from pathlib import Path
 
 from photometry.hooks.errors import InputError
 
-__all__ = ["TaskStore", "TaskQueries", "STATUS_NAMES", "FINAL", "FAILED", "KEPT", "owner_id",
-           "DIAGNOSTIC_COLUMNS", "TODO_NAME", "CLAIM_ORDER", "MIGRATIONS"]
+__all__ = ["TaskStore", "TaskQueries", "STATUS_NAMES", "status_name", "FINAL", "FAILED", "KEPT",
+           "owner_id", "DIAGNOSTIC_COLUMNS", "TODO_NAME", "CLAIM_ORDER", "MIGRATIONS"]
 
 #: file name of the task database in the cache folder
 TODO_NAME = "todo.sqlite"
@@ -55,6 +55,12 @@ logger = logging.getLogger(__name__)
 STATUS_NAMES = {0: "UNKNOWN", 1: "OK", 2: "ERROR", 3: "WARNING", 4: "ABORT", 5: "SKIPPED",
                 6: "STARTED"}
 STATUS_CODES = {name: code for code, name in STATUS_NAMES.items()}
+
+
+def status_name(code):
+    """The name of a result's status code; "PENDING" for a result not yet run (NULL)."""
+    return "PENDING" if code is None else STATUS_NAMES.get(code, str(code))
+
 OK, ERROR, WARNING, ABORT, SKIPPED, STARTED = 1, 2, 3, 4, 5, 6
 #: statuses that end a task
 FINAL = (OK, ERROR, WARNING, ABORT, SKIPPED)
@@ -315,7 +321,7 @@ class TaskQueries:
         for status, n in self.conn.execute(
                 "SELECT r.status, COUNT(*) FROM wanted w CROSS JOIN results r "
                 "ON r.rowid = w.rid GROUP BY r.status"):
-            out["PENDING" if status is None else STATUS_NAMES.get(status, str(status))] += n
+            out[status_name(status)] += n
         return dict(out)
 
     def counts_since(self, owner, since):
@@ -343,11 +349,9 @@ class TaskQueries:
                 f"SELECT r.status, COUNT(*) FROM results r JOIN todolist t USING (priority) "
                 f"WHERE {cond}{mcond} GROUP BY r.status",
                 params + ([] if method is None else [method])):
-            out["PENDING" if status is None else STATUS_NAMES.get(status, str(status))] += n
+            out[status_name(status)] += n
         if method is None:
-            untouched = self.conn.execute(
-                f"SELECT COUNT(*) FROM todolist t WHERE {cond} AND NOT EXISTS "
-                "(SELECT 1 FROM results r WHERE r.priority = t.priority)", params).fetchone()[0]
+            untouched = self.count_without_results(filters)
             if untouched:
                 out["PENDING"] += untouched
         return dict(out)
@@ -357,15 +361,15 @@ class TaskQueries:
         out = {}
         for method, status, n in self.conn.execute(
                 "SELECT method, status, COUNT(*) FROM results GROUP BY 1, 2 ORDER BY 1, 2"):
-            name = "PENDING" if status is None else STATUS_NAMES.get(status, str(status))
-            out.setdefault(method, {})[name] = n
+            out.setdefault(method, {})[status_name(status)] = n
         return out
 
-    def count_without_results(self):
-        """Tasks with no result of any method (never planned)."""
-        return self.conn.execute("SELECT COUNT(*) FROM todolist t WHERE NOT EXISTS "
-                                 "(SELECT 1 FROM results r WHERE r.priority = t.priority)"
-                                 ).fetchone()[0]
+    def count_without_results(self, filters=None):
+        """Tasks (matching ``filters``) with no result of any method (never planned)."""
+        cond, params = self.where(**(filters or {}))
+        return self.conn.execute(
+            f"SELECT COUNT(*) FROM todolist t WHERE {cond} AND NOT EXISTS "
+            "(SELECT 1 FROM results r WHERE r.priority = t.priority)", params).fetchone()[0]
 
     def failures(self, limit):
         """(number of failed results (ERROR, ABORT), the first ``limit`` of them by priority

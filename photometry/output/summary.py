@@ -34,15 +34,14 @@ def _tasks(cache_dir, output):
     (PENDING, its todolist method): ``((sector, camera, ccd, cadence), starid, tmag, method,
     status, reason, contamination, lightcurve)``. Results of another run's output folder are
     left out (a planned or migrated result, which has no folder yet, counts as this one's)."""
-    from photometry.data.taskstore import STATUS_NAMES, TODO_NAME, TaskStore
+    from photometry.data.taskstore import TODO_NAME, TaskStore, status_name
     with TaskStore(Path(cache_dir) / TODO_NAME) as store:
         rows = store.output_results(output)
     out = []
     for r in rows:
         lines = (line.strip() for line in (r["reason"] or "").splitlines())
         reason = "; ".join(dict.fromkeys(line for line in lines if line))
-        code, cont = r["status"], r["contamination"]
-        status = "PENDING" if code is None else STATUS_NAMES.get(code, str(code))
+        status, cont = status_name(r["status"]), r["contamination"]
         out.append((tuple(int(r[k]) for k in ("sector", "camera", "ccd", "cadence")),
                     int(r["starid"]), float(r["tmag"]), r["method"], status, reason[:300],
                     np.nan if cont is None else float(cont), r["lightcurve"]))
