@@ -43,8 +43,8 @@ from photometry.data.sources import open_source
 from photometry.sim.evaluation import score_lightcurve
 from photometry.hooks.settings import load_settings
 
-KEYS = ("noise_vs_stated", "noise_vs_limit", "mask_vs_optimal", "catalog_ratio", "reference_vs_expected",
-        "reference_ratio")
+KEYS = ("noise_vs_stated", "noise_vs_limit", "mask_vs_optimal", "catalog_ratio",
+        "reference_vs_expected", "reference_ratio", "noise_vs_aperture", "noise_vs_decorrelated")
 
 
 def _bench_aperture():
@@ -162,6 +162,8 @@ def main(argv=None):
     parser.add_argument("--spoc-prf", default=None, metavar="DIR")
     parser.add_argument("--no-uncertainty", action="store_true")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--json", default=None, help="write every result (label, method, "
+                        "status, codes, metrics, scores) to this file")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     logging.basicConfig(level=logging.ERROR)
@@ -175,6 +177,8 @@ def main(argv=None):
         truth, cache = bench.simulate_and_prepare(work / f"seed{seed}", args.size,
                                                   args.cadences, seed)
         res = evaluate(truth, cache, settings)
+        for r in res:
+            r["label"] = f"seed {seed}"
         everything += res
         summarize(f"simulated sector, seed {seed}", res)
     summarize(f"all {len(args.seeds)} simulated sectors", everything)
@@ -187,9 +191,13 @@ def main(argv=None):
         subprocess.run(exe + ["prepare", str(base / "sim" / "ffi"), "--catalog",
                               str(base / "sim" / "catalog.csv"), "--cache", str(base / "cache"),
                               "--no-progress"], check=True, capture_output=True)
+        res = evaluate(base / "sim" / "truth.h5", next((base / "cache").glob("*.hdf5")),
+                       settings)
+        for r in res:
+            r["label"] = "spoc"
+        everything += res
         summarize("sector drawn with the SPOC PRF (methods and checks use the analytic one)",
-                  evaluate(base / "sim" / "truth.h5", next((base / "cache").glob("*.hdf5")),
-                           settings))
+                  res)
     if args.no_uncertainty:
         seed = args.seeds[0]
         base = work / f"seed{seed}"
@@ -199,9 +207,15 @@ def main(argv=None):
                        check=True, capture_output=True)
         res = evaluate(base / "sim" / "truth.h5", next((work / "nounc" / "cache").glob("*.hdf5")),
                        settings)
+        for r in res:
+            r["label"] = "no-uncertainty"
+        everything += res
         summarize(f"seed {seed} without uncertainty HDUs (issue 13 item 1)", res)
         print("   statuses:", dict(collections.Counter(
             f"{r['method']} {r['status']}" for r in res)))
+    if args.json:
+        import json
+        Path(args.json).write_text(json.dumps(everything, default=float))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ placed at CCD (700, 900). The shape model is the ``linpsf_shape`` stage's fit on
 on good cadences: per magnitude bin the median scatter / ideal PRF-weighted noise of the
 isolated constant stars for linpsf, linpsf with the true PRF (the solver's floor) and aperture;
 the median |amplitude - 1| of the isolated variables; the blend's amplitude errors; crowding
-(``photometry.core.crowding``) against the aperture / linpsf noise of all 8-13 mag stars; times.
+(``photometry.core.crowding``) against the aperture / linpsf noise of all 8-13 mag stars; the
+trust gates NOISE_VS_APERTURE and SLOW_NOISE_VS_APERTURE (docs/checks.md): how many of the
+targets whose linpsf light curve is noisier than the aperture plugin's they flag, and which
+pass; times.
 ``--psfmachine``: psfmachine 1.1.4 on the same pixels (``bench_psfmachine.run_psfmachine``).
 
 Usage::
@@ -100,6 +103,7 @@ def run_family(name, size, cadences, seed, overrides=(), psfmachine=None):
         checks = ph.details.get("checks", {})
         row["codes"] = list(checks.get("codes", []))
         row["vs_ap"] = checks.get("metrics", {}).get("noise_vs_aperture")
+        row["vs_dec"] = checks.get("metrics", {}).get("noise_vs_decorrelated")
         row["lin"], row["lin_amp"] = score_lightcurve(ph.lightcurve, tr["flux"][k],
                                                       tr["ideal_noise"][k])
         if row["iso"] or row["iso_var"] or row["blend"]:
@@ -179,13 +183,21 @@ def summary(out):
                          f"{np.median([r['lin'] for r in sel]):.3f}, aperture "
                          f"{np.median([r['ap'] for r in sel]):.3f}")
     lines.append("statuses: " + ", ".join(sorted({r["status"] for r in rows})))
-    worse = [r for r in rows if r["lin"] > 1.1 * r["ap"]]
-    flagged = [r for r in rows if "NOISE_VS_APERTURE" in r["codes"]]
-    lines.append(f"NOISE_VS_APERTURE: {len(flagged)} of {len(rows)} flagged; linpsf > 1.1 x "
-                 f"aperture noise: {len(worse)}, of them flagged "
-                 f"{sum('NOISE_VS_APERTURE' in r['codes'] for r in worse)}; flagged with linpsf "
-                 f"<= aperture: {sum(r['lin'] <= r['ap'] for r in flagged)}; ratio median "
-                 f"{np.median([r['vs_ap'] for r in rows if r['vs_ap'] is not None]):.2f}")
+    for code, key in (("NOISE_VS_APERTURE", "vs_ap"), ("SLOW_NOISE_VS_APERTURE", "vs_dec")):
+        flagged = [r for r in rows if code in r["codes"]]
+        worse = [r for r in rows if r["lin"] > r["ap"]]
+        worse11 = [r for r in rows if r["lin"] > 1.1 * r["ap"]]
+        judged = [r[key] for r in rows if r.get(key) is not None]
+        lines.append(f"{code}: {len(flagged)} of {len(rows)} flagged ({len(judged)} judged); "
+                     f"linpsf noisier than aperture: {len(worse)}, of them flagged "
+                     f"{sum(code in r['codes'] for r in worse)}; > 1.1 x aperture: "
+                     f"{len(worse11)}, flagged {sum(code in r['codes'] for r in worse11)}; "
+                     f"flagged with linpsf <= aperture: {sum(r['lin'] <= r['ap'] for r in flagged)}"
+                     f"; ratio median {np.median(judged) if judged else float('nan'):.2f}")
+    lines.append("linpsf noisier than aperture, not flagged: " + ", ".join(
+        f"Tmag {r['tmag']:.1f} {r['lin']:.2f}/{r['ap']:.2f} (ratio {r['vs_dec'] or 0:.2f})"
+        for r in rows if r["lin"] > r["ap"] and "SLOW_NOISE_VS_APERTURE" not in r["codes"]
+        and "NOISE_VS_APERTURE" not in r["codes"]))
     lines.append("codes: " + ", ".join(sorted({c for r in rows for c in r["codes"]})))
     sec = out["seconds"]
     lines.append(f"CPU s: shape {sec['shape']:.1f}, linpsf {sec['linpsf']:.1f} "

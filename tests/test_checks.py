@@ -32,7 +32,7 @@ from photometry.sim.evaluation import score_lightcurve
 from photometry.data.memory_source import MemorySource
 from photometry.data.movement import MovementKernel
 from photometry.data.prf import AnalyticPRF, SpocPRF
-from photometry.hooks.quality import PixelQualityFlags
+from photometry.hooks.quality import PixelQualityFlags, TESSQualityFlags
 from photometry.hooks.settings import default_settings
 from photometry.sim.simulate import bleed
 from photometry.data.tpf import TPFSource
@@ -57,7 +57,7 @@ EXPOSURE, READ_VAR, SKY = 1440.0, 720 * 10.0 ** 2, 100.0
 CORE = {"FINITE_FRACTION", "ERRORS_INVALID", "NOISE_EXCESS", "ERRORS_OVERSTATED",
         "PIXEL_ERRORS_MISSING", "FLUX_VS_REFERENCE", "FLUX_LOW", "FLUX_VS_CATALOG", "NO_MASK",
         "MASK_TOO_SMALL", "BLEED_NOT_COVERED", "BLEED_TRUNCATED", "KERNEL_INVALID",
-        "NOISE_VS_APERTURE"}
+        "NOISE_VS_APERTURE", "SLOW_NOISE_VS_APERTURE"}
 
 
 def _settings(prf=None):
@@ -74,10 +74,11 @@ def codes(phot):
 
 # ---------------------------------------------------------------- in-memory scenes
 def memory_scene(prf, seed=1, shape=(40, 40), n=80, nstar=22, jitter=0.02, saturated=False,
-                 kernel_nan=False):
+                 kernel_nan=False, drift=0.0):
     """Stars (Tmag 8-14.5, some variable) on a flat sky drawn with ``prf``, moving with a
-    known jitter; an optional Tmag 5.5 star at the centre whose charge bleeds along its
-    columns (flagged Saturated). Returns the source and the truth."""
+    known jitter (plus a linear ``drift`` in px over the series, column and -0.6 x row); an
+    optional Tmag 5.5 star at the centre whose charge bleeds along its columns (flagged
+    Saturated). Returns the source and the truth."""
     rng = np.random.default_rng(seed)
     rows = rng.uniform(-2, shape[0] + 2, nstar)
     cols = 44 + rng.uniform(-2, shape[1] + 2, nstar)
@@ -89,6 +90,8 @@ def memory_scene(prf, seed=1, shape=(40, 40), n=80, nstar=22, jitter=0.02, satur
     period = rng.uniform(0.5, 2.0, nstar)
     true = mag2flux(tmag)[:, None] * (1 + amp[:, None] * np.sin(2 * np.pi * time / period[:, None]))
     dx, dy = rng.normal(0, jitter, n), rng.normal(0, jitter, n)
+    ramp = np.linspace(-0.5, 0.5, n) * drift
+    dx, dy = dx + ramp, dy - 0.6 * ramp
     scene = np.empty((n,) + shape)
     for i in range(n):
         mat = prf.design_matrix(rows + dy[i], cols + dx[i], shape, origin=(0, 44))
@@ -712,3 +715,55 @@ def test_prf_fit_noisier_than_the_aperture_sum_is_flagged():
     assert codes(noisy) == {"NOISE_VS_APERTURE"}
     m = noisy.details["checks"]["metrics"]
     assert m["noise_vs_aperture"] > m["noise_vs_aperture_limit"]
+
+
+def _pointing_error(times):
+    """A flux error that follows the pointing (what a PRF fit with a wrong shape makes of
+    the telescope's motion): ``times`` x the light curve's point-to-point scatter in rms,
+    proportional to the column offset."""
+    def change(phot):
+        flux = np.asarray(phot.lightcurve["flux"], float)
+        good = np.isfinite(flux) & TESSQualityFlags.filter(phot.quality)
+        dx = phot._pos_corr()[:, 0]
+        dx = dx - np.median(dx[good])
+        sigma = robust_scatter(flux, good) / np.median(flux[good])
+        phot.lightcurve["flux"] = flux * (1 + times * sigma * dx / np.std(dx[good]))
+    return change
+
+
+def test_prf_fit_whose_error_follows_the_pointing_is_flagged():
+    """SLOW_NOISE_VS_APERTURE: the scene drifts by 0.3 px; a PRF fit whose flux error follows
+    the pointing (3 x its point-to-point noise in rms, mostly slow: invisible to
+    NOISE_VS_APERTURE and NOISE_EXCESS) is WARNING. The correct fits of the same stars pass,
+    a variable one included: its variability is common to the fit and the aperture sums and
+    does not count as noise (a plain regression of the flux on the pointing would take a
+    sinusoid's share along the drift for noise)."""
+    source, truth = memory_scene(AnalyticPRF(), seed=1, n=300, drift=0.3)
+    bright = np.flatnonzero(truth["good"] & (truth["tmag"] < 12))
+    variable = [k for k in bright if truth["amp"][k] > 0.01]
+    assert len(bright) >= 3 and variable
+    judged = []
+    for k in bright:
+        right = LinPSFPhotometry(int(k) + 1, source, settings=_settings())
+        assert right.photometry() == STATUS.OK, (k, right.details["checks"])
+        m = right.details["checks"]["metrics"]
+        if m["slow_neighbour_fraction"] <= _settings()["checks"]["slow_neighbour_max"]:
+            judged.append(k)         # measured 1.05 (the variable), 0.94, 1.00; limits 1.41-1.68
+            assert m["noise_vs_decorrelated"] < 1.15 < m["noise_vs_decorrelated_limit"] < 1.8
+        else:                        # a neighbour's light in the wide aperture: not judged
+            assert "noise_vs_decorrelated" not in m
+    assert len(judged) >= 3 and set(variable) <= set(judged)
+
+    class Drifting(LinPSFPhotometry):
+        name = "drifting"
+
+        def do_photometry(self):
+            status = super().do_photometry()
+            _pointing_error(3.0)(self)
+            return status
+    for k in judged:
+        wrong = Drifting(int(k) + 1, source, settings=_settings())
+        assert wrong.photometry() == STATUS.WARNING
+        assert codes(wrong) == {"SLOW_NOISE_VS_APERTURE"}, (k, wrong.details["checks"])
+        m = wrong.details["checks"]["metrics"]
+        assert m["noise_vs_decorrelated"] > m["noise_vs_decorrelated_limit"]

@@ -21,6 +21,8 @@ NOISE_EXCESS          W       point-to-point scatter far above the stated errors
                               propagated from the pixel uncertainties (the photon limit)
 NOISE_VS_APERTURE     W       a total-flux (PRF-fit) light curve measurably noisier than
                               aperture sums of the same pixels
+SLOW_NOISE_VS_APERTURE W      the same, counting the noise that follows the pointing,
+                              against aperture sums decorrelated against the pointing
 ERRORS_OVERSTATED     W       scatter far below the stated errors
 PIXEL_ERRORS_MISSING  W       pixel uncertainties NaN in the mask (noise model used instead)
 FLUX_VS_REFERENCE     E       flux inconsistent with a plain sum of the same pixels, allowing
@@ -46,6 +48,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+from photometry.core.motion import pos_corr
 from photometry.data.noise import CCDNoise
 from photometry.hooks.quality import CHECK_CODES, PixelQualityFlags, TESSQualityFlags
 from photometry.hooks.utilities import mag2flux
@@ -443,8 +446,11 @@ def _check_pixels(phot, good, use, flux, F, scatter, mask, cfg, flag, m):
 
     if scatter is not None and saturated is None and F > 0 \
             and getattr(phot, "flux_kind", None) == "total":
-        _check_vs_aperture(images, use, scatter / F, target_prf, neighbours, F_cat, var,
-                           phot.sumimage, cfg, flag, m)
+        noisy = _check_vs_aperture(images, use, scatter / F, target_prf, neighbours, F_cat,
+                                   var, phot.sumimage, cfg, flag, m)
+        _check_slow_vs_aperture(phot, prf_model, prf, images, use, flux / F, target_prf,
+                                neighbours, F_cat, var, phot.sumimage, cfg,
+                                (lambda *a: None) if noisy else flag, m)
 
     # flux against the catalog magnitude
     factor = float(cfg["catalog_factor"])
@@ -536,6 +542,24 @@ def _sky_offset(images, sumimage, model, var):
     return float(level) if np.isfinite(level) else 0.0
 
 
+def _sky_series(images, sumimage, model, var):
+    """(n,) per-cadence level (e-/s per pixel) of the background-subtracted stamp where no
+    star is expected (:func:`_sky_offset` cadence by cadence; 0 without such pixels).
+
+    Why per cadence: the wide aperture of SLOW_NOISE_VS_APERTURE holds ~70 pixels, and a
+    background model's residual that changes in time (scattered light) is, summed over them,
+    up to several per cent of a Tmag 12 star: a PRF fit fits its own sky and has no share in
+    it.
+    """
+    empty = np.isfinite(sumimage) & (model < 0.5 * np.sqrt(var))
+    if np.count_nonzero(empty) < 3:
+        return np.zeros(len(images))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        level = np.nanmedian(images[:, empty], axis=1)
+    return np.where(np.isfinite(level), level, 0.0)
+
+
 def _check_vs_aperture(images, use, relative, target_prf, neighbours, F_cat, var, sumimage,
                        cfg, flag, m):
     """NOISE_VS_APERTURE: a total-flux (PRF-fit) light curve measurably noisier than the
@@ -553,22 +577,9 @@ def _check_vs_aperture(images, use, relative, target_prf, neighbours, F_cat, var
     statistical error, ``1.65 / sqrt(N)`` for two MAD scatters of N cadences (1.16 /
     sqrt(N) each, taken as independent: conservative).
     """
-    own = (target_prf * F_cat >= neighbours) & np.isfinite(var) & (var > 0) & (target_prf > 0)
-    if not own.any():
-        return
-    p, v = target_prf[own], var[own]
-    by_snr = np.argsort(-p / v)
-    snr = np.cumsum(p[by_snr]) / np.sqrt(np.cumsum(v[by_snr]))
-    by_flux = np.argsort(-p)
-    cum = np.cumsum(p[by_flux]) / np.sum(target_prf[np.isfinite(target_prf)])
-    picks = [by_snr[:int(np.argmax(snr)) + 1]] + [
-        by_flux[:int(np.searchsorted(cum, f)) + 1] for f in (0.9, 0.95)]
     sky = _sky_offset(images[use], sumimage, target_prf * F_cat + neighbours, var)
     best = None
-    for pick in picks:
-        mask = np.zeros(own.size, bool)
-        mask[np.flatnonzero(own)[pick]] = True
-        mask = mask.reshape(own.shape)
+    for mask in _aperture_masks(target_prf, neighbours, F_cat, var):
         sums = np.sum(np.where(mask, images, 0.0), axis=(1, 2))
         ok = use & np.all(np.isfinite(images[:, mask]), axis=1)
         scatter = robust_scatter(sums, ok, int(cfg["scatter_window"]))
@@ -578,7 +589,7 @@ def _check_vs_aperture(images, use, relative, target_prf, neighbours, F_cat, var
         if ap_flux > 0 and (best is None or scatter / ap_flux < best[0]):
             best = (scatter / ap_flux, int(mask.sum()), int(np.count_nonzero(ok)))
     if best is None:
-        return
+        return False
     ratio = relative / best[0]
     limit = 1.0 + float(cfg["aperture_noise_margin"]) \
         + float(cfg["aperture_noise_nsigma"]) * 1.65 / np.sqrt(best[2])
@@ -588,6 +599,178 @@ def _check_vs_aperture(images, use, relative, target_prf, neighbours, F_cat, var
         flag("NOISE_VS_APERTURE", "WARNING", f"relative scatter {relative:.3g} is "
              f"{ratio:.2f}x that of a {best[1]}-pixel aperture sum of the same pixels "
              f"({best[0]:.3g}; limit {limit:.2f}x)")
+    return bool(ratio > limit)
+
+
+def _aperture_masks(target_prf, neighbours, F_cat, var):
+    """The three aperture masks the aperture comparisons use: among the pixels the target
+    dominates, those of best predicted S/N and those holding 90 % and 95 % of its PRF (a
+    small mask is the most sensitive to pointing jitter, a large one to neighbours)."""
+    own = (target_prf * F_cat >= neighbours) & np.isfinite(var) & (var > 0) & (target_prf > 0)
+    if not own.any():
+        return []
+    p, v = target_prf[own], var[own]
+    by_snr = np.argsort(-p / v)
+    snr = np.cumsum(p[by_snr]) / np.sqrt(np.cumsum(v[by_snr]))
+    by_flux = np.argsort(-p)
+    cum = np.cumsum(p[by_flux]) / np.sum(target_prf[np.isfinite(target_prf)])
+    picks = [by_snr[:int(np.argmax(snr)) + 1]] + [
+        by_flux[:int(np.searchsorted(cum, f)) + 1] for f in (0.9, 0.95)]
+    masks = []
+    for pick in picks:
+        mask = np.zeros(own.size, bool)
+        mask[np.flatnonzero(own)[pick]] = True
+        masks.append(mask.reshape(own.shape))
+    return masks
+
+
+def _check_slow_vs_aperture(phot, prf_model, prf, images, use, relative, target_prf,
+                            neighbours, F_cat, var, sumimage, cfg, flag, m):
+    """SLOW_NOISE_VS_APERTURE: a total-flux (PRF-fit) light curve whose noise, counting the
+    slow part that follows the pointing, exceeds that of an aperture sum of the same stamp
+    decorrelated against the pointing.
+
+    Why: a PRF shape model that misses the real PRF turns the pointing's jitter and drift
+    into flux errors that follow the pointing (SPOC-PRF scenes: linpsf 1.4-5.7 x the ideal
+    noise where aperture gave 1.0-1.7), much of it slow, which the point-to-point scatter of
+    NOISE_VS_APERTURE does not see (docs/checks.md).
+
+    How, without mistaking the star's variability for noise: every reference ``R`` (the
+    plain sum of the pixels holding ``slow_aperture_fraction``, 0.99, of the target's PRF, and
+    the three sums of ``_aperture_masks``; each minus the catalog neighbours' light and a
+    per-cadence sky level, over its median) holds the same stellar signal as ``f / F``, so
+    ``f / F - R`` holds none. It is fitted by ``[1, dx, dy, R - 1]`` (``dx, dy`` the target's
+    POS_CORR; the last term takes up a dilution difference); the ``(dx, dy)`` coefficients
+    plus ``R``'s own response, which the core's PRF and the catalog predict
+    (:func:`_pointing_response`), are the PRF fit's response ``a`` to the pointing. Its slow
+    variance ``a' cov(smooth X) a`` (the pointing smoothed as :func:`robust_scatter` does),
+    less what the fit's noise puts there, is added to the flux's point-to-point variance; of
+    the four references the smallest counts (one with systematics of its own, a neighbour or
+    a background residual, only adds). The reference noise: the least point-to-point scatter
+    of the three aperture sums, each less its own pointing response (from its difference with
+    the wide sum). The limit is NOISE_VS_APERTURE's plus the uncertainty of the slow part.
+    Not judged where the catalog neighbours put more than ``slow_neighbour_max`` of the
+    target's light into the wide sum, where it reaches the stamp's edge (light moving off a
+    cut stamp), or without a pointing measurement. ``prf``: the catalog stars' PRF images.
+    """
+    window = int(cfg["scatter_window"])
+    X = np.asarray(pos_corr(phot), dtype=float)
+    wide = _core_pixels(target_prf, float(cfg["slow_aperture_fraction"]))
+    c_wide = float(target_prf[wide].sum())
+    nb_frac = float(neighbours[wide].sum()) / max(F_cat * c_wide, 1e-300)
+    m["slow_neighbour_fraction"] = nb_frac
+    ok = use & np.all(np.isfinite(X), axis=1) & np.all(np.isfinite(images[:, wide]), axis=1)
+    n = int(np.count_nonzero(ok))
+    edge = np.zeros_like(wide)
+    edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = True
+    m["slow_aperture_on_edge"] = on_edge = bool(np.any(wide & edge))
+    if n < 4 * window or nb_frac > float(cfg["slow_neighbour_max"]) or on_edge \
+            or c_wide <= 0:
+        return
+    X = X[ok] - np.median(X[ok], axis=0)
+    if not np.all(np.std(X, axis=0) > 0):
+        return
+    smooth_X = _smooth(X, window)
+    cube = images[ok]
+    sky = _sky_series(cube, sumimage, target_prf * F_cat + neighbours, var)
+
+    def relative_sum(mask):
+        sums = cube[:, mask].sum(axis=1) - float(neighbours[mask].sum()) - mask.sum() * sky
+        level = float(np.median(sums))
+        return sums / level if level > 0 else None
+
+    masks = [wide] + _aperture_masks(target_prf, neighbours, F_cat, var)
+    fluxes = np.where(np.asarray(phot.catalog["starid"]) == phot.starid, F_cat,
+                      mag2flux(np.asarray(phot.catalog["tmag"], dtype=float)))
+    predicted = _pointing_response(phot, prf_model, prf, masks, fluxes)
+    rel = relative[ok]
+    p2p = robust_scatter(rel, None, window)
+    if p2p is None:
+        return
+    cov_X = np.cov(smooth_X.T)
+
+    def response(y, R, b_R):
+        """Response of ``y`` to the pointing, from ``y - R`` (no stellar signal) plus the
+        predicted response of the reference ``R``, and its covariance."""
+        design = np.column_stack([np.ones(n), X, R - 1.0])
+        dinv = np.linalg.pinv(design.T @ design)
+        coef = dinv @ (design.T @ (y - R))
+        resid = (y - R) - design @ coef
+        return coef[1:3] + b_R, dinv[1:3, 1:3] * float(np.sum(resid ** 2)) / max(n - 4, 1)
+
+    # the PRF fit's slow pointing noise against each reference; the smallest counts (a
+    # reference with systematics of its own - a neighbour, the background - only adds)
+    sums = [relative_sum(mask) for mask in masks]
+    slow = []
+    for R, b_R in zip(sums, predicted):
+        if R is None:
+            continue
+        coef, cov = response(rel, R, b_R)
+        slow2 = float(coef @ cov_X @ coef - np.trace(cov @ cov_X))
+        slow.append((max(slow2, 0.0),
+                     float(2.0 * np.sqrt(max(coef @ cov_X @ cov @ cov_X @ coef, 0.0)))))
+    if not slow or sums[0] is None:
+        return
+    slow2, slow2_err = min(slow)
+    noise = float(np.sqrt(p2p ** 2 + slow2))
+    best = None
+    for mask, A in zip(masks[1:], sums[1:]):
+        if A is None:
+            continue
+        scatter = robust_scatter(A - X @ response(A, sums[0], predicted[0])[0], None, window)
+        if scatter is not None and scatter > 0 and (best is None or scatter < best[0]):
+            best = (scatter, int(mask.sum()))
+    if best is None:
+        return
+    ratio = noise / best[0]
+    sigma = np.hypot(1.65 / np.sqrt(n), slow2_err / (2.0 * noise ** 2))
+    limit = 1.0 + float(cfg["aperture_noise_margin"]) + float(cfg["aperture_noise_nsigma"]) * sigma
+    m.update(slow_noise=float(np.sqrt(slow2)), noise_vs_decorrelated=float(ratio),
+             noise_vs_decorrelated_limit=float(limit), decorrelated_pixels=best[1])
+    if ratio > limit:
+        flag("SLOW_NOISE_VS_APERTURE", "WARNING", f"noise {noise:.3g} of the flux (of it "
+             f"{np.sqrt(slow2):.3g} slow, following the pointing) is {ratio:.2f}x that of a "
+             f"{best[1]}-pixel aperture sum decorrelated against the pointing ({best[0]:.3g}; "
+             f"limit {limit:.2f}x)")
+
+
+def _smooth(values, window):
+    """``values`` (n, ...) smoothed by a local cubic of ``window`` cadences (the
+    Savitzky-Golay filter of :func:`robust_scatter`); the ``window // 2`` cadences at either
+    end take the nearest smoothed value."""
+    values = np.asarray(values, dtype=float)
+    half = window // 2
+    vander = np.vander(np.arange(-half, half + 1), 4, increasing=True)
+    weights = np.linalg.pinv(vander)[0]
+    inner = np.moveaxis(np.lib.stride_tricks.sliding_window_view(values, window, axis=0),
+                        -1, 0)
+    smooth = np.tensordot(weights, inner, axes=1)
+    return np.concatenate([np.repeat(smooth[:1], half, axis=0), smooth,
+                           np.repeat(smooth[-1:], half, axis=0)])
+
+
+def _pointing_response(phot, prf_model, prf, masks, fluxes, step=0.05):
+    """(len(masks), 2): per mask, the (column, row) relative change, per pixel of shift of
+    the whole scene, of the light the catalog puts into it (the target's and its
+    neighbours' PRFs, ``fluxes`` e-/s in catalog order, central differences of the core's
+    PRF), relative to the target's light there. Why the neighbours: one whose PRF a mask
+    cuts moves light across its edge (0.9 % per pixel for a Tmag 11 star 4 px from a Tmag 9
+    target). ``prf``: the stars' unshifted PRF images."""
+    cat = phot.catalog
+    rows = np.asarray(cat["row_stamp"], float)
+    cols = np.asarray(cat["column_stamp"], float)
+    is_target = np.asarray(cat["starid"]) == phot.starid
+    fluxes = np.asarray(fluxes, float)
+    masks = np.asarray(masks, dtype=float)                       # (k, r, c)
+    light = []
+    for dr, dc in ((0, step), (0, -step), (step, 0), (-step, 0)):
+        images = _prf_images(phot, prf_model, rows + dr, cols + dc)   # (stars, r, c)
+        light.append(np.einsum("krc,src->ks", masks, images))
+    light = np.asarray(light)                                    # (4, k, stars)
+    level = np.einsum("krc,src->ks", masks, prf)[:, is_target] @ fluxes[is_target]
+    total = light[:4] @ fluxes                                   # (4, k)
+    out = np.stack([total[0] - total[1], total[2] - total[3]], axis=1) / (2 * step)
+    return np.where(level[:, None] > 0, out / np.where(level > 0, level, 1.0)[:, None], 0.0)
 
 
 def _optimal_prf_fraction(prf, flux, var):

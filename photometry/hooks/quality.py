@@ -114,7 +114,8 @@ def lightcurve_quality(cadence_quality, own_flags):
 CHECK_CODES = frozenset({
     "FINITE_FRACTION", "ERRORS_INVALID", "NOISE_EXCESS", "ERRORS_OVERSTATED", "NO_MASK",
     "KERNEL_INVALID", "PIXEL_ERRORS_MISSING", "BLEED_NOT_COVERED", "BLEED_TRUNCATED",
-    "FLUX_VS_REFERENCE", "FLUX_VS_CATALOG", "MASK_TOO_SMALL", "FLUX_LOW", "NOISE_VS_APERTURE"})
+    "FLUX_VS_REFERENCE", "FLUX_VS_CATALOG", "MASK_TOO_SMALL", "FLUX_LOW", "NOISE_VS_APERTURE",
+    "SLOW_NOISE_VS_APERTURE"})
 
 
 #: cadences a correction fits on: lightkurve's "default" bitmask of SPOC bits (17087) ...

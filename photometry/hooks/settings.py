@@ -208,6 +208,8 @@ LIMITS = {
     "checks.noise_vs_limit_max": above(1),
     "checks.aperture_noise_margin": at_least(0.0),
     "checks.aperture_noise_nsigma": at_least(0.0),
+    "checks.slow_aperture_fraction": between(0.5, 0.999),
+    "checks.slow_neighbour_max": at_least(0.0),
     "checks.pixel_errors_missing_max": _FRACTION,
     "checks.reference_core_fraction": between(0.1, 1.0),
     "checks.reference_prf_tolerance": _FRACTION,
