@@ -12,8 +12,9 @@ light-curve noise of the isolated 8-13 mag stars against the lossless cache of t
 
 Usage::
 
-    python benchmarks/bench_prepare.py [--part stamp|throughput|compression|all]
+    python benchmarks/bench_prepare.py [--part stamp|throughput|compression|rate|...|all]
         [--workdir DIR] [--frames 20] [--keep]
+        [--counts 40 104] [--compare OLD_CODE_DIR] [--stages ingest default]
 """
 import argparse
 import math
@@ -311,11 +312,12 @@ def clone_series(template_dir, out_dir, n_frames):
     return out_dir
 
 
-def _run_measured(cmd):
+def _run_measured(cmd, env=None, cwd=None):
     """(wall s, CPU s, peak RSS GiB) of a child process (``os.wait4``)."""
     import os
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     err = proc.stderr.read()
@@ -376,7 +378,8 @@ def bench_memory(workdir, small=(1282, 4000, 11800), small_size=64, full=(),
     return results
 
 
-def bench_rate(workdir, counts=(100, 300), template=None):
+def bench_rate(workdir, counts=(100, 300), template=None, compare=None,
+               stages=("ingest", "default")):
     """Prepare per full frame against the bare astropy read of the same files, in one run.
 
     Full 2136 x 2078 frames (``clone_series`` of a 12-frame simulated template) at two
@@ -386,13 +389,21 @@ def bench_rate(workdir, counts=(100, 300), template=None):
     thread counts). The per-frame figures are the differences between the two counts
     divided by the difference in frames: the fixed per-CCD costs (imports, catalog,
     kernel-star selection, the stages' set-up) cancel, as in a sector of thousands of frames.
+
+    ``compare``: a folder holding another version of the ``photometry`` package (e.g.
+    ``git archive main | tar -x -C DIR``); every prepare then also runs with that code
+    (``PYTHONPATH``), alternating with this one, so both see the same load.
     """
+    import os
+
     from astropy.io import fits
     tpl = Path(template or Path(workdir) / "mem_template_full")
     if not (tpl / "ffi").exists():
         subprocess.run([sys.executable, "-m", "photometry.cli", "simulate", str(tpl),
                         "--cadences", "12", "--full-frame", "--cadence", "200", "--sector",
                         "60", "--seed", "3", "--no-progress"], check=True)
+    codes = [("this", None)] + ([("compare", str(compare))] if compare else [])
+    extras = {"ingest": ["--set", "prepare.stages=[]"], "default": []}
     rows = {}
     for n in counts:
         ffi = clone_series(tpl / "ffi", Path(workdir) / f"mem_2048x2048_{n}", n)
@@ -406,29 +417,36 @@ def bench_rate(workdir, counts=(100, 300), template=None):
                 float(a[0, 0]) + float(b[0, 0])
         floor = (time.perf_counter() - w0, time.process_time() - c0)
         runs = {}
-        for label, extra in (("ingest", ["--set", "prepare.stages=[]"]), ("default", [])):
-            cache = Path(workdir) / f"rate_cache_{n}_{label}"
-            shutil.rmtree(cache, ignore_errors=True)
-            runs[label] = _run_measured(
-                [sys.executable, "-m", "photometry.cli", "prepare", str(ffi), "--catalog",
-                 str(tpl / "catalog.csv"), "--cache", str(cache), "--no-progress",
-                 "--set", "backdrop.progress=false", *extra])
-            shutil.rmtree(cache, ignore_errors=True)
+        for label in stages:
+            for code, path in codes[::1 if n == counts[0] else -1]:
+                cache = Path(workdir) / f"rate_cache_{n}_{label}"
+                shutil.rmtree(cache, ignore_errors=True)
+                env = dict(os.environ)
+                if path:
+                    env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
+                runs[label, code] = _run_measured(
+                    [sys.executable, "-m", "photometry.cli", "prepare", str(ffi), "--catalog",
+                     str(tpl / "catalog.csv"), "--cache", str(cache), "--no-progress",
+                     "--set", "backdrop.progress=false", *extras[label]], env=env,
+                    cwd=workdir)   # not a checkout: PYTHONPATH decides the code
+                shutil.rmtree(cache, ignore_errors=True)
         rows[n] = (floor, runs)
-        print(f"  {n} full frames: astropy floor CPU {floor[1]:.2f} s (wall {floor[0]:.2f}); "
-              + "; ".join(f"prepare {k}: CPU {v[1]:.1f} s, wall {v[0]:.1f} s, peak RSS "
-                          f"{v[2]:.2f} GiB" for k, v in runs.items()), flush=True)
+        print(f"  {n} full frames (load {os.getloadavg()[0]:.1f}): astropy floor CPU "
+              f"{floor[1]:.2f} s (wall {floor[0]:.2f}); "
+              + "; ".join(f"prepare {k[0]} ({k[1]}): CPU {v[1]:.1f} s, wall {v[0]:.1f} s, "
+                          f"peak RSS {v[2]:.2f} GiB" for k, v in runs.items()), flush=True)
     a, b = counts[0], counts[-1]
     dn = b - a
     floor_cpu = (rows[b][0][1] - rows[a][0][1]) / dn
     floor_wall = (rows[b][0][0] - rows[a][0][0]) / dn
     print(f"  per frame (frames {a} -> {b}): astropy floor {1000 * floor_cpu:.1f} ms CPU, "
           f"{1000 * floor_wall:.1f} ms wall")
-    for label in ("ingest", "default"):
-        cpu = (rows[b][1][label][1] - rows[a][1][label][1]) / dn
-        wall = (rows[b][1][label][0] - rows[a][1][label][0]) / dn
-        print(f"  prepare {label:7s}: {1000 * cpu:.0f} ms CPU ({cpu / floor_cpu:.1f}x the floor), "
-              f"{1000 * wall:.0f} ms wall ({wall / floor_wall:.1f}x)")
+    for key in rows[a][1]:
+        cpu = (rows[b][1][key][1] - rows[a][1][key][1]) / dn
+        wall = (rows[b][1][key][0] - rows[a][1][key][0]) / dn
+        print(f"  prepare {key[0]:7s} ({key[1]:7s}): {1000 * cpu:.0f} ms CPU "
+              f"({cpu / floor_cpu:.1f}x the floor), {1000 * wall:.0f} ms wall "
+              f"({wall / floor_wall:.1f}x)")
     return rows
 
 
@@ -611,6 +629,13 @@ def main(argv=None):
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--counts", type=int, nargs=2, default=(100, 300),
+                        help="--part rate: the two frame counts")
+    parser.add_argument("--compare", default=None, metavar="DIR",
+                        help="--part rate: also run the photometry package in DIR "
+                             "(alternating with this one)")
+    parser.add_argument("--stages", nargs="+", default=["ingest", "default"],
+                        choices=["ingest", "default"], help="--part rate: which prepares")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_prepare_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -622,7 +647,8 @@ def main(argv=None):
         if args.part in ("compression", "all"):
             bench_compression(workdir)
         if args.part in ("rate", "all"):
-            bench_rate(workdir)
+            bench_rate(workdir, counts=args.counts, compare=args.compare,
+                       stages=args.stages)
         if args.part in ("memory", "all"):
             bench_memory(workdir)
         if args.part in ("trim", "all"):

@@ -333,3 +333,66 @@ def test_movement_kernel_interpolation():
         mk.params_at_time([6.5])
     xs, ys = mk.positions_at_time([1.5], [10.0], [30.0])
     assert np.allclose([xs[0, 0], ys[0, 0]], [10.15, 30.015])
+
+
+def test_trim_in_tiles_is_the_per_pixel_rounding():
+    """trim_precision works on tiles of TRIM_TILE pixels: every pixel must still be rounded
+    to the nearest multiple of its own power-of-two step (true division), pixels without a
+    usable step (NaN, zero, infinite, subnormal uncertainty) left alone, uncertainties to 8
+    mantissa bits; frames with bad uncertainties in some tiles only, and a strided frame."""
+    from photometry.data.cache import ERROR_KEEP_BITS, TRIM_TILE, trim_precision
+    rng = np.random.default_rng(7)
+    shape = (3, 2 * TRIM_TILE // 256 + 1, 256)       # > 2 tiles, the last one partial
+    images = rng.normal(100, 40, shape).astype(np.float32)
+    errors = np.abs(rng.normal(3, 2, shape)).astype(np.float32)
+    errors[0, 5, 5], errors[0, 300, 9], errors[1, 7, 7] = np.nan, 0.0, np.inf
+    errors[1, 500, 3] = 1e-42                          # subnormal: no usable step
+    images[2, 10, 10] = np.nan
+    fraction = 0.1
+    bits = (errors * np.float32(fraction)).view(np.uint32) & np.uint32(0x7F800000)
+    usable = (bits != 0) & (bits != 0x7F800000)
+    step = bits.view(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        want = np.where(usable, np.rint(images / step) * step, images).astype(np.float32)
+    drop = 23 - ERROR_KEEP_BITS
+    want_err = ((errors.view(np.uint32) + np.uint32(1 << (drop - 1)))
+                & np.uint32((0xFFFFFFFF << drop) & 0xFFFFFFFF)).view(np.float32)
+    got, got_err = images.copy(), errors.copy()
+    trim_precision(got, got_err, fraction)
+    assert got.tobytes() == want.tobytes() and got_err.tobytes() == want_err.tobytes()
+    ok = usable & np.isfinite(images)
+    assert np.all(np.abs(got - images)[ok] <= 0.5 * fraction * errors[ok])
+    assert np.any(got[ok] != images[ok])               # it did trim
+    # a strided view (not tiled) gives the same per-pixel result
+    got2, got2_err = images.copy(), errors.copy()
+    trim_precision(got2[:, ::2], got2_err[:, ::2], fraction)
+    assert got2[:, ::2].tobytes() == want[:, ::2].tobytes()
+    assert got2[:, 1::2].tobytes() == images[:, 1::2].tobytes()
+
+
+def test_block_write_with_a_pool_equals_hdf5_over_many_batches(tmp_path):
+    """The chunk gather re-uses a ring of batch buffers while the encoder pool works ahead:
+    a block of many batches (24 rows of 128 chunks, 4 chunk rows a batch) written with a
+    pool stores exactly what HDF5's own filter pipeline stores."""
+    import concurrent.futures
+
+    import hdf5plugin
+
+    from photometry.data.chunks import encoder_for, write_block
+    rng = np.random.default_rng(3)
+    shape = (32, 192, 2048)
+    data = np.round(rng.normal(100, 3, shape) * 8).astype(np.float32) / 8
+    kw = dict(shape=shape, dtype=np.float32, chunks=(32, 8, 16), fletcher32=True,
+              fillvalue=np.nan, **hdf5plugin.Bitshuffle(cname="lz4"))
+    with h5py.File(tmp_path / "a.h5", "w", libver="latest") as fa, \
+            h5py.File(tmp_path / "b.h5", "w", libver="latest") as fb, \
+            concurrent.futures.ThreadPoolExecutor(2) as pool:
+        fa.create_dataset("x", **kw)[...] = data
+        ds = fb.create_dataset("x", **kw)
+        write_block(ds, encoder_for(ds), data, 0, fill=np.nan, pool=pool)
+    with h5py.File(tmp_path / "a.h5") as fa, h5py.File(tmp_path / "b.h5") as fb:
+        assert fb["x"][()].tobytes() == data.tobytes()
+        for r in range(0, shape[1], 8):
+            for c in range(0, shape[2], 16 * 37):
+                assert (fa["x"].id.read_direct_chunk((0, r, c))
+                        == fb["x"].id.read_direct_chunk((0, r, c)))
