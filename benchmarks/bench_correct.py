@@ -16,14 +16,17 @@ into quiet stars' SAP fluxes. Then on the same light curves and the same co-tren
 (ours, from the CCD's quiet stars):
 
 * ``cbv``: our correction (MAP fit with the neighbours' prior and red-noise weighting);
+  ``cbv, own fits`` the same, but the light curves without the injections fitted as an
+  ensemble of their own (other basis stars, so other vector noise in the difference);
 * ``lk_regression``: lightkurve's ``RegressionCorrector`` (least squares, 5-sigma clipping);
 * ``lk_cbv``: lightkurve's ``CBVCorrector.correct`` (its L2 prior width optimised with its
   over-fitting metric; the under-fitting metric needs MAST neighbours, so it is off).
 
 Figures: the fraction of each injected sinusoid's amplitude and transit's depth that the
 correction keeps (measured on the corrected light curve with the injection minus the one
-without, so free of noise; 1 = kept), the 10th percentile and median of the systematic reduction of constant
-stars whose systematic is 3x their noise (binned 0.5 d, noise subtracted; larger = better),
+without, both through the one CCD fit, so free of noise; 1 = kept), the 10th percentile and
+median of the systematic reduction of constant stars whose systematic is 3x their noise
+(binned 0.5 d, noise subtracted; larger = better),
 CPU seconds per star. Part 2 also writes the CCD's CDPP-versus-Tmag plot
 (``--figure docs/cdpp_summary.png``) and prints the measured/expected CDPP ratio by magnitude.
 
@@ -55,9 +58,9 @@ from photometry.hooks.settings import load_settings
 from photometry_cbv import CBVCorrection
 
 PERIODS = (0.5, 1.0, 2.0, 5.0, 10.0)
+DEPTHS = (1e-3, 3e-3, 1e-2)
 #: ``section.key=value`` settings of our correction (``--set``)
 ASSIGNMENTS = []
-DEPTHS = (1e-3, 3e-3, 1e-2)
 CONFIGS = [  # (seed, systematics scale, coefficient scatter, lcsim systematics family)
     (0, 1.0, 0.1, "orbit"), (3, 2.0, 0.05, "orbit"), (7, 1.0, 0.2, "orbit"),
     (11, 3.0, 0.1, "orbit"), (7, 1.0, 0.2, "steps")]
