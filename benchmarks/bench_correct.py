@@ -16,21 +16,25 @@ into quiet stars' SAP fluxes. Then on the same light curves and the same co-tren
 (ours, from the CCD's quiet stars):
 
 * ``cbv``: our correction (MAP fit with the neighbours' prior and red-noise weighting);
+  ``cbv, own fits`` the same, but the light curves without the injections fitted as an
+  ensemble of their own (other basis stars, so other vector noise in the difference);
 * ``lk_regression``: lightkurve's ``RegressionCorrector`` (least squares, 5-sigma clipping);
 * ``lk_cbv``: lightkurve's ``CBVCorrector.correct`` (its L2 prior width optimised with its
   over-fitting metric; the under-fitting metric needs MAST neighbours, so it is off).
 
 Figures: the fraction of each injected sinusoid's amplitude and transit's depth that the
 correction keeps (measured on the corrected light curve with the injection minus the one
-without, so free of noise; 1 = kept), the 10th percentile and median of the systematic reduction of constant
-stars whose systematic is 3x their noise (binned 0.5 d, noise subtracted; larger = better),
+without, both through the one CCD fit, so free of noise; 1 = kept), the 10th percentile and
+median of the systematic reduction of constant stars whose systematic is 3x their noise
+(binned 0.5 d, noise subtracted; larger = better),
 CPU seconds per star. Part 2 also writes the CCD's CDPP-versus-Tmag plot
 (``--figure docs/cdpp_summary.png``) and prints the measured/expected CDPP ratio by magnitude.
 
 Usage::
 
     python benchmarks/bench_correct.py [--quick] [--workdir DIR] [--figure PNG] [--skip-scene]
-        [--no-peers | --peer-configs I ...] [--lk-constant N]
+        [--skip-synthetic] [--no-peers | --peer-configs I ...] [--lk-constant N]
+        [--set cbv.KEY=VALUE ...]
     python benchmarks/bench_correct.py --oracle     # 5-10 d sinusoids: ours against two oracles
 """
 import argparse
@@ -45,6 +49,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from photometry.scheduler.correct import correct_ensemble
 from photometry.sim.lcsim import (inject_sinusoid, inject_transit, sinusoid_amplitude,
@@ -54,6 +59,8 @@ from photometry_cbv import CBVCorrection
 
 PERIODS = (0.5, 1.0, 2.0, 5.0, 10.0)
 DEPTHS = (1e-3, 3e-3, 1e-2)
+#: ``section.key=value`` settings of our correction (``--set``)
+ASSIGNMENTS = []
 CONFIGS = [  # (seed, systematics scale, coefficient scatter, lcsim systematics family)
     (0, 1.0, 0.1, "orbit"), (3, 2.0, 0.05, "orbit"), (7, 1.0, 0.2, "orbit"),
     (11, 3.0, 0.1, "orbit"), (7, 1.0, 0.2, "steps")]
@@ -137,27 +144,38 @@ def reduction(ens, ideal_rel, corrected, constant, noise):
 
 
 def compare(plain, ens, ideal_rel, specs, constant, noise, n_lk_constant=80, rng=None,
-            peers=("lk_regression", "lk_cbv")):
+            peers=("lk_regression", "lk_cbv"), contamination=None):
     """The three methods on one ensemble, with (``ens``) and without (``plain``) the
-    injections; {method: (signal_kept, reductions, CPU s per star, vectors)}."""
+    injections; {method: (signal_kept, reductions, CPU s per star, vectors)}.
+    ``contamination`` (per star) is what the correction's candidates see (default 0)."""
     out = {}
     t0 = time.process_time()
-    corr = CBVCorrection(load_settings())
-    results = correct_ensemble(corr, ens)
+    corr = CBVCorrection(load_settings(assignments=ASSIGNMENTS))
+    results = correct_ensemble(corr, ens, contamination)
     cpu = (time.process_time() - t0) / len(results)
-    base = correct_ensemble(CBVCorrection(load_settings()), plain)
+    # without the injection, through the same CCD fit (vectors and prior of the ensemble
+    # with it, as the lightkurve peers below use the same vectors for both): the difference
+    # is what the star's own fit does to its signal. Fitted on its own, the ensemble without
+    # the injections has other basis stars, so other vector noise, and the difference also
+    # carries the two sets' noise times the star's coefficients ("cbv, own fits")
+    with threadpool_limits(1):
+        base = [corr.correct(plain.star(i)) for i in range(len(plain.starid))]
+    own = correct_ensemble(CBVCorrection(load_settings(assignments=ASSIGNMENTS)), plain,
+                           contamination)
     inj = {i: r.flux for i, r in enumerate(results)}
-    # a star corrected with the injection and left alone without it (or the other way: the
-    # noise rule, PDC_NOI near its limit) has no "kept" fraction: the difference of the two
-    # would be the systematic itself; such stars are counted, not measured
-    same = {i: (r.flux if r.method == b.method else None)
-            for i, (r, b) in enumerate(zip(results, base))}
-    flips = [i for i in specs if same[i] is None]
-    if flips:
-        print(f"  cbv: {len(flips)} injected star(s) corrected with the injection and not "
-              f"without it, or the reverse (not measured): {flips}", file=sys.stderr)
-    out["cbv"] = (signal_kept(ens, specs, same, {i: r.flux for i, r in enumerate(base)}),
-                  reduction(ens, ideal_rel, inj, constant, noise), cpu, corr.vectors.shape[0])
+    for name, without in (("cbv", base), ("cbv, own fits", own)):
+        # a star corrected with the injection and left alone without it (or the other way:
+        # the noise rule, PDC_NOI near its limit) has no "kept" fraction: the difference of
+        # the two would be the systematic itself; such stars are counted, not measured
+        same = {i: (r.flux if r.method == b.method else None)
+                for i, (r, b) in enumerate(zip(results, without))}
+        flips = [i for i in specs if same[i] is None]
+        if flips:
+            print(f"  {name}: {len(flips)} injected star(s) corrected with the injection and "
+                  f"not without it, or the reverse (not measured): {flips}", file=sys.stderr)
+        out[name] = (signal_kept(ens, specs, same, {i: r.flux for i, r in enumerate(without)}),
+                     reduction(ens, ideal_rel, inj, constant, noise), cpu,
+                     corr.vectors.shape[0])
     vectors = corr.vectors
     some = list(rng.choice(constant, min(n_lk_constant, len(constant)), replace=False))
     for kind in peers:
@@ -215,8 +233,8 @@ def oracle_part():
         quiet = np.flatnonzero(~truth["variable"] & (ens.tmag < 12.5))
         plain = ens.subset(np.arange(len(ens.starid)))
         specs = inject(ens, quiet, np.random.default_rng(99))
-        inj = correct_ensemble(CBVCorrection(load_settings()), ens)
-        base = correct_ensemble(CBVCorrection(load_settings()), plain)
+        inj = correct_ensemble(CBVCorrection(load_settings(assignments=ASSIGNMENTS)), ens)
+        base = correct_ensemble(CBVCorrection(load_settings(assignments=ASSIGNMENTS)), plain)
         t, shapes = ens.time, truth["shapes"]
         norm = np.linalg.norm(shapes, axis=1)
         vectors = shapes / norm[:, None]
@@ -251,13 +269,49 @@ def oracle_part():
     return rows
 
 
+def scene_ensemble(workdir):
+    """The scene's SAP light curves (Tmag >= 7.5) as an :class:`Ensemble`, with the truth:
+    (ensemble, index of each star in truth.h5, variable (all truth stars), true flux (all),
+    contamination of each light curve (1 - CROWDSAP, what the pipeline's candidates see))."""
+    import h5py
+    from astropy.io import fits
+    from photometry.scheduler.correct import Ensemble, fit_cadences
+    workdir = Path(workdir)
+    with h5py.File(workdir / "sim" / "truth.h5") as tr:
+        ids = tr["stars/starid"][()]
+        variable = tr["stars/variable"][()]
+        true = tr["flux"][()]
+    files = sorted((workdir / "lc").rglob("*_lc.fits"))
+    rows, flux, err, quality, tmag, rc, ok_ids, ff, cont = [], [], [], [], [], [], [], [], []
+    for f in files:
+        with fits.open(f) as hdul:
+            d, h = hdul["LIGHTCURVE"].data, hdul[0].header
+            if h["TESSMAG"] < 7.5:
+                continue
+            i = int(np.flatnonzero(ids == h["TICID"])[0])
+            rows.append(i)
+            flux.append(np.array(d["SAP_FLUX"], float))
+            err.append(np.array(d["SAP_FLUX_ERR"], float))
+            quality.append(np.array(d["QUALITY"], np.int64))
+            tmag.append(h["TESSMAG"])
+            rc.append((np.nanmedian(d["MOM_CENTR2"]) - 1, np.nanmedian(d["MOM_CENTR1"]) - 1))
+            ff.append(hdul["LIGHTCURVE"].header.get("FLFRCSAP") or np.nan)
+            # the pipeline's candidates() sees AP_CONT = 1 - CROWDSAP (todo.sqlite)
+            cont.append(1.0 - (hdul["LIGHTCURVE"].header.get("CROWDSAP") or np.nan))
+            ok_ids.append(h["TICID"])
+            t, cad = np.array(d["TIME"], float), np.array(d["CADENCENO"])
+    flux, err, quality = np.array(flux), np.array(err), np.array(quality)
+    rc = np.array(rc)
+    ens = Ensemble(1, 1, 4, 1800, "aperture", t, cad, np.array(ok_ids), np.array(tmag),
+                   rc[:, 0], rc[:, 1], flux.copy(), err, quality, fit_cadences(quality, flux),
+                   np.array(ff, float))
+    return ens, rows, variable, true, np.array(cont, float)
+
+
 def scene_part(workdir, quick=False, figure=None, peers=("lk_regression", "lk_cbv"),
                n_lk_constant=80):
     """The simulated sector through the pixel pipeline, then the same comparison."""
     print("simulated sector ...", file=sys.stderr, flush=True)
-    import h5py
-    from astropy.io import fits
-    from photometry.scheduler.correct import Ensemble, fit_cadences
     from photometry.output.summary import ratio_by_magnitude
     from astropy.table import Table
 
@@ -272,37 +326,8 @@ def scene_part(workdir, quick=False, figure=None, peers=("lk_regression", "lk_cb
     if figure:
         shutil.copy(workdir / "lc" / "summary" / "s0001-1-4-c1800_cdpp.png", figure)
 
-    # the SAP light curves as an ensemble, with the truth of each star
-    with h5py.File(workdir / "sim" / "truth.h5") as tr:
-        ids = tr["stars/starid"][()]
-        variable = tr["stars/variable"][()]
-        true = tr["flux"][()]
-    files = sorted((workdir / "lc").rglob("*_lc.fits"))
-    rows, flux, err, quality, tmag, rc, ok_ids, ff = [], [], [], [], [], [], [], []
-    for f in files:
-        with fits.open(f) as hdul:
-            d, h = hdul["LIGHTCURVE"].data, hdul[0].header
-            if h["TESSMAG"] < 7.5:
-                continue
-            i = int(np.flatnonzero(ids == h["TICID"])[0])
-            rows.append(i)
-            flux.append(np.array(d["SAP_FLUX"], float))
-            err.append(np.array(d["SAP_FLUX_ERR"], float))
-            quality.append(np.array(d["QUALITY"], np.int64))
-            tmag.append(h["TESSMAG"])
-            rc.append((np.nanmedian(d["MOM_CENTR2"]) - 1, np.nanmedian(d["MOM_CENTR1"]) - 1))
-            ff.append(hdul["LIGHTCURVE"].header.get("FLFRCSAP") or np.nan)
-            ok_ids.append(h["TICID"])
-            t, cad = np.array(d["TIME"], float), np.array(d["CADENCENO"])
-    flux, err, quality = np.array(flux), np.array(err), np.array(quality)
-    rc = np.array(rc)
-    ens = Ensemble(1, 1, 4, 1800, "aperture", t, cad, np.array(ok_ids), np.array(tmag),
-                   rc[:, 0], rc[:, 1], flux.copy(), err, quality, fit_cadences(quality, flux),
-                   np.array(ff, float))
-    truth_rel = {}
-    for k, i in enumerate(rows):
-        g = ens.good[k]
-        truth_rel[k] = true[i] / np.median(true[i][g]) - 1
+    ens, rows, variable, true, contamination = scene_ensemble(workdir)
+    flux = ens.flux.copy()
     rng = np.random.default_rng(5)
     quiet = np.flatnonzero(~variable[rows] & (ens.tmag < 12.5))
     plain = ens.subset(np.arange(len(rows)))
@@ -322,7 +347,7 @@ def scene_part(workdir, quick=False, figure=None, peers=("lk_regression", "lk_cb
                       / np.sqrt(2) / np.median((flux[k] / true[rows[k]])[ens.good[k]])
                       for k in range(len(rows))])
     res = compare(plain, ens, ideal, specs, constant, noise, rng=rng, peers=peers,
-                  n_lk_constant=n_lk_constant)
+                  n_lk_constant=n_lk_constant, contamination=contamination)
     return {"input": f"simulated sector {size}x{size} px, {cadences} cadences, focus ramp 5 %",
             "results": res, "ratios": ratios, "pipeline_s": pipeline, "stars": len(rows)}
 
@@ -386,6 +411,7 @@ def main():
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--figure", default=None, help="copy the scene's CDPP plot here")
     ap.add_argument("--skip-scene", action="store_true")
+    ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-peers", action="store_true", help="our correction only")
     ap.add_argument("--oracle", action="store_true", help="only the oracle comparison of the "
@@ -396,8 +422,10 @@ def main():
     ap.add_argument("--lk-constant", type=int, default=80,
                     help="constant stars per ensemble whose systematics reduction the peers "
                     "are measured on")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting of our correction, e.g. cbv.correlated_fraction=1.0")
     args = ap.parse_args()
-    from threadpoolctl import threadpool_limits
+    ASSIGNMENTS.extend(args.set)
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
           f"python {platform.python_version()}")
     if args.oracle:
@@ -409,7 +437,8 @@ def main():
     rows = []
     peers = () if args.no_peers else ("lk_regression", "lk_cbv")
     with threadpool_limits(1):
-        rows += synthetic_part(args.quick, peers, args.peer_configs, args.lk_constant)
+        if not args.skip_synthetic:
+            rows += synthetic_part(args.quick, peers, args.peer_configs, args.lk_constant)
         if not args.skip_scene:
             work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_correct_"))
             try:

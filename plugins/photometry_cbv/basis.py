@@ -17,11 +17,13 @@ et al. 2012) and the ensemble idea of TASOC's corrections, in one single-scale b
    unit-variance S x N matrix, or the stars' own red noise (:func:`red_noise_edge`) if higher;
    a vector that one star dominates, or that rests on few stars (participation ratio), is
    removed with the star holding most of it and the SVD redone (PDC's entropy cleaning).
-4. Prior: every basis star's least-squares coefficients; a star's prior is a local
-   regression of them (quadratic in CCD position, linear in Tmag and flux fraction) over its
-   nearest basis stars, with their
-   scatter about it (PDC-MAP builds its prior from the same quiet-star coefficients as a
-   function of position and magnitude).
+4. Prior: the least-squares coefficients of every quiet candidate (not only the basis
+   stars, the most correlated, whose coefficients are the largest), each with its own
+   red-noise-inflated variance; a star's prior is a local regression of them (quadratic in
+   CCD position, linear in Tmag and flux fraction) over its nearest stars in position, Tmag
+   and flux fraction, each star weighted by ``1 / (tau^2 + its variance)`` with outliers
+   clipped, and the intrinsic scatter ``tau^2`` about it (PDC-MAP builds its prior from
+   quiet-star coefficients as a function of position and magnitude).
 5. MAP fit per star with that Gaussian prior. The likelihood is the least-squares fit with
    each coefficient's variance inflated by how much the residual's own correlated
    variability projects on that vector (its autocovariance seen through the vector): a
@@ -93,14 +95,17 @@ class Basis:
     basis_index: np.ndarray
     threshold: float
     notes: list = field(default_factory=list)
+    #: the quiet candidates (the scatter cut) the basis stars were chosen from: the prior's
+    quiet_index: np.ndarray = None
 
 
 def _select_quiet(z, max_scatter, fraction, min_stars):
-    """Indices of the rows of ``z`` (noise-normalised, gap-filled) that go into the SVD."""
+    """Indices of the rows of ``z`` (noise-normalised, gap-filled) that go into the SVD, and
+    of the quiet ones (scatter at most ``max_scatter`` times the median) they come from."""
     scatter = np.std(z, axis=1)
     quiet = np.flatnonzero(scatter <= max_scatter * np.median(scatter))
     if quiet.size <= min_stars:
-        return quiet
+        return quiet, quiet
     sub = z[quiet] - z[quiet].mean(axis=1, keepdims=True)
     sub /= np.linalg.norm(sub, axis=1, keepdims=True) + 1e-300
     corr = np.abs(sub @ sub.T)
@@ -108,7 +113,7 @@ def _select_quiet(z, max_scatter, fraction, min_stars):
     score = np.nanmedian(corr, axis=1)
     n_keep = max(min_stars, int(np.ceil(fraction * quiet.size)))
     order = np.lexsort((quiet, -score))          # most correlated first, ties by index
-    return np.sort(quiet[order[:n_keep]])
+    return np.sort(quiet[order[:n_keep]]), quiet
 
 
 def _few_carriers(u, dominance, min_carriers, carrier_fraction):
@@ -182,7 +187,9 @@ def build_basis(y, sigma, good_common, time, max_vectors=8, significance=1.2,
     every = np.ones(np.count_nonzero(good_common), dtype=bool)
     # each star's own level is not a systematic: centre the rows (the fit has a free offset)
     z_all -= np.mean(z_all[:, good_common], axis=1, keepdims=True)
-    rows = _select_quiet(z_all[:, good_common], max_scatter, correlated_fraction, min_stars)
+    rows, quiet = _select_quiet(z_all[:, good_common], max_scatter, correlated_fraction,
+                                min_stars)
+    quiet_index = usable[quiet]
     for n_removed in range(max_removed + 1):        # PDC's entropy cleaning
         if rows.size < min_stars:
             notes.append(f"{rows.size} quiet basis stars (need {min_stars})")
@@ -240,12 +247,12 @@ def build_basis(y, sigma, good_common, time, max_vectors=8, significance=1.2,
     # a fixed sign (largest |value| positive) so the same stars give the same file
     flip = np.sign(vectors[np.arange(k), np.argmax(np.abs(vectors[:, good_common]), axis=1)])
     vectors *= np.where(flip == 0, 1.0, flip)[:, None]
-    return Basis(vectors, s[keep], usable[rows], float(threshold), notes)
+    return Basis(vectors, s[keep], usable[rows], float(threshold), notes, quiet_index)
 
 
 @dataclass
 class PriorModel:
-    """The basis stars' coefficients, for a Gaussian prior at any CCD position and Tmag.
+    """The prior stars' coefficients, for a Gaussian prior at any CCD position and Tmag.
 
     Attributes
     ----------
@@ -263,6 +270,14 @@ class PriorModel:
     mag_px : float
         Pixels that one magnitude counts as in the neighbour distance: a systematic's
         coefficient depends on the aperture (so on Tmag) as much as on the place on the CCD.
+    coeff_var : (B, k) array or None
+        Each star's own (red-noise-inflated) coefficient variance; None: the stars are
+        weighted alike and their scatter is the prior's (the SVD's basis stars).
+    ff_px : float
+        Pixels that one unit of flux fraction counts as in the neighbour distance (0: not
+        used): a focus coefficient follows how much of the star the aperture holds.
+    iterations, clip : int, float
+        Passes of the weighted regression (``tau^2`` re-estimated) and the outlier limit.
     """
 
     rows: np.ndarray
@@ -274,6 +289,10 @@ class PriorModel:
     mag_px: float = 500.0
     flux_fraction: np.ndarray = None
     quadratic_min_stars: float = 20.0
+    coeff_var: np.ndarray = None
+    ff_px: float = 0.0
+    iterations: int = 3
+    clip: float = 4.0
 
     def prior(self, row, column, tmag, starid=None, flux_fraction=np.nan):
         """(mean (k,), variance (k,)) of the coefficients at (row, column, tmag).
@@ -283,19 +302,30 @@ class PriorModel:
         drift changes sign across the CCD), linear in Tmag and, where the stars have one, in
         the aperture's flux fraction FLFRCSAP (a focus change costs an aperture holding less
         of the star's light more), with Gaussian weights in the distance
-        ``sqrt(drow^2 + dcol^2 + (mag_px dTmag)^2)`` whose scale is that of the
-        ``n_neighbours``-th nearest star, the star itself left out. The variance is the
-        weighted scatter about the regression plus the error of its value here, so a prior
-        from few or discordant stars is wide. The quadratic terms need
+        ``sqrt(drow^2 + dcol^2 + (mag_px dTmag)^2 + (ff_px dFLFRCSAP)^2)`` whose scale is that
+        of the ``n_neighbours``-th nearest star, the star itself left out. The quadratic terms need
         ``quadratic_min_stars`` effective stars (else linear): with a local linear
         regression the prior of the largest (focus-like) vector was off by 2.6x the stars'
         own scatter (scale-3 synthetic ensemble), and so were the 5-10 d signals it protects.
+
+        With ``coeff_var`` (each star's own, red-noise-inflated coefficient variance) every
+        star also counts by ``1 / (tau^2 + var)``, ``tau^2`` the stars' intrinsic scatter
+        about the regression (robust, iterated), and a star more than ``clip`` sigma off it
+        is left out: a variable's slow coefficients, or a crowded star's neighbour's signal,
+        then hardly move the prior, so the prior can rest on all quiet stars rather than on
+        the most correlated ones, whose coefficients are the largest (biased; docs). The
+        variance is ``tau^2`` (the scatter without coefficient noise) plus the error of the
+        regression's value here, so a prior from few or discordant stars is wide.
         """
         keep = self.starid != starid if starid is not None else np.ones(len(self.starid), bool)
         dr, dc = self.rows[keep] - row, self.columns[keep] - column
         dm = (self.tmag[keep] - tmag) * self.mag_px if np.isfinite(tmag) else \
             np.zeros(dr.size)
         d2 = dr ** 2 + dc ** 2 + dm ** 2
+        ff = None if self.flux_fraction is None else self.flux_fraction[keep]
+        if self.ff_px and ff is not None and np.isfinite(flux_fraction) \
+                and np.all(np.isfinite(ff)):
+            d2 = d2 + ((ff - flux_fraction) * self.ff_px) ** 2
         c = self.coeffs[keep]
         k = self.coeffs.shape[1]
         n = min(self.n_neighbours, d2.size)
@@ -307,23 +337,61 @@ class PriorModel:
         cols = [np.ones_like(dr), u, v, dm / np.sqrt(scale2)]
         if w.sum() ** 2 / np.sum(w ** 2) >= self.quadratic_min_stars:
             cols += [u ** 2, v ** 2, u * v]
-        ff = None if self.flux_fraction is None else self.flux_fraction[keep]
         if ff is not None and np.isfinite(flux_fraction) and np.all(np.isfinite(ff)) \
                 and np.std(ff) > 0:
             cols.append((ff - flux_fraction) / np.std(ff))
         x = np.column_stack(cols)
-        xtw = x.T * w
-        try:
-            inv = np.linalg.inv(xtw @ x)
-        except np.linalg.LinAlgError:
-            return np.zeros(k), np.full(k, np.inf)
-        beta = inv @ (xtw @ c)                          # (4 to 8, k)
-        resid = c - x @ beta
-        n_eff = w.sum() ** 2 / np.sum(w ** 2)
-        scatter = (w @ resid ** 2) / w.sum() * n_eff / max(n_eff - x.shape[1], 1.0)
-        # error of the intercept: (X^T W X)^-1 X^T W^2 X (X^T W X)^-1, times the scatter
-        h = inv @ ((xtw * w) @ x) @ inv
-        return beta[0], scatter * (1.0 + h[0, 0])
+        if self.coeff_var is None:
+            return _local_regression(x, c, w, np.zeros_like(c), 0, np.inf)
+        return _local_regression(x, c, w, self.coeff_var[keep], self.iterations, self.clip)
+
+
+def _local_regression(x, c, w, var, iterations, clip):
+    """Intercepts (k,) and their prior variances of the weighted regressions of each column
+    of ``c`` on ``x`` (:meth:`PriorModel.prior`): geometric weights ``w`` times
+    ``1 / (tau^2 + var)``, ``tau^2`` re-estimated ``iterations`` times (robustly: MAD of the
+    residuals less the median own variance), points beyond ``clip`` sigma left out.
+    ``iterations = 0``: one unweighted pass, ``tau^2`` the weighted scatter (basis stars).
+    The variance is ``tau^2`` (times ``n_eff / (n_eff - p)``) plus the intercept's error."""
+    k = c.shape[1]
+    mean, out = np.zeros(k), np.full(k, np.inf)
+    p = x.shape[1]
+    for j in range(k):
+        use = np.ones(w.size, bool)
+        tau2 = None
+        for _ in range(iterations + 1):
+            if tau2 is None:
+                wj = w * use
+            else:
+                wj = w * use / np.maximum(tau2 + var[:, j], 1e-30)
+            xtw = x.T * wj
+            try:
+                inv = np.linalg.inv(xtw @ x)
+            except np.linalg.LinAlgError:
+                return np.zeros(k), np.full(k, np.inf)
+            beta = inv @ (xtw @ c[:, j])
+            resid = c[:, j] - x @ beta
+            # the intrinsic scatter, robustly (a crowded star's neighbour or a cropped
+            # aperture is a different star, not scatter): MAD of the local stars' residuals
+            # less their typical own variance
+            wu = w * use
+            n_eff = wu.sum() ** 2 / np.sum(wu ** 2)
+            if iterations:
+                local = use & (w > 0.05 * w.max())
+                mad2 = (1.4826 * np.median(np.abs(resid[local]))) ** 2
+                tau2 = max(mad2 - float(np.median(var[local, j])), 0.01 * mad2, 1e-30)
+            else:          # the basis stars alone, unweighted: their scatter about it
+                tau2 = float(w @ resid ** 2 / w.sum())
+            tau2 *= n_eff / max(n_eff - p, 1.0)
+            new = use & (np.abs(resid) <= clip * np.sqrt(tau2 + var[:, j]))
+            if np.count_nonzero(w * new > 1e-3 * w.max()) < p + 2:
+                new = use
+            use = new
+        # error of the intercept: (X^T W X)^-1 X^T W S W X (X^T W X)^-1, S = tau^2 + var
+        s = tau2 + var[:, j]
+        h = inv @ ((xtw * wj * s) @ x) @ inv
+        mean[j], out[j] = beta[0], tau2 + h[0, 0]
+    return mean, out
 
 
 @dataclass

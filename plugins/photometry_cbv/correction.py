@@ -8,7 +8,7 @@ import logging
 import numpy as np
 from astropy.io import fits
 
-from photometry import Corrected, LightCurveCorrection
+from photometry import ConfigurationError, Corrected, LightCurveCorrection
 
 from .basis import PriorModel, build_basis, map_fit, normalise, white_noise
 from .spoc import cbv_hdulist, cbv_input, read_cbvs, vectors_on
@@ -19,8 +19,10 @@ logger = logging.getLogger(__name__)
 
 #: PDCMETHD values
 OWN, SPOC, NONE = "cbvMAP", "spocCBV", "none"
+#: values of cbv.prior_stars: all quiet candidates (weighted), or the SVD's basis stars
+PRIOR_STARS = ("quiet", "basis")
 #: header keywords of a fit (SPOC's names where SPOC has one), in the order written
-_METRICS = (("PDC_NBAS", "basis stars of the prior"),
+_METRICS = (("PDC_NBAS", "stars of the prior"),
             ("PDC_TOT", "PDC total goodness metric for target"),
             ("PDC_NOI", "PDC noise goodness (1 = no noise added)"),
             ("PR_GOOD1", "Prior goodness (fit agrees with prior)"),
@@ -38,6 +40,11 @@ class CBVCorrection(LightCurveCorrection):
     def __init__(self, settings):
         super().__init__(settings)
         self.cfg = settings["cbv"]
+        if self.cfg["prior_stars"] not in PRIOR_STARS:
+            raise ConfigurationError(f"cbv.prior_stars = {self.cfg['prior_stars']!r}: one of "
+                                     + ", ".join(repr(c) for c in PRIOR_STARS))
+        if not self.cfg["prior_ff_px"] >= 0:
+            raise ConfigurationError(f"cbv.prior_ff_px = {self.cfg['prior_ff_px']!r}: >= 0")
         self.notes = []
         self.vectors = np.zeros((0, 0))
         self.prior_model = None
@@ -89,16 +96,25 @@ class CBVCorrection(LightCurveCorrection):
         k = self.vectors.shape[0]
         if k == 0:
             return
-        coeffs = np.array([map_fit(y[i], self.vectors, ensemble.good[i],
-                                   time=ensemble.time, clip_sigma=float(cfg["clip_sigma"])).coeffs
-                           for i in basis_index]).reshape(-1, k)
-        ok = np.all(np.isfinite(coeffs), axis=1)
-        self.prior_model = PriorModel(ensemble.row[basis_index][ok],
-                                      ensemble.column[basis_index][ok],
-                                      ensemble.tmag[basis_index][ok], coeffs[ok],
-                                      ensemble.starid[basis_index][ok],
+        prior_index = basis_index
+        if cfg["prior_stars"] == "quiet" and self._basis is not None:
+            # every quiet candidate, not only the SVD's most correlated half: those hold
+            # the largest coefficients for their noise, and a prior from them alone
+            # overstated the other stars' (docs/corrections.md, Prior)
+            prior_index = self._basis.quiet_index
+        fits_ = [map_fit(y[i], self.vectors, ensemble.good[i], time=ensemble.time,
+                         clip_sigma=float(cfg["clip_sigma"])) for i in prior_index]
+        coeffs = np.array([f.coeffs for f in fits_]).reshape(-1, k)
+        coeff_var = np.array([np.diag(f.cov) for f in fits_]).reshape(-1, k)
+        ok = np.all(np.isfinite(coeffs), axis=1) & np.all(np.isfinite(coeff_var), axis=1)
+        idx = prior_index[ok]
+        weighted = cfg["prior_stars"] != "basis"
+        self.prior_model = PriorModel(ensemble.row[idx], ensemble.column[idx],
+                                      ensemble.tmag[idx], coeffs[ok], ensemble.starid[idx],
                                       int(cfg["prior_neighbours"]), float(cfg["prior_mag_px"]),
-                                      ensemble.flux_fraction[basis_index][ok])
+                                      ensemble.flux_fraction[idx],
+                                      coeff_var=coeff_var[ok] if weighted else None,
+                                      ff_px=float(cfg["prior_ff_px"]))
         self.n_basis = int(ok.sum())
 
     def inputs(self, key):
@@ -148,9 +164,13 @@ class CBVCorrection(LightCurveCorrection):
              fits.Column("ROW", "D", array=pm.rows), fits.Column("COLUMN", "D", array=pm.columns),
              fits.Column("TMAG", "D", array=pm.tmag),
              fits.Column("FLFRCSAP", "D", array=pm.flux_fraction),
-             fits.Column("COEFF", f"{pm.coeffs.shape[1]}D", array=pm.coeffs)], name="PRIOR")
+             fits.Column("COEFF", f"{pm.coeffs.shape[1]}D", array=pm.coeffs)]
+            + ([] if pm.coeff_var is None else
+               [fits.Column("COEFFVAR", f"{pm.coeffs.shape[1]}D", array=pm.coeff_var)]),
+            name="PRIOR")
         prior.header["NNEIGHB"] = (pm.n_neighbours, "neighbours of a prior")
         prior.header["MAGPX"] = (pm.mag_px, "pixels per magnitude in the prior distance")
+        prior.header["FFPX"] = (pm.ff_px, "pixels per unit FLFRCSAP in the prior distance")
         hdul.append(prior)
         return {name: hdul}
 
@@ -166,12 +186,17 @@ class CBVCorrection(LightCurveCorrection):
         if "PRIOR" not in product:
             return False
         d, head = product.table("PRIOR"), product.headers["PRIOR"]
+        n = len(d["STARID"])
+        # COEFFVAR: the stars are weighted (prior_stars = "quiet"); without it, the basis stars
+        coeff_var = (np.array(d["COEFFVAR"], float).reshape(n, -1)
+                     if "COEFFVAR" in d else None)
         self.prior_model = PriorModel(np.array(d["ROW"], float), np.array(d["COLUMN"], float),
                                       np.array(d["TMAG"], float),
-                                      np.array(d["COEFF"], float).reshape(len(d["STARID"]), -1),
+                                      np.array(d["COEFF"], float).reshape(n, -1),
                                       np.array(d["STARID"], np.int64),
                                       int(head["NNEIGHB"]), float(head["MAGPX"]),
-                                      np.array(d["FLFRCSAP"], float))
+                                      np.array(d["FLFRCSAP"], float), coeff_var=coeff_var,
+                                      ff_px=float(head.get("FFPX", 0.0)))
         self.kind = str(product.header.get("CBVMETH", OWN))
         self.vectors = vectors
         self.n_basis = len(self.prior_model.starid)
