@@ -89,6 +89,46 @@ def test_schur_solution_equals_dense_least_squares(masked):
         < 1e-6 * abs(sol @ A @ sol)
 
 
+def test_frame_products_equal_the_dense_formulas():
+    """The per-frame fast paths (column-first products, one-pass binning, per-frame noise)
+    give what the dense formulas give, with rows not a multiple of the bin and a frame whose
+    usable pixels are flagged or NaN (the per-pixel binning path)."""
+    rng = np.random.default_rng(8)
+    R, C = 43, 31
+    usable = rng.random((R, C)) > 0.3
+    fitter = BackdropFitter(usable, _backdrop_settings(knot_spacing=12.0, bin_rows=4,
+                                                       poly_degree=2), 0.5)
+    fitter.gain = 1.0 + 0.2 * (rng.random(C) > 0.8)
+    nf = 3
+    w = rng.normal(0, 5, (nf, len(fitter.pairs)))
+    strap = rng.normal(0, 2, (nf, C))
+    pa, pb = fitter.pairs[:, 0], fitter.pairs[:, 1]
+    rb = fitter.rmean[:, None, :] + fitter.delta[:, :, None] * fitter.rslope[:, None, :]
+    dense = np.einsum("ica,cb,fab->ifc", rb, fitter.cbasis, fitter.weight_matrix(w)) \
+        + strap[None]
+    np.testing.assert_allclose(fitter._binned_model(w, strap), dense, atol=1e-4)
+    images = rng.normal(100, 3, (nf, R, C)).astype(np.float32)
+    flags = np.zeros((nf, R, C), np.uint8)
+    r0, c0 = np.argwhere(usable)[0]
+    flags[1, r0, c0] = 4
+    images[2, r0, c0] = np.nan
+    ybar, missing = fitter.bin_frames(images, flags, bad_bits=4)
+    for i in range(nf):
+        good = usable & np.isfinite(images[i]) & (flags[i] == 0)
+        pad = -(-R // 4) * 4 - R
+        g = np.pad(good, ((0, pad), (0, 0))).reshape(-1, 4, C)
+        v = np.pad(np.where(good, images[i], 0.0), ((0, pad), (0, 0))).reshape(-1, 4, C)
+        n = g.sum(axis=1)
+        expect = np.where(n > 0, v.sum(axis=1) / np.maximum(n, 1), 0.0) / fitter.gain
+        np.testing.assert_allclose(ybar[:, i], expect, rtol=2e-6, atol=1e-4)
+        np.testing.assert_array_equal(missing[:, i], fitter.active & (n == 0))
+    z = rng.normal(0, 1, (fitter.n_bins, nf, C)).astype(np.float32)
+    for i in range(nf):
+        zi = z[:, i][fitter._sample_rc]
+        assert fitter._noise(z)[i] == pytest.approx(
+            1.4826 * np.median(np.abs(zi - np.median(zi))), rel=1e-6)
+
+
 def test_binned_fit_is_exact_in_a_steep_gradient():
     """A star mask that removes pixels unevenly from bins must not bias the fit: the
     first-order row term of the bin basis keeps a noise-free smooth field exact."""
@@ -277,6 +317,63 @@ def test_fully_masked_column_error_is_not_the_prior(fitted):
     fitter.constrain_columns(free)
     empty_var = 1.0 / fitter.strap_precision[40:44]
     assert np.all(np.sqrt(empty_var) * 0.4 <= 1.01 * s["column_prior"])
+
+
+def _true_strap_columns(fitted, group):
+    """The simulator's strap columns (cube indices) and their neighbours, where usable."""
+    with h5py.File(fitted["dir"] / "sim" / "truth.h5", "r") as h5:
+        straps = h5["straps"][()]
+    C = int(group.attrs["n_cols"])
+    cols = np.arange(C) + fitted["sim"]["column_offset"]
+    strap = np.zeros(C, bool)
+    for c0, width, _ in straps:
+        strap |= (cols >= c0) & (cols < c0 + width)
+    assert strap.any()  # the scene has a strap to find
+    near = strap | np.r_[strap[1:], False] | np.r_[False, strap[:-1]]
+    usable = np.unpackbits(group["usable_mask"][()], axis=1)[:, :C].astype(bool)
+    return near & usable.any(axis=0)
+
+
+def test_free_columns_are_the_true_straps(fitted):
+    """Only the simulator's strap columns (and their neighbours) keep a free per-frame offset.
+
+    Each spurious free column adds column-correlated fit noise to every frame under the
+    stars it crosses. The former rule (offset minus its running median, robust sigma 0 on
+    the smooth profile the offsets carry) freed 27 (main's sparse products) or 41 (the
+    column-first GEMMs of issue 15) of the 128 columns of the aperture test's
+    scene, which has one 2-column strap; with the 41, its aperture noise/ideal median rose
+    from 1.142 to 1.170."""
+    group = fitted["group"]
+    free = group["free_columns"][()].astype(bool)
+    np.testing.assert_array_equal(np.flatnonzero(free),
+                                  np.flatnonzero(_true_strap_columns(fitted, group)))
+
+
+def test_free_columns_do_not_depend_on_the_split_of_column_profiles(fitted):
+    """A column-only profile is carried equally by the offsets or by the smooth terms (only
+    the weak priors choose, and rounding moves the choice by ~10 e-/s); adding one of 10
+    e-/s to the sum-image offsets must change neither which columns are straps nor the prior
+    mean of the per-frame offsets."""
+    from photometry_backdrop.model import strap_columns
+    sim = fitted["sim"]
+    s = _backdrop_settings()
+    group = fitted["group"]
+    C = int(group.attrs["n_cols"])
+    usable = np.unpackbits(group["usable_mask"][()], axis=1)[:, :C].astype(bool)
+    fitter = BackdropFitter(usable, s, float(group.attrs["pixel_noise"]))
+    fitter.fit_gain(np.asarray(sim["images"]).mean(axis=0))
+    free = strap_columns(fitter, float(s["strap_nsigma"]))
+    np.testing.assert_array_equal(free, _true_strap_columns(fitted, group))
+    fitter.constrain_columns(free)
+    prior_mean = fitter.strap_offset.copy()
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        profile = fitter.cbasis @ rng.normal(0, 1, fitter.cbasis.shape[1])
+        fitter.sum_fit.strap = fitter.sum_fit.strap + 10 * profile / np.ptp(profile)
+        np.testing.assert_array_equal(strap_columns(fitter, float(s["strap_nsigma"])), free)
+        # nor the per-frame fits' prior mean of the offsets
+        fitter.constrain_columns(free)
+        np.testing.assert_allclose(fitter.strap_offset, prior_mean, atol=1e-6)
 
 
 def test_streamed_randomized_jitter_components_equal_the_exact_svd(tmp_path):

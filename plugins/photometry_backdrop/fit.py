@@ -18,6 +18,22 @@ from .basis import Axis, tensor_pairs
 
 __all__ = ["BackdropFitter", "FrameFit", "nanquantile_columns"]
 
+_BLAS = None
+
+
+def _one_blas_thread():
+    """Context limiting BLAS to one thread for the per-frame products.
+
+    Why: they are many mid-sized GEMMs (a 2048 x 2048 by 2048 x 38 per frame); with two
+    OpenBLAS threads on a shared 2-core machine a product took 3-100x its single-thread time
+    (threads waiting for a busy core), and the other prepare work runs in the same process.
+    """
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+        _BLAS = ThreadpoolController()      # scans the loaded libraries once (~5 ms)
+    return _BLAS.limit(limits=1, user_api="blas")
+
 
 def nanquantile_columns(a, q):
     """Quantile ``q`` of the finite values of each column of a 2-D array (NaN if none).
@@ -126,16 +142,12 @@ class BackdropFitter:
         # single precision for the per-frame products (values ~1e2, sums over ~1e6 terms:
         # relative error ~1e-6, far below the noise) doubles their speed
         self._cbasis_t = np.ascontiguousarray(self.cbasis.T, dtype=np.float32)
+        # per-frame products: the full-resolution side (bins x columns) is contracted with
+        # the column basis by one single-precision GEMM, the rest is small
         self._cbasis32 = self.cbasis.astype(np.float32)
-        # per-frame products with the (sparse) binned row basis and column basis
-        self._rm_sp = sparse.csr_matrix(self.rmean.astype(np.float32))
-        self._rs_sp = sparse.csr_matrix(self.rslope.astype(np.float32))
-        self._rm_sp_t = self._rm_sp.T.tocsr()
-        self._rs_sp_t = self._rs_sp.T.tocsr()
-        self._cb_sp = sparse.csr_matrix(self._cbasis32)                 # (C, mc)
-        self._cb_sp_t = self._cb_sp.T.tocsr()                           # (mc, C)
         self._delta32 = self.delta.astype(np.float32)
         self._counts32 = self.counts.astype(np.float32)
+        self._cd32 = (self.counts * self.delta).astype(np.float32)
         # robust noise scale from a fixed subsample of bins: medians of ~10^4 values
         # instead of 10^5-10^6 per frame and iteration, with no loss of precision that matters
         act = np.flatnonzero(self.active.ravel())
@@ -145,8 +157,8 @@ class BackdropFitter:
         self._sqrt_counts32 = self.sqrt_counts.astype(np.float32)
         self.gain = np.ones(C)
         self.pixel_scale = 1.0
-        self._usable_u8 = usable.astype(np.uint8)
-        self._usable_f4 = usable.astype(np.float32)
+        self._usable_f4 = padded.astype(np.float32)       # rows padded to whole bins
+        self._flag_masks = {}
         #: bins in one spline cell: a change of the filled values summing to one bin-sigma
         #: per cell moves the model by ~sigma / cell_bins, negligible
         self._cell_bins = max(1.0, float(s["knot_spacing"]) ** 2 / b)
@@ -173,29 +185,55 @@ class BackdropFitter:
         ``sqrt(N)`` less noise) and becomes the prior mean; only columns in ``free`` (straps,
         whose excess follows the changing sky) keep the loose ``strap_prior`` per frame, the
         others vary by at most ``column_prior``.
+
+        The prior mean is the sum-image offsets minus their column-basis profile
+        (:meth:`column_profile`, fitted on the tied columns): a function of the column alone
+        is carried as well by the polynomial and spline, only the weak priors split it, and
+        rounding left up to ~10^2 e-/s of it in the offsets; tied to them, the per-frame
+        fits moved by ~5e-4 of it (0.017 e-/s rms on full frames, against a residual of
+        0.04). Without it the prior mean holds only what the smooth terms cannot carry.
         """
         s = self.settings
+        free = np.asarray(free, bool)
         offset = np.asarray(self.sum_fit.strap[0], dtype=float)
+        tied = (self._column_counts > 0) & ~free
+        if tied.sum() > 2 * self.cbasis.shape[1]:
+            offset = np.where(self._column_counts > 0,
+                              offset - self.column_profile(offset, tied), offset)
         prior = np.where(free, float(s["strap_prior"]), float(s["column_prior"]))
         self.strap_offset = offset
         self._factorise(prior)
-        self.free_columns = np.asarray(free, bool)
+        self.free_columns = free
+
+    def column_profile(self, values, use):
+        """Weighted least-squares fit (weights: usable pixels per column) of per-column
+        ``values`` by the column basis on the columns ``use``, evaluated on every column.
+
+        The column basis spans every function of the column alone the smooth terms can
+        carry, so ``values - column_profile(values, ...)`` does not depend on how a fit split
+        such a function between them and the column offsets.
+        """
+        w = np.sqrt(self._column_counts[use])
+        coef = np.linalg.lstsq(self.cbasis[use] * w[:, None], np.asarray(values)[use] * w,
+                               rcond=None)[0]
+        return self.cbasis @ coef
 
     # -- linear algebra on blocks of frames ---------------------------------------------------
-    # Binned frames are kept as (n_bins, n_frames, C) float32 arrays: every product below is
-    # then one sparse-times-dense call on a contiguous (n_bins, n_frames * C) matrix, with no
-    # transposes of the large arrays.
+    # Binned frames are kept as (n_bins, n_frames, C) float32 arrays. The products with the
+    # data contract its columns first (C -> the column basis, one contiguous GEMM of a
+    # (n_bins * n_frames, C) matrix); the row basis then acts on 50x smaller arrays in float64.
     def _solve(self, ybar):
         """Weights (nf, n_terms) and straps (nf, C) for binned frames (n_bins, nf, C)."""
         nb, nf, C = ybar.shape
-        mr = self.rows.size
+        mr, mc = self.rows.size, self.cols.size
         z = self._counts32[:, None, :] * ybar
-        zd = z * self._delta32[:, None, :]
-        g = self._rm_sp_t @ z.reshape(nb, nf * C) + self._rs_sp_t @ zd.reshape(nb, nf * C)
-        g = (self._cb_sp_t @ g.reshape(mr * nf, C).T).T                    # (mr*nf, mc)
-        g = g.reshape(mr, nf, -1).transpose(1, 0, 2).astype(np.float64)     # (nf, mr, mc)
-        b = g[:, self.pairs[:, 0], self.pairs[:, 1]]
         s = z.sum(axis=0, dtype=np.float64)                                 # (nf, C)
+        hz = (z.reshape(nb * nf, C) @ self._cbasis32).reshape(nb, nf * mc)
+        np.multiply(self._cd32[:, None, :], ybar, out=z)
+        hd = (z.reshape(nb * nf, C) @ self._cbasis32).reshape(nb, nf * mc)
+        g = self.rmean.T @ hz.astype(np.float64) + self.rslope.T @ hd.astype(np.float64)
+        g = g.reshape(mr, nf, mc).transpose(1, 0, 2)                        # (nf, mr, mc)
+        b = g[:, self.pairs[:, 0], self.pairs[:, 1]]
         rhs = b - s @ self.coupling_d
         w = linalg.cho_solve((self.chol, True), rhs.T, check_finite=False).T
         strap = (s - w @ self.coupling.T) / self.strap_precision
@@ -210,11 +248,15 @@ class BackdropFitter:
     def _binned_model(self, w, strap):
         """Model of the binned frames, (n_bins, nf, C) float32."""
         nf = w.shape[0]
-        mr, C, nb = self.rows.size, self.shape[1], self.n_bins
-        wm = self.weight_matrix(w).transpose(1, 0, 2).reshape(mr * nf, -1).astype(np.float32)
-        t = np.ascontiguousarray((self._cb_sp @ wm.T).T).reshape(mr, nf * C)
-        m = (self._rm_sp @ t).reshape(nb, nf, C)
-        m += self._delta32[:, None, :] * (self._rs_sp @ t).reshape(nb, nf, C)
+        mr, mc, C, nb = self.rows.size, self.cols.size, self.shape[1], self.n_bins
+        wm = self.weight_matrix(w).transpose(1, 0, 2).reshape(mr, nf * mc)
+        cbt = self._cbasis32.T
+        m = (self.rmean @ wm).astype(np.float32).reshape(nb * nf, mc) @ cbt
+        slope = (self.rslope @ wm).astype(np.float32).reshape(nb * nf, mc) @ cbt
+        m = m.reshape(nb, nf, C)
+        slope = slope.reshape(nb, nf, C)
+        slope *= self._delta32[:, None, :]
+        m += slope
         m += strap.astype(np.float32)[None, :, :]
         return m
 
@@ -231,17 +273,25 @@ class BackdropFitter:
         missing = np.zeros((nb, nf, C), dtype=bool)
         buf = np.zeros((nb * b, C), dtype=np.float32)
         cnt = np.zeros((nb * b, C), dtype=np.float32)
-        usable_u8 = self._usable_u8
+        u3 = self._usable_f4.reshape(nb, b, C)
         inv_gain = (1.0 / self.gain).astype(np.float32)
+        # bin means of the fast path: one multiply by 1 / (count * gain)
+        scale = np.divide(inv_gain[None, :], self._counts32, out=np.zeros_like(self._counts32),
+                          where=self.active)
         for i in range(nf):
             img = np.asarray(images[i], dtype=np.float32)
-            # fast path: zero the unusable pixels by a multiply and fall back to the
-            # per-pixel path only when a usable pixel is non-finite or flagged this frame
-            np.multiply(img, self._usable_f4, out=buf[:R])   # NaN pixels give NaN bins
-            sums = buf.reshape(nb, b, C).sum(axis=1)
+            # fast path: sums of the usable pixels in one pass (einsum: no product array;
+            # NaN pixels give NaN bins) and the per-pixel path only when a usable pixel is
+            # non-finite or flagged this frame
+            if R == nb * b:
+                sums = np.einsum("ikc,ikc->ic", img.reshape(nb, b, C), u3)
+            else:
+                buf[:R] = img
+                sums = np.einsum("ikc,ikc->ic", buf.reshape(nb, b, C), u3)
             slow = not np.isfinite(sums).all()
             if not slow and flags is not None and bad_bits:
-                slow = np.count_nonzero(np.bitwise_and(flags[i], bad_bits) & usable_u8) > 0
+                fl = np.asarray(flags[i])
+                slow = bool(np.bitwise_and(fl, self._flag_mask(bad_bits, fl.dtype)).any())
             if slow:
                 good = self.usable & np.isfinite(img)
                 if flags is not None and bad_bits:
@@ -250,20 +300,37 @@ class BackdropFitter:
                 sums = buf.reshape(nb, b, C).sum(axis=1)
                 cnt[:R] = good
                 n = cnt.reshape(nb, b, C).sum(axis=1)
+                np.divide(sums, n, out=ybar[:, i, :], where=n > 0)
+                ybar[:, i, :] *= inv_gain
+                missing[:, i, :] = self.active & (n == 0)
             else:
-                n = self._counts32
-            np.divide(sums, n, out=ybar[:, i, :], where=n > 0)
-            ybar[:, i, :] *= inv_gain
-            missing[:, i, :] = self.active & (n == 0)
+                np.multiply(sums, scale, out=ybar[:, i, :])
         return ybar, missing
 
-    def _noise(self, zj):
-        """Robust scale (1.4826 MAD) of normalised residuals (n_bins, C) on the fixed sample."""
-        zi = zj[self._sample_rc]
-        return 1.4826 * float(np.median(np.abs(zi - np.median(zi)))) if zi.size else 1.0
+    def _flag_mask(self, bad_bits, dtype):
+        """``bad_bits`` at the usable pixels, 0 elsewhere, in the flags' dtype: one AND
+        tells whether any usable pixel is flagged."""
+        key = (int(bad_bits), np.dtype(dtype))
+        if key not in self._flag_masks:
+            bits = int(bad_bits) & int(np.iinfo(dtype).max)
+            self._flag_masks[key] = np.where(self.usable, bits, 0).astype(dtype)
+        return self._flag_masks[key]
+
+    def _noise(self, z):
+        """Robust scale (1.4826 MAD) of each frame's normalised residuals (n_bins, nf, C) on
+        the fixed sample of bins."""
+        r, c = self._sample_rc
+        if not r.size:
+            return np.ones(z.shape[1])
+        zi = z[r, :, c]                                                   # (n_sample, nf)
+        return 1.4826 * np.median(np.abs(zi - np.median(zi, axis=0)), axis=0)
 
     def fit(self, images, flags=None, bad_bits=0, jitter_pixels=None):
         """Fit a block of frames (nf, R, C); returns a :class:`FrameFit`."""
+        with _one_blas_thread():
+            return self._fit(images, flags, bad_bits, jitter_pixels)
+
+    def _fit(self, images, flags, bad_bits, jitter_pixels):
         s = self.settings
         ybar, missing = self.bin_frames(images, flags, bad_bits)
         # the fit solves for the column offsets' departure from their prior mean
@@ -285,28 +352,34 @@ class BackdropFitter:
         sigma = np.zeros(nf)
         todo = np.arange(nf)
         for _ in range(int(s["clip_iterations"])):
+            every = todo.size == nf      # all frames: views, not copies
+            yt = ybar if every else ybar[:, todo]
             model = self._binned_model(w[todo], strap[todo])                # (nb, nt, C)
-            z = (ybar[:, todo, :] - model) * sqc[:, None, :]
-            changed = np.zeros(len(todo), dtype=bool)
-            for j, i in enumerate(todo):
-                zj = z[:, j, :]
-                sig = self._noise(zj)
-                sigma[i] = sig
-                new_clip = (zj > self._clip_high * sig) | (zj < -clip_k * sig)
-                new_clip &= active
-                new_clip |= missing[:, i, :]
-                # re-solve when the clipped set changed by more than a few bins at the
-                # threshold (each moves the solution by far less than the noise), or when the
-                # model-filled bins are still moving (EM not yet converged)
-                n_flip = np.count_nonzero(new_clip != clipped[:, i, :])
-                if n_flip > self._flip_tolerance:
-                    changed[j] = True
-                elif new_clip.any():
-                    step = (model[:, j, :] - data[:, i, :])[new_clip] * sqc[new_clip]
-                    changed[j] = np.sum(np.abs(step)) > 0.5 * sig * self._cell_bins
-                clipped[:, i, :] = new_clip
-                if changed[j]:
-                    data[:, i, :] = np.where(new_clip, model[:, j, :], ybar[:, i, :])
+            z = yt - model
+            z *= sqc[:, None, :]
+            sig = self._noise(z)
+            sigma[todo] = sig
+            new_clip = z > (self._clip_high * sig)[None, :, None]
+            new_clip |= z < (-clip_k * sig)[None, :, None]
+            new_clip &= active[:, None, :]
+            new_clip |= missing if every else missing[:, todo]
+            # re-solve when the clipped set changed by more than a few bins at the threshold
+            # (each moves the solution by far less than the noise), or when the model-filled
+            # bins are still moving (EM not yet converged)
+            n_flip = np.count_nonzero(new_clip != (clipped if every else clipped[:, todo]),
+                                      axis=(0, 2))
+            changed = n_flip > self._flip_tolerance
+            for j in np.flatnonzero(~changed):
+                nc = new_clip[:, j, :]
+                if nc.any():
+                    step = (model[:, j, :] - data[:, todo[j], :])[nc] * sqc[nc]
+                    changed[j] = np.sum(np.abs(step)) > 0.5 * sig[j] * self._cell_bins
+            if every:
+                clipped = new_clip
+            else:
+                clipped[:, todo] = new_clip
+            for j in np.flatnonzero(changed):
+                data[:, todo[j], :] = np.where(new_clip[:, j, :], model[:, j, :], yt[:, j, :])
             todo = todo[changed]
             if todo.size == 0:
                 break
