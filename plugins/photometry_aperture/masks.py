@@ -45,7 +45,8 @@ class MaskResult(dict):
 
 
 def median0(values):
-    """``np.median(values, axis=0)``, the same numbers (NaN where a column holds one), faster.
+    """``np.median(values, axis=0)``, the same numbers (NaN where a column holds one; the sign
+    of a zero median may differ), faster.
 
     Why: ``np.median`` partitions at three indices (the middle pair and the last, for NaNs)
     and averages through ``np.mean``; one partition at the upper middle, the maximum of the
