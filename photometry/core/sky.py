@@ -163,6 +163,9 @@ def stamp_sumimage(phot):
             return np.nanmean(phot.images_cube[good], axis=0)
     rs, cs = phot._slices()
     img = np.asarray(phot.source.sumimage[rs, cs], dtype=np.float64)
+    bkg = phot.backgrounds_cube[good]
+    if not np.isnan(bkg).any():     # np.nanmean's numbers without its zero-filled copy
+        return img - np.mean(bkg, axis=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return img - np.nanmean(phot.backgrounds_cube[good], axis=0)
+        return img - np.nanmean(bkg, axis=0)
