@@ -22,10 +22,26 @@ Usage::
 ``--stages none`` runs prepare with no stage, so BasePhotometry's flat local background is
 benchmarked.
 
+Per-target cost (issue 15)::
+
+    python benchmarks/bench_aperture.py --timing CACHE_DIR [--targets 171] [--method aperture]
+        [--output DIR] [--profile FILE] [--blas-threads 1]
+
+runs ``run_target`` (reads, background, checks and file write included) on the first
+``--targets`` tasks of ``CACHE_DIR/todo.sqlite`` in the claim order, through the worker's
+stamp cache, after one untimed warm-up target, and prints one JSON line: CPU time
+(``process_time``) per target (median, mean, each), peak RSS, statuses. BLAS is capped at
+``--blas-threads`` as the scheduler's workers are (``scheduler.worker_threads``): a second
+OpenBLAS thread adds its spinning to the process's CPU time (the 138-158 ms of 2026-12-07
+were measured so; 70-80 ms with one thread). Run it with ``PYTHONPATH`` pointing at an
+export of another version to compare versions in alternating processes.
+
 The test suite imports :func:`evaluate` to check the acceptance figures on a small scene.
 """
 import argparse
+import contextlib
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -185,6 +201,53 @@ def _print(summary, elapsed, args):
           f"photutils {summary['pu_amp_median']:.4f}")
 
 
+def time_targets(cache_dir, n_targets=171, method="aperture", output=None, profile=None,
+                 blas_threads=1):
+    """CPU time of ``run_target`` per target on a prepared cache folder (see the module
+    docstring); a dict."""
+    import resource
+    import sqlite3
+    from photometry.data.taskstore import CLAIM_ORDER
+    from photometry.hooks.plugins import default_plugin_manager, lookup
+    from photometry.scheduler.run import _LazySource
+    from photometry.scheduler.target import run_target
+    from threadpoolctl import threadpool_limits
+    settings = load_settings()
+    cache_dir = Path(cache_dir)
+    with sqlite3.connect(str(cache_dir / "todo.sqlite")) as db:
+        order = CLAIM_ORDER.replace("r.priority", "t.priority")
+        todo = db.execute(f"SELECT starid, cache FROM todolist t ORDER BY {order} LIMIT ?",
+                          (int(n_targets),)).fetchall()
+    mb = float(settings.get("scheduler", {}).get("stamp_cache_mb", 0) or 0)
+    source = _LazySource(cache_dir / todo[0][1], cache_bytes=mb * 1024 ** 2)
+    cls = lookup(default_plugin_manager(), "register_algorithms", method)
+    output = Path(output or tempfile.mkdtemp(prefix="bench_ap_time_"))
+    prof = None
+    if profile:
+        import cProfile
+        prof = cProfile.Profile()
+    times, statuses = [], {}
+    with threadpool_limits(int(blas_threads)) if blas_threads else contextlib.nullcontext():
+        run_target(cls, todo[0][0], source, settings, output / "warm-up")
+        for starid, _ in todo:
+            t0 = time.process_time()
+            if prof:
+                prof.enable()
+            result = run_target(cls, starid, source, settings, output)
+            if prof:
+                prof.disable()
+            times.append(1e3 * (time.process_time() - t0))
+            statuses[int(starid)] = int(result["status"])
+    if prof:
+        prof.dump_stats(profile)
+    t = np.array(times)
+    return {"targets": len(t), "method": method, "median_ms": float(np.median(t)),
+            "mean_ms": float(np.mean(t)), "blas_threads": blas_threads,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "load": list(os.getloadavg()), "statuses": statuses,
+            "times_ms": [round(float(x), 2) for x in t]}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256)
@@ -198,7 +261,19 @@ def main(argv=None):
                         help="only stars with injected variability (amplitude figures)")
     parser.add_argument("--workdir", help="reuse/keep this folder")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--timing", metavar="CACHE_DIR",
+                        help="per-target CPU time of run_target on this prepared cache folder")
+    parser.add_argument("--targets", type=int, default=171)
+    parser.add_argument("--method", default="aperture")
+    parser.add_argument("--output", help="--timing: light-curve folder (default: a temporary one)")
+    parser.add_argument("--profile", help="--timing: cProfile statistics to this file")
+    parser.add_argument("--blas-threads", type=int, default=1,
+                        help="--timing: BLAS threads (0: as the environment says)")
     args = parser.parse_args(argv)
+    if args.timing:
+        print(json.dumps(time_targets(args.timing, args.targets, args.method, args.output,
+                                      args.profile, args.blas_threads)))
+        return 0
     if args.stages is not None and [x.lower() for x in args.stages] in (["none"], []):
         args.stages = []
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_ap_"))

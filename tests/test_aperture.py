@@ -312,3 +312,141 @@ def test_simulated_sector_isolated_stars(simulated):
     assert np.median(ratios) <= 1.15, sorted(ratios)
     assert len(amps) >= 3
     assert abs(np.median(amps) - 1) <= 0.02, amps
+
+
+# ------------------------------------------------- per-target cost (issue 15): same numbers
+def test_median0_is_numpy_median_bit_for_bit():
+    """``masks.median0`` (one partition) gives ``np.median(axis=0)``'s bits: odd and even
+    lengths, ties, NaN columns, 1-D and 3-D input, infinities."""
+    rng = np.random.default_rng(11)
+    cases = [rng.normal(size=(1282, 37)), rng.normal(size=(1281, 5, 7)),
+             np.abs(np.round(rng.normal(size=(100, 50)), 1)),          # many ties
+             rng.normal(size=(1,)), rng.normal(size=(2, 3)), rng.normal(size=(7,))]
+    with_nan = rng.normal(size=(64, 9))
+    with_nan[5, 2] = np.nan
+    with_nan[[1, 3], 7] = [np.inf, -np.inf]
+    cases.append(with_nan)
+    for values in cases:
+        expected = np.median(values, axis=0)
+        got = masks.median0(values)
+        assert np.shape(got) == np.shape(expected)
+        assert np.asarray(got).tobytes() == np.asarray(expected).tobytes()
+    assert np.isnan(masks.median0(with_nan)[2]) and np.isfinite(masks.median0(with_nan)[7])
+    signed = np.round(rng.normal(size=(100, 50)), 1)      # -0.0 and 0.0: equal, sign may not be
+    np.testing.assert_array_equal(masks.median0(signed), np.median(signed, axis=0))
+
+
+def _enclosed_flux_whole_stamp(prf, rows, cols, mask, origin, size):
+    """The previous formula: the running sum over every pixel of each stamp, the pixels
+    outside the mask zeroed (kept here as the reference the faster one must equal)."""
+    values, r0, c0 = prf.stamps(np.asarray(rows, float), np.asarray(cols, float), size)
+    nrows, ncols = mask.shape
+    rr = (r0 - origin[0])[:, None] + np.arange(size)[None, :]
+    cc = (c0 - origin[1])[:, None] + np.arange(size)[None, :]
+    inside = mask[np.clip(rr, 0, nrows - 1)[:, :, None], np.clip(cc, 0, ncols - 1)[:, None, :]]
+    inside &= ((rr >= 0) & (rr < nrows))[:, :, None] & ((cc >= 0) & (cc < ncols))[:, None, :]
+    return np.cumsum(np.where(inside, values, 0.0).reshape(len(values), -1), axis=1)[:, -1]
+
+
+def test_enclosed_flux_equals_whole_stamp_sum():
+    """The aperture-loss flux (mask pixels only, each distinct position once) equals the sum
+    over whole stamps bit for bit, for positions crossing pixel centres (several stamp
+    origins), repeated positions, masks at the stamp edge, and matches the design matrix."""
+    from photometry_aperture.aperture import _enclosed_flux
+    prf = AnalyticPRF()
+    rng = np.random.default_rng(3)
+    shape, origin = (15, 13), (100, 200)
+    for centre, mask in [((107.4, 206.45), None), ((100.6, 200.2), "edge")]:
+        m = np.zeros(shape, dtype=bool)
+        if mask is None:
+            m[5:10, 4:9] = True
+            m[7, 9] = True
+        else:
+            m[:3, :4] = True                                   # the stamp's corner
+        rows = centre[0] + rng.normal(0, 0.3, 400)
+        cols = centre[1] + rng.normal(0, 0.3, 400)
+        rows[50:60], cols[50:60] = rows[0], cols[0]            # repeated positions
+        size = int(prf.default_size())
+        got = _enclosed_flux(prf, rows, cols, m, origin, size)
+        ref = _enclosed_flux_whole_stamp(prf, rows, cols, m, origin, size)
+        assert got.tobytes() == ref.tobytes()
+        mat = prf.design_matrix(rows, cols, shape, origin=origin, size=size)
+        np.testing.assert_allclose(got, np.asarray(mat[np.flatnonzero(m.ravel())].sum(axis=0))
+                                   .ravel(), rtol=1e-12, atol=1e-15)
+        assert len({(a, b) for a, b in zip(np.floor(rows + 0.5), np.floor(cols + 0.5))}) > 1
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+def test_pixel_noise_on_demand_equals_the_full_medians():
+    """``_PixelNoise`` computes the mask inputs' variance and background error only where
+    asked, and gives there exactly the numbers of the medians over every pixel (NaN pixels
+    and cadences, correlated background)."""
+    from photometry_aperture.aperture import _PixelNoise, _nanmedian0
+    rng = np.random.default_rng(8)
+    n, shape = 301, (9, 8)
+    errors = rng.uniform(1, 3, (n,) + shape)
+    bkg = 0.5 * np.abs(rng.normal(size=n))[:, None, None] * rng.uniform(0, 1, shape)[None]
+    errors[4, 2, 3] = np.nan
+    errors[:, 0, 0] = np.nan
+    good = rng.uniform(size=n) > 0.1
+    full_var = _nanmedian0(errors[good] ** 2)
+    full_bkg = _nanmedian0(bkg[good])
+    full_bkg = np.where(np.isfinite(full_bkg), full_bkg, 0.0)
+    full_var = np.clip(full_var - full_bkg ** 2, 0, None)
+    noise = _PixelNoise(errors, bkg, good, correlated=True)
+    first = np.zeros(shape, dtype=bool)
+    first[2:5, 2:6] = True
+    first[0, 0] = True
+    var, b = noise(first)
+    assert var[first].tobytes() == full_var[first].tobytes()
+    assert b[first].tobytes() == full_bkg[first].tobytes()
+    assert np.all(np.isnan(var[~first])) and np.all(b[~first] == 0)
+    var, b = noise(np.ones(shape, dtype=bool))                   # the rest, on a second call
+    np.testing.assert_array_equal(var, full_var)
+    assert var.tobytes() == full_var.tobytes() and b.tobytes() == full_bkg.tobytes()
+
+
+def test_find_mask_with_pixel_noise_equals_find_mask_with_arrays():
+    """find_mask given ``pixel_noise`` (computed on demand) returns the same mask, S/N and
+    threshold as with the full variance and background-error arrays."""
+    rows, cols, tmags = [7.2, 4.0, 10.5], [7.1, 9.5, 3.2], [9.0, 11.0, 10.5]
+    models, variance, fluxes = _scene(rows, cols, tmags)
+    bkg_error = np.full(variance.shape, 0.3)
+    asked = []
+
+    def pixel_noise(selection):
+        asked.append(int(selection.sum()))
+        return np.where(selection, variance, np.nan), np.where(selection, bkg_error, 0.0)
+
+    args = (models.sum(axis=0), None, models, np.array(rows), np.array(cols), fluxes, 0)
+    lazy = masks.find_mask(*args, pixel_noise=pixel_noise)
+    full = masks.find_mask(models.sum(axis=0), variance, *args[2:], bkg_error=bkg_error)
+    assert np.array_equal(lazy.mask, full.mask) and lazy.snr == full.snr
+    assert lazy.threshold == full.threshold and asked and max(asked) < variance.size
+
+
+def test_distinct_rows():
+    """The rows of each group are equal bit for bit, NaN rows stay apart."""
+    values = np.array([[1.0, 2.0], [0.5, 2.0], [1.0, 2.0], [np.nan, 1.0], [np.nan, 1.0],
+                       [1.0, np.nextafter(2.0, 3.0)]])
+    first, inverse = masks._distinct_rows(values)
+    np.testing.assert_array_equal(values[first][inverse], values)
+    assert len(first) == 5 and inverse[0] == inverse[2] and inverse[3] != inverse[4]
+
+
+def test_expected_noise_is_kept_until_the_result_changes(scene):
+    """BasePhotometry keeps the expected noise between the metrics and the file, and
+    computes it again when the mask or the flux changes."""
+    source, truth = scene
+    inside = (truth["rows"] > 9) & (truth["rows"] < 51) & (truth["cols"] > 53) \
+        & (truth["cols"] < 95)
+    k = int(np.argmin(np.where(inside, np.abs(truth["tmag"] - 10.0), np.inf)))
+    phot = AperturePhotometry(k + 1, source, settings=_settings())
+    assert phot.photometry() in (STATUS.OK, STATUS.WARNING)
+    first = phot.expected_noise()
+    assert phot.expected_noise() is first
+    mask = phot.final_phot_mask.copy()
+    mask[np.unravel_index(np.argmin(np.where(mask, np.inf, phot.sumimage)), mask.shape)] = True
+    phot.final_phot_mask = mask
+    again = phot.expected_noise()
+    assert again is not first and again.relative() != first.relative()

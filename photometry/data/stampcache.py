@@ -52,6 +52,9 @@ class BlockCache:
         self.block = (int(max(1, round(side / chunk[1]))) * chunk[1],
                       int(max(1, round(side / chunk[2]))) * chunk[2])
         self._chunk = chunk
+        # bytes of one block of each cube (an HDF5 look-up per stamp otherwise)
+        self._nbytes = {c: f[c].shape[0] * self.block[0] * self.block[1] * f[c].dtype.itemsize
+                        for c in _CUBES if c in f}
         self._blocks = collections.OrderedDict()
         self._bytes = 0
         self._advised = set()
@@ -94,8 +97,10 @@ class BlockCache:
         return out
 
     def _block_nbytes(self, name):
-        ds = self.source._file[name]
-        return ds.shape[0] * self.block[0] * self.block[1] * ds.dtype.itemsize
+        if name not in self._nbytes:
+            ds = self.source._file[name]
+            self._nbytes[name] = ds.shape[0] * self.block[0] * self.block[1] * ds.dtype.itemsize
+        return self._nbytes[name]
 
     def _get(self, key):
         data = self._blocks.get(key)

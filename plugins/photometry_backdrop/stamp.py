@@ -221,8 +221,15 @@ class StampEvaluator:
         # R @ W @ C.T for every frame as two plain matrix products
         x = (wm.reshape(n * ar.size, ac.size) @ cb[:, ac].T).reshape(n, ar.size, len(cols))
         out = (rb[:, ar] @ x.transpose(1, 0, 2).reshape(ar.size, -1)).reshape(
-            len(rows), n, len(cols)).transpose(1, 0, 2)
-        out = (out + strap.T[:, None, cinv]) * self.gain[cols][None, None, :]
+            len(rows), n, len(cols))
+        # strap and gain in place, in the (rows, frames, cols) order the product came in
+        # (the same two operations per value as on the transposed cube, without its strided
+        # temporaries); then one copy into the (frames, rows, cols) layout
+        out += strap.T[None, :, cinv]
+        out *= self.gain[cols][None, None, :]
+        out = np.ascontiguousarray(out.transpose(1, 0, 2))
+        if uniq.size == inverse.size and np.array_equal(inverse, np.arange(inverse.size)):
+            return out
         return out[inverse]
 
     def evaluate_error(self, group, row_sel, col_sel, frames=slice(None)):
