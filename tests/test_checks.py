@@ -305,6 +305,33 @@ def test_saturated_star_bleed_covered_or_flagged_and_linpsf_declines():
     assert res["details"]["checks"]["codes"] == ["SATURATED"]
 
 
+def test_partial_medians_equal_the_full_ones_without_flags_and_errors():
+    """The median calibrated image is computed only where a pixel's maximum may reach the
+    saturation level or its error is missing: the saturated pixels (no pixel flags, as for
+    TESScut) and the stand-in variances are those of the median over every pixel."""
+    from photometry.core import checks
+    source, _ = memory_scene(AnalyticPRF(), seed=5, shape=(70, 40), saturated=True)
+    source._cubes["pixel_flags"][:] = 0
+    source._cubes["errors"][:, 30:32] = np.nan                      # missing pixel errors
+    phot = AperturePhotometry(1, source, settings=_settings())
+    phot.photometry()
+    good = checks._good_cadences(phot)
+    full = np.median(np.asarray(phot.images_cube)[good] + np.asarray(phot.backgrounds_cube)[good],
+                     axis=0)
+    level = float(np.sort(full.ravel())[-12])                     # a dozen pixels reach it
+    sat = checks.saturated_target_pixels(phot, level=level)
+    assert 0 < np.count_nonzero(sat) <= 12
+    assert np.array_equal(sat, checks.saturated_target_pixels(phot, level=level, raw=full))
+    var, missing, raw = checks._pixel_variances(phot, good, level)
+    r0, r1, c0, c1 = phot.stamp
+    assert np.count_nonzero(missing) == 2 * (c1 - c0) and r0 < 30 and r1 > 32
+    assert np.array_equal(raw[missing], full[missing])
+    cols, _ = phot.get_pixel_grid()
+    expect = checks._noise_model(phot).pixel_variance(full, cols)
+    assert np.array_equal(var[missing], expect[missing])
+    assert np.isnan(raw).sum() > 0.9 * raw.size                   # most pixels skipped
+
+
 def test_policy_gives_saturated_stars_to_aperture():
     s = default_settings()
     s["aperture"]["policy_crowded_method"] = "linpsf"

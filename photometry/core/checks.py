@@ -146,16 +146,14 @@ def saturated_target_pixels(phot, level=None, raw=None):
     cache) or, for sources without pixel flags (TPFs, TESScut), whose median calibrated flux
     (sky included) reaches ``level`` (default ``prepare.saturation_level``, e-/s: the full
     well of a 2-s read). The target's are the 8-connected groups with a pixel within 2 px of
-    its position. None when the target has none. ``raw``: the median calibrated image, if
-    already computed.
+    its position. None when the target has none. ``raw``: the median calibrated image at
+    least where the pixels' maxima may reach ``level`` (``_may_reach``), if already computed.
     """
-    if level is None:
-        cfg = getattr(phot.source, "settings", None) or phot.settings
-        level = float(cfg.get("prepare", phot.settings["prepare"])["saturation_level"])
+    level = _saturation_level(phot) if level is None else level
     good = _good_cadences(phot)
     flags = np.asarray(phot.pixelflags_cube)[good]
     saturated = np.any((flags & int(PixelQualityFlags.Saturated)) != 0, axis=0)
-    raw = _raw_median(phot, good) if raw is None else raw
+    raw = _raw_median(phot, good, _may_reach(phot, level)) if raw is None else raw
     saturated |= np.nan_to_num(raw, nan=0.0) >= level
     if not saturated.any():
         return None
@@ -180,9 +178,34 @@ def _median0(values):
         return np.nanmedian(values, axis=0)
 
 
-def _raw_median(phot, good):
-    """(r, c) median calibrated flux (sky included) over the good cadences."""
-    return _median0(np.asarray(phot.images_cube)[good] + np.asarray(phot.backgrounds_cube)[good])
+def _saturation_level(phot):
+    """The saturation level (e-/s) of the source's settings, else of the target's."""
+    cfg = getattr(phot.source, "settings", None) or phot.settings
+    return float(cfg.get("prepare", phot.settings["prepare"])["saturation_level"])
+
+
+def _may_reach(phot, level):
+    """(r, c) bool: pixels whose median calibrated flux (sky included) may reach ``level``.
+
+    The image's maximum over all cadences plus the sky's is at least every good cadence's
+    sum, hence its median: only these pixels (and those whose maximum is undefined) need the
+    median, which over every pixel and cadence cost a third of the checks' time.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        top = (np.fmax.reduce(np.asarray(phot.images_cube, float), axis=0)
+               + np.fmax.reduce(np.asarray(phot.backgrounds_cube, float), axis=0))
+    return ~(top < level)
+
+
+def _raw_median(phot, good, where):
+    """(r, c) median calibrated flux (sky included) over the good cadences at the pixels
+    ``where``, NaN elsewhere."""
+    raw = np.full(np.shape(phot.sumimage), np.nan)
+    if np.any(where):
+        images = np.asarray(phot.images_cube)[:, where][good]
+        raw[where] = _median0(images + np.asarray(phot.backgrounds_cube)[:, where][good])
+    return raw
 
 
 def _good_cadences(phot):
@@ -227,20 +250,22 @@ def _noise_model(phot):
     return CCDNoise.from_header(header, phot.cadence)
 
 
-def _pixel_variances(phot, good, raw):
-    """((r, c) per-pixel variance, (r, c) bool missing).
+def _pixel_variances(phot, good, level):
+    """((r, c) per-pixel variance, (r, c) bool missing, (r, c) median calibrated image).
 
     The median over good cadences of the pixel error cube squared (the pixels alone: the
     background model's error would cost an evaluation of its own for a term the allowances
     below swamp); where that is not finite and positive, the CCD noise model of the
-    calibrated flux ``raw`` (``missing`` marks those).
+    calibrated flux ``raw`` (``missing`` marks those). ``raw`` is computed there and where
+    it may reach the saturation ``level`` (for :func:`saturated_target_pixels`), NaN elsewhere.
     """
     var = _median0(np.asarray(phot.pixel_err_cube, float)[good] ** 2)
     missing = ~(np.isfinite(var) & (var > 0))
+    raw = _raw_median(phot, good, missing | _may_reach(phot, level))
     if missing.any():
         cols, _ = phot.get_pixel_grid()
         var = np.where(missing, _noise_model(phot).pixel_variance(raw, cols), var)
-    return var, missing
+    return var, missing, raw
 
 
 # --------------------------------------------------------------------------- the checks
@@ -348,8 +373,7 @@ def _check_pixels(phot, good, use, flux, F, scatter, mask, cfg, flag, m):
     """Noise against the pixel errors, flux against the reference aperture and the catalog,
     mask size against the PRF, bleed coverage."""
     images = np.asarray(phot.images_cube, dtype=float)
-    raw = _raw_median(phot, good)
-    var, missing = _pixel_variances(phot, good, raw)
+    var, missing, raw = _pixel_variances(phot, good, _saturation_level(phot))
     npix = int(mask.sum())
     m["mask_pixels"] = npix
 
