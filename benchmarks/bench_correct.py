@@ -272,11 +272,14 @@ def oracle_part():
 def scene_ensemble(workdir):
     """The scene's SAP light curves (Tmag >= 7.5) as an :class:`Ensemble`, with the truth:
     (ensemble, index of each star in truth.h5, variable (all truth stars), true flux (all),
-    contamination of each light curve (1 - CROWDSAP, what the pipeline's candidates see))."""
+    contamination of each light curve (1 - CROWDSAP, what the pipeline's candidates see)).
+    Each light curve's photometry STATUS comes from todo.sqlite, as the pipeline's does."""
     import h5py
     from astropy.io import fits
-    from photometry.scheduler.correct import Ensemble, fit_cadences
+    from photometry.scheduler.correct import Ensemble, finished_lightcurves, fit_cadences
     workdir = Path(workdir)
+    done = finished_lightcurves(workdir / "cache", workdir / "lc")
+    status_of = dict(zip(done["starid"], done["status"]))
     with h5py.File(workdir / "sim" / "truth.h5") as tr:
         ids = tr["stars/starid"][()]
         variable = tr["stars/variable"][()]
@@ -304,7 +307,8 @@ def scene_ensemble(workdir):
     rc = np.array(rc)
     ens = Ensemble(1, 1, 4, 1800, "aperture", t, cad, np.array(ok_ids), np.array(tmag),
                    rc[:, 0], rc[:, 1], flux.copy(), err, quality, fit_cadences(quality, flux),
-                   np.array(ff, float))
+                   np.array(ff, float),
+                   status=np.array([status_of[i] for i in ok_ids], np.int64))
     return ens, rows, variable, true, np.array(cont, float)
 
 

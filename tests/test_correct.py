@@ -361,3 +361,39 @@ def test_a_restored_fit_corrects_a_star_as_the_ensemble_fit_did(tmp_path):
         assert results[i].method == "cbvMAP"
         # (the stored vectors round-trip to 1e-10)
         np.testing.assert_allclose(again.correct(ens.star(i)).flux, results[i].flux, rtol=1e-9)
+
+
+def test_warning_light_curves_are_corrected_but_never_basis_or_prior_stars():
+    """A WARNING light curve (here: the 20 quiet stars nearest a corner, whose apertures lose
+    twice the focus and pointing flux, as a too-small mask does) is not learned from: taken
+    as OK, 10 of them were basis stars, 14 prior stars, and they made a third vector."""
+    from photometry import STATUS
+    ens, truth = synthetic_ensemble(n_stars=300, n_cadences=400, seed=5)
+    quiet = np.flatnonzero(~truth["variable"] & (ens.tmag < 12.5))
+    w = np.sort(quiet[np.argsort(np.hypot(ens.row[quiet], ens.column[quiet]))[:20]])
+    sysw = truth["systematic"][w]
+    ens.flux[w] *= (1 + 2 * sysw) / (1 + sysw)
+    learned = []
+    for status in (STATUS.OK, STATUS.WARNING):
+        ens.status[w] = int(status)
+        corr = CBVCorrection(load_settings())
+        results = correct_ensemble(corr, ens)
+        fitted = corr._ensemble.starid
+        learned.append((np.isin(ens.starid[w], fitted[corr._basis.basis_index]).sum(),
+                        np.isin(ens.starid[w], corr.prior_model.starid).sum(),
+                        corr.vectors.shape[0]))
+    assert learned[0][0] >= 5 and learned[0][1] >= 5 and learned[0][2] == 3, learned
+    assert learned[1] == (0, 0, 2), learned
+    assert not np.isin(ens.starid[w], fitted).any()
+    # still corrected, from the OK stars' vectors and prior (19 of the 20; one keeps SAP)
+    assert len(results) == len(ens.starid)
+    methods = [results[i].method for i in w]
+    assert methods.count("cbvMAP") >= 15, methods
+    i = w[methods.index("cbvMAP")]
+    assert not np.allclose(results[i].flux, ens.flux[i])
+    # the Table the pipeline's candidates see carries the status; none: all OK
+    table = ens.table()
+    assert list(table["status"][w]) == [int(STATUS.WARNING)] * 20
+    assert not corr.candidates(table)[w].any()
+    table.remove_column("status")
+    assert corr.candidates(table)[w].any()

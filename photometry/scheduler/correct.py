@@ -10,10 +10,11 @@ core here does the I/O, the plugin the science:
 1. The finished tasks (OK, WARNING) with a light curve come from ``todo.sqlite``; they are
    grouped by (sector, camera, CCD, cadence, method) and sorted by TIC, so the result does not
    depend on the order they ran in.
-2. ``candidates(stars)`` picks the stars the correction may learn from; their light curves
-   are read into an :class:`Ensemble` on the CCD's cadence axis (CADENCENO), with the files
-   the correction declares (``inputs(key)``, e.g. SPOC's CBVs) read into ``ensemble.inputs``,
-   and ``fit``.
+2. ``candidates(stars)`` picks the stars the correction may learn from (``stars`` carries
+   each light curve's photometry ``status``: a correction should not learn from a WARNING,
+   which is still corrected in 3.); their light curves are read into an :class:`Ensemble` on
+   the CCD's cadence axis (CADENCENO), with the files the correction declares
+   (``inputs(key)``, e.g. SPOC's CBVs) read into ``ensemble.inputs``, and ``fit``.
 3. Every star of the group (a star added by a later run too) is read, ``correct``-ed and its
    PDCSAP_FLUX, PDCSAP_FLUX_ERR and PDC keywords are replaced atomically
    (:func:`photometry.output.lightcurve_io.update_lightcurve`, which leaves a file alone when
@@ -38,6 +39,7 @@ from photometry.hooks.commandline import add_settings_arguments
 from photometry.hooks.errors import ConfigurationError, InputError
 from photometry.output.lightcurve_io import read_lightcurve, update_lightcurve, write_atomic
 from photometry.hooks.quality import fit_cadences
+from photometry.hooks.status import STATUS
 
 __all__ = ["Ensemble", "StarLightCurve", "Corrected", "finished_lightcurves",
            "correct_lightcurves", "correct_star", "correct_ensemble", "with_inputs", "finish_run",
@@ -74,7 +76,9 @@ class Ensemble:
 
     ``flux``, ``flux_err``, ``quality``, ``good`` are (S, N); ``time`` and ``cadenceno`` (N,).
     ``inputs`` holds the files the correction declared (``LightCurveCorrection.inputs``), read
-    by the core: {name: :class:`photometry.FitsTables` or None}.
+    by the core: {name: :class:`photometry.FitsTables` or None}. ``status`` (S,) is each
+    light curve's photometry STATUS (OK or WARNING; default OK): a WARNING light curve is
+    corrected, but a correction should not learn the CCD's systematics from it.
     """
 
     sector: int
@@ -94,23 +98,28 @@ class Ensemble:
     good: np.ndarray
     flux_fraction: np.ndarray = None
     inputs: dict = field(default_factory=dict)
+    status: np.ndarray = None
 
     def __post_init__(self):
         if self.flux_fraction is None:
             self.flux_fraction = np.full(len(self.starid), np.nan)
+        if self.status is None:
+            self.status = np.full(len(self.starid), int(STATUS.OK), dtype=np.int64)
 
     def subset(self, index):
         """The ensemble of the stars ``index`` (same cadence axis)."""
         from dataclasses import replace
         return replace(self, **{k: getattr(self, k)[index] for k in
                                 ("starid", "tmag", "row", "column", "flux", "flux_err",
-                                 "quality", "good", "flux_fraction")})
+                                 "quality", "good", "flux_fraction", "status")})
 
     def table(self, contamination=None):
-        """The stars as the Table ``LightCurveCorrection.candidates`` takes."""
+        """The stars as the Table ``LightCurveCorrection.candidates`` takes: ``starid, tmag,
+        row, column, status, variability, contamination``."""
         n = len(self.starid)
         return Table({"starid": self.starid, "tmag": self.tmag, "row": self.row,
-                      "column": self.column, "variability": np.full(n, np.nan),
+                      "column": self.column, "status": self.status,
+                      "variability": np.full(n, np.nan),
                       "contamination": (np.zeros(n) if contamination is None
                                         else np.asarray(contamination, float))})
 
@@ -215,7 +224,9 @@ def _read_ensemble(key, stars):
                     cadenceno, np.asarray(stars["starid"], dtype=np.int64),
                     np.asarray(stars["tmag"], float), np.asarray(stars["row"], float),
                     np.asarray(stars["column"], float), flux, err, quality,
-                    fit_cadences(quality, flux), fraction)
+                    fit_cadences(quality, flux), fraction,
+                    status=(np.asarray(stars["status"], dtype=np.int64)
+                            if "status" in stars.colnames else None))
 
 
 def with_inputs(corr, ensemble):

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 from astropy.io import fits
 
-from photometry import ConfigurationError, Corrected, LightCurveCorrection
+from photometry import STATUS, ConfigurationError, Corrected, LightCurveCorrection
 
 from .basis import PriorModel, build_basis, map_fit, normalise, white_noise
 from .spoc import cbv_hdulist, cbv_input, read_cbvs, vectors_on
@@ -55,13 +55,21 @@ class CBVCorrection(LightCurveCorrection):
 
     # ------------------------------------------------------------------ CCD level
     def candidates(self, stars):
-        """Basis candidates: Tmag in [tmag_min, tmag_max], contamination at most
-        ``max_contamination``, the ``max_basis_stars`` brightest (ties by TIC)."""
+        """Basis candidates: photometry STATUS OK, Tmag in [tmag_min, tmag_max], contamination
+        at most ``max_contamination``, the ``max_basis_stars`` brightest (ties by TIC).
+
+        A WARNING light curve (an aperture that lost flux, noise far above the photon limit)
+        may hold an artefact of its own that, shared by a few such stars, would become a
+        vector or bend the prior of its neighbours; it is still corrected. A table without a
+        ``status`` column counts as all OK.
+        """
         cfg = self.cfg
         tmag = np.asarray(stars["tmag"], dtype=float)
         cont = np.asarray(stars["contamination"], dtype=float)
         ok = (tmag >= cfg["tmag_min"]) & (tmag <= cfg["tmag_max"])
         ok &= ~(cont > cfg["max_contamination"])
+        if "status" in stars.colnames:
+            ok &= np.asarray(stars["status"]) == int(STATUS.OK)
         idx = np.flatnonzero(ok)
         order = np.lexsort((np.asarray(stars["starid"])[idx], tmag[idx]))
         keep = np.zeros(len(stars), dtype=bool)
