@@ -306,7 +306,7 @@ class LightCurveCorrection:
 
     def candidates(self, stars):
         """(S,) bool: stars (an astropy Table: ``starid, tmag, row, column, variability,
-        contamination, status``; ``status`` is the photometry STATUS name) whose light curves
+        contamination, status``; ``status`` is the photometry STATUS value) whose light curves
         ``fit`` should see. Default: all."""
         import numpy as np
         return np.ones(len(stars), dtype=bool)
