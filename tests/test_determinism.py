@@ -94,3 +94,46 @@ def test_position_order_stamp_cache_and_dask_change_nothing(scene, monkeypatch):
         assert sorted(other[3]) == sorted(curves)
         for name, columns in curves.items():
             assert other[3][name] == columns, name
+
+
+@pytest.fixture(scope="module")
+def long_scene(tmp_path_factory):
+    """The scene with 300 cadences: at 30 (and 200) the thread count changes no light curve
+    (OpenBLAS splits only larger products), at 300 it changes one of 45 (measured 2026-12-08)."""
+    base = tmp_path_factory.mktemp("determinism_long")
+    settings = prepared_sector(base, ["simulate.cadences=300", "simulate.rows=64",
+                                      "simulate.cols=64", "simulate.seed=1",
+                                      "backdrop.progress=false"])
+    return base, settings
+
+
+def test_star_command_matches_the_run_workers(long_scene, monkeypatch, tmp_path):
+    """Issue 15: ``tessphot star`` computes in its own process, where numpy's BLAS would use
+    every core; the run's workers use ``scheduler.worker_threads`` (1), and the thread count
+    changes the last bits of the sums. ``star`` now caps its BLAS threads the same way, so a
+    fresh ``star`` process (BLAS variables unset, as a user's shell) writes the workers' bytes."""
+    import os
+    import subprocess
+    import sys
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: BLAS uses one thread anyway, nothing to compare")
+    base, _ = long_scene
+    _, statuses, _, curves = run_once(long_scene, "ref_star", 1, monkeypatch)
+    starids = sorted(s for s, status in statuses.items() if status in (1, 3))  # OK, WARNING
+    script = ("import sys\nfrom photometry.cli import main\n"
+              "for s in sys.argv[3:]:\n"
+              "    assert main(['star', s, '--cache', sys.argv[1], '--output', sys.argv[2],"
+              " '--method', 'aperture', '--set', 'backdrop.progress=false']) == 0\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    subprocess.run([sys.executable, "-c", script, str(base / "cache_ref_star"),
+                    str(tmp_path / "star"), *map(str, starids)], env=env, check=True,
+                   capture_output=True)
+    star = {}
+    for path in sorted((tmp_path / "star").rglob("*_lc.fits")):
+        with fits.open(path) as hdul:
+            data = hdul["LIGHTCURVE"].data
+            star[path.name] = {c: np.asarray(data[c]).tobytes() for c in data.names}
+    assert sorted(star) == sorted(curves)
+    differ = [name for name in curves if star[name] != curves[name]]
+    assert not differ, f"{len(differ)} of {len(curves)} light curves differ from the run's"

@@ -317,18 +317,15 @@ def _disk_full_message(exc, folder=None):
 
 
 # =========================================================================== backends
-#: environment variables that cap the threads of numerical libraries in a worker process
-_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                     "NUMEXPR_NUM_THREADS")
-
-
 @contextlib.contextmanager
 def _worker_environment(threads):
     """Spawned workers inherit ``os.environ``: cap their BLAS/OpenMP threads while starting one.
 
     Why: each target's linear algebra would otherwise use every core, so N workers fight
     over the cores and a second worker gains nothing. ``threads`` <= 0 leaves them as they are.
+    In-process paths use :func:`photometry.scheduler.target.limit_threads` (the same count).
     """
+    from photometry.scheduler.target import THREAD_VARIABLES as _THREAD_VARIABLES
     if threads <= 0:
         yield
         return
@@ -518,6 +515,8 @@ def _dask_execute(config, task):
         if context is None:
             _DASK_CONTEXTS.clear()  # an older run's caches
             context = _DASK_CONTEXTS[key] = WorkerContext(config)
+            from photometry.scheduler.target import limit_threads
+            limit_threads(context.settings["scheduler"].get("worker_threads", 1))
     function = _resolve(config.get("task_function") or DEFAULT_TASK_FUNCTION)
     t0 = time.perf_counter()
     result = function(context, task)

@@ -15,6 +15,29 @@ __all__ = ["run_target"]
 logger = logging.getLogger(__name__)
 
 
+#: environment variables that cap the threads of numerical libraries (read when one loads)
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "NUMEXPR_NUM_THREADS")
+
+
+def limit_threads(threads):
+    """Cap this process's BLAS/OpenMP threads at ``threads`` (``scheduler.worker_threads``).
+
+    Why: the thread count changes the last bits of BLAS sums, so every process that computes
+    light curves (run workers, Dask workers, ``tessphot star``) uses the same count, and gives
+    the same bytes. The variables reach libraries loaded later (and spawned workers),
+    threadpoolctl the ones already loaded. For the whole process, not undone: threadpoolctl's
+    limits are process-wide, so a context around each task would race between Dask threads.
+    ``threads`` <= 0 leaves them as they are.
+    """
+    threads = int(threads)
+    if threads <= 0:
+        return
+    os.environ.update({name: str(threads) for name in THREAD_VARIABLES})
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(threads)
+
+
 def run_target(method_cls, starid, source, settings, output_folder, plot=False):
     """Run one target: the ONE place where exceptions become a STATUS.
 
