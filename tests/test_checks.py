@@ -794,3 +794,17 @@ def test_prf_fit_whose_error_follows_the_pointing_is_flagged():
         assert codes(wrong) == {"SLOW_NOISE_VS_APERTURE"}, (k, wrong.details["checks"])
         m = wrong.details["checks"]["metrics"]
         assert m["noise_vs_decorrelated"] > m["noise_vs_decorrelated_limit"]
+
+
+def test_slow_noise_smoothing_takes_the_scatter_window_as_robust_scatter_does():
+    """The pointing smoothing of SLOW_NOISE_VS_APERTURE and robust_scatter share one local
+    cubic: an even ``checks.scatter_window`` (allowed: >= 5) is rounded up to odd for both
+    (the smoothing raised a shape error on it before), and a cubic passes through unchanged."""
+    from photometry.core import checks
+    rng = np.random.default_rng(3)
+    t = np.arange(200.0)
+    cubic = 1e-6 * (t - 80.0) ** 3 - 2e-4 * t ** 2 + 0.03 * t + 5.0
+    x = np.column_stack([cubic, rng.normal(size=t.size)])
+    assert np.array_equal(checks._smooth(x, 8), checks._smooth(x, 9))
+    assert np.allclose(checks._smooth(x, 7)[3:-3, 0], cubic[3:-3], rtol=0, atol=1e-9)
+    assert checks.robust_scatter(x[:, 1], None, 8) == checks.robust_scatter(x[:, 1], None, 9)

@@ -112,6 +112,16 @@ def _plain(value):
 
 
 # --------------------------------------------------------------------------- statistics
+def _local_cubic(window):
+    """(odd window, (window,) weights): the Savitzky-Golay filter that gives the central value
+    of a cubic fitted to ``window`` cadences (rounded up to odd), which
+    :func:`robust_scatter` and :func:`_smooth` share."""
+    window = int(window) | 1
+    half = window // 2
+    vander = np.vander(np.arange(-half, half + 1), 4, increasing=True)
+    return window, np.linalg.pinv(vander)[0]
+
+
 def robust_scatter(flux, good=None, window=7):
     """White-noise sigma of a light curve from its residual about a local cubic.
 
@@ -126,12 +136,10 @@ def robust_scatter(flux, good=None, window=7):
     flux = np.asarray(flux, dtype=float)
     ok = np.isfinite(flux) if good is None else (np.asarray(good, bool) & np.isfinite(flux))
     values = flux[ok]
-    window = int(window) | 1
+    window, weights = _local_cubic(window)
     if values.size < 2 * window:
         return None
     half = window // 2
-    vander = np.vander(np.arange(-half, half + 1), 4, increasing=True)
-    weights = np.linalg.pinv(vander)[0]                       # central value of the cubic
     smooth = np.lib.stride_tricks.sliding_window_view(values, window) @ weights
     resid = values[half:values.size - half] - smooth
     mad = np.median(np.abs(resid - np.median(resid)))
@@ -763,9 +771,8 @@ def _smooth(values, window):
     Savitzky-Golay filter of :func:`robust_scatter`); the ``window // 2`` cadences at either
     end take the nearest smoothed value."""
     values = np.asarray(values, dtype=float)
+    window, weights = _local_cubic(window)
     half = window // 2
-    vander = np.vander(np.arange(-half, half + 1), 4, increasing=True)
-    weights = np.linalg.pinv(vander)[0]
     inner = np.moveaxis(np.lib.stride_tricks.sliding_window_view(values, window, axis=0),
                         -1, 0)
     smooth = np.tensordot(weights, inner, axes=1)
