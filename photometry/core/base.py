@@ -120,18 +120,20 @@ def _expected_noise(phot):
 
     Kept while the mask, the flux, the stamp, the sum image and the background cube are the
     same: the metrics and the light-curve file both ask for it (~1 ms each at 1 282
-    cadences).
+    cadences). The arrays are held and compared by identity (an ``id`` alone could be reused
+    by a new array once the old one is freed).
     """
     mask = phot.final_phot_mask
     key = (None if mask is None else np.asarray(mask).tobytes(),
            np.asarray(phot.lightcurve["flux"], dtype=float).tobytes(),
-           id(phot.__dict__.get("sumimage")), id(phot.__dict__.get("backgrounds_cube")),
-           id(phot.target_model_image), phot.flux_kind, phot._stamp)
+           phot.flux_kind, phot._stamp)
+    arrays = (phot.__dict__.get("sumimage"), phot.__dict__.get("backgrounds_cube"),
+              phot.target_model_image)
     memo = phot.__dict__.get("_expected_noise_memo")
-    if memo is not None and memo[0] == key:
-        return memo[1]
+    if memo is not None and memo[0] == key and all(a is b for a, b in zip(memo[1], arrays)):
+        return memo[2]
     value = metrics.expected_noise(phot)
-    phot.__dict__["_expected_noise_memo"] = (key, value)
+    phot.__dict__["_expected_noise_memo"] = (key, arrays, value)
     return value
 
 
