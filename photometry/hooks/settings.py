@@ -312,6 +312,8 @@ LIMITS = {
     "cbv.min_noise_goodness": _COUNT,
     "cbv.prior_neighbours": _ONE_OR_MORE,
     "cbv.prior_mag_px": _COUNT,
+    "cbv.prior_ff_px": _COUNT,
+    "cbv.prior_stars": one_of("quiet", "basis"),
     "cbv.spoc_cbv_vectors": _ONE_OR_MORE,
     "linpsf.max_chi2": _POSITIVE,
     "linpsf.max_misfit": _COUNT,

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 from astropy.io import fits
 
-from photometry import STATUS, ConfigurationError, Corrected, LightCurveCorrection
+from photometry import STATUS, Corrected, LightCurveCorrection
 
 from .basis import PriorModel, build_basis, map_fit, normalise, white_noise
 from .spoc import cbv_hdulist, cbv_input, read_cbvs, vectors_on
@@ -19,8 +19,6 @@ logger = logging.getLogger(__name__)
 
 #: PDCMETHD values
 OWN, SPOC, NONE = "cbvMAP", "spocCBV", "none"
-#: values of cbv.prior_stars: all quiet candidates (weighted), or the SVD's basis stars
-PRIOR_STARS = ("quiet", "basis")
 #: header keywords of a fit (SPOC's names where SPOC has one), in the order written
 _METRICS = (("PDC_NBAS", "stars of the prior"),
             ("PDC_TOT", "PDC total goodness metric for target"),
@@ -40,11 +38,6 @@ class CBVCorrection(LightCurveCorrection):
     def __init__(self, settings):
         super().__init__(settings)
         self.cfg = settings["cbv"]
-        if self.cfg["prior_stars"] not in PRIOR_STARS:
-            raise ConfigurationError(f"cbv.prior_stars = {self.cfg['prior_stars']!r}: one of "
-                                     + ", ".join(repr(c) for c in PRIOR_STARS))
-        if not self.cfg["prior_ff_px"] >= 0:
-            raise ConfigurationError(f"cbv.prior_ff_px = {self.cfg['prior_ff_px']!r}: >= 0")
         self.notes = []
         self.vectors = np.zeros((0, 0))
         self.prior_model = None
