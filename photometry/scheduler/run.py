@@ -325,12 +325,12 @@ def _worker_environment(threads):
     over the cores and a second worker gains nothing. ``threads`` <= 0 leaves them as they are.
     In-process paths use :func:`photometry.scheduler.target.limit_threads` (the same count).
     """
-    from photometry.scheduler.target import THREAD_VARIABLES as _THREAD_VARIABLES
+    from photometry.scheduler.target import THREAD_VARIABLES
     if threads <= 0:
         yield
         return
-    saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
-    os.environ.update({name: str(threads) for name in _THREAD_VARIABLES})
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    os.environ.update({name: str(threads) for name in THREAD_VARIABLES})
     try:
         yield
     finally:
