@@ -25,7 +25,7 @@ benchmarked.
 Per-target cost (issue 15)::
 
     python benchmarks/bench_aperture.py --timing CACHE_DIR [--targets 171] [--method aperture]
-        [--output DIR] [--profile FILE] [--blas-threads 1]
+        [--output DIR] [--profile FILE] [--blas-threads 1] [--malloc-tuned]
 
 runs ``run_target`` (reads, background, checks and file write included) on the first
 ``--targets`` tasks of ``CACHE_DIR/todo.sqlite`` in the claim order, through the worker's
@@ -34,7 +34,10 @@ stamp cache, after one untimed warm-up target, and prints one JSON line: CPU tim
 ``--blas-threads`` as the scheduler's workers are (``scheduler.worker_threads``): a second
 OpenBLAS thread adds its spinning to the process's CPU time (the 138-158 ms of 2026-12-07
 were measured so; 70-80 ms with one thread). Run it with ``PYTHONPATH`` pointing at an
-export of another version to compare versions in alternating processes.
+export of another version to compare versions in alternating processes. ``--malloc-tuned``
+first applies :func:`photometry.data.stampcache.tune_malloc` (glibc keeps freed cube-sized
+blocks for reuse instead of returning them to the kernel), the allocator setting proposed
+for the workers.
 
 The test suite imports :func:`evaluate` to check the acceptance figures on a small scene.
 """
@@ -202,16 +205,19 @@ def _print(summary, elapsed, args):
 
 
 def time_targets(cache_dir, n_targets=171, method="aperture", output=None, profile=None,
-                 blas_threads=1):
+                 blas_threads=1, malloc_tuned=False):
     """CPU time of ``run_target`` per target on a prepared cache folder (see the module
-    docstring); a dict."""
+    docstring); a dict. ``malloc_tuned``: :func:`photometry.data.stampcache.tune_malloc`
+    first."""
     import resource
     import sqlite3
+    from photometry.data.stampcache import tune_malloc
     from photometry.data.taskstore import CLAIM_ORDER
     from photometry.hooks.plugins import default_plugin_manager, lookup
     from photometry.scheduler.run import _LazySource
     from photometry.scheduler.target import run_target
     from threadpoolctl import threadpool_limits
+    tuned = tune_malloc() if malloc_tuned else False
     settings = load_settings()
     cache_dir = Path(cache_dir)
     with sqlite3.connect(str(cache_dir / "todo.sqlite")) as db:
@@ -242,7 +248,7 @@ def time_targets(cache_dir, n_targets=171, method="aperture", output=None, profi
         prof.dump_stats(profile)
     t = np.array(times)
     return {"targets": len(t), "method": method, "median_ms": float(np.median(t)),
-            "mean_ms": float(np.mean(t)), "blas_threads": blas_threads,
+            "mean_ms": float(np.mean(t)), "blas_threads": blas_threads, "malloc_tuned": tuned,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "load": list(os.getloadavg()), "statuses": statuses,
             "times_ms": [round(float(x), 2) for x in t]}
@@ -269,10 +275,13 @@ def main(argv=None):
     parser.add_argument("--profile", help="--timing: cProfile statistics to this file")
     parser.add_argument("--blas-threads", type=int, default=1,
                         help="--timing: BLAS threads (0: as the environment says)")
+    parser.add_argument("--malloc-tuned", action="store_true",
+                        help="--timing: glibc mallopt as tune_malloc (a proposal for workers)")
     args = parser.parse_args(argv)
     if args.timing:
         print(json.dumps(time_targets(args.timing, args.targets, args.method, args.output,
-                                      args.profile, args.blas_threads)))
+                                      args.profile, args.blas_threads,
+                                      args.malloc_tuned)))
         return 0
     if args.stages is not None and [x.lower() for x in args.stages] in (["none"], []):
         args.stages = []

@@ -28,6 +28,7 @@ _PUBLIC = {
     "LightCurveQualityFlags": "hooks.quality",
     "mag2flux": "hooks.utilities", "flux2mag": "hooks.utilities",
     "disc_mask": "hooks.utilities", "open_fits": "hooks.utilities",
+    "nanmean0": "core.sky",
     # settings (plugin-owned sections and their limits)
     "load_settings": "hooks.settings", "default_settings": "hooks.settings",
     "Limit": "hooks.settings", "at_least": "hooks.settings", "above": "hooks.settings",

@@ -425,6 +425,40 @@ def test_find_mask_with_pixel_noise_equals_find_mask_with_arrays():
     assert lazy.threshold == full.threshold and asked and max(asked) < variance.size
 
 
+def _clipped_fits_every_cadence(A, y, iterations=3):
+    """The previous clip loop: every cadence refitted on each pass until none changes."""
+    keep = np.ones(y.shape, dtype=bool)
+    for _ in range(iterations):
+        coef = masks._masked_fits(A, y, keep)
+        res = y - A @ coef
+        sigma = 1.4826 * masks.median0(np.abs(res))
+        new = np.abs(res) <= 3 * np.maximum(sigma, 1e-12)
+        if np.array_equal(new, keep):
+            break
+        keep = new
+    return coef, sigma
+
+
+def test_clipped_fits_refit_only_changed_cadences_bit_for_bit():
+    """Issue 15: refitting only the cadences whose clip mask changed gives the bits of
+    refitting every cadence on every pass (outliers, a cadence clipped to too few pixels for
+    a plane, 1 282 cadences as in a 30-min sector and a cadence count that is not a multiple
+    of any BLAS block)."""
+    rng = np.random.default_rng(21)
+    for npix, n in ((60, 1282), (23, 997), (100, 5)):
+        A = np.column_stack([np.ones(npix), rng.uniform(-.5, .5, npix),
+                             rng.uniform(-.5, .5, npix)])
+        y = rng.normal(size=(npix, n)) + A @ rng.normal(size=(3, n))
+        y[rng.uniform(size=y.shape) < 0.02] += 50.0              # cosmic rays, faint stars
+        y[:npix - 3, 1] = 1e4                                     # keeps 3 pixels only
+        expected = _clipped_fits_every_cadence(A, y)
+        got = masks._clipped_fits(A, y)
+        assert all(g.tobytes() == e.tobytes() for g, e in zip(got, expected)), (npix, n)
+    values = rng.normal(size=(1282, 41))
+    expected = masks.median0(values)
+    assert masks.median0(values.copy(), overwrite_input=True).tobytes() == expected.tobytes()
+
+
 def test_distinct_rows():
     """The rows of each group are equal bit for bit, NaN rows stay apart."""
     values = np.array([[1.0, 2.0], [0.5, 2.0], [1.0, 2.0], [np.nan, 1.0], [np.nan, 1.0],
@@ -450,3 +484,22 @@ def test_expected_noise_is_kept_until_the_result_changes(scene):
     phot.final_phot_mask = mask
     again = phot.expected_noise()
     assert again is not first and again.relative() != first.relative()
+
+
+def test_tune_malloc_applies_on_glibc():
+    """``stampcache.tune_malloc`` (the allocator setting proposed for workers, issue 15) sets
+    all three glibc options; in a child process, as it is process-wide."""
+    import platform
+    import subprocess
+    import sys
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("no glibc")
+    code = ("from photometry.data.stampcache import tune_malloc; import numpy as np; "
+            "ok = tune_malloc(); a = np.arange(3e6).reshape(1000, -1); b = a.sum(); del a; "
+            "print(ok, b == 3e6 * (3e6 - 1) / 2)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True", "True"]
+    from photometry.data.stampcache import tune_malloc
+    with pytest.raises(ValueError):
+        tune_malloc(trim_threshold=1 << 40)   # ctypes would mask it to 0: refused first

@@ -174,13 +174,14 @@ def saturated_target_pixels(phot, level=None, raw=None):
     return np.isin(labels, ids)
 
 
-def _median0(values):
+def _median0(values, overwrite_input=False):
     """Median over axis 0 (cadences), NaN ignored; ``np.median`` when all are finite (the
     usual case: ``np.nanmedian`` goes through masked arrays and was half of the checks'
-    time)."""
+    time). ``overwrite_input``: ``values`` is a temporary of the caller's, partitioned in
+    place (``np.median``'s option: the same order statistics without a copy of the cube)."""
     values = np.asarray(values, dtype=float)
     if np.isfinite(values).all():
-        return np.median(values, axis=0)
+        return np.median(values, axis=0, overwrite_input=overwrite_input)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmedian(values, axis=0)
@@ -212,7 +213,8 @@ def _raw_median(phot, good, where):
     raw = np.full(np.shape(phot.sumimage), np.nan)
     if np.any(where):
         images = np.asarray(phot.images_cube)[:, where][good]
-        raw[where] = _median0(images + np.asarray(phot.backgrounds_cube)[:, where][good])
+        images += np.asarray(phot.backgrounds_cube)[:, where][good]   # a copy of our own
+        raw[where] = _median0(images, overwrite_input=True)
     return raw
 
 
@@ -267,7 +269,8 @@ def _pixel_variances(phot, good, level):
     calibrated flux ``raw`` (``missing`` marks those). ``raw`` is computed there and where
     it may reach the saturation ``level`` (for :func:`saturated_target_pixels`), NaN elsewhere.
     """
-    var = _median0(np.asarray(phot.pixel_err_cube, float)[good] ** 2)
+    errors = np.asarray(phot.pixel_err_cube, float)[good]     # a copy of our own
+    var = _median0(np.square(errors, out=errors), overwrite_input=True)
     missing = ~(np.isfinite(var) & (var > 0))
     raw = _raw_median(phot, good, missing | _may_reach(phot, level))
     if missing.any():
@@ -444,7 +447,7 @@ def _check_pixels(phot, good, use, flux, F, scatter, mask, cfg, flag, m):
     ref_ok = use & np.isfinite(ref)
     if ref_ok.any() and F != 0:
         Rc, Nc = float(np.median(ref[ref_ok])), float(neighbours[core].sum())
-        sky = _sky_offset(images[good], phot.sumimage, target_prf * F_cat + neighbours, var)
+        sky = _sky_offset(images, phot.sumimage, target_prf * F_cat + neighbours, var, good)
         sigma_core = np.sqrt(np.sum(var[core]))
         allowance = (float(cfg["flux_nsigma"]) * 1.253 * sigma_core / np.sqrt(ref_ok.sum())
                      + float(cfg["neighbour_tolerance"]) * Nc + core.sum() * abs(sky))
@@ -558,19 +561,22 @@ def _core_pixels(prf, fraction):
     return core.reshape(prf.shape)
 
 
-def _sky_offset(images, sumimage, model, var):
-    """Median level (e-/s per pixel) of the background-subtracted stamp where no star is
-    expected: what is left of the sky after the core's background (0 if no such pixel).
+def _sky_offset(images, sumimage, model, var, cadences):
+    """Median level (e-/s per pixel) of the background-subtracted stamp over ``cadences``
+    (bool) where no star is expected: what is left of the sky after the core's background
+    (0 if no such pixel).
 
     Why: the reference sum and the method may treat the sky differently (TESScut flux holds
-    the sky; methods fit their own residual sky); this much per mask pixel is allowed.
+    the sky; methods fit their own residual sky); this much per mask pixel is allowed. The
+    empty pixels are taken before the cadences (the same values in the same order, without
+    a copy of the whole cube).
     """
     empty = np.isfinite(sumimage) & (model < 0.5 * np.sqrt(var))
     if np.count_nonzero(empty) < 3:
         return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        level = np.nanmedian(images[:, empty])
+        level = np.nanmedian(images[:, empty][cadences])
     return float(level) if np.isfinite(level) else 0.0
 
 
@@ -609,7 +615,7 @@ def _check_vs_aperture(images, use, relative, target_prf, neighbours, F_cat, var
     statistical error, ``1.65 / sqrt(N)`` for two MAD scatters of N cadences (1.16 /
     sqrt(N) each, taken as independent: conservative).
     """
-    sky = _sky_offset(images[use], sumimage, target_prf * F_cat + neighbours, var)
+    sky = _sky_offset(images, sumimage, target_prf * F_cat + neighbours, var, use)
     best = None
     for mask in _aperture_masks(target_prf, neighbours, F_cat, var):
         sums = np.sum(np.where(mask, images, 0.0), axis=(1, 2))

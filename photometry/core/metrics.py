@@ -181,10 +181,9 @@ def flux_weights(phot, sky=None):
 
 
 def mean_sky(phot):
-    """(r, c) mean background of the good cadences."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(phot.backgrounds_cube[phot.good_cadences()], axis=0)
+    """(r, c) mean background of the good cadences (NaN ignored)."""
+    from photometry.core.sky import nanmean0
+    return nanmean0(phot.backgrounds_cube[phot.good_cadences()])
 
 
 def expected_noise(phot):

@@ -12,7 +12,22 @@ from photometry.hooks.errors import UnprocessableTarget
 from photometry.hooks.quality import TESSQualityFlags
 
 __all__ = ["local_background", "background_model", "backgrounds_cube", "backgrounds_err_cube",
-           "background_pixels_used", "stamp_sumimage"]
+           "background_pixels_used", "stamp_sumimage", "nanmean0"]
+
+
+def nanmean0(values):
+    """``np.nanmean(values, axis=0)``, the same numbers; ``np.mean`` when there is no NaN.
+
+    Why: ``np.nanmean`` copies the cube to zero its NaNs and counts them; without NaNs it
+    is the same sum over the same layout divided by the same count (issue 15: ~1 ms a cube
+    of 1 282 cadences).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape[0] and not np.isnan(values).any():
+        return np.mean(values, axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=0)
 
 
 def local_background(phot):
@@ -163,9 +178,4 @@ def stamp_sumimage(phot):
             return np.nanmean(phot.images_cube[good], axis=0)
     rs, cs = phot._slices()
     img = np.asarray(phot.source.sumimage[rs, cs], dtype=np.float64)
-    bkg = phot.backgrounds_cube[good]
-    if not np.isnan(bkg).any():     # np.nanmean's numbers without its zero-filled copy
-        return img - np.mean(bkg, axis=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return img - np.nanmean(bkg, axis=0)
+    return img - nanmean0(phot.backgrounds_cube[good])

@@ -37,8 +37,8 @@ import warnings
 
 import numpy as np
 
-from photometry import (AlgorithmFailure, BasePhotometry, mag2flux, PixelQualityFlags, STATUS,
-                        TESSQualityFlags)
+from photometry import (AlgorithmFailure, BasePhotometry, mag2flux, nanmean0, PixelQualityFlags,
+                        STATUS, TESSQualityFlags)
 
 from . import masks
 
@@ -60,38 +60,25 @@ def _prf_model(phot):
         return None
 
 
-def _nanmedian0(values):
+def _nanmedian0(values, overwrite_input=False):
     """``np.nanmedian(values, axis=0)``, the same numbers, in one axis-wise median.
 
     Why: at >= 600 cadences ``np.nanmedian`` runs one Python-level median per pixel
     (``apply_along_axis``), ~60 ms a target at 1 282 cadences (issue 15). Columns without a
     NaN get :func:`masks.median0` over the axis (the same order statistics and mean of the
     middle pair as the per-pixel median, so the same bits); only the columns that hold a
-    NaN go through ``np.nanmedian``.
+    NaN go through ``np.nanmedian``. ``overwrite_input``: ``values`` (a float64 temporary of
+    the caller's) may be partitioned in place; the medians are order statistics, so the same.
     """
     values = np.asarray(values, dtype=float)
     if values.ndim == 0 or values.shape[0] == 0:
         return np.nanmedian(values, axis=0)
     flat = values.reshape(values.shape[0], -1)
-    med = masks.median0(flat)
+    med = masks.median0(flat, overwrite_input=overwrite_input)
     bad = np.isnan(med)
     if bad.any():
         med[bad] = np.nanmedian(flat[:, bad], axis=0)
     return med.reshape(values.shape[1:])
-
-
-def _nanmean0(values):
-    """``np.nanmean(values, axis=0)``, the same numbers; ``np.mean`` when there is no NaN.
-
-    Why: ``np.nanmean`` copies the cube to zero its NaNs and counts them; without NaNs it
-    is the same sum over the same layout divided by the same count.
-    """
-    values = np.asarray(values, dtype=float)
-    if values.shape[0] and not np.isnan(values).any():
-        return np.mean(values, axis=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(values, axis=0)
 
 
 def _add_in_quadrature(errors, variance):
@@ -130,8 +117,11 @@ class _PixelNoise:
             rows = np.ix_(self._good, todo)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                variance = _nanmedian0(np.asarray(self._errors[rows], dtype=float) ** 2)
-                bkg_error = _nanmedian0(np.asarray(self._bkg[rows], dtype=float))
+                # the fancy index makes a copy of our own: squared and partitioned in place
+                errors = np.asarray(self._errors[rows], dtype=float)
+                variance = _nanmedian0(np.square(errors, out=errors), overwrite_input=True)
+                bkg_error = _nanmedian0(np.asarray(self._bkg[rows], dtype=float),
+                                        overwrite_input=True)
             bkg_error = np.where(np.isfinite(bkg_error), bkg_error, 0.0)
             if self.correlated:
                 # images_err already holds the background error in quadrature; find_mask
@@ -373,7 +363,7 @@ class AperturePhotometry(BasePhotometry):
             sky = (res.labels == 0) & np.isfinite(res.models_total) \
                 & (res.models_total < res.noise) & ~mask
             good = TESSQualityFlags.filter(self.quality)
-            reference = _nanmean0(images[good if np.any(good) else slice(None)])
+            reference = nanmean0(images[good if np.any(good) else slice(None)])
             resid, resid_err = masks.residual_background(images, sky, order,
                                                          reference=reference)
             if resid is not None:

@@ -44,7 +44,7 @@ class MaskResult(dict):
             raise AttributeError(key) from None
 
 
-def median0(values):
+def median0(values, overwrite_input=False):
     """``np.median(values, axis=0)``, the same numbers (NaN where a column holds one; the sign
     of a zero median may differ), faster.
 
@@ -53,16 +53,22 @@ def median0(values):
     part below it (the lower middle value) and ``(a + b) / 2`` give the same order
     statistics and the same arithmetic (``np.mean`` of two values is their sum over 2) at a
     quarter of the cost: the clip loop of :func:`residual_background` took three medians
-    over all sky pixels and 1 282 cadences, ~10 ms a target (issue 15).
+    over all sky pixels and 1 282 cadences, ~10 ms a target (issue 15). With
+    ``overwrite_input`` a float array is partitioned in place (as ``np.median``'s option):
+    for a temporary of the caller's own, one cube copy fewer.
     """
     values = np.asarray(values)
     n = values.shape[0] if values.ndim else 0
     if n == 0 or values.dtype.kind != "f":
         return np.median(values, axis=0)
     m = n // 2
-    part = np.partition(values, m, axis=0)
+    if overwrite_input:
+        values.partition(m, axis=0)
+        part = values
+    else:
+        part = np.partition(values, m, axis=0)
     med = part[m] if n % 2 else (part[:m].max(axis=0) + part[m]) / 2.0
-    nan = np.isnan(values).any(axis=0)
+    nan = np.isnan(part).any(axis=0)    # a partition keeps each column's values
     if np.any(nan):
         med = np.where(nan, np.nan, med)
     return med
@@ -470,20 +476,24 @@ def _distinct_rows(values):
     return order[new], inverse
 
 
-def _masked_fits(A, y, keep):
+def _masked_fits(A, y, keep, columns=None):
     """Least-squares coefficients (k, N) of ``y[:, i] ~ A`` over the rows ``keep[:, i]``, for
-    every column ``i`` at once.
+    every column ``i`` at once (only the ``columns`` given, if any: (k, len(columns))).
 
     Why: one ``lstsq`` per cadence and clip iteration cost 0.1 ms each, 0.4 s per target at
     1 282 cadences (issue 15). The k x k normal equations of all cadences are built and
     solved in one batch (the polynomial basis on centred, scaled coordinates is well
     conditioned); cadences whose system is singular or badly conditioned (too few pixels
-    kept) get ``lstsq``'s minimum-norm solution as before.
+    kept) get ``lstsq``'s minimum-norm solution as before. The two matrix products are
+    always taken over every column: BLAS rounds a column's sums differently when it sits at
+    another place of a smaller product, and they are the cheap part.
     """
     k = A.shape[1]
     w = keep.astype(float)
     normal = (w.T @ (A[:, :, None] * A[:, None, :]).reshape(len(A), k * k)).reshape(-1, k, k)
     rhs = np.where(keep, y, 0.0).T @ A                             # (N, k)
+    if columns is not None:
+        normal, rhs, keep, y = normal[columns], rhs[columns], keep[:, columns], y[:, columns]
     with np.errstate(divide="ignore", invalid="ignore"):
         # 2-norm condition number of the symmetric normal matrices from their eigenvalues
         # (np.linalg.cond's batched SVD was ~10 ms a target at 1 282 cadences); only the
@@ -500,6 +510,36 @@ def _masked_fits(A, y, keep):
         rows = keep[:, i]
         coef[:, i] = np.linalg.lstsq(A[rows], y[rows, i], rcond=None)[0]
     return coef
+
+
+def _clipped_fits(A, y, iterations=3):
+    """((k, N) coefficients, (N,) robust sigma) of ``y[:, i] ~ A`` with a 3-sigma clip, each
+    cadence (column) refitted only while its clip mask changes.
+
+    Why: a cadence whose kept pixels did not change gets the same fit, residuals, sigma and
+    clip mask again, so only the changed ones are solved, and their residuals and medians
+    taken (the medians were most of the cost, issue 15): the same numbers as refitting every
+    cadence on each of the ``iterations`` passes until none changes. The solves and medians
+    are per cadence; the matrix products stay over all cadences (see :func:`_masked_fits`).
+    """
+    keep = np.ones(y.shape, dtype=bool)
+    coef = _masked_fits(A, y, keep)
+    res = np.subtract(y, A @ coef)
+    res = np.abs(res, out=res)        # in place: a fresh cube costs its page faults
+    sigma = 1.4826 * median0(res)
+    active = np.arange(y.shape[1])
+    for _ in range(iterations - 1):
+        new = res <= 3 * np.maximum(sigma[active], 1e-12)
+        changed = np.any(new != keep[:, active], axis=0)
+        if not changed.any():
+            break
+        active = active[changed]
+        keep[:, active] = new[:, changed]
+        coef[:, active] = _masked_fits(A, y, keep, active)
+        res = np.subtract(y[:, active], (A @ coef)[:, active])
+        res = np.abs(res, out=res)
+        sigma[active] = 1.4826 * median0(res)
+    return coef, sigma
 
 
 def residual_background(images, sky, order=1, min_pixels=12, reference=None):
@@ -547,16 +587,10 @@ def residual_background(images, sky, order=1, min_pixels=12, reference=None):
             ok = np.abs(r) <= 3 * max(1.4826 * np.median(np.abs(r[ok])), 1e-12)
         static = basis @ c
         y = y - ref[:, None]
-    keep = np.ones(y.shape, dtype=bool)
-    for _ in range(3):
-        coef = _masked_fits(A, y, keep)
-        res = y - A @ coef
-        sigma = 1.4826 * median0(np.abs(res))
-        new = np.abs(res) <= 3 * np.maximum(sigma, 1e-12)
-        if np.array_equal(new, keep):
-            break
-        keep = new
-    surface = (basis @ coef + static[:, None]).T.reshape(n, nrow, ncol)
+    coef, sigma = _clipped_fits(A, y)
+    surface = basis @ coef
+    surface += static[:, None]
+    surface = surface.T.reshape(n, nrow, ncol)
     # error of the fitted surface: residual scatter x sqrt(leverage) of each pixel
     cov = np.linalg.pinv(A.T @ A)
     lev = np.sqrt(np.einsum("ij,jk,ik->i", basis, cov, basis)).reshape(nrow, ncol)
