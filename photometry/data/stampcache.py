@@ -39,8 +39,8 @@ def tune_malloc(mmap_threshold=256 << 20, trim_threshold=1 << 30, top_pad=64 << 
 
     Why (issue 15): each target allocates a few dozen fresh cubes of 2-20 MB (frames x stamp
     pixels x 8 bytes). By default glibc maps each one from the kernel and unmaps it when it
-    is freed, so every cube costs its page faults again (the kernel zeroes each page): 7-8 %
-    of a worker's CPU per aperture target at 1 282 cadences, 20-25 % at 4 000
+    is freed, so every cube costs its page faults again (the kernel zeroes each page): 5-15 %
+    of a worker's CPU per aperture target at 1 282 cadences, 15-25 % at 4 000
     (``bench_aperture.py --timing --malloc-tuned``, docs/benchmarks.md). With blocks up to
     ``mmap_threshold`` taken from the heap and up to ``trim_threshold`` of free heap kept,
     the next target reuses the pages; the peak RSS is the same. The arithmetic is not
