@@ -35,7 +35,7 @@ stamp cache, after one untimed warm-up target, and prints one JSON line: CPU tim
 OpenBLAS thread adds its spinning to the process's CPU time (the 138-158 ms of 2026-12-07
 were measured so; 70-80 ms with one thread). Run it with ``PYTHONPATH`` pointing at an
 export of another version to compare versions in alternating processes. ``--malloc-tuned``
-first applies :func:`photometry.data.stampcache.tune_malloc` (glibc keeps freed cube-sized
+first applies :func:`photometry.scheduler.target.tune_malloc` (glibc keeps freed cube-sized
 blocks for reuse instead of returning them to the kernel), the allocator setting proposed
 for the workers.
 
@@ -207,11 +207,11 @@ def _print(summary, elapsed, args):
 def time_targets(cache_dir, n_targets=171, method="aperture", output=None, profile=None,
                  blas_threads=1, malloc_tuned=False):
     """CPU time of ``run_target`` per target on a prepared cache folder (see the module
-    docstring); a dict. ``malloc_tuned``: :func:`photometry.data.stampcache.tune_malloc`
+    docstring); a dict. ``malloc_tuned``: :func:`photometry.scheduler.target.tune_malloc`
     first."""
     import resource
     import sqlite3
-    from photometry.data.stampcache import tune_malloc
+    from photometry.scheduler.target import tune_malloc
     from photometry.data.taskstore import CLAIM_ORDER
     from photometry.hooks.plugins import default_plugin_manager, lookup
     from photometry.scheduler.run import _LazySource
@@ -276,7 +276,7 @@ def main(argv=None):
     parser.add_argument("--blas-threads", type=int, default=1,
                         help="--timing: BLAS threads (0: as the environment says)")
     parser.add_argument("--malloc-tuned", action="store_true",
-                        help="--timing: glibc mallopt as tune_malloc (a proposal for workers)")
+                        help="--timing: glibc mallopt as tune_malloc (what the workers apply)")
     args = parser.parse_args(argv)
     if args.timing:
         print(json.dumps(time_targets(args.timing, args.targets, args.method, args.output,

@@ -487,19 +487,19 @@ def test_expected_noise_is_kept_until_the_result_changes(scene):
 
 
 def test_tune_malloc_applies_on_glibc():
-    """``stampcache.tune_malloc`` (the allocator setting proposed for workers, issue 15) sets
+    """``scheduler.target.tune_malloc`` (the allocator setting every worker applies, issue 15) sets
     all three glibc options; in a child process, as it is process-wide."""
     import platform
     import subprocess
     import sys
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("no glibc")
-    code = ("from photometry.data.stampcache import tune_malloc; import numpy as np; "
+    code = ("from photometry.scheduler.target import tune_malloc; import numpy as np; "
             "ok = tune_malloc(); a = np.arange(3e6).reshape(1000, -1); b = a.sum(); del a; "
             "print(ok, b == 3e6 * (3e6 - 1) / 2)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["True", "True"]
-    from photometry.data.stampcache import tune_malloc
+    from photometry.scheduler.target import tune_malloc
     with pytest.raises(ValueError):
         tune_malloc(trim_threshold=1 << 40)   # ctypes would mask it to 0: refused first

@@ -85,12 +85,12 @@ def find_cache(cache_dir, starid, sector=None, camera=None, ccd=None):
 
 def run(args):
     from photometry.core.base import STATUS
-    from photometry.scheduler.target import limit_threads, run_target
+    from photometry.scheduler.target import run_target, setup_worker
     from photometry.hooks.plugins import default_plugin_manager, lookup
     from photometry.hooks.settings import load_settings
 
     settings = load_settings(args.settings, args.assignments)
-    limit_threads(settings["scheduler"].get("worker_threads", 1))  # the run's workers' bits
+    setup_worker(settings["scheduler"].get("worker_threads", 1))  # the run's workers' bits
     output_folder(args.output)
     if args.tpf_out and "tpf" not in settings["photometry"]["writers"]:
         settings["photometry"]["writers"] = list(settings["photometry"]["writers"]) + ["tpf"]

@@ -267,6 +267,8 @@ def _worker_main(conn, config):
         context = WorkerContext(config)
         function = _resolve(config.get("task_function") or DEFAULT_TASK_FUNCTION)
         if config.get("task_function") in (None, DEFAULT_TASK_FUNCTION):
+            from photometry.scheduler.target import setup_worker
+            setup_worker(context.settings["scheduler"].get("worker_threads", 1))
             # load plugins and the photometry core now: a plugin error is reported before any
             # task, and the task timeout (counted from "ready") does not include the imports
             context.pm
@@ -323,7 +325,8 @@ def _worker_environment(threads):
 
     Why: each target's linear algebra would otherwise use every core, so N workers fight
     over the cores and a second worker gains nothing. ``threads`` <= 0 leaves them as they are.
-    In-process paths use :func:`photometry.scheduler.target.limit_threads` (the same count).
+    In-process paths use :func:`photometry.scheduler.target.limit_threads` (the same count);
+    every worker also calls :func:`photometry.scheduler.target.setup_worker` when it starts.
     """
     from photometry.scheduler.target import THREAD_VARIABLES
     if threads <= 0:
@@ -515,8 +518,8 @@ def _dask_execute(config, task):
         if context is None:
             _DASK_CONTEXTS.clear()  # an older run's caches
             context = _DASK_CONTEXTS[key] = WorkerContext(config)
-            from photometry.scheduler.target import limit_threads
-            limit_threads(context.settings["scheduler"].get("worker_threads", 1))
+            from photometry.scheduler.target import setup_worker
+            setup_worker(context.settings["scheduler"].get("worker_threads", 1))
     function = _resolve(config.get("task_function") or DEFAULT_TASK_FUNCTION)
     t0 = time.perf_counter()
     result = function(context, task)
