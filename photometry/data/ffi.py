@@ -231,8 +231,9 @@ def _read_raw_header(stream, keywords=None):
     """The next FITS header of ``stream`` from its 2880-byte blocks, and the blocks it took;
     None when the stream ends first or no END card comes within 100 blocks.
 
-    ``keywords``: parse only the cards of these keywords (astropy parses a card in ~10 us
-    and a SPOC image header has ~250 of them; a scan needs ~40).
+    ``keywords``: parse only the cards of these keywords (astropy's card parsing consults its
+    configuration for every value; the two headers of a SPOC FFI have ~150-190 cards, a
+    scan needs ~36).
     """
     blocks = []
     while True:
