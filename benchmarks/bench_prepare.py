@@ -15,6 +15,7 @@ Usage::
     python benchmarks/bench_prepare.py [--part stamp|throughput|compression|rate|...|all]
         [--workdir DIR] [--frames 20] [--keep]
         [--counts 40 104] [--compare OLD_CODE_DIR] [--stages ingest default]
+        [--set prepare.preview_frames=32]
 """
 import argparse
 import math
@@ -373,13 +374,13 @@ def bench_memory(workdir, small=(1282, 4000, 11800), small_size=64, full=(),
         pts = np.array([(r[1], r[4]) for r in results if r[0] == label])
         if len(pts) >= 2:
             slope, icpt = np.polyfit(pts[:, 0], pts[:, 1], 1)
-            print(f"  {label}: peak RSS = {icpt:.2f} GiB + {slope * 1e6 / 1024:.1f} kB/frame "
+            print(f"  {label}: peak RSS = {icpt:.2f} GiB + {slope * 1024 ** 2:.1f} kB/frame "
                   f"x frames (at 11 800 frames: {icpt + slope * 11800:.2f} GiB)")
     return results
 
 
 def bench_rate(workdir, counts=(100, 300), template=None, compare=None,
-               stages=("ingest", "default")):
+               stages=("ingest", "default"), settings=()):
     """Prepare per full frame against the bare astropy read of the same files, in one run.
 
     Full 2136 x 2078 frames (``clone_series`` of a 12-frame simulated template) at two
@@ -389,6 +390,10 @@ def bench_rate(workdir, counts=(100, 300), template=None, compare=None,
     thread counts). The per-frame figures are the differences between the two counts
     divided by the difference in frames: the fixed per-CCD costs (imports, catalog,
     kernel-star selection, the stages' set-up) cancel, as in a sector of thousands of frames.
+
+    ``settings``: ``--set`` assignments for every prepare, e.g. ``prepare.preview_frames=32``
+    so that the preview (``prepare.preview_frames`` frames, 100 by default: 40 at 40 frames,
+    100 at 104) is the same at both counts and cancels from the per-frame figure.
 
     ``compare``: a folder holding another version of the ``photometry`` package (e.g.
     ``git archive main | tar -x -C DIR``); every prepare then also runs with that code
@@ -427,7 +432,8 @@ def bench_rate(workdir, counts=(100, 300), template=None, compare=None,
                 runs[label, code] = _run_measured(
                     [sys.executable, "-m", "photometry.cli", "prepare", str(ffi), "--catalog",
                      str(tpl / "catalog.csv"), "--cache", str(cache), "--no-progress",
-                     "--set", "backdrop.progress=false", *extras[label]], env=env,
+                     "--set", "backdrop.progress=false", *extras[label],
+                     *[a for value in settings for a in ("--set", value)]], env=env,
                     cwd=workdir)   # not a checkout: PYTHONPATH decides the code
                 shutil.rmtree(cache, ignore_errors=True)
         rows[n] = (floor, runs)
@@ -636,6 +642,8 @@ def main(argv=None):
                              "(alternating with this one)")
     parser.add_argument("--stages", nargs="+", default=["ingest", "default"],
                         choices=["ingest", "default"], help="--part rate: which prepares")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="--part rate: a setting for every prepare (repeatable)")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_prepare_"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -648,7 +656,7 @@ def main(argv=None):
             bench_compression(workdir)
         if args.part in ("rate", "all"):
             bench_rate(workdir, counts=args.counts, compare=args.compare,
-                       stages=args.stages)
+                       stages=args.stages, settings=args.set)
         if args.part in ("memory", "all"):
             bench_memory(workdir)
         if args.part in ("trim", "all"):

@@ -30,7 +30,20 @@ def _fletcher32_reference(data):
     return ((s2 << 16) | s1) & 0xFFFFFFFF
 
 
-def test_fletcher32_is_hdf5s():
+@pytest.mark.parametrize("path", ["hdf5", "numpy"])
+def test_fletcher32_is_hdf5s(monkeypatch, path):
+    """Both ways of computing it: HDF5's own C function (found in the libhdf5 h5py loaded,
+    on Linux) and the numpy fallback."""
+    import sys
+
+    from photometry.data import chunks
+    fletcher32_many(np.zeros(2, np.uint8), [0], [2])   # resolves the C function
+    if path == "numpy":
+        monkeypatch.setattr(chunks, "_C_FLETCHER32", False)
+    elif sys.platform.startswith("linux"):
+        assert chunks._C_FLETCHER32, "HDF5's H5_checksum_fletcher32 not found"
+    else:
+        pytest.skip("HDF5's fletcher32 is looked up through /proc/self/maps (Linux)")
     rng = np.random.default_rng(1)
     # around the 360-word fold, odd lengths, and all-0xFF data (where sum2 wraps in uint32)
     for n in (1, 2, 3, 719, 720, 721, 1441, 5001):

@@ -404,3 +404,65 @@ def test_uncertainty_without_physical_wcs(tmp_path):
             hdul[2].header.remove(key, ignore_missing=True)
     frame = read_ffi(_variant(tmp_path, "unplaced-s0001-1-4-0120-s_ffic.fits", other_shape))
     assert np.isfinite(frame.uncert).all() and frame.uncert_estimated == 1.0
+
+
+def _drop(*keys):
+    def edit(hdul):
+        for hdu in hdul:
+            for key in keys:
+                hdu.header.remove(key, ignore_missing=True, remove_all=True)
+    return edit
+
+
+def _long_procver(hdul):
+    hdul[0].header["PROCVER"] = "spoc-5.0.20-20180802 " + "x" * 90   # CONTINUE cards
+    hdul[1].header["BARYCORR"] = 0.00123
+
+
+def _other_box(hdul):
+    for key, value in (("SCIROWS", 3), ("SCIROWE", 100), ("SCCSA", 50), ("SCCED", 120)):
+        hdul[1].header[key] = value
+
+
+@pytest.mark.parametrize("name, edit, gz", [
+    ("real", None, False),
+    ("real", None, True),
+    ("no-ffiindex-no-box", _drop("FFIINDEX", "SCIROWS", "SCIROWE", "SCCSA", "SCCSB", "SCCSC",
+                                 "SCCSD", "SCCEA", "SCCEB", "SCCEC", "SCCED", "TIMEDEL"), False),
+    ("long-procver", _long_procver, False),
+    ("other-science-box", _other_box, False),
+])
+def test_scan_keywords_give_the_frames_a_full_parse_gives(tmp_path, name, edit, gz):
+    """A scan parses only ``SCAN_KEYWORDS``: every field of its frames (times, cadence
+    number, geometry, offsets, versions) equals a full header parse's."""
+    import dataclasses
+
+    from photometry.data.ffi import SCAN_KEYWORDS
+    path = _variant(tmp_path, f"{name}-s0001-1-4_ffic.fits", edit)
+    if gz:
+        with open(path, "rb") as src, gzip.open(str(path) + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        path = Path(str(path) + ".gz")
+    full = read_ffi(path, header_only=True, wcs=False)
+    fast = read_ffi(path, header_only=True, wcs=False, keywords=SCAN_KEYWORDS)
+    assert len(fast.header) < len(full.header) / 3   # the point: far fewer cards parsed
+    assert fast.shape == full.shape
+    assert dataclasses.replace(fast, header=None) == dataclasses.replace(full, header=None)
+    for key in fast.header:
+        assert fast.header[key] == full.header[key], key
+    assert scan_ffi_headers([path], progress=False)[0].procver == full.procver
+
+
+def test_scan_keywords_keep_the_refusals(tmp_path):
+    """A wrong unit or telescope is refused by a keyword scan as by a full parse."""
+    from photometry.data.ffi import SCAN_KEYWORDS
+    for key, value, message in (("BUNIT", "DN", "image unit"), ("TELESCOP", "Kepler",
+                                                                 "not a TESS FFI")):
+        def edit(hdul, key=key, value=value):
+            for hdu in hdul:
+                if key in hdu.header:
+                    hdu.header[key] = value
+        path = _variant(tmp_path, f"{key}-s0001-1-4_ffic.fits", edit)
+        for keywords in (None, SCAN_KEYWORDS):
+            with pytest.raises(InputError, match=message):
+                read_ffi(path, header_only=True, wcs=False, keywords=keywords)

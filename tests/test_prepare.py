@@ -340,6 +340,17 @@ def test_streaming_stage_sees_every_block_once_as_stored(scene, tmp_path):
         pick = np.unique(np.round(np.linspace(0, N_FRAMES - 1, 7)).astype(int))
         images = cache.stamp("images", slice(None), slice(None))
         assert np.allclose(context.preview_image, np.nanmean(images[pick], axis=0), atol=1e-4)
+        # exactly: float64 sums of the finite values in frame order, over their counts
+        errors = cache.stamp("errors", slice(None), slice(None))
+        for got, cube in ((context.preview_image, images), (context.preview_errors, errors)):
+            total, count = np.zeros((SIZE, SIZE)), np.zeros((SIZE, SIZE), np.int32)
+            for i in pick:
+                ok = np.isfinite(cube[i])
+                total[ok] += cube[i][ok]
+                count += ok
+            with np.errstate(invalid="ignore", divide="ignore"):
+                expect = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+            assert np.array_equal(got, expect, equal_nan=True)
 
 
 # ---------------------------------------------------------------------------- bad inputs

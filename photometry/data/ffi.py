@@ -56,7 +56,7 @@ from photometry.hooks.errors import InputError
 
 __all__ = ["FFIFrame", "read_ffi", "estimate_missing_uncert", "wcs_header", "find_ffi_files", "scan_ffi_headers",
            "is_raw_ffi", "cadence_for_sector", "derive_cadenceno", "SCIENCE_ROWS",
-           "SCIENCE_COLUMNS"]
+           "SCIENCE_COLUMNS", "SCAN_KEYWORDS"]
 
 #: 0-based half-open science region of a full SPOC frame, used when the header lacks the keys.
 SCIENCE_ROWS = (0, 2048)
@@ -202,9 +202,39 @@ def _find_hdus(hdul, path):
     return image, uncert
 
 
-def _read_raw_header(stream):
+#: The header keywords a folder scan needs (:func:`_fast_headers` and :func:`_describe`
+#: without the WCS): :func:`scan_ffi_headers` parses only these cards of each file.
+#: ``tests/test_ffi.py`` checks that a scan with them gives the frames a full parse gives.
+SCAN_KEYWORDS = frozenset(
+    ["SIMPLE", "NAXIS", "NAXIS1", "NAXIS2", "IMAGTYPE", "TELESCOP", "CAMERA", "CCD",
+     "SECTOR", "TSTART", "TSTOP", "BARYCORR", "TIMEDEL", "FFIINDEX", "DQUALITY", "DATA_REL",
+     "PROCVER", "BUNIT", "CRPIX1", "CRPIX2", "CRVAL1P", "CRVAL2P", "CRPIX1P", "CRPIX2P",
+     "CDELT1P", "CDELT2P", "SCIROWS", "SCIROWE"]
+    + [f"SCC{e}{o}" for e in "SE" for o in "ABCD"])
+
+
+def _select_cards(text, keywords):
+    """The cards of header ``text`` whose keyword is in ``keywords`` (each with the CONTINUE
+    cards of a long string value that follow it), up to END."""
+    cards, keep = [], False
+    for i in range(0, len(text), 80):
+        keyword = text[i:i + 8].rstrip()
+        if keyword == "END":
+            break
+        keep = keyword in keywords or (keep and keyword == "CONTINUE")
+        if keep:
+            cards.append(text[i:i + 80])
+    return "".join(cards)
+
+
+def _read_raw_header(stream, keywords=None):
     """The next FITS header of ``stream`` from its 2880-byte blocks, and the blocks it took;
-    None when the stream ends first or no END card comes within 100 blocks."""
+    None when the stream ends first or no END card comes within 100 blocks.
+
+    ``keywords``: parse only the cards of these keywords (astropy's card parsing consults its
+    configuration for every value; the two headers of a SPOC FFI have ~150-190 cards, a
+    scan needs ~36).
+    """
     blocks = []
     while True:
         block = stream.read(2880)
@@ -212,13 +242,17 @@ def _read_raw_header(stream):
             return None
         blocks.append(block)
         if any(block[i:i + 8] == b"END     " for i in range(0, 2880, 80)):
-            return fits.Header.fromstring(b"".join(blocks).decode("ascii")), len(blocks)
+            text = b"".join(blocks).decode("ascii")
+            if keywords is not None:
+                text = _select_cards(text, keywords)
+            return fits.Header.fromstring(text), len(blocks)
         if len(blocks) > 100:
             return None
 
 
-def _fast_headers(path, gzipped):
-    """Primary and first-extension headers read as raw 2880-byte blocks, or None.
+def _fast_headers(path, gzipped, keywords=None):
+    """Primary and first-extension headers read as raw 2880-byte blocks, or None (only the
+    cards of ``keywords`` when given).
 
     Why: astropy, even with lazy loading, skips a compressed file's first data block by
     decompressing it (0.2 s for a full .gz frame), which would make a scan of a sector's 20 000
@@ -230,7 +264,7 @@ def _fast_headers(path, gzipped):
         with opener(path, "rb") as stream:
             headers = []
             for _ in range(2):
-                read = _read_raw_header(stream)
+                read = _read_raw_header(stream, keywords)
                 if read is None:
                     return None
                 headers.append(read[0])
@@ -481,7 +515,8 @@ def _read_array(hdu, path, rows, cols):
     return out
 
 
-def read_ffi(path, header_only=False, wcs=True, science_only=True, out=None):
+def read_ffi(path, header_only=False, wcs=True, science_only=True, out=None, *,
+             keywords=None):
     """Read one SPOC FFI (or cutout of one), cropped to its science region.
 
     Parameters
@@ -500,6 +535,10 @@ def read_ffi(path, header_only=False, wcs=True, science_only=True, out=None):
         Native float32 arrays of the science shape to read the image and the uncertainty
         into (prepare passes its block buffers: no copy per frame); ignored when the file's
         shape differs.
+    keywords : set of str, optional
+        With ``header_only``: parse only the header cards of these keywords (e.g.
+        :data:`SCAN_KEYWORDS`, what a folder scan needs); ``FFIFrame.header`` then holds
+        only those. Files the fast header reader cannot take get the full parse.
 
     Returns
     -------
@@ -515,7 +554,7 @@ def read_ffi(path, header_only=False, wcs=True, science_only=True, out=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            frame = _read_ffi(path, header_only, wcs, science_only, out)
+            frame = _read_ffi(path, header_only, wcs, science_only, out, keywords)
             error = None
         except InputError as exc:
             frame, error = None, exc
@@ -743,7 +782,7 @@ def _usable_out(out, shape):
     return out
 
 
-def _read_ffi(path, header_only, wcs, science_only, out=None):
+def _read_ffi(path, header_only, wcs, science_only, out=None, keywords=None):
     """:func:`read_ffi` without the handling of warnings."""
     path = Path(path)
     gzipped = path.name.endswith(".gz")
@@ -752,7 +791,7 @@ def _read_ffi(path, header_only, wcs, science_only, out=None):
         if frame is not None:
             return frame
     if header_only:
-        headers = _fast_headers(path, gzipped)
+        headers = _fast_headers(path, gzipped, keywords)
         if headers is not None:
             meta, _rows, _cols = _describe(path, *headers, wcs, science_only)
             return FFIFrame(image=None, uncert=None, **meta)
@@ -818,7 +857,8 @@ def _read_ffi(path, header_only, wcs, science_only, out=None):
 def scan_ffi_headers(paths, progress=True):
     """Headers of many FFIs, sorted by mid time and checked to form one consistent series.
 
-    Only headers are read (no pixels, no WCS), so tens of thousands of files take seconds.
+    Only headers are read (no pixels, no WCS), and of them only the cards of
+    :data:`SCAN_KEYWORDS`, so tens of thousands of files take seconds.
 
     Returns
     -------
@@ -845,7 +885,7 @@ def scan_ffi_headers(paths, progress=True):
     # Python objects each (tracemalloc) they were 0.9 GB of a prepare at 11 800 frames
     frames = []
     for p in tqdm(paths, desc="FFI headers", unit="file", disable=not progress or None):
-        frame = read_ffi(p, header_only=True, wcs=False)
+        frame = read_ffi(p, header_only=True, wcs=False, keywords=SCAN_KEYWORDS)
         frames.append(dataclasses.replace(frame, header=None, science_shape=frame.shape))
     first = frames[0]
     for frame in frames[1:]:
