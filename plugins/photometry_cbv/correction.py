@@ -218,7 +218,7 @@ class CBVCorrection(LightCurveCorrection):
 
     @staticmethod
     def _apply(star, vectors, good, med, fit):
-        """(PDCSAP flux, its error, noise goodness PDC_NOI, cadences used) of one fit."""
+        """(PDCSAP flux, its error, noise goodness PDC_NOI) of one fit."""
         systematic = np.where(np.all(np.isfinite(vectors), axis=0), fit.systematic, np.nan)
         # divided out, not subtracted: pointing, focus and velocity aberration change the
         # fraction of the star's light in its aperture, so they scale its transits and its
@@ -231,7 +231,7 @@ class CBVCorrection(LightCurveCorrection):
         noise_sap = white_noise(star.flux[good] / med)
         noise_pdc = white_noise(flux[good] / med)
         g_noise = float(min(1.0, noise_sap / noise_pdc)) if noise_pdc > 0 else np.nan
-        return flux, err, g_noise, good
+        return flux, err, g_noise
 
     def correct(self, star):
         cfg = self.cfg
@@ -251,20 +251,21 @@ class CBVCorrection(LightCurveCorrection):
                                            star.flux_fraction)
         fit = map_fit(y, np.nan_to_num(vectors), good, mean, var, time=star.time,
                       clip_sigma=float(cfg["clip_sigma"]))
-        flux, err, g_noise, _ = self._apply(star, vectors, good, med, fit)
+        flux, err, g_noise = self._apply(star, vectors, good, med, fit)
+        g_prior = fit.prior_goodness          # against the neighbours' prior as it is
         chi2 = 1.0 - 2.0 * np.log(max(fit.prior_goodness, 1e-300))   # per vector
         if chi2 > PRIOR_MISMATCH:
             # the star's own data and its neighbours' prior disagree far beyond the prior's
             # width (a 1-pixel or truncated aperture, a blend: a response unlike the quiet
             # stars'): the prior is widened by that factor (Birge ratio) and the fit redone,
-            # kept unless it fails the noise rule below where the first did not
+            # kept unless it fails the noise rule below where the first did not; PR_GOOD1
+            # stays the first fit's, so the header still says that fit and prior disagree
             wide = map_fit(y, np.nan_to_num(vectors), good, mean, var * chi2, time=star.time,
                            clip_sigma=float(cfg["clip_sigma"]))
             other = self._apply(star, vectors, good, med, wide)
             limit = float(cfg["min_noise_goodness"])
             if other[2] >= limit or not g_noise >= limit:
-                fit, (flux, err, g_noise, _) = wide, other
-        g_prior = fit.prior_goodness
+                fit, (flux, err, g_noise) = wide, other
         total = float(np.sqrt(g_noise * g_prior)) if np.isfinite(g_prior) else g_noise
         values = [self.n_basis, total, g_noise, g_prior, fit.prior_weight,
                   float(fit.residual_sigma / sig_white), fit.n_clipped]
