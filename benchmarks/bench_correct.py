@@ -33,7 +33,8 @@ CPU seconds per star. Part 2 also writes the CCD's CDPP-versus-Tmag plot
 Usage::
 
     python benchmarks/bench_correct.py [--quick] [--workdir DIR] [--figure PNG] [--skip-scene]
-        [--skip-synthetic] [--no-peers | --peer-configs I ...] [--lk-constant N]
+        [--skip-synthetic] [--no-peers | --peer-configs I ...] [--peers NAME ...]
+        [--lk-constant N] [--scene-seeds S ...]
         [--set cbv.KEY=VALUE ...]
     python benchmarks/bench_correct.py --oracle     # 5-10 d sinusoids: ours against two oracles
 """
@@ -55,6 +56,7 @@ from photometry.scheduler.correct import correct_ensemble
 from photometry.sim.lcsim import (inject_sinusoid, inject_transit, sinusoid_amplitude,
                                   synthetic_ensemble, systematic_rms, transit_depth)
 from photometry.hooks.settings import load_settings
+from photometry import STATUS
 from photometry_cbv import CBVCorrection
 
 PERIODS = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -106,7 +108,8 @@ def inject(ens, quiet, rng):
 
 
 def signal_kept(ens, specs, inj, plain):
-    """Per injected star: (kind, size, fraction of the signal kept by the correction).
+    """Per injected star: (kind, size, fraction of the signal kept by the correction, whether
+    its photometry STATUS is OK).
 
     The signal that survives is the corrected light curve with the injection minus the one
     without (same noise, same systematics, each corrected on its own ensemble), so the ratio
@@ -122,13 +125,17 @@ def signal_kept(ens, specs, inj, plain):
             r = sinusoid_amplitude(ens.time, diff, spec[1], g) / spec[2]
         else:
             r = transit_depth(ens.time, diff, *spec[1:4], g) / spec[4]
-        out.append((spec[0], spec[-1] if spec[0] == "transit" else spec[1], float(r)))
+        ok = ens.status is None or ens.status[i] == STATUS.OK
+        out.append((spec[0], spec[-1] if spec[0] == "transit" else spec[1], float(r), ok))
     return out
 
 
 def reduction(ens, ideal_rel, corrected, constant, noise):
-    """Systematic rms before / after for constant stars whose systematic is 3x their noise."""
-    red = []
+    """Systematic rms before / after for constant stars whose systematic is 3x their noise;
+    (all, those whose photometry STATUS is OK). A WARNING light curve (a 1-pixel or
+    truncated aperture, noise far above the photon limit) responds to pointing and focus in
+    its own way, which no co-trending vector common to the CCD holds; its flag says so."""
+    red, ok = [], []
     for i in constant:
         if corrected.get(i) is None:
             continue
@@ -140,7 +147,9 @@ def reduction(ens, ideal_rel, corrected, constant, noise):
         after = systematic_rms(ens.time, corrected[i] / np.median(corrected[i][g]) - 1
                                - ideal_rel[i], g)
         red.append(before / max(after, 1e-9))
-    return red
+        if ens.status is None or ens.status[i] == STATUS.OK:
+            ok.append(red[-1])
+    return red, ok
 
 
 def compare(plain, ens, ideal_rel, specs, constant, noise, n_lk_constant=80, rng=None,
@@ -313,8 +322,9 @@ def scene_ensemble(workdir):
 
 
 def scene_part(workdir, quick=False, figure=None, peers=("lk_regression", "lk_cbv"),
-               n_lk_constant=80):
-    """The simulated sector through the pixel pipeline, then the same comparison."""
+               n_lk_constant=80, seed=8):
+    """The simulated sector (``simulate --seed seed``) through the pixel pipeline, then the
+    same comparison."""
     print("simulated sector ...", file=sys.stderr, flush=True)
     from photometry.output.summary import ratio_by_magnitude
     from astropy.table import Table
@@ -323,7 +333,7 @@ def scene_part(workdir, quick=False, figure=None, peers=("lk_regression", "lk_cb
     size, cadences = (128, 600) if quick else (192, 1000)
     t0 = time.perf_counter()
     if not (workdir / "lc" / "summary").exists():      # --workdir of an earlier run: reused
-        _pipeline(workdir, size, cadences)
+        _pipeline(workdir, size, cadences, seed)
     pipeline = time.perf_counter() - t0
     summary = Table.read(workdir / "lc" / "summary" / "s0001-1-4-c1800_summary.fits")
     ratios = {c: ratio_by_magnitude(summary, c) for c in ("ratio_sap", "ratio_pdcsap")}
@@ -352,15 +362,16 @@ def scene_part(workdir, quick=False, figure=None, peers=("lk_regression", "lk_cb
                       for k in range(len(rows))])
     res = compare(plain, ens, ideal, specs, constant, noise, rng=rng, peers=peers,
                   n_lk_constant=n_lk_constant, contamination=contamination)
-    return {"input": f"simulated sector {size}x{size} px, {cadences} cadences, focus ramp 5 %",
+    return {"input": f"simulated sector seed {seed}, {size}x{size} px, {cadences} cadences, "
+                     f"focus ramp 5 %",
             "results": res, "ratios": ratios, "pipeline_s": pipeline, "stars": len(rows)}
 
 
-def _pipeline(workdir, size, cadences):
+def _pipeline(workdir, size, cadences, seed=8):
     """simulate (5 % focus ramp), prepare, todo and run (which co-trends) into ``workdir``."""
     exe = [sys.executable, "-m", "photometry.cli"]
     for args in (["simulate", workdir / "sim", "--cadences", cadences, "--size", size, size,
-                  "--seed", 8, "--focus-change", 0.05, "--no-progress"],
+                  "--seed", seed, "--focus-change", 0.05, "--no-progress"],
                  ["prepare", workdir / "sim" / "ffi", "--catalog", workdir / "sim" / "catalog.csv",
                   "--cache", workdir / "cache", "--set", "backdrop.progress=false"],
                  ["todo", workdir / "cache"],
@@ -377,30 +388,40 @@ def _running_median(t, r, good, width):
     return out
 
 
+def _p10_median(red):
+    return (f"{np.percentile(red, 10):.1f} / {np.median(red):.0f} (n={len(red)})" if red
+            else "-")
+
+
 def report(rows):
     lines = []
     for row in rows:
         lines.append(f"\n### {row['input']}")
         lines.append("| method | vectors | sinusoid kept min / median / max (by period: min) "
-                     "| transits kept, by depth min/mean/max | systematics reduced: p10 / median | CPU s/star |")
+                     "| transits kept, by depth min/mean/max | systematics reduced: p10 / median, all "
+                     "(OK light curves) | CPU s/star |")
         lines.append("|---|---|---|---|---|---|")
-        for name, (rec, red, cpu, k) in row["results"].items():
-            sin = [r for kind, _, r in rec if kind == "sinusoid"]
-            per = {p: min(r for kind, s, r in rec if kind == "sinusoid" and s == p)
-                   for p in PERIODS if any(kind == "sinusoid" and s == p for kind, s, _ in rec)}
-            tr = [r for kind, _, r in rec if kind == "transit"]
+        for name, (rec, (red, red_ok), cpu, k) in row["results"].items():
+            sin = [r for kind, _, r, _ in rec if kind == "sinusoid"]
+            per = {p: min(r for kind, s, r, _ in rec if kind == "sinusoid" and s == p)
+                   for p in PERIODS
+                   if any(kind == "sinusoid" and s == p for kind, s, _, _ in rec)}
+            tr = [r for kind, _, r, _ in rec if kind == "transit"]
             per_text = ", ".join(f"{p:g} d {v:.3f}" for p, v in per.items())
             dep = {}
             for d in DEPTHS:
-                got = [r for kind, s, r in rec if kind == "transit" and s == d]
+                got = [r for kind, s, r, _ in rec if kind == "transit" and s == d]
                 if got:
                     dep[d] = (min(got), np.mean(got), max(got))
             dep_text = ", ".join(f"{d * 1e3:g} mmag {lo:.3f}/{mid:.3f}/{hi:.3f}"
                                  for d, (lo, mid, hi) in dep.items())
             lines.append(f"| {name} | {k} | {min(sin):.3f} / {np.median(sin):.3f} / "
                          f"{max(sin):.3f} ({per_text}) | {dep_text} | "
-                         f"{np.percentile(red, 10):.1f} / {np.median(red):.0f} (n={len(red)}) |"
-                         f" {cpu:.4f} |")
+                         f"{_p10_median(red)} ({_p10_median(red_ok)}) | {cpu:.4f} |")
+            ok = [r for _, _, r, good in rec if good]
+            if len(ok) < len(rec):
+                lines.append(f"|  | {name}, injected stars OK ({len(ok)} of {len(rec)}) | "
+                             f"all signals {min(ok):.3f}-{max(ok):.3f} | | | |")
         if "ratios" in row:
             for col, vals in row["ratios"].items():
                 lines.append(f"\n{col} (measured / expected 1-h CDPP) by Tmag: " + ", ".join(
@@ -412,7 +433,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one synthetic configuration, a "
                     "smaller scene")
-    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="the scene's folder (reused if it holds a finished run); with "
+                    "several --scene-seeds, one sub-folder seedN per seed")
+    ap.add_argument("--scene-seeds", type=int, nargs="+", default=[8],
+                    help="simulate seeds of the pixel scene (default 8)")
+    ap.add_argument("--peers", nargs="+", default=["lk_regression", "lk_cbv"],
+                    choices=["lk_regression", "lk_cbv"], help="lightkurve correctors to run")
     ap.add_argument("--figure", default=None, help="copy the scene's CDPP plot here")
     ap.add_argument("--skip-scene", action="store_true")
     ap.add_argument("--skip-synthetic", action="store_true")
@@ -439,18 +466,21 @@ def main():
                                                   for lo, hi in got.values()) + " |")
         return 0
     rows = []
-    peers = () if args.no_peers else ("lk_regression", "lk_cbv")
+    peers = () if args.no_peers else tuple(args.peers)
     with threadpool_limits(1):
         if not args.skip_synthetic:
             rows += synthetic_part(args.quick, peers, args.peer_configs, args.lk_constant)
         if not args.skip_scene:
-            work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_correct_"))
-            try:
-                rows.append(scene_part(work, args.quick, args.figure, peers,
-                                       args.lk_constant))
-            finally:
-                if args.workdir is None:
-                    shutil.rmtree(work, ignore_errors=True)
+            for seed in args.scene_seeds:
+                work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_correct_"))
+                if len(args.scene_seeds) > 1 and args.workdir:
+                    work = args.workdir / f"seed{seed}"
+                try:
+                    rows.append(scene_part(work, args.quick, args.figure, peers,
+                                           args.lk_constant, seed))
+                finally:
+                    if args.workdir is None:
+                        shutil.rmtree(work, ignore_errors=True)
     print(report(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1, default=float))

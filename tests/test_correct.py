@@ -10,7 +10,7 @@ from photometry.sim.lcsim import (inject_sinusoid, inject_transit, sinusoid_ampl
                                   synthetic_ensemble, systematic_rms, transit_depth)
 from photometry.hooks.settings import load_settings
 from photometry_cbv import CBVCorrection, cbv_hdulist, read_cbvs, vectors_on
-from photometry_cbv.basis import map_fit, red_noise_factors
+from photometry_cbv.basis import map_fit, red_noise_edge, red_noise_factors
 
 PERIODS = (0.5, 1.0, 2.0, 5.0, 10.0)
 DEPTHS = (1e-3, 3e-3, 1e-2)
@@ -165,6 +165,24 @@ def test_red_noise_factors():
     assert beta2[0] > 50 and beta2[1] < 3
 
 
+def test_one_star_with_a_slow_signal_of_its_own_does_not_raise_the_noise_edge():
+    """The red-noise edge is what a common vector must stand above. One basis star with a
+    strong slow signal of its own is a singular value of its own (about its norm, whatever
+    the random lags), which the carrier test would never keep as a vector: counted, it set
+    the edge of the benchmark's pixel scene (seed 8: 66 where the others' noise gave 39) and
+    three real pointing and focus vectors fell below it."""
+    rng = np.random.default_rng(6)
+    t = 1325.3 + np.arange(988) / 48.0
+    resid = rng.standard_normal((59, t.size))
+    mp = np.sqrt(59) + np.sqrt(t.size)                     # white noise: Marchenko-Pastur
+    assert abs(red_noise_edge(resid) / mp - 1) < 0.05
+    resid[22] += 2.6 * np.sin(2 * np.pi * (t - t[0]) / 7.0)   # norm 66, as on the scene
+    assert abs(red_noise_edge(resid) / mp - 1) < 0.05      # measured 0.998 (before: 1.72)
+    # a slow signal that many stars share in their own residual is still red noise
+    resid[:30] += 1.5 * np.sin(2 * np.pi * (t - t[0]) / 5.0)
+    assert red_noise_edge(resid) > 1.3 * mp
+
+
 def test_spoc_cbv_file(tmp_path):
     """SPOC-format CBVs (sampled at 10 min, three times finer than the light curves) are
     found by sector/camera/CCD, averaged over each exposure and fitted; lightkurve reads the
@@ -220,10 +238,12 @@ def test_a_vector_few_stars_carry_is_no_systematic():
     z[25] += 5 * np.sin(2 * np.pi * (t - t[0]) / 5.0)
     basis = build_basis(z, np.ones(n_star), np.ones(n, bool), t, ids=np.arange(n_star) + 100)
     assert basis.vectors.shape[0] == 0, basis.notes
-    # the three are judged against the vectors many stars carry, so their signals are clipped
-    # as outliers and nothing common is left (before that, the star carrying most of the
-    # vector was left out and the SVD redone)
-    assert basis.notes == ["no vector above the noise"]
+    # what is left out is the variables and nothing else, then nothing common is left: the
+    # noise edge counts only singular vectors many stars carry, so the variables' own
+    # signals no longer lift it (before, they did, and the note was this one alone)
+    left_out = {int(note.split()[1]) for note in basis.notes[:-1]}
+    assert left_out and left_out <= {103, 117, 125}, basis.notes
+    assert basis.notes[-1] == "no vector above the noise"
     # the same slow signal in every star is a systematic, and is found
     common = build_basis(z + 3 * slow, np.ones(n_star), np.ones(n, bool), t)
     assert common.vectors.shape[0] == 1

@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 #: PDCMETHD values
 OWN, SPOC, NONE = "cbvMAP", "spocCBV", "none"
+#: prior chi^2 per vector (``1 - 2 ln PR_GOOD1``) beyond which the prior is widened by it
+PRIOR_MISMATCH = 4.0
 #: header keywords of a fit (SPOC's names where SPOC has one), in the order written
 _METRICS = (("PDC_NBAS", "stars of the prior"),
             ("PDC_TOT", "PDC total goodness metric for target"),
@@ -214,6 +216,23 @@ class CBVCorrection(LightCurveCorrection):
         ok = self.axis[idx] == cadenceno
         return np.where(ok[None], self.vectors[:, idx], np.nan)
 
+    @staticmethod
+    def _apply(star, vectors, good, med, fit):
+        """(PDCSAP flux, its error, noise goodness PDC_NOI) of one fit."""
+        systematic = np.where(np.all(np.isfinite(vectors), axis=0), fit.systematic, np.nan)
+        # divided out, not subtracted: pointing, focus and velocity aberration change the
+        # fraction of the star's light in its aperture, so they scale its transits and its
+        # variability too (subtracted, a transit during a 1 % systematic kept 0.99 of its depth)
+        gain = 1.0 + systematic
+        flux = star.flux / gain
+        fit_rel = np.sqrt(np.einsum("kn,kl,ln->n", vectors, fit.cov, vectors))
+        err = np.hypot(np.asarray(star.flux_err, float), np.abs(flux) * fit_rel) / gain
+        good = good & np.isfinite(flux)
+        noise_sap = white_noise(star.flux[good] / med)
+        noise_pdc = white_noise(flux[good] / med)
+        g_noise = float(min(1.0, noise_sap / noise_pdc)) if noise_pdc > 0 else np.nan
+        return flux, err, g_noise
+
     def correct(self, star):
         cfg = self.cfg
         k = self.vectors.shape[0]
@@ -232,19 +251,21 @@ class CBVCorrection(LightCurveCorrection):
                                            star.flux_fraction)
         fit = map_fit(y, np.nan_to_num(vectors), good, mean, var, time=star.time,
                       clip_sigma=float(cfg["clip_sigma"]))
-        systematic = np.where(np.all(np.isfinite(vectors), axis=0), fit.systematic, np.nan)
-        # divided out, not subtracted: pointing, focus and velocity aberration change the
-        # fraction of the star's light in its aperture, so they scale its transits and its
-        # variability too (subtracted, a transit during a 1 % systematic kept 0.99 of its depth)
-        gain = 1.0 + systematic
-        flux = star.flux / gain
-        fit_rel = np.sqrt(np.einsum("kn,kl,ln->n", vectors, fit.cov, vectors))
-        err = np.hypot(np.asarray(star.flux_err, float), np.abs(flux) * fit_rel) / gain
-        good = good & np.isfinite(flux)
-        noise_sap = white_noise(star.flux[good] / med)
-        noise_pdc = white_noise(flux[good] / med)
-        g_noise = float(min(1.0, noise_sap / noise_pdc)) if noise_pdc > 0 else np.nan
-        g_prior = fit.prior_goodness
+        flux, err, g_noise = self._apply(star, vectors, good, med, fit)
+        g_prior = fit.prior_goodness          # against the neighbours' prior as it is
+        chi2 = 1.0 - 2.0 * np.log(max(fit.prior_goodness, 1e-300))   # per vector
+        if chi2 > PRIOR_MISMATCH:
+            # the star's own data and its neighbours' prior disagree far beyond the prior's
+            # width (a 1-pixel or truncated aperture, a blend: a response unlike the quiet
+            # stars'): the prior is widened by that factor (Birge ratio) and the fit redone,
+            # kept unless it fails the noise rule below where the first did not; PR_GOOD1
+            # stays the first fit's, so the header still says that fit and prior disagree
+            wide = map_fit(y, np.nan_to_num(vectors), good, mean, var * chi2, time=star.time,
+                           clip_sigma=float(cfg["clip_sigma"]))
+            other = self._apply(star, vectors, good, med, wide)
+            limit = float(cfg["min_noise_goodness"])
+            if other[2] >= limit or not g_noise >= limit:
+                fit, (flux, err, g_noise) = wide, other
         total = float(np.sqrt(g_noise * g_prior)) if np.isfinite(g_prior) else g_noise
         values = [self.n_basis, total, g_noise, g_prior, fit.prior_weight,
                   float(fit.residual_sigma / sig_white), fit.n_clipped]
