@@ -525,7 +525,8 @@ def main(argv=None):
     if args.resume:
         base, n, size = Path(args.resume[0]), int(args.resume[1]), int(args.resume[2])
         small = size < FULL
-        res = resume(base, n, size, args.small_run_targets if small else args.run_targets,
+        share = args.small_run_targets or max(1, round(TARGETS * size ** 2 / FULL ** 2))
+        res = resume(base, n, size, share if small else args.run_targets,
                      args.small_linpsf_targets if small else args.linpsf_targets,
                      0 if small else args.one_worker_targets)
         print(json.dumps(res, default=float), flush=True)
