@@ -20,7 +20,7 @@ BENCHMARKS = {
     "bench_linpsf.py": [],
     "bench_psfmachine.py": [],
     "bench_scheduler.py": [],
-    "bench_sector.py": [],          # about 1 h idle: 100 + 200 full frames, 128 px to 11 800
+    "bench_sector.py": [],          # ~16 min CPU: 40 + 200 full frames, 128 px to 11 800
     "bench_correct.py": [],
 }
 
