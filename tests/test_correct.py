@@ -417,3 +417,44 @@ def test_warning_light_curves_are_corrected_but_never_basis_or_prior_stars():
     assert not corr.candidates(table)[w].any()
     table.remove_column("status")
     assert corr.candidates(table)[w].any()
+
+
+def test_the_ensemble_keeps_no_read_light_curve(monkeypatch):
+    """``_read_ensemble`` holds only the columns it needs: each read result (with its two
+    astropy headers) is gone before the next file is read, and the ensemble
+    carries each star's values on the union of the cadence axes."""
+    import weakref
+
+    from astropy.table import Table
+
+    import photometry.scheduler.correct as correct
+
+    class Read(dict):  # a dict that a weakref can follow
+        pass
+
+    alive, n = [], 6
+
+    def fake_read(path):
+        assert all(ref() is None for ref in alive), "an earlier read light curve is still held"
+        i = int(path)
+        cad = np.arange(100 + i, 110 + i)    # shifted axes: union 100..114
+        out = Read(cadenceno=cad, time=1000.0 + cad / 48.0, sap_flux=i * 1e3 + cad,
+                   sap_flux_err=np.full(10, 1.0 + i), quality=(cad % 7 == 0).astype(int),
+                   pdcsap_flux=cad * 0.0, pdcsap_flux_err=cad * 0.0,
+                   primary={}, header={"FLFRCSAP": 0.5 + 0.1 * i})
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(correct, "read_lightcurve", fake_read)
+    stars = Table({"path": [str(i) for i in range(n)], "starid": np.arange(n) + 1,
+                   "tmag": np.full(n, 10.0), "row": np.zeros(n), "column": np.zeros(n)})
+    ens = correct._read_ensemble((1, 1, 1, 1800, "aperture"), stars)
+    assert all(ref() is None for ref in alive)
+    assert np.array_equal(ens.cadenceno, np.arange(100, 115))
+    assert np.allclose(ens.time, 1000.0 + ens.cadenceno / 48.0, rtol=0, atol=1e-12)
+    for i in range(n):
+        on = (ens.cadenceno >= 100 + i) & (ens.cadenceno < 110 + i)
+        assert np.array_equal(ens.flux[i][on], i * 1e3 + ens.cadenceno[on])
+        assert np.all(np.isnan(ens.flux[i][~on]))
+        assert np.array_equal(ens.quality[i][on], (ens.cadenceno[on] % 7 == 0).astype(int))
+    assert np.allclose(ens.flux_fraction, 0.5 + 0.1 * np.arange(n))

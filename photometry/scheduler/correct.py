@@ -196,16 +196,34 @@ def _flux_fraction(lc):
         return np.nan
 
 
+#: what :func:`_read_ensemble` keeps of a read light curve: a few arrays of its cadence count
+_ENSEMBLE_COLUMNS = ("cadenceno", "time", "sap_flux", "sap_flux_err", "quality")
+
+
+def _ensemble_part(path):
+    """The columns of one light-curve file an :class:`Ensemble` needs, and its FLFRCSAP.
+
+    The rest of the read (PDCSAP columns, both headers: 96 kB per file at 200 cadences,
+    8 kB kept) is dropped before the next file is read, so an ensemble of S stars costs S
+    times a few arrays of the cadence count, not S headers.
+    """
+    lc = read_lightcurve(path)
+    return {c: lc[c] for c in _ENSEMBLE_COLUMNS}, _flux_fraction(lc)
+
+
 def _read_ensemble(key, stars):
     """The light curves of ``stars`` (Table rows) on one axis; unreadable files are dropped."""
     sector, camera, ccd, cadence, method = key
-    lcs, keep = [], []
+    lcs, fraction, keep = [], [], []
     for i, path in enumerate(stars["path"]):
         try:
-            lcs.append(read_lightcurve(path))
-            keep.append(i)
+            part, frac = _ensemble_part(path)
         except (OSError, KeyError, ValueError) as exc:
             logger.warning("%s: cannot read the light curve (%s); left out", path, exc)
+            continue
+        lcs.append(part)
+        fraction.append(frac)
+        keep.append(i)
     stars = stars[keep]
     cadenceno = (np.unique(np.concatenate([lc["cadenceno"] for lc in lcs])) if lcs
                  else np.zeros(0, dtype=np.int64))
@@ -213,10 +231,12 @@ def _read_ensemble(key, stars):
     time = np.full(n, np.nan)
     flux, err = np.full((s, n), np.nan), np.full((s, n), np.nan)
     quality = np.zeros((s, n), dtype=np.int64)
-    for i, lc in enumerate(lcs):
-        (t, flux[i], err[i], quality[i]), _ = _on_axis(lc, cadenceno)
+    for i in range(s):
+        # each star's own arrays go as soon as they are on the axis
+        (t, flux[i], err[i], quality[i]), _ = _on_axis(lcs[i], cadenceno)
+        lcs[i] = None
         time = np.where(np.isfinite(time), time, t)
-    fraction = np.array([_flux_fraction(lc) for lc in lcs])
+    fraction = np.array(fraction, dtype=float)
     if n and np.any(~np.isfinite(time)):
         known = np.isfinite(time)
         time[~known] = np.interp(cadenceno[~known], cadenceno[known], time[known])
