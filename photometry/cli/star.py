@@ -90,7 +90,7 @@ def run(args):
     from photometry.hooks.settings import load_settings
 
     settings = load_settings(args.settings, args.assignments)
-    setup_worker(settings["scheduler"].get("worker_threads", 1))  # the run's workers' bits
+    setup_worker(settings)  # as the run's workers: the same bits
     output_folder(args.output)
     if args.tpf_out and "tpf" not in settings["photometry"]["writers"]:
         settings["photometry"]["writers"] = list(settings["photometry"]["writers"]) + ["tpf"]

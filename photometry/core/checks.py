@@ -561,6 +561,14 @@ def _core_pixels(prf, fraction):
     return core.reshape(prf.shape)
 
 
+def _empty_pixels(sumimage, model, var):
+    """(r, c) bool: the stamp's pixels where no star is expected (the catalog ``model`` below
+    half a pixel sigma), or None when fewer than 3: where :func:`_sky_offset` and
+    :func:`_sky_series` measure the sky left after the background."""
+    empty = np.isfinite(sumimage) & (model < 0.5 * np.sqrt(var))
+    return empty if np.count_nonzero(empty) >= 3 else None
+
+
 def _sky_offset(images, sumimage, model, var, cadences):
     """Median level (e-/s per pixel) of the background-subtracted stamp over ``cadences``
     (bool) where no star is expected: what is left of the sky after the core's background
@@ -571,8 +579,8 @@ def _sky_offset(images, sumimage, model, var, cadences):
     empty pixels are taken before the cadences (the same values in the same order, without
     a copy of the whole cube).
     """
-    empty = np.isfinite(sumimage) & (model < 0.5 * np.sqrt(var))
-    if np.count_nonzero(empty) < 3:
+    empty = _empty_pixels(sumimage, model, var)
+    if empty is None:
         return 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -589,8 +597,8 @@ def _sky_series(images, sumimage, model, var):
     up to several per cent of a Tmag 12 star: a PRF fit fits its own sky and has no share in
     it.
     """
-    empty = np.isfinite(sumimage) & (model < 0.5 * np.sqrt(var))
-    if np.count_nonzero(empty) < 3:
+    empty = _empty_pixels(sumimage, model, var)
+    if empty is None:
         return np.zeros(len(images))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -173,9 +173,7 @@ def stamp_sumimage(phot):
     if not np.any(good):
         good = np.ones(phot.n_frames, dtype=bool)
     if phot.datasource == "tpf":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(phot.images_cube[good], axis=0)
+        return nanmean0(phot.images_cube[good])
     rs, cs = phot._slices()
     img = np.asarray(phot.source.sumimage[rs, cs], dtype=np.float64)
     return img - nanmean0(phot.backgrounds_cube[good])

@@ -52,9 +52,7 @@ class BlockCache:
         self.block = (int(max(1, round(side / chunk[1]))) * chunk[1],
                       int(max(1, round(side / chunk[2]))) * chunk[2])
         self._chunk = chunk
-        # bytes of one block of each cube (an HDF5 look-up per stamp otherwise)
-        self._nbytes = {c: f[c].shape[0] * self.block[0] * self.block[1] * f[c].dtype.itemsize
-                        for c in _CUBES if c in f}
+        self._nbytes = {}   # bytes of one block of each cube (an HDF5 look-up per stamp otherwise)
         self._blocks = collections.OrderedDict()
         self._bytes = 0
         self._advised = set()

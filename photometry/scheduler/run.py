@@ -268,7 +268,7 @@ def _worker_main(conn, config):
         function = _resolve(config.get("task_function") or DEFAULT_TASK_FUNCTION)
         if config.get("task_function") in (None, DEFAULT_TASK_FUNCTION):
             from photometry.scheduler.target import setup_worker
-            setup_worker(context.settings["scheduler"].get("worker_threads", 1))
+            setup_worker(context.settings)
             # load plugins and the photometry core now: a plugin error is reported before any
             # task, and the task timeout (counted from "ready") does not include the imports
             context.pm
@@ -519,7 +519,7 @@ def _dask_execute(config, task):
             _DASK_CONTEXTS.clear()  # an older run's caches
             context = _DASK_CONTEXTS[key] = WorkerContext(config)
             from photometry.scheduler.target import setup_worker
-            setup_worker(context.settings["scheduler"].get("worker_threads", 1))
+            setup_worker(context.settings)
     function = _resolve(config.get("task_function") or DEFAULT_TASK_FUNCTION)
     t0 = time.perf_counter()
     result = function(context, task)

@@ -67,12 +67,12 @@ def tune_malloc(mmap_threshold=256 << 20, trim_threshold=1 << 30, top_pad=64 << 
         (m_top_pad, top_pad)))
 
 
-def setup_worker(threads):
+def setup_worker(settings):
     """What every process that computes light curves sets once, before its first target:
-    the BLAS thread cap (:func:`limit_threads`, the same bits everywhere) and glibc's
-    allocator (:func:`tune_malloc`, the same bits, less CPU). Run workers, Dask workers and
-    ``tessphot star`` call it."""
-    limit_threads(threads)
+    the BLAS thread cap (:func:`limit_threads` at ``scheduler.worker_threads``, the same bits
+    everywhere) and glibc's allocator (:func:`tune_malloc`, the same bits, less CPU). Run
+    workers, Dask workers and ``tessphot star`` call it with their settings."""
+    limit_threads(settings["scheduler"].get("worker_threads", 1))
     tune_malloc()
 
 
